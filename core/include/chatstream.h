@@ -1,0 +1,184 @@
+/* chatstream.h - public C API of the chatstream core: stores, hubs, subscriptions. */
+#ifndef CHATSTREAM_H
+#define CHATSTREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CS_VERSION "0.1.0"
+
+/* Return codes. 0 is success, negative values are errors, positive values
+ * are non-error states. */
+enum {
+    CS_OK = 0,
+    CS_ENOMEM = -1,   /* out of memory; the object is left as it was */
+    CS_EINVAL = -2,   /* bad argument or operation not valid in this state */
+    CS_ECLOSED = -3,  /* the handle (or its hub) is closed */
+    CS_EBACKEND = -4, /* the store failed (query error, connection lost) */
+    CS_EPROTO = -5,   /* malformed notification payload */
+    CS_EAUTH = -6,    /* the actor may not do this */
+    CS_ENOTFOUND = -7 /* no such chat */
+};
+enum { CS_EVENT = 1, CS_IDLE = 2 };
+
+const char *cs_strerror(int rc); /* static string, never NULL */
+const char *cs_errname(int rc);  /* "ENOMEM", "EINVAL", ...; "OK" for 0 */
+
+typedef struct cs_memdb cs_memdb;   /* an embedded in-memory database */
+typedef struct cs_hub cs_hub;       /* a store handle: caches, subscriptions */
+typedef struct cs_sub cs_sub;       /* one reader of one chat */
+typedef struct cs_publish cs_publish; /* a stepped publish */
+
+/* ---- memory database ----------------------------------------------------
+ * Reference counted: every hub opened on it holds a reference, so closing
+ * the caller's handle while hubs still use it is safe. */
+int cs_memdb_open(cs_memdb **out);
+void cs_memdb_close(cs_memdb *db); /* drops the caller's reference; NULL ok */
+/* Fault knobs: the next n queries fail with CS_EBACKEND / the next n
+ * notifications are dropped. 0 clears. */
+void cs_memdb_fail_queries(cs_memdb *db, int64_t n);
+void cs_memdb_drop_notifies(cs_memdb *db, int64_t n);
+
+/* ---- hub ---------------------------------------------------------------- */
+typedef struct cs_hub_options {
+    cs_memdb *memory;     /* the memory database to use; NULL: a private one */
+    size_t cache_size;    /* messages cached per chat; 0: default 256 */
+    size_t queue_size;    /* pending notifications per subscription; 0: 1024 */
+} cs_hub_options;
+
+#define CS_DEFAULT_CACHE_SIZE 256
+#define CS_DEFAULT_QUEUE_SIZE 1024
+#define CS_MAX_CACHE_SIZE (1u << 20)
+#define CS_MAX_QUEUE_SIZE (1u << 20)
+
+int cs_hub_open(const cs_hub_options *opts, cs_hub **out);
+/* Closes the hub. Subscriptions and publishes still open on it become
+ * detached: their calls return CS_ECLOSED, and they must still be closed. */
+void cs_hub_close(cs_hub *hub);
+/* Detail of the last CS_EBACKEND/CS_EINVAL on this hub; valid until the next
+ * call on the hub. Never NULL. */
+const char *cs_hub_errmsg(const cs_hub *hub);
+/* Receives pending notifications and routes them to subscriptions. Never
+ * blocks. Returns the number of notifications received, or an error. */
+int cs_hub_step(cs_hub *hub);
+/* A file descriptor that becomes readable when cs_hub_step has work, or -1
+ * when the store has none (the memory store). */
+int cs_hub_fd(const cs_hub *hub);
+
+typedef struct cs_stats {
+    int64_t notifications; /* notifications received and parsed */
+    int64_t malformed;     /* notifications ignored as malformed */
+    int64_t queries;       /* read queries sent to the store */
+    int64_t query_errors;  /* queries that failed */
+    int64_t writes;        /* write transactions committed */
+    int64_t publish_errors; /* cache/notify steps of cs_hub_append that failed */
+    int64_t cache_hits;    /* cache lookups answered by the cache */
+    int64_t cache_misses;  /* cache lookups below the eviction mark */
+    int64_t db_passes;     /* merge DB passes (snapshots not counted) */
+    int64_t delivered;     /* message events handed to readers */
+    int64_t resyncs;       /* subscription queue overflows turned resync */
+    int64_t reconnects;    /* store reconnections */
+} cs_stats;
+void cs_hub_stats(const cs_hub *hub, cs_stats *out);
+
+/* ---- chats and messages ------------------------------------------------- */
+typedef enum cs_role {
+    CS_ROLE_SYSTEM = 0,
+    CS_ROLE_USER,
+    CS_ROLE_ASSISTANT,
+    CS_ROLE_TOOL
+} cs_role;
+/* Parses "system"/"user"/"assistant"/"tool"; -1 for anything else. */
+int cs_role_parse(const char *s, size_t len);
+const char *cs_role_name(cs_role r);
+
+/* A message to write: borrowed, copied by the core. */
+typedef struct cs_msg_in {
+    cs_role role;
+    const char *content;
+    size_t content_len;
+} cs_msg_in;
+
+#define CS_MAX_CONTENT (64u << 20)
+#define CS_MAX_BATCH 4096
+
+int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
+                       int64_t *chat_id);
+/* Commits n messages to the chat in one transaction and publishes them.
+ * ids (n entries, may be NULL) receives the assigned IDs. */
+int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
+                  size_t n, int64_t *ids);
+
+/* ---- stepped publish -----------------------------------------------------
+ * prepare -> commit -> cache(i) / notify(i) in any order. Index i is 0-based;
+ * CS_ALL means every message not yet done, in order. */
+#define CS_ALL ((size_t)-1)
+int cs_pub_prepare(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
+                   size_t n, cs_publish **out);
+/* The transaction. On success *ids (borrowed, valid until cs_pub_close) holds
+ * n IDs. A second commit is CS_EINVAL. */
+int cs_pub_commit(cs_publish *pub, const int64_t **ids, size_t *n);
+int cs_pub_cache(cs_publish *pub, size_t i);
+int cs_pub_notify(cs_publish *pub, size_t i);
+void cs_pub_close(cs_publish *pub);
+
+/* ---- subscriptions ------------------------------------------------------ */
+typedef enum cs_strategy {
+    CS_STRATEGY_WATERMARK = 0, /* default: bounded, exact resume cursor */
+    CS_STRATEGY_RESCAN,        /* the reference fix */
+    CS_STRATEGY_LAST_ID        /* before the fix: lossy, for demos and specs */
+} cs_strategy;
+int cs_strategy_parse(const char *s); /* -1 if unknown */
+const char *cs_strategy_name(cs_strategy s);
+
+typedef struct cs_sub_options {
+    int64_t after;        /* deliver messages with id > after */
+    cs_strategy strategy;
+    int ordered;          /* watermark only: deliver in ascending ID order */
+} cs_sub_options;
+
+typedef enum cs_event_kind {
+    CS_EV_MESSAGE = 1,
+    CS_EV_STATUS,
+    CS_EV_QUEUE,
+    CS_EV_PART
+} cs_event_kind;
+
+/* An event; every pointer is borrowed and valid until the next cs_sub_next
+ * or cs_sub_close on the same subscription. */
+typedef struct cs_event {
+    cs_event_kind kind;
+    int64_t chat_id;
+    int64_t id, prev_id;      /* message */
+    const char *role;         /* message */
+    const char *text;         /* message content, part text, status name */
+    size_t text_len;
+    int64_t version;          /* status */
+} cs_event;
+
+/* Registers the subscription on the hub (listening first), then reads the
+ * snapshot. */
+int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
+                cs_sub **out);
+/* Non-blocking: CS_EVENT with *ev filled, CS_IDLE, or an error. A failed DB
+ * pass is retried on the next call and is not an error of this call. */
+int cs_sub_next(cs_sub *sub, cs_event *ev);
+/* Like cs_sub_next, waiting up to timeout seconds for the store to have
+ * something (returns at once on stores that cannot receive from elsewhere). */
+int cs_sub_wait(cs_sub *sub, double timeout, cs_event *ev);
+/* The watermark W: every message of the chat with id <= W was delivered.
+ * Reopening with after = W loses nothing. For rescan and last_id, the
+ * highest delivered ID (their own resume rule). */
+int64_t cs_sub_cursor(const cs_sub *sub);
+/* Bytes held by the delivered set (for benchmarks). */
+size_t cs_sub_delivered_bytes(const cs_sub *sub);
+void cs_sub_close(cs_sub *sub);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

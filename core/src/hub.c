@@ -1,0 +1,481 @@
+/* hub.c - the hub: per-chat caches, subscriptions, notification routing. */
+#include "hub.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* A pending notification for one subscription. */
+typedef struct qhint {
+    int64_t after, id;
+} qhint;
+
+/* An event waiting to be handed to the reader. */
+typedef struct oevent {
+    cs_msg *msg;
+} oevent;
+
+struct cs_sub {
+    cs_hub *hub; /* NULL once detached */
+    hub_chat *chat;
+    cs_sub *next, *prev;
+    int64_t chat_id;
+    cs_merge merge;
+    /* pending notifications: a ring buffer of queue_size entries */
+    qhint *q;
+    size_t qhead, qn, qcap;
+    bool resync;
+    int64_t resync_after, resync_id;
+    /* events ready for the reader */
+    cs_msglist out;
+    size_t out_pos;
+    cs_msg *current; /* the event last returned; released on the next call */
+};
+
+/* ---- hub ---------------------------------------------------------------- */
+
+int cs_hub_open(const cs_hub_options *opts, cs_hub **out)
+{
+    cs_hub_options o = opts ? *opts : (cs_hub_options){0};
+    if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE)
+        return CS_EINVAL;
+    cs_hub *hub = calloc(1, sizeof *hub);
+    if (!hub)
+        return CS_ENOMEM;
+    hub->cache_size = o.cache_size ? o.cache_size : CS_DEFAULT_CACHE_SIZE;
+    hub->queue_size = o.queue_size ? o.queue_size : CS_DEFAULT_QUEUE_SIZE;
+    cs_memdb *db = o.memory;
+    int rc = CS_OK;
+    if (!db && (rc = cs_memdb_open(&db)) < 0) {
+        free(hub);
+        return rc;
+    }
+    rc = cs_memory_store_open(db, &hub->store);
+    if (!o.memory)
+        cs_memdb_close(db); /* the store holds its own reference */
+    if (rc < 0) {
+        free(hub);
+        return rc;
+    }
+    *out = hub;
+    return CS_OK;
+}
+
+void cs_hub_close(cs_hub *hub)
+{
+    if (!hub)
+        return;
+    cs_hub_detach_subs(hub);
+    cs_pub_detach_all(hub);
+    for (size_t i = 0; i < hub->capchats; i++) {
+        hub_chat *c = hub->chats[i];
+        if (c) {
+            cs_cache_free(&c->cache);
+            free(c);
+        }
+    }
+    free(hub->chats);
+    hub->store.ops->close(hub->store.st);
+    free(hub);
+}
+
+const char *cs_hub_errmsg(const cs_hub *hub)
+{
+    return hub ? hub->err : "no hub";
+}
+
+int cs_hub_fail(cs_hub *hub, int rc, const char *msg)
+{
+    if (!msg && (rc == CS_EBACKEND || rc == CS_ENOTFOUND))
+        msg = hub->store.ops->errmsg(hub->store.st);
+    snprintf(hub->err, sizeof hub->err, "%s", msg ? msg : cs_strerror(rc));
+    return rc;
+}
+
+void cs_hub_stats(const cs_hub *hub, cs_stats *out)
+{
+    *out = hub->stats;
+    out->queries += hub->counts.queries;
+    out->query_errors += hub->counts.query_errors;
+    out->cache_hits += hub->counts.cache_hits;
+    out->cache_misses += hub->counts.cache_misses;
+    out->db_passes += hub->counts.db_passes;
+}
+
+int cs_hub_fd(const cs_hub *hub)
+{
+    return hub->store.ops->fd(hub->store.st);
+}
+
+static size_t chat_slot(int64_t id, size_t cap)
+{
+    uint64_t h = (uint64_t)id * 0x9E3779B97F4A7C15ull;
+    return (size_t)(h >> 17) & (cap - 1);
+}
+
+hub_chat *cs_hub_chat_find(const cs_hub *hub, int64_t chat_id)
+{
+    if (!hub->capchats)
+        return NULL;
+    for (size_t i = chat_slot(chat_id, hub->capchats);;
+         i = (i + 1) & (hub->capchats - 1)) {
+        hub_chat *c = hub->chats[i];
+        if (!c || c->id == chat_id)
+            return c;
+    }
+}
+
+static int chats_grow(cs_hub *hub)
+{
+    size_t cap = hub->capchats ? hub->capchats * 2 : 16;
+    hub_chat **t = calloc(cap, sizeof *t);
+    if (!t)
+        return CS_ENOMEM;
+    for (size_t i = 0; i < hub->capchats; i++) {
+        hub_chat *c = hub->chats[i];
+        if (!c)
+            continue;
+        size_t j = chat_slot(c->id, cap);
+        while (t[j])
+            j = (j + 1) & (cap - 1);
+        t[j] = c;
+    }
+    free(hub->chats);
+    hub->chats = t;
+    hub->capchats = cap;
+    return CS_OK;
+}
+
+hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
+{
+    hub_chat *c = cs_hub_chat_find(hub, chat_id);
+    if (c)
+        return c;
+    if ((hub->nchats + 1) * 4 > hub->capchats * 3 && chats_grow(hub) < 0)
+        return NULL;
+    c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    if (cs_cache_init(&c->cache, hub->cache_size) < 0) {
+        free(c);
+        return NULL;
+    }
+    c->id = chat_id;
+    size_t j = chat_slot(chat_id, hub->capchats);
+    while (hub->chats[j])
+        j = (j + 1) & (hub->capchats - 1);
+    hub->chats[j] = c;
+    hub->nchats++;
+    return c;
+}
+
+/* ---- routing ------------------------------------------------------------- */
+
+static void sub_enqueue(cs_sub *s, int64_t after, int64_t id)
+{
+    if (s->resync) {
+        /* Already collapsed: widen the pending resync. */
+        if (after < s->resync_after)
+            s->resync_after = after;
+        if (id > s->resync_id)
+            s->resync_id = id;
+        return;
+    }
+    if (s->qn == s->qcap) {
+        /* Overflow: nothing is dropped, the queue becomes one resync. */
+        int64_t a = after, n = id;
+        for (size_t i = 0; i < s->qn; i++) {
+            qhint *h = &s->q[(s->qhead + i) % s->qcap];
+            if (h->after < a)
+                a = h->after;
+            if (h->id > n)
+                n = h->id;
+        }
+        s->qhead = s->qn = 0;
+        s->resync = true;
+        s->resync_after = a;
+        s->resync_id = n;
+        s->hub->stats.resyncs++;
+        return;
+    }
+    s->q[(s->qhead + s->qn) % s->qcap] = (qhint){after, id};
+    s->qn++;
+}
+
+static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
+{
+    cs_hub *hub = ud;
+    cs_hint h;
+    if (chat_id < 0 || cs_payload_parse(payload, len, &h) < 0) {
+        hub->stats.malformed++;
+        return;
+    }
+    hub->stats.notifications++;
+    if (h.kind != CS_HINT_MESSAGE)
+        return; /* status, queue and part hints: not routed yet */
+    hub_chat *c = cs_hub_chat_find(hub, chat_id);
+    if (!c)
+        return;
+    for (cs_sub *s = c->subs; s; s = s->next)
+        sub_enqueue(s, h.after, h.id);
+}
+
+int cs_hub_step(cs_hub *hub)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    int rc = hub->store.ops->poll(hub->store.st, route, hub);
+    if (rc < 0)
+        return cs_hub_fail(hub, rc, NULL);
+    return rc;
+}
+
+/* ---- subscriptions ---------------------------------------------------- */
+
+static int sub_query(void *ud, int64_t after, cs_msglist *out)
+{
+    cs_sub *s = ud;
+    int rc = s->hub->store.ops->messages_after(s->hub->store.st, s->chat_id,
+                                              after, out);
+    if (rc < 0)
+        cs_hub_fail(s->hub, rc, NULL);
+    return rc;
+}
+
+static void sub_unlink(cs_sub *s)
+{
+    hub_chat *c = s->chat;
+    if (!c)
+        return;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        c->subs = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    s->next = s->prev = NULL;
+    c->nsubs--;
+    if (c->nsubs == 0 && c->listening && s->hub) {
+        s->hub->store.ops->unlisten(s->hub->store.st, c->id);
+        c->listening = false;
+    }
+    s->chat = NULL;
+}
+
+static void sub_free(cs_sub *s)
+{
+    cs_merge_free(&s->merge);
+    free(s->q);
+    /* Entries before out_pos were handed over (moved to current). */
+    for (size_t i = s->out_pos; i < s->out.n; i++)
+        cs_msg_unref(s->out.items[i]);
+    s->out.n = 0;
+    cs_msglist_free(&s->out);
+    cs_msg_unref(s->current);
+    free(s);
+}
+
+int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
+                cs_sub **out)
+{
+    cs_sub_options o = opts ? *opts : (cs_sub_options){0};
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1 || o.after < 0 || (unsigned)o.strategy > CS_STRATEGY_LAST_ID)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id, after or strategy");
+    cs_sub *s = calloc(1, sizeof *s);
+    if (!s)
+        return CS_ENOMEM;
+    s->q = malloc(hub->queue_size * sizeof *s->q);
+    if (!s->q) {
+        free(s);
+        return CS_ENOMEM;
+    }
+    s->qcap = hub->queue_size;
+    s->hub = hub;
+    s->chat_id = chat_id;
+    cs_merge_init(&s->merge, o.strategy, o.ordered != 0, o.after, &hub->counts);
+
+    hub_chat *c = cs_hub_chat(hub, chat_id);
+    if (!c) {
+        sub_free(s);
+        return CS_ENOMEM;
+    }
+    /* Listen first (invariant 3), then read the snapshot. */
+    int rc = CS_OK;
+    if (!c->listening) {
+        rc = hub->store.ops->listen(hub->store.st, chat_id);
+        if (rc < 0) {
+            sub_free(s);
+            return cs_hub_fail(hub, rc, NULL);
+        }
+        c->listening = true;
+    }
+    s->chat = c;
+    s->next = c->subs;
+    if (c->subs)
+        c->subs->prev = s;
+    c->subs = s;
+    c->nsubs++;
+
+    cs_msglist rows = {0};
+    hub->counts.queries++;
+    rc = hub->store.ops->messages_after(hub->store.st, chat_id, o.after, &rows);
+    if (rc < 0) {
+        hub->counts.query_errors++;
+        cs_hub_fail(hub, rc, NULL);
+    } else {
+        rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
+    }
+    cs_msglist_free(&rows);
+    if (rc < 0) {
+        sub_unlink(s);
+        sub_free(s);
+        return rc;
+    }
+    *out = s;
+    return CS_OK;
+}
+
+/* Runs the merge for everything pending. A failed DB pass leaves its hint
+ * pending for the next call. */
+static void sub_process(cs_sub *s)
+{
+    cs_hub *hub = s->hub;
+    cs_merge_source src = {&s->chat->cache, sub_query, s};
+    if (s->resync) {
+        if (cs_merge_notify(&s->merge, &src, s->resync_after, s->resync_id,
+                            true, &s->out) < 0)
+            return;
+        s->resync = false;
+    }
+    if (s->merge.strategy == CS_STRATEGY_WATERMARK && s->qn > 1) {
+        /* Coalesce: one pass up to the highest id covers them all. */
+        qhint m = s->q[s->qhead];
+        for (size_t i = 1; i < s->qn; i++) {
+            qhint *h = &s->q[(s->qhead + i) % s->qcap];
+            if (h->after < m.after)
+                m.after = h->after;
+            if (h->id > m.id)
+                m.id = h->id;
+        }
+        s->qhead = 0;
+        s->qn = 1;
+        s->q[0] = m;
+    }
+    while (s->qn > 0) {
+        qhint *h = &s->q[s->qhead];
+        if (cs_merge_notify(&s->merge, &src, h->after, h->id, false, &s->out) <
+            0)
+            return;
+        s->qhead = (s->qhead + 1) % s->qcap;
+        s->qn--;
+    }
+    (void)hub;
+}
+
+static void fill_event(cs_sub *s, cs_msg *m, cs_event *ev)
+{
+    *ev = (cs_event){0};
+    ev->kind = CS_EV_MESSAGE;
+    ev->chat_id = s->chat_id;
+    ev->id = m->id;
+    ev->prev_id = m->prev_id;
+    ev->role = cs_role_name(m->role);
+    ev->text = m->content;
+    ev->text_len = m->content_len;
+}
+
+static bool pop_event(cs_sub *s, cs_event *ev)
+{
+    if (s->out_pos >= s->out.n) {
+        if (s->out.n) {
+            s->out.n = 0; /* references were moved out one by one */
+            s->out_pos = 0;
+        }
+        return false;
+    }
+    cs_msg *m = s->out.items[s->out_pos++];
+    s->current = m; /* the list's reference moves to current */
+    fill_event(s, m, ev);
+    s->hub->stats.delivered++;
+    return true;
+}
+
+int cs_sub_next(cs_sub *s, cs_event *ev)
+{
+    if (!s || !s->hub)
+        return CS_ECLOSED;
+    cs_msg_unref(s->current);
+    s->current = NULL;
+    if (pop_event(s, ev))
+        return CS_EVENT;
+    int rc = cs_hub_step(s->hub);
+    if (rc < 0)
+        return rc;
+    sub_process(s);
+    return pop_event(s, ev) ? CS_EVENT : CS_IDLE;
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
+{
+    double deadline = now() + (timeout > 0 ? timeout : 0);
+    for (;;) {
+        int rc = cs_sub_next(s, ev);
+        if (rc != CS_IDLE)
+            return rc;
+        int fd = cs_hub_fd(s->hub);
+        double left = deadline - now();
+        if (fd < 0 || left <= 0)
+            return CS_IDLE; /* nothing can arrive from elsewhere */
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int ms = left > 3600 ? 3600000 : (int)(left * 1000) + 1;
+        if (poll(&p, 1, ms) < 0 && errno != EINTR)
+            return cs_hub_fail(s->hub, CS_EBACKEND, strerror(errno));
+    }
+}
+
+int64_t cs_sub_cursor(const cs_sub *s)
+{
+    return cs_merge_cursor(&s->merge);
+}
+
+size_t cs_sub_delivered_bytes(const cs_sub *s)
+{
+    return cs_idset_bytes(&s->merge.delivered);
+}
+
+void cs_sub_close(cs_sub *s)
+{
+    if (!s)
+        return;
+    sub_unlink(s);
+    sub_free(s);
+}
+
+void cs_hub_detach_subs(cs_hub *hub)
+{
+    for (size_t i = 0; i < hub->capchats; i++) {
+        hub_chat *c = hub->chats[i];
+        if (!c)
+            continue;
+        for (cs_sub *s = c->subs, *next; s; s = next) {
+            next = s->next;
+            s->hub = NULL;
+            s->chat = NULL;
+            s->next = s->prev = NULL;
+        }
+        c->subs = NULL;
+        c->nsubs = 0;
+    }
+}

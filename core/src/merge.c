@@ -1,0 +1,218 @@
+/* merge.c - the per-subscription merge: last_id, rescan and watermark strategies. */
+#include "internal.h"
+
+void cs_merge_init(cs_merge *m, cs_strategy s, bool ordered, int64_t floor,
+                   cs_merge_counts *counts)
+{
+    m->strategy = s;
+    m->ordered = ordered && s == CS_STRATEGY_WATERMARK;
+    m->floor = floor;
+    m->last = floor;
+    cs_idset_init(&m->delivered, floor);
+    m->scratch = (cs_msglist){0};
+    m->own = (cs_merge_counts){0};
+    m->counts = counts ? counts : &m->own;
+}
+
+void cs_merge_free(cs_merge *m)
+{
+    cs_idset_free(&m->delivered);
+    cs_msglist_free(&m->scratch);
+}
+
+int64_t cs_merge_cursor(const cs_merge *m)
+{
+    return m->strategy == CS_STRATEGY_WATERMARK ? m->delivered.watermark
+                                                : m->last;
+}
+
+/* Hands msg over: appends it to out and records it. */
+static int deliver(cs_merge *m, cs_msg *msg, cs_msglist *out)
+{
+    int rc = cs_msglist_push(out, msg);
+    if (rc < 0)
+        return rc;
+    if (m->strategy != CS_STRATEGY_LAST_ID) {
+        rc = cs_idset_add(&m->delivered, msg->id);
+        if (rc < 0) {
+            out->n--; /* undo the push; the caller still owns msg */
+            return rc;
+        }
+    }
+    cs_msg_ref(msg);
+    if (m->strategy == CS_STRATEGY_LAST_ID || msg->id > m->last)
+        m->last = msg->id;
+    return CS_OK;
+}
+
+int cs_merge_snapshot(cs_merge *m, const cs_msglist *rows, cs_msglist *out)
+{
+    for (size_t i = 0; i < rows->n; i++) {
+        cs_msg *r = rows->items[i];
+        if (r->id <= m->floor || cs_idset_has(&m->delivered, r->id))
+            continue;
+        int rc = deliver(m, r, out);
+        if (rc < 0)
+            return rc;
+    }
+    if (m->strategy == CS_STRATEGY_WATERMARK)
+        cs_idset_advance(&m->delivered, m->last); /* a consistent prefix */
+    return CS_OK;
+}
+
+/* Runs the DB query from after into m->scratch. */
+static int db_pass(cs_merge *m, const cs_merge_source *src, int64_t after)
+{
+    cs_msglist_clear(&m->scratch);
+    m->counts->db_passes++;
+    m->counts->queries++;
+    int rc = src->query(src->ud, after, &m->scratch);
+    if (rc < 0) {
+        m->counts->query_errors++;
+        cs_msglist_clear(&m->scratch);
+    }
+    return rc;
+}
+
+/* The cache's entries above after; false on a miss or without a cache. */
+static bool cache_pass(cs_merge *m, const cs_merge_source *src, int64_t after,
+                       size_t *first, size_t *count)
+{
+    *first = *count = 0;
+    if (!src->cache)
+        return false;
+    if (!cs_cache_after(src->cache, after, first, count)) {
+        m->counts->cache_misses++;
+        return false;
+    }
+    m->counts->cache_hits++;
+    return true;
+}
+
+/* Before the reference fix: one cursor for everything. Lossy. */
+static int notify_last_id(cs_merge *m, const cs_merge_source *src,
+                          bool force_db, cs_msglist *out)
+{
+    size_t first, count;
+    bool gave = false;
+    if (!force_db && cache_pass(m, src, m->last, &first, &count)) {
+        for (size_t i = 0; i < count; i++) {
+            int rc = deliver(m, cs_cache_at(src->cache, first + i), out);
+            if (rc < 0)
+                return rc;
+            gave = true;
+        }
+    }
+    if (gave)
+        return CS_OK; /* the cache gave something: the DB is skipped */
+    int rc = db_pass(m, src, m->last);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < m->scratch.n; i++) {
+        if (m->scratch.items[i]->id <= m->last)
+            continue;
+        rc = deliver(m, m->scratch.items[i], out);
+        if (rc < 0)
+            return rc;
+    }
+    return CS_OK;
+}
+
+/* The reference fix: rescan from min(after, last), dedupe, DB always. */
+static int notify_rescan(cs_merge *m, const cs_merge_source *src,
+                         int64_t after, cs_msglist *out)
+{
+    int64_t from = after < m->last ? after : m->last;
+    if (from < m->floor)
+        from = m->floor;
+    size_t first, count;
+    if (cache_pass(m, src, from, &first, &count)) {
+        for (size_t i = 0; i < count; i++) {
+            cs_msg *c = cs_cache_at(src->cache, first + i);
+            if (cs_idset_has(&m->delivered, c->id))
+                continue;
+            int rc = deliver(m, c, out);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    int rc = db_pass(m, src, from);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < m->scratch.n; i++) {
+        cs_msg *r = m->scratch.items[i];
+        if (r->id <= from || cs_idset_has(&m->delivered, r->id))
+            continue;
+        rc = deliver(m, r, out);
+        if (rc < 0)
+            return rc;
+    }
+    return CS_OK;
+}
+
+/* The default: the cache proves continuity through prev_id from W; the DB is
+ * asked only when it cannot. */
+static int notify_watermark(cs_merge *m, const cs_merge_source *src,
+                            int64_t id, bool force_db, cs_msglist *out)
+{
+    int64_t w = m->delivered.watermark;
+    if (id <= w && !force_db)
+        return CS_OK;
+    size_t first, count;
+    if (cache_pass(m, src, w, &first, &count)) {
+        for (size_t i = 0; i < count; i++) {
+            cs_msg *c = cs_cache_at(src->cache, first + i);
+            bool chain = c->prev_id == w;
+            if (!chain && m->ordered)
+                break; /* held until W reaches it */
+            if (!cs_idset_has(&m->delivered, c->id)) {
+                int rc = deliver(m, c, out);
+                if (rc < 0) {
+                    cs_idset_advance(&m->delivered, w);
+                    return rc;
+                }
+            }
+            if (chain)
+                w = c->id;
+        }
+        cs_idset_advance(&m->delivered, w);
+    }
+    if (w >= id && !force_db)
+        return CS_OK;
+    int rc = db_pass(m, src, w);
+    if (rc < 0)
+        return rc;
+    /* A consistent prefix of the chat (invariant 1): W moves to its end. */
+    for (size_t i = 0; i < m->scratch.n; i++) {
+        cs_msg *r = m->scratch.items[i];
+        if (r->id <= w)
+            continue;
+        if (!cs_idset_has(&m->delivered, r->id)) {
+            rc = deliver(m, r, out);
+            if (rc < 0)
+                return rc; /* W unchanged: the next pass reads again */
+        }
+    }
+    if (m->scratch.n > 0)
+        cs_idset_advance(&m->delivered, m->scratch.items[m->scratch.n - 1]->id);
+    return CS_OK;
+}
+
+int cs_merge_notify(cs_merge *m, const cs_merge_source *src, int64_t after,
+                    int64_t id, bool force_db, cs_msglist *out)
+{
+    int rc;
+    switch (m->strategy) {
+    case CS_STRATEGY_LAST_ID:
+        rc = notify_last_id(m, src, force_db, out);
+        break;
+    case CS_STRATEGY_RESCAN:
+        rc = notify_rescan(m, src, after, out);
+        break;
+    default:
+        rc = notify_watermark(m, src, id, force_db, out);
+        break;
+    }
+    cs_msglist_clear(&m->scratch);
+    return rc;
+}

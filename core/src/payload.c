@@ -1,0 +1,144 @@
+/* payload.c - notification payloads: versioned text, strict parser. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Status names accepted in a status hint. */
+static const char *const statuses[] = {
+    "waiting",   "pending", "running",         "paused",
+    "completed", "error",   "requires_action",
+};
+
+static bool known_status(const char *p, size_t len)
+{
+    for (size_t i = 0; i < sizeof statuses / sizeof *statuses; i++)
+        if (strlen(statuses[i]) == len && memcmp(statuses[i], p, len) == 0)
+            return true;
+    return false;
+}
+
+bool cs_parse_id(const char *p, size_t len, int64_t *out)
+{
+    if (len == 0 || len > 19 || (len > 1 && p[0] == '0'))
+        return false;
+    int64_t v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return false;
+        int d = p[i] - '0';
+        if (v > (INT64_MAX - d) / 10)
+            return false;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return true;
+}
+
+int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
+{
+    int n;
+    if (cap > CS_PAYLOAD_MAX + 1)
+        cap = CS_PAYLOAD_MAX + 1;
+    switch (h->kind) {
+    case CS_HINT_MESSAGE:
+        if (h->after < 0 || h->id <= h->after)
+            return CS_EINVAL;
+        n = snprintf(buf, cap, "%d:m:%lld:%lld", CS_PAYLOAD_VERSION,
+                     (long long)h->after, (long long)h->id);
+        break;
+    case CS_HINT_STATUS:
+        if (h->version < 0 || !h->text || !known_status(h->text, h->text_len))
+            return CS_EINVAL;
+        n = snprintf(buf, cap, "%d:s:%lld:%.*s", CS_PAYLOAD_VERSION,
+                     (long long)h->version, (int)h->text_len, h->text);
+        break;
+    case CS_HINT_QUEUE:
+        n = snprintf(buf, cap, "%d:q", CS_PAYLOAD_VERSION);
+        break;
+    case CS_HINT_PART:
+        if (!h->text || h->text_len > CS_PAYLOAD_MAX)
+            return CS_EINVAL;
+        n = snprintf(buf, cap, "%d:p:%.*s", CS_PAYLOAD_VERSION,
+                     (int)h->text_len, h->text);
+        break;
+    default:
+        return CS_EINVAL;
+    }
+    if (n < 0 || (size_t)n >= cap)
+        return CS_EINVAL;
+    return n;
+}
+
+/* Splits off the field up to the next ':' (or the end). */
+static bool field(const char **p, const char *end, const char **f,
+                  size_t *flen, bool last)
+{
+    const char *s = *p;
+    if (s > end)
+        return false;
+    const char *c = last ? NULL : memchr(s, ':', (size_t)(end - s));
+    if (!last && !c)
+        return false;
+    *f = s;
+    *flen = (size_t)((c ? c : end) - s);
+    *p = c ? c + 1 : end + 1;
+    return true;
+}
+
+int cs_payload_parse(const char *p, size_t len, cs_hint *out)
+{
+    if (!p || len < 3 || len > CS_PAYLOAD_MAX)
+        return CS_EPROTO;
+    if (p[0] != '1' || p[1] != ':')
+        return CS_EPROTO; /* unknown version */
+    const char *end = p + len, *f;
+    size_t flen;
+    int64_t a, b;
+    cs_hint h = {0};
+    char kind = p[2];
+
+    if (len == 3) {
+        if (kind != 'q')
+            return CS_EPROTO;
+        h.kind = CS_HINT_QUEUE;
+        *out = h;
+        return CS_OK;
+    }
+    if (p[3] != ':')
+        return CS_EPROTO;
+    const char *cur = p + 4;
+    switch (kind) {
+    case 'm':
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
+            return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, true) || !cs_parse_id(f, flen, &b))
+            return CS_EPROTO;
+        if (b <= a)
+            return CS_EPROTO;
+        h.kind = CS_HINT_MESSAGE;
+        h.after = a;
+        h.id = b;
+        break;
+    case 's':
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
+            return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, true) || !known_status(f, flen))
+            return CS_EPROTO;
+        h.kind = CS_HINT_STATUS;
+        h.version = a;
+        h.text = f;
+        h.text_len = flen;
+        break;
+    case 'p':
+        field(&cur, end, &f, &flen, true);
+        h.kind = CS_HINT_PART;
+        h.text = f;
+        h.text_len = flen;
+        break;
+    default:
+        return CS_EPROTO;
+    }
+    *out = h;
+    return CS_OK;
+}
