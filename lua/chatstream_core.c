@@ -1,1 +1,674 @@
+/* chatstream_core.c - the Lua 5.4 binding of the chatstream core ("chatstream.core"). */
+#include "chatstream.h"
 
+#include <lauxlib.h>
+#include <lua.h>
+
+#include <string.h>
+
+#define MEMDB_MT "chatstream.MemoryDB"
+#define STORE_MT "chatstream.Store"
+#define PUB_MT "chatstream.Publish"
+#define SUB_MT "chatstream.Subscription"
+
+typedef struct {
+    cs_memdb *db;
+} lmemdb;
+typedef struct {
+    cs_hub *hub;
+} lstore;
+typedef struct {
+    cs_publish *pub;
+} lpub;
+typedef struct {
+    cs_sub *sub;
+} lsub;
+
+#if defined(__GNUC__)
+#define EXPORT __attribute__((visibility("default")))
+#else
+#define EXPORT
+#endif
+
+/* ---- helpers --------------------------------------------------------- */
+
+/* Runtime failure: nil, "CODE: detail", "CODE". */
+static int push_fail(lua_State *L, int rc, const char *detail)
+{
+    lua_pushnil(L);
+    if (detail && *detail)
+        lua_pushfstring(L, "%s: %s", cs_errname(rc), detail);
+    else
+        lua_pushfstring(L, "%s: %s", cs_errname(rc), cs_strerror(rc));
+    lua_pushstring(L, cs_errname(rc));
+    return 3;
+}
+
+static int hub_fail(lua_State *L, cs_hub *hub, int rc)
+{
+    if (rc == CS_ENOMEM)
+        return luaL_error(L, "not enough memory");
+    return push_fail(L, rc, cs_hub_errmsg(hub));
+}
+
+/* Strict accessors raise on a closed handle; lenient ones return NULL. */
+static void *check_open(lua_State *L, int idx, const char *mt, const char *what)
+{
+    void **p = luaL_checkudata(L, idx, mt);
+    if (!*p)
+        luaL_error(L, "attempt to use a closed %s", what);
+    return *p;
+}
+
+#define check_memdb(L, i) ((cs_memdb *)check_open(L, i, MEMDB_MT, "memory database"))
+#define check_store(L, i) ((cs_hub *)check_open(L, i, STORE_MT, "store"))
+#define check_pub(L, i) ((cs_publish *)check_open(L, i, PUB_MT, "publish"))
+#define check_sub(L, i) ((cs_sub *)check_open(L, i, SUB_MT, "subscription"))
+
+static int64_t check_id(lua_State *L, int idx, const char *what)
+{
+    lua_Integer v = luaL_checkinteger(L, idx);
+    if (v < 1)
+        luaL_argerror(L, idx, lua_pushfstring(L, "%s must be a positive integer", what));
+    return (int64_t)v;
+}
+
+/* Reads an optional integer field of the table at idx. */
+static lua_Integer opt_int_field(lua_State *L, int idx, const char *k,
+                                 lua_Integer def, lua_Integer min)
+{
+    lua_Integer v = def;
+    int t = lua_getfield(L, idx, k);
+    if (t != LUA_TNIL) {
+        int isint;
+        v = lua_tointegerx(L, -1, &isint);
+        if (!isint || v < min)
+            luaL_error(L, "option '%s' must be an integer >= %d", k, (int)min);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static const char *opt_str_field(lua_State *L, int idx, const char *k)
+{
+    const char *s = NULL;
+    int t = lua_getfield(L, idx, k);
+    if (t != LUA_TNIL) {
+        if (t != LUA_TSTRING)
+            luaL_error(L, "option '%s' must be a string", k);
+        s = lua_tostring(L, -1); /* anchored by the table */
+    }
+    lua_pop(L, 1);
+    return s;
+}
+
+/* Raises on keys of the options table at idx that are not in allowed. */
+static void check_keys(lua_State *L, int idx, const char *const allowed[])
+{
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        int ok = 0;
+        for (int i = 0; k && allowed[i]; i++)
+            ok |= strcmp(k, allowed[i]) == 0;
+        if (!ok)
+            luaL_error(L, "unknown option '%s'", k ? k : luaL_typename(L, -1));
+    }
+}
+
+static void *new_handle(lua_State *L, size_t size, const char *mt, int nuv)
+{
+    void *p = lua_newuserdatauv(L, size, nuv);
+    memset(p, 0, size); /* created closed, before the core is called */
+    luaL_setmetatable(L, mt);
+    return p;
+}
+
+static int handle_tostring(lua_State *L, const char *mt, const char *name)
+{
+    void **p = luaL_checkudata(L, 1, mt);
+    if (*p)
+        lua_pushfstring(L, "%s (%p)", name, *p);
+    else
+        lua_pushfstring(L, "%s (closed)", name);
+    return 1;
+}
+
+/* ---- memory database ---------------------------------------------------- */
+
+static int l_memory(lua_State *L)
+{
+    lmemdb *u = new_handle(L, sizeof *u, MEMDB_MT, 0);
+    int rc = cs_memdb_open(&u->db);
+    if (rc < 0)
+        return luaL_error(L, "not enough memory");
+    return 1;
+}
+
+static int memdb_gc(lua_State *L)
+{
+    lmemdb *u = luaL_checkudata(L, 1, MEMDB_MT);
+    cs_memdb_close(u->db);
+    u->db = NULL;
+    return 0;
+}
+
+static lua_Integer check_count(lua_State *L, int idx)
+{
+    lua_Integer n = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, n >= 0, idx, "count must be >= 0");
+    return n;
+}
+
+static int memdb_fail_queries(lua_State *L)
+{
+    cs_memdb_fail_queries(check_memdb(L, 1), check_count(L, 2));
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int memdb_drop_notifies(lua_State *L)
+{
+    cs_memdb_drop_notifies(check_memdb(L, 1), check_count(L, 2));
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int memdb_tostring(lua_State *L)
+{
+    return handle_tostring(L, MEMDB_MT, "chatstream.MemoryDB");
+}
+
+/* ---- store ----------------------------------------------------------------- */
+
+static const char *const open_keys[] = {"memory",        "cache_size", "queue_size",
+                                        "poll_interval", "authorize",  NULL};
+
+/* core.open(options): a store on the memory database of options.memory or a
+ * private one. */
+static int l_open(lua_State *L)
+{
+    cs_hub_options o = {0};
+    if (!lua_isnoneornil(L, 1)) {
+        luaL_checktype(L, 1, LUA_TTABLE);
+        check_keys(L, 1, open_keys);
+        o.cache_size = (size_t)opt_int_field(L, 1, "cache_size", 0, 1);
+        o.queue_size = (size_t)opt_int_field(L, 1, "queue_size", 0, 1);
+        if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE)
+            return luaL_error(L, "cache_size and queue_size are at most %d",
+                              (int)CS_MAX_CACHE_SIZE);
+        if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL &&
+            (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0))
+            return luaL_error(L, "option 'poll_interval' must be a number >= 0");
+        lua_pop(L, 1);
+        if (lua_getfield(L, 1, "authorize") != LUA_TNIL &&
+            lua_type(L, -1) != LUA_TFUNCTION)
+            return luaL_error(L, "option 'authorize' must be a function");
+        lua_pop(L, 1);
+        if (lua_getfield(L, 1, "memory") != LUA_TNIL)
+            o.memory = check_memdb(L, -1);
+        lua_pop(L, 1);
+    }
+    lstore *u = new_handle(L, sizeof *u, STORE_MT, 0);
+    int rc = cs_hub_open(&o, &u->hub);
+    if (rc == CS_ENOMEM)
+        return luaL_error(L, "not enough memory");
+    if (rc < 0)
+        return push_fail(L, rc, NULL);
+    return 1;
+}
+
+static int store_gc(lua_State *L)
+{
+    lstore *u = luaL_checkudata(L, 1, STORE_MT);
+    cs_hub_close(u->hub);
+    u->hub = NULL;
+    return 0;
+}
+
+static int store_tostring(lua_State *L)
+{
+    return handle_tostring(L, STORE_MT, "chatstream.Store");
+}
+
+static int store_create_chat(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    const char *owner = NULL, *title = NULL;
+    if (!lua_isnoneornil(L, 2)) {
+        static const char *const keys[] = {"owner", "title", NULL};
+        luaL_checktype(L, 2, LUA_TTABLE);
+        check_keys(L, 2, keys);
+        owner = opt_str_field(L, 2, "owner");
+        title = opt_str_field(L, 2, "title");
+    }
+    int64_t id;
+    int rc = cs_hub_create_chat(hub, owner, title, &id);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushinteger(L, (lua_Integer)id);
+    return 1;
+}
+
+/* Reads one message table at idx into m (strings stay anchored by it). */
+static void read_msg(lua_State *L, int idx, int argn, cs_msg_in *m)
+{
+    if (lua_type(L, idx) != LUA_TTABLE)
+        luaL_argerror(L, argn, "message must be a table {role = ..., content = ...}");
+    size_t len;
+    lua_getfield(L, idx, "role");
+    const char *role = lua_tolstring(L, -1, &len);
+    int r = lua_type(L, -1) == LUA_TSTRING ? cs_role_parse(role, len) : -1;
+    lua_pop(L, 1);
+    if (r < 0)
+        luaL_argerror(L, argn, "message role must be system, user, assistant or tool");
+    lua_getfield(L, idx, "content");
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_argerror(L, argn, "message content must be a string");
+    m->content = lua_tolstring(L, -1, &m->content_len);
+    lua_pop(L, 1);
+    if (m->content_len > CS_MAX_CONTENT)
+        luaL_argerror(L, argn, "message content is too large");
+    m->role = (cs_role)r;
+}
+
+/* Reads a message or a list of messages at idx into a userdata array left on
+ * the stack (so nothing leaks if a check raises). */
+static cs_msg_in *read_msgs(lua_State *L, int idx, size_t *n)
+{
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int single = lua_getfield(L, idx, "role") != LUA_TNIL;
+    lua_pop(L, 1);
+    size_t count = single ? 1 : (size_t)luaL_len(L, idx);
+    if (count == 0 || count > CS_MAX_BATCH)
+        luaL_argerror(L, idx, "expected a message or a list of 1 to 4096 messages");
+    cs_msg_in *msgs = lua_newuserdatauv(L, count * sizeof *msgs, 0);
+    if (single) {
+        read_msg(L, idx, idx, msgs);
+    } else {
+        for (size_t i = 0; i < count; i++) {
+            lua_geti(L, idx, (lua_Integer)i + 1);
+            read_msg(L, lua_gettop(L), idx, &msgs[i]);
+            lua_pop(L, 1);
+        }
+    }
+    *n = count;
+    return msgs;
+}
+
+static void push_ids(lua_State *L, const int64_t *ids, size_t n)
+{
+    lua_createtable(L, (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushinteger(L, (lua_Integer)ids[i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+}
+
+static int store_append(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    size_t n;
+    cs_msg_in *msgs = read_msgs(L, 3, &n);
+    int64_t *ids = lua_newuserdatauv(L, n * sizeof *ids, 0);
+    int rc = cs_hub_append(hub, chat, msgs, n, ids);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    push_ids(L, ids, n);
+    return 1;
+}
+
+static int store_prepare(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    size_t n;
+    cs_msg_in *msgs = read_msgs(L, 3, &n);
+    lpub *u = new_handle(L, sizeof *u, PUB_MT, 1);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1); /* the publish keeps its store alive */
+    int rc = cs_pub_prepare(hub, chat, msgs, n, &u->pub);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    return 1;
+}
+
+static const char *const sub_keys[] = {"after", "strategy", "ordered", "actor",
+                                       NULL};
+
+static int store_subscribe(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    cs_sub_options o = {0};
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        check_keys(L, 3, sub_keys);
+        o.after = opt_int_field(L, 3, "after", 0, 0);
+        const char *s = opt_str_field(L, 3, "strategy");
+        if (s) {
+            int st = cs_strategy_parse(s);
+            if (st < 0)
+                return luaL_error(L, "unknown strategy '%s' (watermark, rescan or last_id)", s);
+            o.strategy = (cs_strategy)st;
+        }
+        lua_getfield(L, 3, "ordered");
+        o.ordered = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (o.ordered && o.strategy != CS_STRATEGY_WATERMARK)
+            return luaL_error(L, "option 'ordered' needs the watermark strategy");
+        opt_str_field(L, 3, "actor");
+    }
+    lsub *u = new_handle(L, sizeof *u, SUB_MT, 1);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1); /* the subscription keeps its store alive */
+    int rc = cs_sub_open(hub, chat, &o, &u->sub);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    return 1;
+}
+
+static void set_int(lua_State *L, const char *k, int64_t v)
+{
+    lua_pushinteger(L, (lua_Integer)v);
+    lua_setfield(L, -2, k);
+}
+
+static int store_stats(lua_State *L)
+{
+    cs_stats s;
+    cs_hub_stats(check_store(L, 1), &s);
+    lua_createtable(L, 0, 12);
+    set_int(L, "notifications", s.notifications);
+    set_int(L, "malformed", s.malformed);
+    set_int(L, "queries", s.queries);
+    set_int(L, "query_errors", s.query_errors);
+    set_int(L, "writes", s.writes);
+    set_int(L, "publish_errors", s.publish_errors);
+    set_int(L, "cache_hits", s.cache_hits);
+    set_int(L, "cache_misses", s.cache_misses);
+    set_int(L, "db_passes", s.db_passes);
+    set_int(L, "delivered", s.delivered);
+    set_int(L, "resyncs", s.resyncs);
+    set_int(L, "reconnects", s.reconnects);
+    return 1;
+}
+
+static int store_fd(lua_State *L)
+{
+    int fd = cs_hub_fd(check_store(L, 1));
+    if (fd < 0)
+        lua_pushnil(L);
+    else
+        lua_pushinteger(L, fd);
+    return 1;
+}
+
+static int store_step(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int rc = cs_hub_step(hub);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushinteger(L, rc);
+    return 1;
+}
+
+/* ---- stepped publish ------------------------------------------------------ */
+
+static int pub_gc(lua_State *L)
+{
+    lpub *u = luaL_checkudata(L, 1, PUB_MT);
+    cs_pub_close(u->pub);
+    u->pub = NULL;
+    return 0;
+}
+
+static int pub_tostring(lua_State *L)
+{
+    return handle_tostring(L, PUB_MT, "chatstream.Publish");
+}
+
+static cs_hub *pub_store(lua_State *L)
+{
+    lua_getiuservalue(L, 1, 1);
+    lstore *s = luaL_checkudata(L, -1, STORE_MT);
+    lua_pop(L, 1);
+    if (!s->hub)
+        luaL_error(L, "attempt to use a closed store");
+    return s->hub;
+}
+
+/* A failed step: misuse (wrong order, repeated step) raises; a store failure
+ * returns nil, msg, code. */
+static int step_result(lua_State *L, cs_hub *hub, int rc)
+{
+    if (rc == CS_EINVAL)
+        return luaL_error(L, "%s", cs_hub_errmsg(hub));
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int pub_commit(lua_State *L)
+{
+    cs_publish *p = check_pub(L, 1);
+    cs_hub *hub = pub_store(L);
+    const int64_t *ids;
+    size_t n;
+    int rc = cs_pub_commit(p, &ids, &n);
+    if (rc < 0)
+        return step_result(L, hub, rc);
+    push_ids(L, ids, n);
+    return 1;
+}
+
+static size_t opt_index(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx))
+        return CS_ALL;
+    lua_Integer i = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, i >= 1, idx, "message index starts at 1");
+    return (size_t)(i - 1);
+}
+
+static int pub_cache(lua_State *L)
+{
+    cs_publish *p = check_pub(L, 1);
+    cs_hub *hub = pub_store(L);
+    return step_result(L, hub, cs_pub_cache(p, opt_index(L, 2)));
+}
+
+static int pub_notify(lua_State *L)
+{
+    cs_publish *p = check_pub(L, 1);
+    cs_hub *hub = pub_store(L);
+    return step_result(L, hub, cs_pub_notify(p, opt_index(L, 2)));
+}
+
+static int pub_publish(lua_State *L)
+{
+    cs_publish *p = check_pub(L, 1);
+    cs_hub *hub = pub_store(L);
+    int rc = cs_pub_cache(p, CS_ALL);
+    if (rc == CS_OK)
+        rc = cs_pub_notify(p, CS_ALL);
+    return step_result(L, hub, rc);
+}
+
+/* ---- subscription --------------------------------------------------------- */
+
+static int sub_gc(lua_State *L)
+{
+    lsub *u = luaL_checkudata(L, 1, SUB_MT);
+    cs_sub_close(u->sub);
+    u->sub = NULL;
+    return 0;
+}
+
+static int sub_tostring(lua_State *L)
+{
+    return handle_tostring(L, SUB_MT, "chatstream.Subscription");
+}
+
+static void push_event(lua_State *L, const cs_event *ev)
+{
+    lua_createtable(L, 0, 7);
+    switch (ev->kind) {
+    case CS_EV_MESSAGE:
+        lua_pushliteral(L, "message");
+        lua_setfield(L, -2, "kind");
+        set_int(L, "id", ev->id);
+        set_int(L, "prev_id", ev->prev_id);
+        lua_pushstring(L, ev->role);
+        lua_setfield(L, -2, "role");
+        lua_pushlstring(L, ev->text, ev->text_len);
+        lua_setfield(L, -2, "content");
+        break;
+    case CS_EV_STATUS:
+        lua_pushliteral(L, "status");
+        lua_setfield(L, -2, "kind");
+        lua_pushlstring(L, ev->text, ev->text_len);
+        lua_setfield(L, -2, "status");
+        set_int(L, "version", ev->version);
+        break;
+    case CS_EV_QUEUE:
+        lua_pushliteral(L, "queue");
+        lua_setfield(L, -2, "kind");
+        break;
+    case CS_EV_PART:
+        lua_pushliteral(L, "part");
+        lua_setfield(L, -2, "kind");
+        lua_pushlstring(L, ev->text, ev->text_len);
+        lua_setfield(L, -2, "text");
+        break;
+    }
+    set_int(L, "chat_id", ev->chat_id);
+}
+
+static double opt_timeout(lua_State *L, int idx)
+{
+    lua_Number t = luaL_optnumber(L, idx, 0);
+    luaL_argcheck(L, t >= 0 && t == t, idx, "timeout must be a number >= 0");
+    return (double)t;
+}
+
+/* Pushes the next event, or nil, "timeout", or nil, msg, code. */
+static int sub_next_impl(lua_State *L, cs_sub *s, double timeout)
+{
+    cs_event ev;
+    int rc = cs_sub_wait(s, timeout, &ev);
+    if (rc == CS_EVENT) {
+        push_event(L, &ev);
+        return 1;
+    }
+    if (rc == CS_IDLE) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "timeout");
+        return 2;
+    }
+    if (rc == CS_ECLOSED)
+        return luaL_error(L, "attempt to use a subscription of a closed store");
+    if (rc == CS_ENOMEM)
+        return luaL_error(L, "not enough memory");
+    return push_fail(L, rc, NULL);
+}
+
+static int sub_next(lua_State *L)
+{
+    cs_sub *s = check_sub(L, 1);
+    return sub_next_impl(L, s, opt_timeout(L, 2));
+}
+
+static int sub_iter(lua_State *L)
+{
+    cs_sub *s = check_sub(L, 1);
+    double timeout = lua_tonumber(L, lua_upvalueindex(1));
+    int n = sub_next_impl(L, s, timeout);
+    if (n == 1)
+        return 1;
+    if (n == 2)
+        return 0; /* idle for the whole timeout: the loop ends */
+    return luaL_error(L, "%s", lua_tostring(L, -2)); /* raised in a for */
+}
+
+/* sub:events(timeout) -> iter, sub, nil */
+static int sub_events(lua_State *L)
+{
+    check_sub(L, 1);
+    lua_pushnumber(L, opt_timeout(L, 2));
+    lua_pushcclosure(L, sub_iter, 1);
+    lua_pushvalue(L, 1);
+    lua_pushnil(L);
+    return 3;
+}
+
+static int sub_cursor(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)cs_sub_cursor(check_sub(L, 1)));
+    return 1;
+}
+
+static int sub_delivered_bytes(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)cs_sub_delivered_bytes(check_sub(L, 1)));
+    return 1;
+}
+
+/* ---- module ------------------------------------------------------------------ */
+
+static void new_class(lua_State *L, const char *mt, const luaL_Reg *methods,
+                      lua_CFunction gc, lua_CFunction tostring)
+{
+    luaL_newmetatable(L, mt);
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "close");
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+}
+
+EXPORT int luaopen_chatstream_core(lua_State *L);
+
+EXPORT int luaopen_chatstream_core(lua_State *L)
+{
+    static const luaL_Reg memdb_m[] = {{"fail_queries", memdb_fail_queries},
+                                       {"drop_notifies", memdb_drop_notifies},
+                                       {NULL, NULL}};
+    static const luaL_Reg store_m[] = {
+        {"create_chat", store_create_chat}, {"append", store_append},
+        {"prepare", store_prepare},         {"subscribe", store_subscribe},
+        {"stats", store_stats},             {"fd", store_fd},
+        {"step", store_step},               {NULL, NULL}};
+    static const luaL_Reg pub_m[] = {{"commit", pub_commit},
+                                     {"cache", pub_cache},
+                                     {"notify", pub_notify},
+                                     {"publish", pub_publish},
+                                     {NULL, NULL}};
+    static const luaL_Reg sub_m[] = {{"next", sub_next},
+                                     {"events", sub_events},
+                                     {"cursor", sub_cursor},
+                                     {"delivered_bytes", sub_delivered_bytes},
+                                     {NULL, NULL}};
+    static const luaL_Reg funcs[] = {
+        {"open", l_open}, {"memory", l_memory}, {NULL, NULL}};
+
+    new_class(L, MEMDB_MT, memdb_m, memdb_gc, memdb_tostring);
+    new_class(L, STORE_MT, store_m, store_gc, store_tostring);
+    new_class(L, PUB_MT, pub_m, pub_gc, pub_tostring);
+    new_class(L, SUB_MT, sub_m, sub_gc, sub_tostring);
+    luaL_newlib(L, funcs);
+    lua_pushliteral(L, CS_VERSION);
+    lua_setfield(L, -2, "_VERSION");
+    return 1;
+}

@@ -1,0 +1,39 @@
+-- chatstream: a live, lossless message stream over a durable chat store.
+-- A thin layer over the C module "chatstream.core".
+local core = require("chatstream.core")
+
+local M = {
+  _VERSION = core._VERSION,
+  strategies = { "watermark", "rescan", "last_id" },
+}
+
+local Store = debug.getregistry()["chatstream.Store"].__index
+
+--- Opens a store.
+-- open()            an embedded memory store of its own
+-- open{memory = db} a store on a shared memory database (a replica)
+-- open("postgresql://...") / open{dsn = ...}: the PostgreSQL store
+function M.open(arg)
+  local t = type(arg)
+  if arg == nil then
+    return core.open()
+  elseif t == "string" or (t == "table" and arg.dsn ~= nil) then
+    return nil, "EINVAL: this build has no PostgreSQL store yet", "EINVAL"
+  elseif t == "table" then
+    if arg.schema ~= nil then
+      error("option 'schema' needs a dsn", 2)
+    end
+    return core.open(arg)
+  end
+  error("bad argument #1 to 'open' (nil, string or table expected, got " .. t .. ")", 2)
+end
+
+--- A new shared in-memory database; open{memory = db} gives it a hub.
+M.memory = core.memory
+
+--- Creates or upgrades the schema. Nothing to do on the memory store.
+function Store:migrate()
+  return true
+end
+
+return M
