@@ -1,0 +1,235 @@
+-- spec/property_spec.lua - random publish interleavings checked against the database.
+-- Each seed builds replicas (hubs on one memory database), chats, readers of
+-- every strategy, and writers whose steps (commit, then cache and notify of
+-- each message in turn) interleave at random with reads, evictions (small
+-- caches), queue overflows (small queues), dropped notifications and failing
+-- queries. An oracle compares what every reader got with the database.
+-- CHATSTREAM_PROPERTY_SEEDS sets the number of seeds (default 2000).
+local chatstream = require("chatstream")
+local H = require("helpers")
+
+local SEEDS = tonumber(os.getenv("CHATSTREAM_PROPERTY_SEEDS") or "") or 2000
+
+local VARIANTS = {
+  { name = "last_id", strategy = "last_id" },
+  { name = "rescan", strategy = "rescan" },
+  { name = "watermark", strategy = "watermark" },
+  { name = "watermark+ordered", strategy = "watermark", ordered = true },
+}
+
+local function run_seed(seed)
+  math.randomseed(seed)
+  local R = math.random
+  local drops = seed % 3 == 0 -- dropped notifications only on some seeds
+  local fails = seed % 2 == 0
+  local db = chatstream.memory()
+  local reps = {}
+  for i = 1, R(1, 3) do
+    reps[i] = assert(chatstream.open({
+      memory = db,
+      cache_size = R(1, 3) == 1 and 256 or R(1, 6),
+      queue_size = R(2, 12),
+    }))
+  end
+  local chats = {}
+  for i = 1, R(1, 2) do
+    chats[i] = reps[1]:create_chat({ owner = "p" })
+    if R(0, 1) == 1 then
+      reps[1]:append(chats[i], { role = "user", content = "history" })
+    end
+  end
+  local committed = {} -- chat -> list of ids (the truth, ascending)
+  local maxid = {} -- chat -> highest committed id
+  for _, c in ipairs(chats) do
+    committed[c], maxid[c] = {}, 0
+    local sub = reps[1]:subscribe(c)
+    for _, id in ipairs(H.drain(sub)) do
+      committed[c][#committed[c] + 1] = id
+      maxid[c] = id
+    end
+    sub:close()
+  end
+
+  local readers = {}
+  local function add_reader(chat, after)
+    for _, v in ipairs(VARIANTS) do
+      local rep = reps[R(1, #reps)]
+      local sub, err = rep:subscribe(chat, { after = after, strategy = v.strategy, ordered = v.ordered })
+      if sub then
+        readers[#readers + 1] = { sub = sub, chat = chat, after = after, variant = v.name, got = {} }
+      else
+        assert(err:match("^EBACKEND"), err) -- an injected failure: skip it
+      end
+    end
+  end
+  for _, c in ipairs(chats) do
+    add_reader(c, 0)
+  end
+
+  local writers, started, total = {}, 0, R(3, 10)
+  local function new_writer()
+    started = started + 1
+    local n = R(1, 3)
+    local msgs = {}
+    for i = 1, n do
+      msgs[i] = { role = ({ "user", "assistant", "tool" })[R(1, 3)], content = "w" .. started .. "." .. i }
+    end
+    local chat = chats[R(1, #chats)]
+    local steps = { "commit" }
+    for i = 1, n do
+      steps[#steps + 1] = { "cache", i }
+      steps[#steps + 1] = { "notify", i }
+    end
+    writers[#writers + 1] = { pub = reps[R(1, #reps)]:prepare(chat, msgs), chat = chat, steps = steps, pos = 1 }
+  end
+
+  local function step_writer(w)
+    local s = w.steps[w.pos]
+    w.pos = w.pos + 1
+    if s == "commit" then
+      for _, id in ipairs(w.pub:commit()) do
+        local list = committed[w.chat]
+        list[#list + 1] = id
+        maxid[w.chat] = id
+      end
+    elseif s[1] == "cache" then
+      w.pub:cache(s[2])
+    else
+      w.pub:notify(s[2])
+    end
+  end
+
+  local function drain(r)
+    H.drain(r.sub, r.got)
+  end
+
+  local live = true
+  while live do
+    local roll = R(1, 100)
+    local pending = {}
+    for _, w in ipairs(writers) do
+      if w.pos <= #w.steps then
+        pending[#pending + 1] = w
+      end
+    end
+    if #pending == 0 and started >= total then
+      live = false
+    elseif roll <= 55 and #pending > 0 then
+      step_writer(pending[R(1, #pending)])
+    elseif roll <= 65 and started < total then
+      new_writer()
+    elseif roll <= 90 then
+      drain(readers[R(1, #readers)])
+    elseif roll <= 94 and drops then
+      db:drop_notifies(1)
+    elseif roll <= 97 and fails then
+      db:fail_queries(R(1, 3))
+    elseif roll <= 100 and #readers < 60 then
+      local c = chats[R(1, #chats)]
+      add_reader(c, R(0, 1) == 1 and maxid[c] or 0)
+    end
+  end
+
+  -- The end: faults cleared, then one more message per chat, published
+  -- normally, so every reader has a notification after the last drop.
+  db:drop_notifies(0)
+  db:fail_queries(0)
+  for _, c in ipairs(chats) do
+    local id = reps[R(1, #reps)]:append(c, { role = "assistant", content = "final" })[1]
+    committed[c][#committed[c] + 1] = id
+  end
+  for _ = 1, 2 do
+    for _, r in ipairs(readers) do
+      drain(r)
+    end
+  end
+
+  local results = {}
+  for _, r in ipairs(readers) do
+    local want = {}
+    for _, id in ipairs(committed[r.chat]) do
+      if id > r.after then
+        want[#want + 1] = id
+      end
+    end
+    local lost, dups = H.check(r.got, want)
+    local ascending = true
+    for i = 2, #r.got do
+      ascending = ascending and r.got[i] > r.got[i - 1]
+    end
+    results[#results + 1] = { variant = r.variant, lost = #lost, dups = #dups, ascending = ascending }
+    r.sub:close()
+  end
+  for _, w in ipairs(writers) do
+    w.pub:close()
+  end
+  for _, rep in ipairs(reps) do
+    rep:close()
+  end
+  return results, drops
+end
+
+describe("random interleavings (" .. SEEDS .. " seeds)", function()
+  local totals = {}
+  for _, v in ipairs(VARIANTS) do
+    totals[v.name] = { readers = 0, lost = 0, dups = 0, seeds_lost = 0, lost_nodrop = 0, unordered = 0 }
+  end
+
+  setup(function()
+    for seed = 1, SEEDS do
+      local results, drops = run_seed(seed)
+      local lost_here = {}
+      for _, r in ipairs(results) do
+        local t = totals[r.variant]
+        t.readers = t.readers + 1
+        t.lost = t.lost + r.lost
+        t.dups = t.dups + r.dups
+        if not drops then
+          t.lost_nodrop = t.lost_nodrop + r.lost
+        end
+        if not r.ascending then
+          t.unordered = t.unordered + 1
+        end
+        if r.lost > 0 then
+          lost_here[r.variant] = true
+        end
+      end
+      for name in pairs(lost_here) do
+        totals[name].seeds_lost = totals[name].seeds_lost + 1
+      end
+    end
+    local lines = { string.format("\nproperty: %d seeds (1..%d)", SEEDS, SEEDS),
+      string.format("%-18s %8s %8s %6s %12s %14s", "strategy", "readers", "lost", "dups", "seeds_lost", "lost_no_drops") }
+    for _, v in ipairs(VARIANTS) do
+      local t = totals[v.name]
+      lines[#lines + 1] = string.format("%-18s %8d %8d %6d %12d %14d", v.name, t.readers, t.lost, t.dups,
+        t.seeds_lost, t.lost_nodrop)
+    end
+    io.stderr:write(table.concat(lines, "\n"), "\n")
+  end)
+
+  it("watermark loses nothing and duplicates nothing", function()
+    assert.are.equal(0, totals.watermark.lost)
+    assert.are.equal(0, totals.watermark.dups)
+    assert.is_true(totals.watermark.readers > SEEDS)
+  end)
+
+  it("ordered watermark loses nothing, duplicates nothing and is ascending", function()
+    local t = totals["watermark+ordered"]
+    assert.are.equal(0, t.lost)
+    assert.are.equal(0, t.dups)
+    assert.are.equal(0, t.unordered)
+  end)
+
+  it("rescan duplicates nothing and loses nothing unless a notification was dropped", function()
+    -- A dropped notification is found by rescan only if a later one rescans
+    -- below it (the reference's gap); without drops it must be exact.
+    assert.are.equal(0, totals.rescan.dups)
+    assert.are.equal(0, totals.rescan.lost_nodrop)
+  end)
+
+  it("last_id loses messages in some seeds (the race is hit)", function()
+    assert.is_true(totals.last_id.seeds_lost > 0)
+    assert.is_true(totals.last_id.lost_nodrop > 0)
+  end)
+end)
