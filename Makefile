@@ -1,0 +1,63 @@
+# Makefile - the front door: `make demo` runs the demo, `make test` runs every test.
+# The build itself is CMake's (CMakeLists.txt); this file only strings steps together.
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
+LUA        ?= lua5.4
+RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
+VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
+
+.PHONY: all deps build demo race test test-unit test-asan test-valgrind check-rock lint format clean
+
+MAKEFLAGS += --no-print-directory
+
+all: build
+
+deps:
+	@scripts/bootstrap
+
+build: deps
+	@cmake -S . -B $(BUILD) -DCHATSTREAM_WERROR=ON >/dev/null
+	@cmake --build $(BUILD) -j$(JOBS)
+
+demo: build
+	@$(RUN_LUA) examples/demo.lua
+
+race: build
+	@$(RUN_LUA) examples/race.lua
+
+# Every test: C unit tests and busted specs (normal build), the same under
+# ASan+UBSan, valgrind, the luarocks install check and luacheck.
+test: test-unit test-asan test-valgrind check-rock lint
+	@echo "make test: all suites passed"
+
+test-unit: build
+	@cd $(BUILD) && ctest --output-on-failure
+
+test-asan: deps
+	@cmake -S . -B $(ASAN_BUILD) -DCHATSTREAM_WERROR=ON -DCHATSTREAM_SANITIZE=ON \
+	    -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	@cmake --build $(ASAN_BUILD) -j$(JOBS)
+	@cd $(ASAN_BUILD) && ctest --output-on-failure
+
+test-valgrind: build
+	@for t in $(BUILD)/test_*; do \
+	    echo "valgrind $$t"; $(VALGRIND) $$t >/dev/null || exit 1; done
+	@echo "valgrind: busted specs (api, conventions, race, 200 property seeds)"
+	@CHATSTREAM_PROPERTY_SEEDS=200 $(VALGRIND) $(LUA) /usr/bin/busted \
+	    --cpath="$(BUILD)/?.so" -o TAP \
+	    spec/api_spec.lua spec/conventions_spec.lua spec/race_spec.lua \
+	    spec/property_spec.lua | tail -n 1
+
+check-rock: deps
+	@scripts/check-rock
+
+lint: deps
+	@luacheck -q lua spec examples
+
+format:
+	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.c \
+	    core/tests/*.c core/tests/*.h lua/*.c
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD) build.luarocks
