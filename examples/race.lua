@@ -14,8 +14,8 @@ store:append(chat, {
 
 local readers = {}
 for _, strategy in ipairs({ "last_id", "rescan", "watermark" }) do
-  readers[#readers + 1] = { strategy = strategy, sub = assert(store:subscribe(chat, { after = 4, strategy = strategy })),
-    got = {} }
+  local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy }))
+  readers[#readers + 1] = { strategy = strategy, sub = sub, got = {} }
 end
 
 local function say(fmt, ...)

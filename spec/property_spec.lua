@@ -198,8 +198,11 @@ describe("random interleavings (" .. SEEDS .. " seeds)", function()
         totals[name].seeds_lost = totals[name].seeds_lost + 1
       end
     end
-    local lines = { string.format("\nproperty: %d seeds (1..%d)", SEEDS, SEEDS),
-      string.format("%-18s %8s %8s %6s %12s %14s", "strategy", "readers", "lost", "dups", "seeds_lost", "lost_no_drops") }
+    local lines = {
+      string.format("\nproperty: %d seeds (1..%d)", SEEDS, SEEDS),
+      string.format("%-18s %8s %8s %6s %12s %14s", "strategy", "readers", "lost", "dups",
+        "seeds_lost", "lost_no_drops"),
+    }
     for _, v in ipairs(VARIANTS) do
       local t = totals[v.name]
       lines[#lines + 1] = string.format("%-18s %8d %8d %6d %12d %14d", v.name, t.readers, t.lost, t.dups,

@@ -32,7 +32,7 @@ end
 M.memory = core.memory
 
 --- Creates or upgrades the schema. Nothing to do on the memory store.
-function Store:migrate()
+function Store.migrate(_)
   return true
 end
 
