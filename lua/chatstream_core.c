@@ -80,8 +80,9 @@ static lua_Integer opt_int_field(lua_State *L, int idx, const char *k,
     lua_Integer v = def;
     int t = lua_getfield(L, idx, k);
     if (t != LUA_TNIL) {
-        int isint;
-        v = lua_tointegerx(L, -1, &isint);
+        int isint = 0;
+        if (t == LUA_TNUMBER) /* no string coercion */
+            v = lua_tointegerx(L, -1, &isint);
         if (!isint || v < min)
             luaL_error(L, "option '%s' must be an integer >= %d", k, (int)min);
     }
@@ -206,8 +207,15 @@ static int l_open(lua_State *L)
             lua_type(L, -1) != LUA_TFUNCTION)
             return luaL_error(L, "option 'authorize' must be a function");
         lua_pop(L, 1);
-        if (lua_getfield(L, 1, "memory") != LUA_TNIL)
-            o.memory = check_memdb(L, -1);
+        if (lua_getfield(L, 1, "memory") != LUA_TNIL) {
+            lmemdb *m = luaL_testudata(L, -1, MEMDB_MT);
+            if (!m)
+                return luaL_error(L, "option 'memory' must be a chatstream.MemoryDB "
+                                     "(from chatstream.memory())");
+            if (!m->db)
+                return luaL_error(L, "attempt to use a closed memory database");
+            o.memory = m->db;
+        }
         lua_pop(L, 1);
     }
     lstore *u = new_handle(L, sizeof *u, STORE_MT, 0);
@@ -354,7 +362,9 @@ static int store_subscribe(lua_State *L)
                 return luaL_error(L, "unknown strategy '%s' (watermark, rescan or last_id)", s);
             o.strategy = (cs_strategy)st;
         }
-        lua_getfield(L, 3, "ordered");
+        int t = lua_getfield(L, 3, "ordered");
+        if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+            return luaL_error(L, "option 'ordered' must be a boolean");
         o.ordered = lua_toboolean(L, -1);
         lua_pop(L, 1);
         if (o.ordered && o.strategy != CS_STRATEGY_WATERMARK)
@@ -403,6 +413,14 @@ static int store_fd(lua_State *L)
         lua_pushnil(L);
     else
         lua_pushinteger(L, fd);
+    return 1;
+}
+
+/* Creates or upgrades the schema; nothing to do on the memory store. */
+static int store_migrate(lua_State *L)
+{
+    check_store(L, 1);
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -649,7 +667,8 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
         {"create_chat", store_create_chat}, {"append", store_append},
         {"prepare", store_prepare},         {"subscribe", store_subscribe},
         {"stats", store_stats},             {"fd", store_fd},
-        {"step", store_step},               {NULL, NULL}};
+        {"step", store_step},               {"migrate", store_migrate},
+        {NULL, NULL}};
     static const luaL_Reg pub_m[] = {{"commit", pub_commit},
                                      {"cache", pub_cache},
                                      {"notify", pub_notify},

@@ -7,7 +7,10 @@ local M = {
   strategies = { "watermark", "rescan", "last_id" },
 }
 
-local Store = debug.getregistry()["chatstream.Store"].__index
+local OPEN_KEYS = {
+  memory = true, dsn = true, schema = true, cache_size = true, queue_size = true,
+  poll_interval = true, authorize = true,
+}
 
 --- Opens a store.
 -- open()            an embedded memory store of its own
@@ -17,7 +20,14 @@ function M.open(arg)
   local t = type(arg)
   if arg == nil then
     return core.open()
-  elseif t == "string" or (t == "table" and arg.dsn ~= nil) then
+  elseif t == "table" then
+    for k in pairs(arg) do
+      if not OPEN_KEYS[k] then
+        error("unknown option '" .. tostring(k) .. "'", 2)
+      end
+    end
+  end
+  if t == "string" or (t == "table" and arg.dsn ~= nil) then
     return nil, "EINVAL: this build has no PostgreSQL store yet", "EINVAL"
   elseif t == "table" then
     if arg.schema ~= nil then
@@ -30,10 +40,5 @@ end
 
 --- A new shared in-memory database; open{memory = db} gives it a hub.
 M.memory = core.memory
-
---- Creates or upgrades the schema. Nothing to do on the memory store.
-function Store.migrate(_)
-  return true
-end
 
 return M
