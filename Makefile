@@ -7,7 +7,8 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race test test-unit test-asan test-valgrind check-rock lint format clean
+.PHONY: all deps build demo race test test-unit test-asan test-valgrind test-rock test-lint \
+        check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
 
@@ -27,9 +28,10 @@ race: build
 	@$(RUN_LUA) examples/race.lua
 
 # Every test: C unit tests and busted specs (normal build), the same under
-# ASan+UBSan, valgrind, the luarocks install check and luacheck.
-test: test-unit test-asan test-valgrind check-rock lint
-	@echo "make test: all suites passed"
+# ASan+UBSan, valgrind, the luarocks install check and luacheck. Every suite
+# runs; the summary says which failed.
+test: deps
+	@scripts/run-tests
 
 test-unit: build
 	@cd $(BUILD) && ctest --output-on-failure
@@ -47,12 +49,14 @@ test-valgrind: build
 	@CHATSTREAM_PROPERTY_SEEDS=200 $(VALGRIND) $(LUA) /usr/bin/busted \
 	    --cpath="$(BUILD)/?.so" -o TAP \
 	    spec/api_spec.lua spec/conventions_spec.lua spec/race_spec.lua \
-	    spec/property_spec.lua | tail -n 1
+	    spec/property_spec.lua > $(BUILD)/valgrind-busted.log 2>&1; \
+	  rc=$$?; grep -E '^(not ok|1\.\.)|==[0-9]+==' $(BUILD)/valgrind-busted.log | head -40; \
+	  if [ $$rc -ne 0 ]; then echo "valgrind busted run failed (exit $$rc)"; exit 1; fi
 
-check-rock: deps
+test-rock check-rock: deps
 	@scripts/check-rock
 
-lint: deps
+test-lint lint: deps
 	@luacheck -q lua spec examples
 
 format:

@@ -1,4 +1,5 @@
-/* chatstream_core.c - the Lua 5.4 binding of the chatstream core ("chatstream.core"). */
+/* chatstream_core.c - the Lua 5.4 binding of the chatstream core
+ * ("chatstream.core"). */
 #include "chatstream.h"
 
 #include <lauxlib.h>
@@ -60,7 +61,8 @@ static void *check_open(lua_State *L, int idx, const char *mt, const char *what)
     return *p;
 }
 
-#define check_memdb(L, i) ((cs_memdb *)check_open(L, i, MEMDB_MT, "memory database"))
+#define check_memdb(L, i)                                                      \
+    ((cs_memdb *)check_open(L, i, MEMDB_MT, "memory database"))
 #define check_store(L, i) ((cs_hub *)check_open(L, i, STORE_MT, "store"))
 #define check_pub(L, i) ((cs_publish *)check_open(L, i, PUB_MT, "publish"))
 #define check_sub(L, i) ((cs_sub *)check_open(L, i, SUB_MT, "subscription"))
@@ -69,7 +71,8 @@ static int64_t check_id(lua_State *L, int idx, const char *what)
 {
     lua_Integer v = luaL_checkinteger(L, idx);
     if (v < 1)
-        luaL_argerror(L, idx, lua_pushfstring(L, "%s must be a positive integer", what));
+        luaL_argerror(
+            L, idx, lua_pushfstring(L, "%s must be a positive integer", what));
     return (int64_t)v;
 }
 
@@ -109,7 +112,8 @@ static void check_keys(lua_State *L, int idx, const char *const allowed[])
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         lua_pop(L, 1);
-        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        const char *k =
+            lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
         int ok = 0;
         for (int i = 0; k && allowed[i]; i++)
             ok |= strcmp(k, allowed[i]) == 0;
@@ -181,10 +185,11 @@ static int memdb_tostring(lua_State *L)
     return handle_tostring(L, MEMDB_MT, "chatstream.MemoryDB");
 }
 
-/* ---- store ----------------------------------------------------------------- */
+/* ---- store -----------------------------------------------------------------
+ */
 
-static const char *const open_keys[] = {"memory",        "cache_size", "queue_size",
-                                        "poll_interval", "authorize",  NULL};
+static const char *const open_keys[] = {
+    "memory", "cache_size", "queue_size", "poll_interval", "authorize", NULL};
 
 /* core.open(options): a store on the memory database of options.memory or a
  * private one. */
@@ -196,12 +201,14 @@ static int l_open(lua_State *L)
         check_keys(L, 1, open_keys);
         o.cache_size = (size_t)opt_int_field(L, 1, "cache_size", 0, 1);
         o.queue_size = (size_t)opt_int_field(L, 1, "queue_size", 0, 1);
-        if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE)
+        if (o.cache_size > CS_MAX_CACHE_SIZE ||
+            o.queue_size > CS_MAX_QUEUE_SIZE)
             return luaL_error(L, "cache_size and queue_size are at most %d",
                               (int)CS_MAX_CACHE_SIZE);
         if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL &&
             (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0))
-            return luaL_error(L, "option 'poll_interval' must be a number >= 0");
+            return luaL_error(L,
+                              "option 'poll_interval' must be a number >= 0");
         lua_pop(L, 1);
         if (lua_getfield(L, 1, "authorize") != LUA_TNIL &&
             lua_type(L, -1) != LUA_TFUNCTION)
@@ -210,8 +217,9 @@ static int l_open(lua_State *L)
         if (lua_getfield(L, 1, "memory") != LUA_TNIL) {
             lmemdb *m = luaL_testudata(L, -1, MEMDB_MT);
             if (!m)
-                return luaL_error(L, "option 'memory' must be a chatstream.MemoryDB "
-                                     "(from chatstream.memory())");
+                return luaL_error(
+                    L, "option 'memory' must be a chatstream.MemoryDB "
+                       "(from chatstream.memory())");
             if (!m->db)
                 return luaL_error(L, "attempt to use a closed memory database");
             o.memory = m->db;
@@ -263,14 +271,16 @@ static int store_create_chat(lua_State *L)
 static void read_msg(lua_State *L, int idx, int argn, cs_msg_in *m)
 {
     if (lua_type(L, idx) != LUA_TTABLE)
-        luaL_argerror(L, argn, "message must be a table {role = ..., content = ...}");
+        luaL_argerror(L, argn,
+                      "message must be a table {role = ..., content = ...}");
     size_t len;
     lua_getfield(L, idx, "role");
     const char *role = lua_tolstring(L, -1, &len);
     int r = lua_type(L, -1) == LUA_TSTRING ? cs_role_parse(role, len) : -1;
     lua_pop(L, 1);
     if (r < 0)
-        luaL_argerror(L, argn, "message role must be system, user, assistant or tool");
+        luaL_argerror(L, argn,
+                      "message role must be system, user, assistant or tool");
     lua_getfield(L, idx, "content");
     if (lua_type(L, -1) != LUA_TSTRING)
         luaL_argerror(L, argn, "message content must be a string");
@@ -290,7 +300,8 @@ static cs_msg_in *read_msgs(lua_State *L, int idx, size_t *n)
     lua_pop(L, 1);
     size_t count = single ? 1 : (size_t)luaL_len(L, idx);
     if (count == 0 || count > CS_MAX_BATCH)
-        luaL_argerror(L, idx, "expected a message or a list of 1 to 4096 messages");
+        luaL_argerror(L, idx,
+                      "expected a message or a list of 1 to 4096 messages");
     cs_msg_in *msgs = lua_newuserdatauv(L, count * sizeof *msgs, 0);
     if (single) {
         read_msg(L, idx, idx, msgs);
@@ -359,7 +370,9 @@ static int store_subscribe(lua_State *L)
         if (s) {
             int st = cs_strategy_parse(s);
             if (st < 0)
-                return luaL_error(L, "unknown strategy '%s' (watermark, rescan or last_id)", s);
+                return luaL_error(
+                    L, "unknown strategy '%s' (watermark, rescan or last_id)",
+                    s);
             o.strategy = (cs_strategy)st;
         }
         int t = lua_getfield(L, 3, "ordered");
@@ -368,7 +381,8 @@ static int store_subscribe(lua_State *L)
         o.ordered = lua_toboolean(L, -1);
         lua_pop(L, 1);
         if (o.ordered && o.strategy != CS_STRATEGY_WATERMARK)
-            return luaL_error(L, "option 'ordered' needs the watermark strategy");
+            return luaL_error(L,
+                              "option 'ordered' needs the watermark strategy");
         opt_str_field(L, 3, "actor");
     }
     lsub *u = new_handle(L, sizeof *u, SUB_MT, 1);
@@ -434,7 +448,8 @@ static int store_step(lua_State *L)
     return 1;
 }
 
-/* ---- stepped publish ------------------------------------------------------ */
+/* ---- stepped publish ------------------------------------------------------
+ */
 
 static int pub_gc(lua_State *L)
 {
@@ -517,7 +532,8 @@ static int pub_publish(lua_State *L)
     return step_result(L, hub, rc);
 }
 
-/* ---- subscription --------------------------------------------------------- */
+/* ---- subscription ---------------------------------------------------------
+ */
 
 static int sub_gc(lua_State *L)
 {
@@ -636,7 +652,8 @@ static int sub_delivered_bytes(lua_State *L)
     return 1;
 }
 
-/* ---- module ------------------------------------------------------------------ */
+/* ---- module
+ * ------------------------------------------------------------------ */
 
 static void new_class(lua_State *L, const char *mt, const luaL_Reg *methods,
                       lua_CFunction gc, lua_CFunction tostring)
@@ -663,12 +680,15 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
     static const luaL_Reg memdb_m[] = {{"fail_queries", memdb_fail_queries},
                                        {"drop_notifies", memdb_drop_notifies},
                                        {NULL, NULL}};
-    static const luaL_Reg store_m[] = {
-        {"create_chat", store_create_chat}, {"append", store_append},
-        {"prepare", store_prepare},         {"subscribe", store_subscribe},
-        {"stats", store_stats},             {"fd", store_fd},
-        {"step", store_step},               {"migrate", store_migrate},
-        {NULL, NULL}};
+    static const luaL_Reg store_m[] = {{"create_chat", store_create_chat},
+                                       {"append", store_append},
+                                       {"prepare", store_prepare},
+                                       {"subscribe", store_subscribe},
+                                       {"stats", store_stats},
+                                       {"fd", store_fd},
+                                       {"step", store_step},
+                                       {"migrate", store_migrate},
+                                       {NULL, NULL}};
     static const luaL_Reg pub_m[] = {{"commit", pub_commit},
                                      {"cache", pub_cache},
                                      {"notify", pub_notify},

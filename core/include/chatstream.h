@@ -1,4 +1,5 @@
-/* chatstream.h - public C API of the chatstream core: stores, hubs, subscriptions. */
+/* chatstream.h - public C API of the chatstream core: stores, hubs,
+ * subscriptions. */
 #ifndef CHATSTREAM_H
 #define CHATSTREAM_H
 
@@ -28,9 +29,9 @@ enum { CS_EVENT = 1, CS_IDLE = 2 };
 const char *cs_strerror(int rc); /* static string, never NULL */
 const char *cs_errname(int rc);  /* "ENOMEM", "EINVAL", ...; "OK" for 0 */
 
-typedef struct cs_memdb cs_memdb;   /* an embedded in-memory database */
-typedef struct cs_hub cs_hub;       /* a store handle: caches, subscriptions */
-typedef struct cs_sub cs_sub;       /* one reader of one chat */
+typedef struct cs_memdb cs_memdb; /* an embedded in-memory database */
+typedef struct cs_hub cs_hub;     /* a store handle: caches, subscriptions */
+typedef struct cs_sub cs_sub;     /* one reader of one chat */
 typedef struct cs_publish cs_publish; /* a stepped publish */
 
 /* ---- memory database ----------------------------------------------------
@@ -45,9 +46,9 @@ void cs_memdb_drop_notifies(cs_memdb *db, int64_t n);
 
 /* ---- hub ---------------------------------------------------------------- */
 typedef struct cs_hub_options {
-    cs_memdb *memory;     /* the memory database to use; NULL: a private one */
-    size_t cache_size;    /* messages cached per chat; 0: default 256 */
-    size_t queue_size;    /* pending notifications per subscription; 0: 1024 */
+    cs_memdb *memory;  /* the memory database to use; NULL: a private one */
+    size_t cache_size; /* messages cached per chat; 0: default 256 */
+    size_t queue_size; /* pending notifications per subscription; 0: 1024 */
 } cs_hub_options;
 
 #define CS_DEFAULT_CACHE_SIZE 256
@@ -75,13 +76,14 @@ typedef struct cs_stats {
     int64_t queries;       /* read queries sent to the store */
     int64_t query_errors;  /* queries that failed */
     int64_t writes;        /* write transactions committed */
-    int64_t publish_errors; /* cache/notify steps of cs_hub_append that failed */
-    int64_t cache_hits;    /* cache lookups answered by the cache */
-    int64_t cache_misses;  /* cache lookups below the eviction mark */
-    int64_t db_passes;     /* merge DB passes (snapshots not counted) */
-    int64_t delivered;     /* message events handed to readers */
-    int64_t resyncs;       /* subscription queue overflows turned resync */
-    int64_t reconnects;    /* store reconnections */
+    int64_t
+        publish_errors;   /* cache/notify steps of cs_hub_append that failed */
+    int64_t cache_hits;   /* cache lookups answered by the cache */
+    int64_t cache_misses; /* cache lookups below the eviction mark */
+    int64_t db_passes;    /* merge DB passes (snapshots not counted) */
+    int64_t delivered;    /* message events handed to readers */
+    int64_t resyncs;      /* subscription queue overflows turned resync */
+    int64_t reconnects;   /* store reconnections */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 
@@ -110,8 +112,8 @@ int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
                        int64_t *chat_id);
 /* Commits n messages to the chat in one transaction and publishes them.
  * ids (n entries, may be NULL) receives the assigned IDs. */
-int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
-                  size_t n, int64_t *ids);
+int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
+                  int64_t *ids);
 
 /* ---- stepped publish -----------------------------------------------------
  * prepare -> commit -> cache(i) / notify(i) in any order. Index i is 0-based;
@@ -136,9 +138,9 @@ int cs_strategy_parse(const char *s); /* -1 if unknown */
 const char *cs_strategy_name(cs_strategy s);
 
 typedef struct cs_sub_options {
-    int64_t after;        /* deliver messages with id > after */
+    int64_t after; /* deliver messages with id > after */
     cs_strategy strategy;
-    int ordered;          /* watermark only: deliver in ascending ID order */
+    int ordered; /* watermark only: deliver in ascending ID order */
 } cs_sub_options;
 
 typedef enum cs_event_kind {
@@ -153,11 +155,11 @@ typedef enum cs_event_kind {
 typedef struct cs_event {
     cs_event_kind kind;
     int64_t chat_id;
-    int64_t id, prev_id;      /* message */
-    const char *role;         /* message */
-    const char *text;         /* message content, part text, status name */
+    int64_t id, prev_id; /* message */
+    const char *role;    /* message */
+    const char *text;    /* message content, part text, status name */
     size_t text_len;
-    int64_t version;          /* status */
+    int64_t version; /* status */
 } cs_event;
 
 /* Registers the subscription on the hub (listening first), then reads the

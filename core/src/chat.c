@@ -65,7 +65,8 @@ void cs_pub_close(cs_publish *p)
 static int check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n)
 {
     if (n == 0 || n > CS_MAX_BATCH || !msgs)
-        return cs_hub_fail(hub, CS_EINVAL, "a publish takes 1 to 4096 messages");
+        return cs_hub_fail(hub, CS_EINVAL,
+                           "a publish takes 1 to 4096 messages");
     for (size_t i = 0; i < n; i++) {
         if ((unsigned)msgs[i].role > CS_ROLE_TOOL)
             return cs_hub_fail(hub, CS_EINVAL, "bad message role");
@@ -192,7 +193,8 @@ int cs_pub_notify(cs_publish *p, size_t i)
         int len = cs_payload_encode(&h, buf, sizeof buf);
         if (len < 0)
             return cs_hub_fail(hub, len, "cannot encode notification");
-        rc = hub->store.ops->notify(hub->store.st, p->chat_id, buf, (size_t)len);
+        rc =
+            hub->store.ops->notify(hub->store.st, p->chat_id, buf, (size_t)len);
         if (rc < 0)
             return cs_hub_fail(hub, rc, NULL);
         p->notified[k] = 1;
@@ -214,8 +216,8 @@ int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
     return CS_OK;
 }
 
-int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
-                  size_t n, int64_t *ids)
+int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
+                  int64_t *ids)
 {
     cs_publish *p;
     const int64_t *got;

@@ -239,7 +239,7 @@ static int sub_query(void *ud, int64_t after, cs_msglist *out)
 {
     cs_sub *s = ud;
     int rc = s->hub->store.ops->messages_after(s->hub->store.st, s->chat_id,
-                                              after, out);
+                                               after, out);
     if (rc < 0)
         cs_hub_fail(s->hub, rc, NULL);
     return rc;
@@ -284,7 +284,8 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     cs_sub_options o = opts ? *opts : (cs_sub_options){0};
     if (!hub)
         return CS_ECLOSED;
-    if (chat_id < 1 || o.after < 0 || (unsigned)o.strategy > CS_STRATEGY_LAST_ID)
+    if (chat_id < 1 || o.after < 0 ||
+        (unsigned)o.strategy > CS_STRATEGY_LAST_ID)
         return cs_hub_fail(hub, CS_EINVAL, "bad chat id, after or strategy");
     cs_sub *s = calloc(1, sizeof *s);
     if (!s)

@@ -1,4 +1,5 @@
-/* idset.c - the delivered set: a watermark plus a sorted int64 array above it. */
+/* idset.c - the delivered set: a watermark plus a sorted int64 array above it.
+ */
 #include "internal.h"
 
 #include <stdlib.h>
@@ -70,7 +71,10 @@ void cs_idset_advance(cs_idset *s, int64_t w)
     s->watermark = w;
     /* First element > w; every element is <= INT64_MAX. */
     size_t i = w == INT64_MAX ? s->n : lower_bound(s, w + 1);
-    memmove(s->ids, s->ids + i, (s->n - i) * sizeof *s->ids);
+    if (i == 0)
+        return;
+    if (i < s->n)
+        memmove(s->ids, s->ids + i, (s->n - i) * sizeof *s->ids);
     s->n -= i;
     /* Give memory back when the window shrinks a lot. */
     if (s->cap > 64 && s->n < s->cap / 4) {

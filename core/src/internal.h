@@ -68,8 +68,8 @@ void cs_cache_free(cs_cache *c);
  * ignored. Returns 1 inserted, 0 ignored. */
 int cs_cache_append(cs_cache *c, cs_msg *m);
 /* Entries with id > after, in id order: cs_cache_at(c, *first) onwards,
- * *count of them. Returns false (a miss) when after < max_evicted_id, since entries
- * in (after, max_evicted_id] may be gone. */
+ * *count of them. Returns false (a miss) when after < max_evicted_id, since
+ * entries in (after, max_evicted_id] may be gone. */
 bool cs_cache_after(const cs_cache *c, int64_t after, size_t *first,
                     size_t *count);
 
@@ -119,8 +119,8 @@ typedef struct cs_merge_counts {
 typedef struct cs_merge {
     cs_strategy strategy;
     bool ordered;
-    int64_t floor; /* the after the subscription was opened with */
-    int64_t last;  /* highest delivered (last_id: last handed over) */
+    int64_t floor;      /* the after the subscription was opened with */
+    int64_t last;       /* highest delivered (last_id: last handed over) */
     cs_idset delivered; /* its watermark is W for the watermark strategy */
     cs_msglist scratch;
     cs_merge_counts *counts; /* where to count; never NULL after init */

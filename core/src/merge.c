@@ -1,4 +1,5 @@
-/* merge.c - the per-subscription merge: last_id, rescan and watermark strategies. */
+/* merge.c - the per-subscription merge: last_id, rescan and watermark
+ * strategies. */
 #include "internal.h"
 
 void cs_merge_init(cs_merge *m, cs_strategy s, bool ordered, int64_t floor,
@@ -119,8 +120,8 @@ static int notify_last_id(cs_merge *m, const cs_merge_source *src,
 }
 
 /* The reference fix: rescan from min(after, last), dedupe, DB always. */
-static int notify_rescan(cs_merge *m, const cs_merge_source *src,
-                         int64_t after, cs_msglist *out)
+static int notify_rescan(cs_merge *m, const cs_merge_source *src, int64_t after,
+                         cs_msglist *out)
 {
     int64_t from = after < m->last ? after : m->last;
     if (from < m->floor)
@@ -152,8 +153,8 @@ static int notify_rescan(cs_merge *m, const cs_merge_source *src,
 
 /* The default: the cache proves continuity through prev_id from W; the DB is
  * asked only when it cannot. */
-static int notify_watermark(cs_merge *m, const cs_merge_source *src,
-                            int64_t id, bool force_db, cs_msglist *out)
+static int notify_watermark(cs_merge *m, const cs_merge_source *src, int64_t id,
+                            bool force_db, cs_msglist *out)
 {
     int64_t w = m->delivered.watermark;
     if (id <= w && !force_db)
@@ -203,15 +204,9 @@ int cs_merge_notify(cs_merge *m, const cs_merge_source *src, int64_t after,
 {
     int rc;
     switch (m->strategy) {
-    case CS_STRATEGY_LAST_ID:
-        rc = notify_last_id(m, src, force_db, out);
-        break;
-    case CS_STRATEGY_RESCAN:
-        rc = notify_rescan(m, src, after, out);
-        break;
-    default:
-        rc = notify_watermark(m, src, id, force_db, out);
-        break;
+    case CS_STRATEGY_LAST_ID: rc = notify_last_id(m, src, force_db, out); break;
+    case CS_STRATEGY_RESCAN: rc = notify_rescan(m, src, after, out); break;
+    default: rc = notify_watermark(m, src, id, force_db, out); break;
     }
     cs_msglist_clear(&m->scratch);
     return rc;

@@ -63,8 +63,7 @@ void cs_msglist_free(cs_msglist *l)
     l->cap = 0;
 }
 
-static const char *const role_names[] = {"system", "user", "assistant",
-                                         "tool"};
+static const char *const role_names[] = {"system", "user", "assistant", "tool"};
 
 int cs_role_parse(const char *s, size_t len)
 {

@@ -57,32 +57,32 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
         n = snprintf(buf, cap, "%d:q", CS_PAYLOAD_VERSION);
         break;
     case CS_HINT_PART:
-        if (!h->text || h->text_len > CS_PAYLOAD_MAX)
+        /* The payload is NUL-terminated text: an embedded NUL cannot go. */
+        if (!h->text || h->text_len > CS_PAYLOAD_MAX ||
+            memchr(h->text, '\0', h->text_len))
             return CS_EINVAL;
         n = snprintf(buf, cap, "%d:p:%.*s", CS_PAYLOAD_VERSION,
                      (int)h->text_len, h->text);
         break;
-    default:
-        return CS_EINVAL;
+    default: return CS_EINVAL;
     }
     if (n < 0 || (size_t)n >= cap)
         return CS_EINVAL;
     return n;
 }
 
-/* Splits off the field up to the next ':' (or the end). */
-static bool field(const char **p, const char *end, const char **f,
-                  size_t *flen, bool last)
+/* Splits off the field at *p: up to the next ':' (which must exist), or, for
+ * the last field, up to the end. *p never moves past end. */
+static bool field(const char **p, const char *end, const char **f, size_t *flen,
+                  bool last)
 {
     const char *s = *p;
-    if (s > end)
-        return false;
-    const char *c = last ? NULL : memchr(s, ':', (size_t)(end - s));
-    if (!last && !c)
+    const char *c = last ? end : memchr(s, ':', (size_t)(end - s));
+    if (!c)
         return false;
     *f = s;
-    *flen = (size_t)((c ? c : end) - s);
-    *p = c ? c + 1 : end + 1;
+    *flen = (size_t)(c - s);
+    *p = c < end ? c + 1 : end;
     return true;
 }
 
@@ -136,8 +136,7 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
         h.text = f;
         h.text_len = flen;
         break;
-    default:
-        return CS_EPROTO;
+    default: return CS_EPROTO;
     }
     *out = h;
     return CS_OK;

@@ -154,7 +154,7 @@ static void test_eviction(void)
     CHECK_EQ_I64(app(&c, 40), 1);
     CHECK_EQ_I64(app(&c, 50), 1); /* evicts 20 */
     CHECK_EQ_I64(c.max_evicted_id, 20);
-    CHECK_EQ_I64(app(&c, 25), 0); /* lowest of all: dropped at once */
+    CHECK_EQ_I64(app(&c, 25), 0);  /* lowest of all: dropped at once */
     CHECK(c.max_evicted_id >= 25); /* a lookup after 20 must now miss */
     CHECK(!cs_cache_after(&c, 20, &first, &count));
     CHECK(cs_cache_after(&c, 25, &first, &count));

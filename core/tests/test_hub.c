@@ -1,1 +1,742 @@
-int main(void){return 0;}
+/* test_hub.c - hub, publish and subscription tests through the public API only.
+ */
+#include "chatstream.h"
+#include "check.h"
+
+#include <stdlib.h>
+
+#define MAXEV 256
+
+/* What a subscription handed over until it went idle. */
+typedef struct seen {
+    int64_t ids[MAXEV];
+    int n;
+    int rc;        /* the rc that ended the drain: CS_IDLE or an error */
+    int bad_event; /* events with wrong fields */
+} seen;
+
+/* Reads events until CS_IDLE (or an error). */
+static void drain(cs_sub *s, int64_t chat_id, seen *out)
+{
+    cs_event ev;
+    int rc;
+    while ((rc = cs_sub_next(s, &ev)) == CS_EVENT) {
+        if (ev.kind != CS_EV_MESSAGE || ev.chat_id != chat_id || !ev.role ||
+            !ev.text || ev.prev_id >= ev.id)
+            out->bad_event++;
+        if (out->n < MAXEV)
+            out->ids[out->n++] = ev.id;
+    }
+    out->rc = rc;
+}
+
+static int seen_is(const seen *s, const int64_t *want, int n)
+{
+    int ok = s->n == n && s->bad_event == 0;
+    for (int i = 0; ok && i < n; i++)
+        ok = s->ids[i] == want[i];
+    if (!ok) {
+        fprintf(stderr, "    got [");
+        for (int i = 0; i < s->n; i++)
+            fprintf(stderr, "%s%lld", i ? "," : "", (long long)s->ids[i]);
+        fprintf(stderr, "] (bad %d), want [", s->bad_event);
+        for (int i = 0; i < n; i++)
+            fprintf(stderr, "%s%lld", i ? "," : "", (long long)want[i]);
+        fprintf(stderr, "]\n");
+    }
+    return ok;
+}
+
+#define CHECK_SEEN(s, ...)                                                     \
+    do {                                                                       \
+        static const int64_t want_[] = {__VA_ARGS__};                          \
+        CHECK(seen_is((s), want_, (int)(sizeof want_ / sizeof *want_)));       \
+    } while (0)
+
+/* Appends one user message with the given text; returns its id (or rc). */
+static int64_t say(cs_hub *hub, int64_t chat, const char *text)
+{
+    cs_msg_in m = {CS_ROLE_USER, text, strlen(text)};
+    int64_t id = -1;
+    int rc = cs_hub_append(hub, chat, &m, 1, &id);
+    return rc < 0 ? rc : id;
+}
+
+static void test_errors(void)
+{
+    static const struct {
+        int rc;
+        const char *name, *text;
+    } codes[] = {
+        {CS_OK, "OK", "success"},
+        {CS_ENOMEM, "ENOMEM", "out of memory"},
+        {CS_EINVAL, "EINVAL", "invalid argument"},
+        {CS_ECLOSED, "ECLOSED", "handle is closed"},
+        {CS_EBACKEND, "EBACKEND", "store failure"},
+        {CS_EPROTO, "EPROTO", "malformed notification"},
+        {CS_EAUTH, "EAUTH", "not authorized"},
+        {CS_ENOTFOUND, "ENOTFOUND", "no such chat"},
+        {CS_EVENT, "EVENT", "event"},
+        {CS_IDLE, "IDLE", "idle"},
+    };
+    size_t n = sizeof codes / sizeof *codes;
+    for (size_t i = 0; i < n; i++) {
+        CHECK_EQ_STR(cs_errname(codes[i].rc), codes[i].name);
+        CHECK_EQ_STR(cs_strerror(codes[i].rc), codes[i].text);
+        for (size_t j = 0; j < i; j++)
+            CHECK(strcmp(cs_strerror(codes[i].rc), cs_strerror(codes[j].rc)));
+    }
+    CHECK_EQ_STR(cs_errname(-99), "EUNKNOWN");
+    CHECK_EQ_STR(cs_errname(99), "EUNKNOWN");
+    CHECK_EQ_STR(cs_strerror(-99), "unknown error");
+    CHECK(cs_strerror(INT32_MIN) != NULL);
+    CHECK(cs_errname(INT32_MAX) != NULL);
+
+    CHECK_EQ_I64(cs_role_parse("system", 6), CS_ROLE_SYSTEM);
+    CHECK_EQ_I64(cs_role_parse("user", 4), CS_ROLE_USER);
+    CHECK_EQ_I64(cs_role_parse("assistant", 9), CS_ROLE_ASSISTANT);
+    CHECK_EQ_I64(cs_role_parse("tool", 4), CS_ROLE_TOOL);
+    CHECK_EQ_I64(cs_role_parse("users", 4), CS_ROLE_USER);
+    CHECK_EQ_I64(cs_role_parse("user", 3), -1);
+    CHECK_EQ_I64(cs_role_parse("User", 4), -1);
+    CHECK_EQ_I64(cs_role_parse(NULL, 0), -1);
+    CHECK_EQ_STR(cs_role_name(CS_ROLE_ASSISTANT), "assistant");
+    CHECK_EQ_STR(cs_role_name((cs_role)9), "?");
+    CHECK_EQ_I64(cs_strategy_parse("watermark"), CS_STRATEGY_WATERMARK);
+    CHECK_EQ_I64(cs_strategy_parse("rescan"), CS_STRATEGY_RESCAN);
+    CHECK_EQ_I64(cs_strategy_parse("last_id"), CS_STRATEGY_LAST_ID);
+    CHECK_EQ_I64(cs_strategy_parse("lastid"), -1);
+    CHECK_EQ_I64(cs_strategy_parse(NULL), -1);
+    CHECK_EQ_STR(cs_strategy_name(CS_STRATEGY_RESCAN), "rescan");
+    CHECK_EQ_STR(cs_strategy_name((cs_strategy)5), "?");
+}
+
+static void test_null_and_options(void)
+{
+    /* destructors accept NULL */
+    cs_hub_close(NULL);
+    cs_sub_close(NULL);
+    cs_pub_close(NULL);
+    cs_memdb_close(NULL);
+    CHECK(1);
+    cs_event ev;
+    CHECK_EQ_I64(cs_sub_next(NULL, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(cs_hub_step(NULL), CS_ECLOSED);
+    CHECK_EQ_I64(cs_pub_commit(NULL, NULL, NULL), CS_ECLOSED);
+    CHECK_EQ_I64(cs_pub_cache(NULL, 0), CS_ECLOSED);
+    CHECK_EQ_I64(cs_pub_notify(NULL, CS_ALL), CS_ECLOSED);
+    CHECK(cs_hub_errmsg(NULL) != NULL);
+    cs_sub *s = (cs_sub *)&ev; /* sentinel: must stay untouched */
+    CHECK_EQ_I64(cs_sub_open(NULL, 1, NULL, &s), CS_ECLOSED);
+    CHECK(s == (cs_sub *)&ev);
+    int64_t chat = -5;
+    CHECK_EQ_I64(cs_hub_create_chat(NULL, "o", "t", &chat), CS_ECLOSED);
+    CHECK_EQ_I64(chat, -5);
+    cs_msg_in m = {CS_ROLE_USER, "x", 1};
+    CHECK_EQ_I64(cs_hub_append(NULL, 1, &m, 1, NULL), CS_ECLOSED);
+
+    /* invalid options; *out untouched */
+    cs_hub *hub = (cs_hub *)&ev;
+    cs_hub_options o = {0};
+    o.cache_size = (size_t)CS_MAX_CACHE_SIZE + 1;
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_EINVAL);
+    CHECK(hub == (cs_hub *)&ev);
+    o.cache_size = 0;
+    o.queue_size = (size_t)CS_MAX_QUEUE_SIZE + 1;
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_EINVAL);
+    CHECK(hub == (cs_hub *)&ev);
+    o.cache_size = (size_t)-1;
+    o.queue_size = 0;
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_EINVAL);
+    /* the limits themselves are fine */
+    o.cache_size = CS_MAX_CACHE_SIZE;
+    o.queue_size = CS_MAX_QUEUE_SIZE;
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_OK);
+    CHECK(hub != (cs_hub *)&ev);
+    cs_hub_close(hub);
+    /* NULL options: defaults and a private database */
+    hub = NULL;
+    CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
+    CHECK(hub != NULL);
+    CHECK_EQ_I64(cs_hub_fd(hub), -1);
+    CHECK_EQ_I64(cs_hub_step(hub), 0);
+    cs_stats st;
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.notifications + st.queries + st.writes + st.delivered, 0);
+    cs_hub_close(hub);
+
+    /* memdb: closing the caller's reference while hubs use it is safe */
+    cs_memdb *db = NULL;
+    CHECK_EQ_I64(cs_memdb_open(&db), CS_OK);
+    o = (cs_hub_options){.memory = db};
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_OK);
+    cs_memdb_close(db);
+    CHECK_EQ_I64(cs_hub_create_chat(hub, "alice", "t", &chat), CS_OK);
+    CHECK_EQ_I64(chat, 1);
+    CHECK_EQ_I64(say(hub, chat, "still here"), 1);
+    cs_hub_close(hub);
+}
+
+static void test_basic(void)
+{
+    cs_hub *hub;
+    CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
+    int64_t c1 = 0, c2 = 0;
+    CHECK_EQ_I64(cs_hub_create_chat(hub, "alice", "first", &c1), CS_OK);
+    CHECK_EQ_I64(cs_hub_create_chat(hub, NULL, NULL, &c2), CS_OK);
+    CHECK_EQ_I64(c1, 1);
+    CHECK_EQ_I64(c2, 2);
+
+    cs_msg_in msgs[3] = {
+        {CS_ROLE_SYSTEM, "be brief", 8},
+        {CS_ROLE_USER, "hello", 5},
+        {CS_ROLE_ASSISTANT, "hi\0there", 8}, /* content is bytes */
+    };
+    int64_t ids[3] = {0};
+    CHECK_EQ_I64(cs_hub_append(hub, c1, msgs, 3, ids), CS_OK);
+    CHECK_EQ_I64(ids[0], 1);
+    CHECK_EQ_I64(ids[1], 2);
+    CHECK_EQ_I64(ids[2], 3);
+    CHECK_EQ_I64(say(hub, c2, "other chat"), 4);
+
+    /* snapshot */
+    cs_sub *s = NULL;
+    CHECK_EQ_I64(cs_sub_open(hub, c1, NULL, &s), CS_OK);
+    cs_event ev;
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.kind, CS_EV_MESSAGE);
+    CHECK_EQ_I64(ev.chat_id, c1);
+    CHECK_EQ_I64(ev.id, 1);
+    CHECK_EQ_I64(ev.prev_id, 0);
+    CHECK_EQ_STR(ev.role, "system");
+    CHECK_EQ_MEM(ev.text, ev.text_len, "be brief");
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, 2);
+    CHECK_EQ_I64(ev.prev_id, 1);
+    CHECK_EQ_STR(ev.role, "user");
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, 3);
+    CHECK_EQ_SIZE(ev.text_len, 8);
+    CHECK(memcmp(ev.text, "hi\0there", 8) == 0);
+    CHECK_EQ_STR(ev.role, "assistant");
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
+    CHECK_EQ_I64(cs_sub_cursor(s), 3);
+
+    /* live; chat 2's messages do not show */
+    CHECK_EQ_I64(say(hub, c2, "elsewhere"), 5);
+    CHECK_EQ_I64(say(hub, c1, "live one"), 6);
+    CHECK_EQ_I64(say(hub, c1, "live two"), 7);
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, 6);
+    CHECK_EQ_I64(ev.prev_id, 3);
+    CHECK_EQ_MEM(ev.text, ev.text_len, "live one");
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, 7);
+    CHECK_EQ_MEM(ev.text, ev.text_len, "live two");
+    CHECK_EQ_I64(cs_sub_wait(s, 0.01, &ev), CS_IDLE);
+    CHECK_EQ_I64(cs_sub_cursor(s), 7);
+    CHECK(cs_sub_delivered_bytes(s) <= 64 * sizeof(int64_t)); /* bounded */
+
+    cs_stats st;
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.writes, 2 + 5); /* two chats, five appends */
+    CHECK_EQ_I64(st.delivered, 5);
+    CHECK_EQ_I64(st.notifications, 2); /* only chat 1 is listened to */
+    CHECK_EQ_I64(st.db_passes, 0);     /* the cache proved the chain */
+    CHECK_EQ_I64(st.queries, 1);       /* the snapshot */
+    CHECK_EQ_I64(st.publish_errors, 0);
+    CHECK_EQ_I64(st.malformed, 0);
+
+    /* a second subscription, opened after 6, with the snapshot rule */
+    cs_sub *s2 = NULL;
+    cs_sub_options o = {.after = 6, .strategy = CS_STRATEGY_RESCAN};
+    CHECK_EQ_I64(cs_sub_open(hub, c1, &o, &s2), CS_OK);
+    seen a = {0};
+    drain(s2, c1, &a);
+    CHECK_SEEN(&a, 7);
+    CHECK_EQ_I64(a.rc, CS_IDLE);
+    /* closing the first keeps the second listening */
+    cs_sub_close(s);
+    CHECK_EQ_I64(say(hub, c1, "after close"), 8);
+    seen b = {0};
+    drain(s2, c1, &b);
+    CHECK_SEEN(&b, 8);
+    CHECK_EQ_I64(cs_sub_cursor(s2), 8);
+    cs_sub_close(s2);
+
+    /* all closed, then reopened: listening again */
+    CHECK_EQ_I64(say(hub, c1, "nobody listens"), 9);
+    CHECK_EQ_I64(cs_sub_open(hub, c1, &(cs_sub_options){.after = 8}, &s),
+                 CS_OK);
+    CHECK_EQ_I64(say(hub, c1, "back"), 10);
+    seen c = {0};
+    drain(s, c1, &c);
+    CHECK_SEEN(&c, 9, 10);
+    cs_sub_close(s);
+    cs_hub_close(hub);
+}
+
+static void test_bad_arguments(void)
+{
+    cs_hub *hub;
+    CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
+    int64_t chat;
+    CHECK_EQ_I64(cs_hub_create_chat(hub, "o", "t", &chat), CS_OK);
+    cs_sub *s = NULL;
+    CHECK_EQ_I64(cs_sub_open(hub, 0, NULL, &s), CS_EINVAL);
+    CHECK(strlen(cs_hub_errmsg(hub)) > 0);
+    CHECK_EQ_I64(cs_sub_open(hub, chat, &(cs_sub_options){.after = -1}, &s),
+                 CS_EINVAL);
+    CHECK_EQ_I64(cs_sub_open(hub, chat,
+                             &(cs_sub_options){.strategy = (cs_strategy)3}, &s),
+                 CS_EINVAL);
+    CHECK_EQ_I64(cs_sub_open(hub, 99, NULL, &s), CS_ENOTFOUND);
+    CHECK(s == NULL);
+
+    cs_msg_in ok = {CS_ROLE_USER, "x", 1};
+    CHECK_EQ_I64(cs_hub_append(hub, 99, &ok, 1, NULL), CS_ENOTFOUND);
+    CHECK_EQ_I64(cs_hub_append(hub, 0, &ok, 1, NULL), CS_EINVAL);
+    CHECK_EQ_I64(cs_hub_append(hub, chat, &ok, 0, NULL), CS_EINVAL);
+    CHECK_EQ_I64(cs_hub_append(hub, chat, NULL, 1, NULL), CS_EINVAL);
+    CHECK_EQ_I64(cs_hub_append(hub, chat, &ok, CS_MAX_BATCH + 1, NULL),
+                 CS_EINVAL);
+    cs_msg_in badrole = {(cs_role)4, "x", 1};
+    CHECK_EQ_I64(cs_hub_append(hub, chat, &badrole, 1, NULL), CS_EINVAL);
+    cs_msg_in nulltext = {CS_ROLE_USER, NULL, 3};
+    CHECK_EQ_I64(cs_hub_append(hub, chat, &nulltext, 1, NULL), CS_EINVAL);
+    cs_msg_in toobig = {CS_ROLE_USER, "x", (size_t)CS_MAX_CONTENT + 1};
+    CHECK_EQ_I64(cs_hub_append(hub, chat, &toobig, 1, NULL), CS_EINVAL);
+    cs_msg_in empty = {CS_ROLE_TOOL, NULL, 0};
+    int64_t id = 0;
+    CHECK_EQ_I64(cs_hub_append(hub, chat, &empty, 1, &id), CS_OK);
+    CHECK_EQ_I64(id, 1);
+    cs_stats st;
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.writes, 2);
+
+    CHECK_EQ_I64(cs_sub_open(hub, chat, NULL, &s), CS_OK);
+    cs_event ev;
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_SIZE(ev.text_len, 0);
+    CHECK_EQ_STR(ev.text, "");
+    CHECK_EQ_STR(ev.role, "tool");
+    cs_sub_close(s);
+    cs_hub_close(hub);
+}
+
+static void test_stepped_misuse(void)
+{
+    cs_hub *hub;
+    CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
+    int64_t chat;
+    CHECK_EQ_I64(cs_hub_create_chat(hub, "o", "t", &chat), CS_OK);
+    cs_msg_in msgs[2] = {{CS_ROLE_USER, "a", 1}, {CS_ROLE_ASSISTANT, "b", 1}};
+    cs_publish *p = NULL;
+    CHECK_EQ_I64(cs_pub_prepare(hub, chat, msgs, 0, &p), CS_EINVAL);
+    CHECK_EQ_I64(cs_pub_prepare(hub, -1, msgs, 2, &p), CS_EINVAL);
+    CHECK(p == NULL);
+    CHECK_EQ_I64(cs_pub_prepare(hub, chat, msgs, 2, &p), CS_OK);
+    CHECK(p != NULL);
+    /* nothing before the commit */
+    CHECK_EQ_I64(cs_pub_notify(p, 0), CS_EINVAL);
+    CHECK(strlen(cs_hub_errmsg(hub)) > 0);
+    CHECK_EQ_I64(cs_pub_cache(p, 0), CS_EINVAL);
+    CHECK_EQ_I64(cs_pub_notify(p, CS_ALL), CS_EINVAL);
+
+    cs_sub *s;
+    CHECK_EQ_I64(cs_sub_open(hub, chat, NULL, &s), CS_OK);
+    const int64_t *ids = NULL;
+    size_t n = 0;
+    CHECK_EQ_I64(cs_pub_commit(p, &ids, &n), CS_OK);
+    CHECK_EQ_SIZE(n, 2);
+    CHECK(ids != NULL);
+    CHECK_EQ_I64(ids[0], 1);
+    CHECK_EQ_I64(ids[1], 2);
+    CHECK_EQ_I64(cs_pub_commit(p, &ids, &n), CS_EINVAL); /* double commit */
+    CHECK_EQ_I64(cs_pub_commit(p, NULL, NULL), CS_EINVAL);
+
+    /* index out of range */
+    CHECK_EQ_I64(cs_pub_cache(p, 2), CS_EINVAL);
+    CHECK_EQ_I64(cs_pub_notify(p, 2), CS_EINVAL);
+    CHECK_EQ_I64(cs_pub_notify(p, 1000), CS_EINVAL);
+
+    /* committed but not published: the subscriber sees nothing yet */
+    cs_event ev;
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
+
+    CHECK_EQ_I64(cs_pub_notify(p, 1), CS_OK);
+    CHECK_EQ_I64(cs_pub_notify(p, 1), CS_EINVAL); /* same index twice */
+    CHECK_EQ_I64(cs_pub_cache(p, 0), CS_OK);
+    CHECK_EQ_I64(cs_pub_cache(p, 0), CS_EINVAL);
+    CHECK_EQ_I64(cs_pub_cache(p, CS_ALL), CS_OK); /* the rest: 1 */
+    CHECK_EQ_I64(cs_pub_cache(p, 1), CS_EINVAL);
+    CHECK_EQ_I64(cs_pub_cache(p, CS_ALL), CS_OK); /* nothing left: fine */
+    CHECK_EQ_I64(cs_pub_notify(p, CS_ALL), CS_OK);
+    CHECK_EQ_I64(cs_pub_notify(p, 0), CS_EINVAL);
+    seen a = {0};
+    drain(s, chat, &a);
+    CHECK_SEEN(&a, 1, 2);
+    cs_pub_close(p);
+
+    /* a commit to a missing chat fails and may not be published */
+    CHECK_EQ_I64(cs_pub_prepare(hub, 99, msgs, 1, &p), CS_OK);
+    CHECK_EQ_I64(cs_pub_commit(p, &ids, &n), CS_ENOTFOUND);
+    CHECK_EQ_I64(cs_pub_notify(p, 0), CS_EINVAL);
+    cs_pub_close(p);
+
+    /* a publish closed after commit without cache or notify: the message is
+     * durable; a later notification's DB pass finds it */
+    CHECK_EQ_I64(cs_pub_prepare(hub, chat, msgs, 1, &p), CS_OK);
+    CHECK_EQ_I64(cs_pub_commit(p, &ids, &n), CS_OK);
+    CHECK_EQ_I64(ids[0], 3);
+    cs_pub_close(p);
+    CHECK_EQ_I64(say(hub, chat, "next"), 4);
+    seen b = {0};
+    drain(s, chat, &b);
+    CHECK_SEEN(&b, 4, 3); /* 4 from the cache, then 3 from the DB pass */
+    cs_stats st;
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.db_passes, 1);
+    cs_sub_close(s);
+    cs_hub_close(hub);
+}
+
+/* The seed race, through stepped publishes: history 1,2; messages 3,4,5
+ * committed; cache 3 and 5; notify 3 (read); cache 4; notify 5, notify 4. */
+static void race(cs_strategy strategy, int ordered, seen *out, cs_stats *st)
+{
+    cs_hub *hub;
+    cs_hub_open(NULL, &hub);
+    int64_t chat;
+    cs_hub_create_chat(hub, "o", "t", &chat);
+    say(hub, chat, "one");
+    say(hub, chat, "two");
+    cs_sub_options o = {.after = 0, .strategy = strategy, .ordered = ordered};
+    cs_sub *s;
+    cs_sub_open(hub, chat, &o, &s);
+    cs_publish *p[3];
+    for (int i = 0; i < 3; i++) {
+        cs_msg_in m = {CS_ROLE_ASSISTANT, "r", 1};
+        cs_pub_prepare(hub, chat, &m, 1, &p[i]);
+        cs_pub_commit(p[i], NULL, NULL);
+    }
+    cs_pub_cache(p[0], 0);
+    cs_pub_cache(p[2], 0);
+    cs_pub_notify(p[0], 0);
+    drain(s, chat, out);
+    cs_pub_cache(p[1], 0);
+    cs_pub_notify(p[2], 0);
+    cs_pub_notify(p[1], 0);
+    drain(s, chat, out);
+    for (int i = 0; i < 3; i++)
+        cs_pub_close(p[i]);
+    cs_hub_stats(hub, st);
+    cs_sub_close(s);
+    cs_hub_close(hub);
+}
+
+static void test_race(void)
+{
+    seen a = {0};
+    cs_stats st;
+    race(CS_STRATEGY_LAST_ID, 0, &a, &st);
+    CHECK_SEEN(&a, 1, 2, 3, 5); /* the loss the fix is about */
+    a = (seen){0};
+    race(CS_STRATEGY_RESCAN, 0, &a, &st);
+    CHECK_SEEN(&a, 1, 2, 3, 5, 4);
+    a = (seen){0};
+    race(CS_STRATEGY_WATERMARK, 0, &a, &st);
+    CHECK_SEEN(&a, 1, 2, 3, 5, 4);
+    CHECK_EQ_I64(st.db_passes, 0);
+    a = (seen){0};
+    race(CS_STRATEGY_WATERMARK, 1, &a, &st);
+    CHECK_SEEN(&a, 1, 2, 3, 4, 5);
+    CHECK_EQ_I64(st.db_passes, 0);
+    CHECK_EQ_I64(st.delivered, 5);
+}
+
+static void test_replicas(void)
+{
+    for (int k = 0; k < 3; k++) {
+        cs_strategy strategy = (cs_strategy)k;
+        cs_memdb *db;
+        CHECK_EQ_I64(cs_memdb_open(&db), CS_OK);
+        cs_hub_options o = {.memory = db};
+        cs_hub *a, *b;
+        CHECK_EQ_I64(cs_hub_open(&o, &a), CS_OK);
+        CHECK_EQ_I64(cs_hub_open(&o, &b), CS_OK);
+        int64_t chat;
+        CHECK_EQ_I64(cs_hub_create_chat(a, "o", "t", &chat), CS_OK);
+        CHECK_EQ_I64(say(a, chat, "before"), 1);
+
+        cs_sub_options so = {.strategy = strategy};
+        cs_sub *sa, *sb;
+        CHECK_EQ_I64(cs_sub_open(a, chat, &so, &sa), CS_OK);
+        CHECK_EQ_I64(cs_sub_open(b, chat, &so, &sb), CS_OK);
+        seen ga = {0}, gb = {0};
+        drain(sa, chat, &ga);
+        drain(sb, chat, &gb);
+        CHECK_SEEN(&ga, 1);
+        CHECK_SEEN(&gb, 1);
+
+        /* A publishes; B has nothing in its cache: its DB pass finds them */
+        CHECK_EQ_I64(say(a, chat, "x"), 2);
+        CHECK_EQ_I64(say(a, chat, "y"), 3);
+        drain(sa, chat, &ga);
+        drain(sb, chat, &gb);
+        CHECK_SEEN(&ga, 1, 2, 3);
+        CHECK_SEEN(&gb, 1, 2, 3);
+        cs_stats sta, stb;
+        cs_hub_stats(a, &sta);
+        cs_hub_stats(b, &stb);
+        CHECK(stb.db_passes > 0);
+        CHECK_EQ_I64(stb.notifications, 2);
+        CHECK_EQ_I64(stb.writes, 0);
+        CHECK_EQ_I64(sta.writes, 4);
+        if (strategy == CS_STRATEGY_WATERMARK)
+            CHECK_EQ_I64(sta.db_passes, 0);
+
+        /* B publishes too: A's DB pass now */
+        CHECK_EQ_I64(say(b, chat, "z"), 4);
+        drain(sa, chat, &ga);
+        drain(sb, chat, &gb);
+        CHECK_SEEN(&ga, 1, 2, 3, 4);
+        CHECK_SEEN(&gb, 1, 2, 3, 4);
+
+        /* a failing query on B: not an error of the call, retried later */
+        cs_memdb_fail_queries(db, 1);
+        CHECK_EQ_I64(say(a, chat, "w"), 5);
+        seen gb2 = {0};
+        drain(sb, chat, &gb2);
+        CHECK_EQ_I64(gb2.rc, CS_IDLE);
+        CHECK_EQ_I64(gb2.n, 0);
+        cs_hub_stats(b, &stb);
+        CHECK_EQ_I64(stb.query_errors, 1);
+        drain(sb, chat, &gb2);
+        CHECK_SEEN(&gb2, 5);
+        drain(sa, chat, &ga); /* A has 5 in its cache */
+        CHECK_SEEN(&ga, 1, 2, 3, 4, 5);
+
+        /* a dropped notification: the next one's DB pass covers it */
+        cs_memdb_drop_notifies(db, 1);
+        CHECK_EQ_I64(say(a, chat, "lost note"), 6);
+        seen gb3 = {0}, ga3 = {0};
+        drain(sb, chat, &gb3);
+        drain(sa, chat, &ga3);
+        CHECK_EQ_I64(gb3.n, 0);
+        CHECK_EQ_I64(ga3.n, 0);
+        CHECK_EQ_I64(say(a, chat, "found"), 7);
+        drain(sb, chat, &gb3);
+        drain(sa, chat, &ga3);
+        CHECK_SEEN(&gb3, 6, 7);
+        CHECK_SEEN(&ga3, 6, 7);
+        CHECK_EQ_I64(cs_sub_cursor(sa), 7);
+        CHECK_EQ_I64(cs_sub_cursor(sb), 7);
+
+        /* knobs cleared with 0 */
+        cs_memdb_fail_queries(db, 5);
+        cs_memdb_fail_queries(db, 0);
+        cs_memdb_drop_notifies(db, 5);
+        cs_memdb_drop_notifies(db, 0);
+        CHECK_EQ_I64(say(a, chat, "clear"), 8);
+        seen gb4 = {0};
+        drain(sb, chat, &gb4);
+        CHECK_SEEN(&gb4, 8);
+
+        /* a subscription cannot open while queries fail */
+        cs_memdb_fail_queries(db, 1);
+        cs_sub *sc = NULL;
+        CHECK_EQ_I64(cs_sub_open(b, chat, NULL, &sc), CS_EBACKEND);
+        CHECK(sc == NULL);
+        CHECK(strstr(cs_hub_errmsg(b), "injected") != NULL);
+        CHECK_EQ_I64(cs_sub_open(b, chat, NULL, &sc), CS_OK);
+        seen gc = {0};
+        drain(sc, chat, &gc);
+        CHECK_EQ_I64(gc.n, 8);
+        cs_sub_close(sc);
+
+        /* B's other subscription still works after sc closed */
+        CHECK_EQ_I64(say(a, chat, "last"), 9);
+        seen gb5 = {0};
+        drain(sb, chat, &gb5);
+        CHECK_SEEN(&gb5, 9);
+
+        cs_sub_close(sa);
+        cs_sub_close(sb);
+        cs_memdb_close(db); /* hubs still hold it */
+        cs_hub_close(a);
+        cs_hub_close(b);
+    }
+}
+
+/* A resume from the cursor: the watermark's W loses nothing; the
+ * "highest delivered" cursor of last_id loses the late lower id. */
+static void test_resume(void)
+{
+    for (int k = 0; k < 3; k++) {
+        cs_strategy strategy = (cs_strategy)k;
+        cs_hub *hub;
+        cs_hub_open(NULL, &hub);
+        int64_t chat;
+        cs_hub_create_chat(hub, "o", "t", &chat);
+        say(hub, chat, "one");
+        say(hub, chat, "two");
+        cs_sub *s;
+        CHECK_EQ_I64(
+            cs_sub_open(hub, chat, &(cs_sub_options){.strategy = strategy}, &s),
+            CS_OK);
+        cs_publish *p[3];
+        for (int i = 0; i < 3; i++) {
+            cs_msg_in m = {CS_ROLE_USER, "m", 1};
+            cs_pub_prepare(hub, chat, &m, 1, &p[i]);
+            cs_pub_commit(p[i], NULL, NULL);
+        }
+        cs_pub_cache(p[0], 0); /* 3 */
+        cs_pub_cache(p[2], 0); /* 5 */
+        cs_pub_notify(p[0], 0);
+        seen g = {0};
+        drain(s, chat, &g);
+        int64_t w = cs_sub_cursor(s);
+        cs_sub_close(s); /* the reader stops here */
+        for (int i = 0; i < 3; i++)
+            cs_pub_close(p[i]);
+        CHECK_EQ_I64(
+            cs_sub_open(hub, chat,
+                        &(cs_sub_options){.after = w, .strategy = strategy},
+                        &s),
+            CS_OK);
+        drain(s, chat, &g);
+        if (strategy == CS_STRATEGY_WATERMARK) {
+            CHECK_EQ_I64(w, 3);               /* 4 is missing: W stops at 3 */
+            CHECK_SEEN(&g, 1, 2, 3, 5, 4, 5); /* 5 again, 4 not lost */
+        } else if (strategy == CS_STRATEGY_RESCAN) {
+            CHECK_EQ_I64(w, 5); /* its DB pass had found 4 already */
+            CHECK_SEEN(&g, 1, 2, 3, 5, 4);
+        } else {
+            CHECK_EQ_I64(w, 5);
+            CHECK_SEEN(&g, 1, 2, 3, 5); /* 4 lost for good */
+        }
+        cs_sub_close(s);
+        cs_hub_close(hub);
+    }
+}
+
+static void test_queue_overflow(void)
+{
+    for (int k = 0; k < 3; k++) {
+        for (int replica = 0; replica < 2; replica++) {
+            cs_memdb *db;
+            cs_memdb_open(&db);
+            cs_hub_options o = {.memory = db, .queue_size = 2, .cache_size = 4};
+            cs_hub *a, *b;
+            CHECK_EQ_I64(cs_hub_open(&o, &a), CS_OK);
+            CHECK_EQ_I64(cs_hub_open(&o, &b), CS_OK);
+            cs_hub *reader = replica ? b : a;
+            int64_t chat;
+            cs_hub_create_chat(a, "o", "t", &chat);
+            cs_sub *s;
+            cs_sub_options so = {.strategy = (cs_strategy)k};
+            CHECK_EQ_I64(cs_sub_open(reader, chat, &so, &s), CS_OK);
+            for (int i = 0; i < 20; i++)
+                say(a, chat, "burst");
+            seen g = {0};
+            drain(s, chat, &g);
+            CHECK_EQ_I64(g.n, 20);
+            int inorder = 1;
+            for (int i = 0; i < g.n; i++)
+                inorder &= g.ids[i] == i + 1;
+            CHECK(inorder);
+            CHECK_EQ_I64(cs_sub_cursor(s), 20);
+            cs_stats st;
+            cs_hub_stats(reader, &st);
+            CHECK(st.resyncs > 0);
+            CHECK_EQ_I64(st.notifications, 20);
+            CHECK_EQ_I64(st.delivered, 20);
+
+            /* after the resync, normal service */
+            say(a, chat, "calm");
+            seen g2 = {0};
+            drain(s, chat, &g2);
+            CHECK_SEEN(&g2, 21);
+            cs_hub_stats(reader, &st);
+            int64_t resyncs = st.resyncs;
+            say(a, chat, "calm 2");
+            drain(s, chat, &g2);
+            CHECK_SEEN(&g2, 21, 22);
+            cs_hub_stats(reader, &st);
+            CHECK_EQ_I64(st.resyncs, resyncs);
+
+            /* an overflow while queries fail: retried, still nothing lost */
+            for (int i = 0; i < 6; i++)
+                say(a, chat, "burst 2");
+            cs_memdb_fail_queries(db, 1);
+            seen g3 = {0};
+            drain(s, chat, &g3);
+            drain(s, chat, &g3);
+            CHECK_EQ_I64(g3.n, 6);
+            CHECK_EQ_I64(g3.ids[0], 23);
+            CHECK_EQ_I64(g3.ids[g3.n - 1], 28);
+            CHECK_EQ_I64(cs_sub_cursor(s), 28);
+            cs_sub_close(s);
+            cs_hub_close(a);
+            cs_hub_close(b);
+            cs_memdb_close(db);
+        }
+    }
+}
+
+static void test_close_with_open_handles(void)
+{
+    cs_hub *hub;
+    CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
+    int64_t chat;
+    cs_hub_create_chat(hub, "o", "t", &chat);
+    say(hub, chat, "one");
+    say(hub, chat, "two");
+    cs_sub *s1, *s2;
+    CHECK_EQ_I64(cs_sub_open(hub, chat, NULL, &s1), CS_OK);
+    CHECK_EQ_I64(cs_sub_open(hub, chat,
+                             &(cs_sub_options){.strategy = CS_STRATEGY_RESCAN},
+                             &s2),
+                 CS_OK);
+    cs_event ev;
+    CHECK_EQ_I64(cs_sub_next(s1, &ev), CS_EVENT); /* holds an event */
+    CHECK_EQ_I64(ev.id, 1);
+    cs_msg_in m = {CS_ROLE_USER, "pending", 7};
+    cs_publish *committed, *prepared;
+    CHECK_EQ_I64(cs_pub_prepare(hub, chat, &m, 1, &committed), CS_OK);
+    CHECK_EQ_I64(cs_pub_commit(committed, NULL, NULL), CS_OK);
+    CHECK_EQ_I64(cs_pub_prepare(hub, chat, &m, 1, &prepared), CS_OK);
+
+    cs_hub_close(hub);
+
+    CHECK_EQ_I64(cs_sub_next(s1, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(cs_sub_next(s2, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(cs_sub_wait(s1, 0.01, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(cs_sub_cursor(s1), 2); /* still readable */
+    CHECK_EQ_I64(cs_pub_cache(committed, 0), CS_ECLOSED);
+    CHECK_EQ_I64(cs_pub_notify(committed, 0), CS_ECLOSED);
+    CHECK_EQ_I64(cs_pub_commit(prepared, NULL, NULL), CS_ECLOSED);
+    CHECK_EQ_I64(cs_pub_notify(prepared, CS_ALL), CS_ECLOSED);
+    cs_sub_close(s1);
+    cs_sub_close(s2);
+    cs_pub_close(committed);
+    cs_pub_close(prepared);
+    CHECK(1);
+}
+
+int main(void)
+{
+    test_errors();
+    test_null_and_options();
+    test_basic();
+    test_bad_arguments();
+    test_stepped_misuse();
+    test_race();
+    test_replicas();
+    test_resume();
+    test_queue_overflow();
+    test_close_with_open_handles();
+    return check_done("test_hub");
+}

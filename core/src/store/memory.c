@@ -1,4 +1,5 @@
-/* memory.c - the embedded in-memory store: chats, messages, a notification bus. */
+/* memory.c - the embedded in-memory store: chats, messages, a notification bus.
+ */
 #include "../internal.h"
 
 #include <stdio.h>
@@ -285,7 +286,8 @@ static int m_notify(void *st, int64_t chat_id, const char *payload, size_t len)
     }
     int rc = CS_OK;
     for (mem_conn *c = db->conns; c; c = c->next)
-        if (is_listening(c, chat_id) && inbox_push(c, chat_id, payload, len) < 0)
+        if (is_listening(c, chat_id) &&
+            inbox_push(c, chat_id, payload, len) < 0)
             rc = CS_ENOMEM;
     return rc;
 }
