@@ -140,6 +140,8 @@ static int handle_tostring(lua_State *L, const char *mt, const char *name)
     return 1;
 }
 
+static double opt_timeout(lua_State *L, int idx);
+
 /* ---- memory database ---------------------------------------------------- */
 
 static int l_memory(lua_State *L)
@@ -189,13 +191,15 @@ static int memdb_tostring(lua_State *L)
  */
 
 static const char *const open_keys[] = {
-    "memory", "cache_size", "queue_size", "poll_interval", "authorize", NULL};
+    "memory",        "dsn",       "schema", "cache_size", "queue_size",
+    "poll_interval", "authorize", NULL};
 
-/* core.open(options): a store on the memory database of options.memory or a
- * private one. */
+/* core.open(options): a store on PostgreSQL (options.dsn), on the memory
+ * database of options.memory, or on a private memory database. */
 static int l_open(lua_State *L)
 {
     cs_hub_options o = {0};
+    o.poll_interval = -1; /* the store's default */
     if (!lua_isnoneornil(L, 1)) {
         luaL_checktype(L, 1, LUA_TTABLE);
         check_keys(L, 1, open_keys);
@@ -205,11 +209,17 @@ static int l_open(lua_State *L)
             o.queue_size > CS_MAX_QUEUE_SIZE)
             return luaL_error(L, "cache_size and queue_size are at most %d",
                               (int)CS_MAX_CACHE_SIZE);
-        if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL &&
-            (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0))
-            return luaL_error(L,
-                              "option 'poll_interval' must be a number >= 0");
+        if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0))
+                return luaL_error(
+                    L, "option 'poll_interval' must be a number >= 0");
+            o.poll_interval = (double)lua_tonumber(L, -1);
+        }
         lua_pop(L, 1);
+        o.dsn = opt_str_field(L, 1, "dsn");
+        o.schema = opt_str_field(L, 1, "schema");
+        if (o.schema && !o.dsn)
+            return luaL_error(L, "option 'schema' needs a dsn");
         if (lua_getfield(L, 1, "authorize") != LUA_TNIL &&
             lua_type(L, -1) != LUA_TFUNCTION)
             return luaL_error(L, "option 'authorize' must be a function");
@@ -226,12 +236,15 @@ static int l_open(lua_State *L)
         }
         lua_pop(L, 1);
     }
+    if (o.dsn && o.memory)
+        return luaL_error(L, "options 'dsn' and 'memory' exclude each other");
     lstore *u = new_handle(L, sizeof *u, STORE_MT, 0);
-    int rc = cs_hub_open(&o, &u->hub);
+    char err[512];
+    int rc = cs_hub_open_err(&o, &u->hub, err, sizeof err);
     if (rc == CS_ENOMEM)
         return luaL_error(L, "not enough memory");
     if (rc < 0)
-        return push_fail(L, rc, NULL);
+        return push_fail(L, rc, err);
     return 1;
 }
 
@@ -417,6 +430,7 @@ static int store_stats(lua_State *L)
     set_int(L, "delivered", s.delivered);
     set_int(L, "resyncs", s.resyncs);
     set_int(L, "reconnects", s.reconnects);
+    set_int(L, "polls", s.polls);
     return 1;
 }
 
@@ -433,15 +447,37 @@ static int store_fd(lua_State *L)
 /* Creates or upgrades the schema; nothing to do on the memory store. */
 static int store_migrate(lua_State *L)
 {
-    check_store(L, 1);
+    cs_hub *hub = check_store(L, 1);
+    int rc = cs_hub_migrate(hub);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
     lua_pushboolean(L, 1);
     return 1;
 }
 
+/* pg: the listener connection's server PID (nil without one). */
+static int store_listener_pid(lua_State *L)
+{
+    int pid = cs_hub_listener_pid(check_store(L, 1));
+    if (pid < 0)
+        lua_pushnil(L);
+    else
+        lua_pushinteger(L, pid);
+    return 1;
+}
+
+static int store_kind(lua_State *L)
+{
+    lua_pushstring(L, cs_hub_store_name(check_store(L, 1)));
+    return 1;
+}
+
+/* store:step([timeout]): receives and routes notifications; with a timeout,
+ * first waits up to that long for the listener to have some. */
 static int store_step(lua_State *L)
 {
     cs_hub *hub = check_store(L, 1);
-    int rc = cs_hub_step(hub);
+    int rc = cs_hub_wait(hub, opt_timeout(L, 2));
     if (rc < 0)
         return hub_fail(L, hub, rc);
     lua_pushinteger(L, rc);
@@ -688,6 +724,8 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                        {"fd", store_fd},
                                        {"step", store_step},
                                        {"migrate", store_migrate},
+                                       {"listener_pid", store_listener_pid},
+                                       {"kind", store_kind},
                                        {NULL, NULL}};
     static const luaL_Reg pub_m[] = {{"commit", pub_commit},
                                      {"cache", pub_cache},

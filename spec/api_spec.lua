@@ -4,7 +4,7 @@ local chatstream = require("chatstream")
 local STAT_KEYS = {
   "notifications", "malformed", "queries", "query_errors", "writes",
   "publish_errors", "cache_hits", "cache_misses", "db_passes", "delivered",
-  "resyncs", "reconnects",
+  "resyncs", "reconnects", "polls",
 }
 
 -- Returns the error message of f(...), which must raise.
@@ -65,24 +65,40 @@ describe("chatstream module", function()
     assert.are.equal("chatstream.Store", getmetatable(chatstream.open({})).__name)
   end)
 
-  -- PostgreSQL comes in a later issue: update these two when it lands.
-  it("returns nil, EINVAL for a PostgreSQL URI (no PostgreSQL store yet)", function()
-    local n, store, err, code = select("#", chatstream.open("postgresql://localhost/x")),
-      chatstream.open("postgresql://localhost/x")
+  it("returns nil, EBACKEND for a server that is not there, without the password", function()
+    -- Port 1 on loopback: nothing listens there.
+    local dsn = "postgresql://someone:s3cr3t-pw@127.0.0.1:1/x?connect_timeout=2"
+    local n = select("#", chatstream.open(dsn))
+    local store, err, code = chatstream.open(dsn)
     assert.are.equal(3, n)
     assert.is_nil(store)
-    assert.are.equal("string", type(err))
+    assert.truthy(err:find("^EBACKEND: ."))
+    assert.is_nil(err:find("s3cr3t-pw", 1, true))
+    assert.are.equal("EBACKEND", code)
+    store, err, code = chatstream.open({ dsn = "host=127.0.0.1 port=1 password=s3cr3t-pw connect_timeout=2" })
+    assert.is_nil(store)
+    assert.is_nil(err:find("s3cr3t-pw", 1, true))
+    assert.are.equal("EBACKEND", code)
+  end)
+
+  it("returns nil, EINVAL for a DSN libpq cannot parse", function()
+    local store, err, code = chatstream.open({ dsn = "host = = nope" })
+    assert.is_nil(store)
     assert.truthy(err:find("^EINVAL: ."))
     assert.are.equal("EINVAL", code)
   end)
 
-  it("returns nil, EINVAL for open{dsn = ...} (no PostgreSQL store yet)", function()
-    local n = select("#", chatstream.open({ dsn = "host=localhost dbname=x" }))
-    local store, err, code = chatstream.open({ dsn = "host=localhost dbname=x" })
-    assert.are.equal(3, n)
-    assert.is_nil(store)
-    assert.truthy(err:find("^EINVAL: ."))
-    assert.are.equal("EINVAL", code)
+  it("refuses a schema name that is not a plain identifier, before connecting", function()
+    for _, bad in ipairs({ "Bad", "a-b", "1x", "a;drop", "", string.rep("a", 63) }) do
+      local store, err, code = chatstream.open({ dsn = "host=127.0.0.1 port=1", schema = bad })
+      assert.is_nil(store)
+      assert.truthy(err:find("schema"), err)
+      assert.are.equal("EINVAL", code)
+    end
+  end)
+
+  it("raises when dsn and memory are both given", function()
+    contains("exclude each other", raises(chatstream.open, { dsn = "host=x", memory = chatstream.memory() }))
   end)
 
   it("raises on an unknown option key", function()

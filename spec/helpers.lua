@@ -1,14 +1,28 @@
--- spec/helpers.lua - shared helpers for the busted specs.
+-- spec/helpers.lua - shared helpers for the busted specs, and the store matrix.
+--
+-- The matrix: every spec that is about a store runs once per backend.
+--   memory      always
+--   postgresql  on the server of CHATSTREAM_TEST_DSN (make test starts one:
+--               scripts/pg-test-server). Missing in CI (CI set): a failure.
+--               Missing elsewhere: the specs are pending, saying how to get one.
 local chatstream = require("chatstream")
 
 local H = {}
 
 H.strategies = { "last_id", "rescan", "watermark" }
 
+H.dsn = os.getenv("CHATSTREAM_TEST_DSN")
+if H.dsn == "" then
+  H.dsn = nil
+end
+H.ci = os.getenv("CI") ~= nil and os.getenv("CI") ~= ""
+H.pg_missing = "no PostgreSQL for the specs: run `make test`, or start one with "
+  .. "`scripts/pg-test-server start && eval \"$(scripts/pg-test-server env)\"`"
+
 --- Drains a subscription (non-blocking) and returns the message ids got.
-function H.drain(sub, into)
+function H.drain(sub, into, timeout)
   into = into or {}
-  for ev in sub:events(0) do
+  for ev in sub:events(timeout or 0) do
     if ev.kind == "message" then
       into[#into + 1] = ev.id
     end
@@ -34,19 +48,118 @@ function H.check(got, want)
   return lost, dups
 end
 
---- A memory store with `n` filler messages in another chat, so the next ids
--- start at n + 1 (to replay traces with their own ids).
-function H.store_at(n, opts)
-  local store = assert(chatstream.open(opts))
-  if n > 0 then
-    local filler = store:create_chat({ title = "filler" })
-    local msgs = {}
-    for i = 1, n do
-      msgs[i] = { role = "user", content = "filler " .. i }
-    end
-    store:append(filler, msgs)
+-- ---- backends -------------------------------------------------------------
+
+local schema_seq = 0
+
+--- A fresh, empty database on the backend: a memory database, or a new
+-- PostgreSQL schema (migrated; ids start at 1). Returns an instance:
+--   inst:open(opts)   a store (a replica) on it; opts as chatstream.open's
+--   inst.memdb        the memory database (memory only: fault knobs)
+--   inst:close()      closes every store it opened
+local function new_instance(kind)
+  local inst = { kind = kind, stores = {} }
+  if kind == "memory" then
+    inst.memdb = chatstream.memory()
+  else
+    schema_seq = schema_seq + 1
+    -- unique per process and call, so parallel runs and reruns never meet
+    inst.schema = string.format("t%d_%d_%d", os.time() % 100000, math.random(1, 1e6), schema_seq)
   end
-  return store
+  function inst.open(self, opts)
+    local o = {}
+    for k, v in pairs(opts or {}) do
+      o[k] = v
+    end
+    if self.kind == "memory" then
+      o.memory = self.memdb
+    else
+      o.dsn, o.schema = H.dsn, self.schema
+      if o.poll_interval == nil then
+        o.poll_interval = 0 -- deterministic specs: no backstop poll
+      end
+    end
+    local store = assert(chatstream.open(o))
+    self.stores[#self.stores + 1] = store
+    return store
+  end
+  function inst.close(self)
+    for _, s in ipairs(self.stores) do
+      s:close()
+    end
+    self.stores = {}
+    if self.kind == "postgresql" then
+      H.psql("DROP SCHEMA IF EXISTS " .. self.schema .. " CASCADE")
+    end
+  end
+  if kind == "postgresql" then
+    local s = inst:open()
+    assert(s:migrate())
+  end
+  return inst
+end
+
+H.backends = {
+  { name = "memory", available = true },
+  { name = "postgresql", available = H.dsn ~= nil },
+}
+
+--- Runs body(backend) inside a describe per backend. A backend that is not
+-- available fails (in CI) or is pending (elsewhere), never silently skipped.
+-- busted's describe/it/pending live in the spec file's environment: pass it.
+function H.each_backend(env, body)
+  local describe, it, pending = env.describe, env.it, env.pending
+  for _, b in ipairs(H.backends) do
+    describe("on " .. b.name, function()
+      if b.available then
+        body(b.name)
+      elseif H.ci then
+        it("has a PostgreSQL server (CHATSTREAM_TEST_DSN)", function()
+          error(H.pg_missing)
+        end)
+      else
+        pending(H.pg_missing)
+      end
+    end)
+  end
+end
+
+H.new_instance = new_instance
+
+--- Runs SQL on the test server through psql (test set-up only).
+function H.psql(sql)
+  -- Not under the ASan preload of a sanitizer run: psql is not built for it.
+  local cmd = string.format("env -u LD_PRELOAD psql -X -q -v ON_ERROR_STOP=1 %q -c %q >/dev/null 2>&1", H.dsn, sql)
+  local ok = os.execute(cmd)
+  assert(ok, "psql failed: " .. sql)
+end
+
+--- Waits until the store's hub has received n notifications in all (as
+-- store:stats() counts them, malformed ones included), at most `limit`
+-- seconds. On PostgreSQL notifications arrive asynchronously: this is the
+-- barrier that makes stepped interleavings deterministic there.
+function H.settle(store, n, limit)
+  local deadline = os.time() + (limit or 10) + 1
+  while true do
+    local st = store:stats()
+    if st.notifications + st.malformed >= n then
+      return st
+    end
+    if os.time() > deadline then
+      error(string.format("only %d of %d notifications arrived", st.notifications + st.malformed, n), 2)
+    end
+    store:step(0.05)
+  end
+end
+
+--- Runs fn(inst) on a fresh instance and closes it, even on error.
+function H.with_instance(kind, fn)
+  local inst = new_instance(kind)
+  local ok, err = pcall(fn, inst)
+  inst:close()
+  if not ok then
+    error(err, 0)
+  end
 end
 
 return H

@@ -1,34 +1,49 @@
 -- spec/race_spec.lua - deterministic promote/resume races, run under every strategy.
--- Each scenario replays a publish interleaving step by step. rescan and
--- watermark must deliver every message exactly once; last_id (the algorithm
--- before the reference fix) must show the loss the reference describes, which
--- proves the scenario really hits the race.
-local chatstream = require("chatstream")
+-- Each scenario replays a publish interleaving step by step, on every store of
+-- the matrix. rescan and watermark must deliver every message exactly once;
+-- last_id (the algorithm before the reference fix) must show the loss the
+-- reference describes, which proves the scenario really hits the race.
 local H = require("helpers")
 
 -- Ids the reader should have, from the database (a fresh replica's snapshot).
-local function truth(db, chat_id, after)
-  local store = assert(chatstream.open({ memory = db }))
+local function truth(inst, chat_id, after)
+  local store = inst:open()
   local sub = assert(store:subscribe(chat_id, { after = after }))
   local ids = H.drain(sub)
   sub:close()
-  store:close()
   return ids
 end
 
-local function open_at(db, n, opts)
-  opts = opts or {}
-  opts.memory = db
-  local store = assert(chatstream.open(opts))
-  if n > 0 then
-    local filler = store:create_chat({ title = "filler" })
-    local msgs = {}
-    for i = 1, n do
-      msgs[i] = { role = "user", content = "filler " .. i }
-    end
-    store:append(filler, msgs)
+-- Counts the notifications a reader's hub must receive, so that a drain
+-- happens exactly after them on every store (on PostgreSQL they arrive
+-- asynchronously).
+local function tracker(reader)
+  local t = { sent = 0 }
+  function t.notify(p, i, n)
+    p:notify(i)
+    t.sent = t.sent + (n or 1)
   end
-  return store
+  function t.append(store, chat, msgs)
+    local ids = store:append(chat, msgs)
+    t.sent = t.sent + #ids
+    return ids
+  end
+  function t.drain(sub, got)
+    H.settle(reader, t.sent)
+    return H.drain(sub, got)
+  end
+  return t
+end
+
+-- n filler messages in another chat, so the next ids start at n + 1.
+local function filler(store, n)
+  local chat = store:create_chat({ title = "filler" })
+  local msgs = {}
+  for i = 1, n do
+    msgs[i] = { role = "user", content = "filler " .. i }
+  end
+  store:append(chat, msgs)
+  return chat
 end
 
 -- The promote/resume publish of the seed: history 3, 4 in the chat; the
@@ -47,6 +62,7 @@ end
 
 -- A chat whose history is 3, 4 (ids 1, 2 go to another chat).
 local function seed_chat(store)
+  filler(store, 2)
   local chat = store:create_chat({ owner = "alice", title = "seed" })
   assert.are.same({ 3, 4 }, store:append(chat, {
     { role = "user", content = "run the tool" },
@@ -57,51 +73,54 @@ end
 
 local scenarios = {}
 
+-- The seed's publish order with a drain after the first notification:
+-- cache 5, 7; notify after 4; [reader merges]; cache 6; notify after 6, after 5.
+local function seed_publish(t, reader_sub, promote, worker, between)
+  promote:cache(1)
+  worker:cache()
+  t.notify(promote, 1) -- after 4
+  local got = t.drain(reader_sub)
+  if between then
+    between()
+  end
+  promote:cache(2) -- the promoted user message reaches the cache last
+  t.notify(worker) -- after 6
+  t.notify(promote, 2) -- after 5
+  return t.drain(reader_sub, got)
+end
+
 -- a) the seed's trace: cache appends 5, 7, 6; notifications after 4, after 6,
 -- after 5; the reader runs its merge after the first notification.
 scenarios[#scenarios + 1] = {
   name = "a) the seed's trace: cache 5, 7, 6; notifications after 4, 6, 5",
   last_id_lost = { 6 },
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 2)
+  run = function(inst, strategy, ordered)
+    local store = inst:open()
     local chat = seed_chat(store)
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     local promote, worker = seed_commits(store, store, chat)
-    promote:cache(1)
-    worker:cache()
-    promote:notify(1) -- after 4
-    local got = H.drain(sub)
-    promote:cache(2) -- the promoted user message reaches the cache last
-    worker:notify() -- after 6
-    promote:notify(2) -- after 5
-    H.drain(sub, got)
-    return got, truth(db, chat, 4)
+    return seed_publish(t, sub, promote, worker), truth(inst, chat, 4)
   end,
 }
 
 -- b) the same, with every DB pass failing: only the cache rescan can save 6.
+-- (The failure knob is the memory store's.)
 scenarios[#scenarios + 1] = {
   name = "b) the seed's trace with the DB pass failing",
+  memory_only = true,
   last_id_lost = { 6 },
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 2)
+  run = function(inst, strategy, ordered)
+    local store = inst:open()
     local chat = seed_chat(store)
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     local promote, worker = seed_commits(store, store, chat)
-    db:fail_queries(1000)
-    promote:cache(1)
-    worker:cache()
-    promote:notify(1)
-    local got = H.drain(sub)
-    promote:cache(2)
-    worker:notify()
-    promote:notify(2)
-    H.drain(sub, got)
-    db:fail_queries(0)
+    inst.memdb:fail_queries(1000)
+    local got = seed_publish(t, sub, promote, worker)
+    inst.memdb:fail_queries(0)
     -- What was got while the DB failed is the result; nothing more is read.
-    return got, truth(db, chat, 4)
+    return got, truth(inst, chat, 4)
   end,
 }
 
@@ -111,9 +130,8 @@ scenarios[#scenarios + 1] = {
 scenarios[#scenarios + 1] = {
   name = "c) after = 100, cache 96..101, a stale notification after 95",
   last_id_lost = {},
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 0, { cache_size = 6 })
+  run = function(inst, strategy, ordered)
+    local store = inst:open({ cache_size = 6 })
     local chat = store:create_chat({ owner = "alice" })
     local history = {}
     for i = 1, 95 do
@@ -126,44 +144,44 @@ scenarios[#scenarios + 1] = {
     for i = 97, 100 do
       store:append(chat, { role = "user", content = "m" .. i })
     end
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 100, strategy = strategy, ordered = ordered }))
     local p101 = store:prepare(chat, { role = "assistant", content = "m101" })
     assert.are.same({ 101 }, p101:commit())
     p101:cache(1)
-    p96:notify(1) -- after 95
-    local got = H.drain(sub)
-    p101:notify(1)
-    H.drain(sub, got)
-    local stats = store:stats()
-    assert.is_true(stats.cache_hits > 0)
-    return got, truth(db, chat, 100)
+    t.notify(p96, 1) -- after 95
+    local got = t.drain(sub)
+    t.notify(p101, 1)
+    t.drain(sub, got)
+    assert.is_true(store:stats().cache_hits > 0)
+    return got, truth(inst, chat, 100)
   end,
 }
 
 -- d) subscribed with after = 5; the cache has 8; the DB also has 6 (committed
--- elsewhere, never published here): both, once each.
+-- on another replica, never published): both, once each.
 scenarios[#scenarios + 1] = {
   name = "d) after = 5, the cache has 8, the DB has 6 too",
   last_id_lost = { 6 },
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 0)
-    local other = open_at(db, 0)
+  run = function(inst, strategy, ordered)
+    local store = inst:open()
+    local other = inst:open()
     local chat = store:create_chat({ owner = "alice" })
-    local filler = store:create_chat({ title = "filler" })
+    local fill = store:create_chat({ title = "filler" })
     store:append(chat, {
       { role = "user", content = "1" }, { role = "user", content = "2" },
       { role = "user", content = "3" }, { role = "user", content = "4" },
       { role = "user", content = "5" },
     })
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 5, strategy = strategy, ordered = ordered }))
     local p6 = other:prepare(chat, { role = "user", content = "6" })
     assert.are.same({ 6 }, p6:commit()) -- on another replica, not yet published
-    store:append(filler, { role = "user", content = "7" })
-    assert.are.same({ 8 }, store:append(chat, { role = "assistant", content = "8" }))
-    local got = H.drain(sub)
+    store:append(fill, { role = "user", content = "7" })
+    assert.are.same({ 8 }, t.append(store, chat, { role = "assistant", content = "8" }))
+    local got = t.drain(sub)
     p6:close()
-    return got, truth(db, chat, 5)
+    return got, truth(inst, chat, 5)
   end,
 }
 
@@ -173,24 +191,16 @@ scenarios[#scenarios + 1] = {
 scenarios[#scenarios + 1] = {
   name = "e1) two replicas: publisher on A, reader on B, all through the DB",
   last_id_lost = {},
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local a = open_at(db, 2)
-    local b = open_at(db, 0)
+  run = function(inst, strategy, ordered)
+    local a = inst:open()
+    local b = inst:open()
     local chat = seed_chat(a)
+    local t = tracker(b)
     local sub = assert(b:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     local promote, worker = seed_commits(a, a, chat)
-    promote:cache(1)
-    worker:cache()
-    promote:notify(1)
-    local got = H.drain(sub)
-    promote:cache(2)
-    worker:notify()
-    promote:notify(2)
-    H.drain(sub, got)
-    local sb = b:stats()
-    assert.is_true(sb.db_passes >= 1)
-    return got, truth(db, chat, 4)
+    local got = seed_publish(t, sub, promote, worker)
+    assert.is_true(b:stats().db_passes >= 1)
+    return got, truth(inst, chat, 4)
   end,
 }
 
@@ -199,22 +209,14 @@ scenarios[#scenarios + 1] = {
 scenarios[#scenarios + 1] = {
   name = "e2) two replicas: promote on A, the resumed worker on the reader's B",
   last_id_lost = { 5, 6 },
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local a = open_at(db, 2)
-    local b = open_at(db, 0)
+  run = function(inst, strategy, ordered)
+    local a = inst:open()
+    local b = inst:open()
     local chat = seed_chat(a)
+    local t = tracker(b)
     local sub = assert(b:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     local promote, worker = seed_commits(a, b, chat)
-    promote:cache(1)
-    worker:cache()
-    promote:notify(1)
-    local got = H.drain(sub)
-    promote:cache(2)
-    worker:notify()
-    promote:notify(2)
-    H.drain(sub, got)
-    return got, truth(db, chat, 4)
+    return seed_publish(t, sub, promote, worker), truth(inst, chat, 4)
   end,
 }
 
@@ -223,21 +225,13 @@ scenarios[#scenarios + 1] = {
 scenarios[#scenarios + 1] = {
   name = "f1) cache eviction below the reader's position",
   last_id_lost = { 6 },
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 2, { cache_size = 2 })
+  run = function(inst, strategy, ordered)
+    local store = inst:open({ cache_size = 2 })
     local chat = seed_chat(store)
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     local promote, worker = seed_commits(store, store, chat)
-    promote:cache(1)
-    worker:cache()
-    promote:notify(1)
-    local got = H.drain(sub)
-    promote:cache(2) -- evicts 5
-    worker:notify()
-    promote:notify(2)
-    H.drain(sub, got)
-    return got, truth(db, chat, 4)
+    return seed_publish(t, sub, promote, worker), truth(inst, chat, 4)
   end,
 }
 
@@ -246,43 +240,47 @@ scenarios[#scenarios + 1] = {
 scenarios[#scenarios + 1] = {
   name = "f2) a reader behind the eviction mark gets a miss, then the DB",
   last_id_lost = {},
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 2, { cache_size = 3 })
+  run = function(inst, strategy, ordered)
+    local store = inst:open({ cache_size = 3 })
     local chat = seed_chat(store)
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     for i = 1, 12 do
-      store:append(chat, { role = "user", content = "burst " .. i })
+      t.append(store, chat, { role = "user", content = "burst " .. i })
     end
-    local got = H.drain(sub)
+    local got = t.drain(sub)
     assert.is_true(store:stats().cache_misses >= 1)
-    return got, truth(db, chat, 4)
+    return got, truth(inst, chat, 4)
   end,
 }
 
--- f3) a dropped notification followed by a later one: the notification of 6
--- is lost; only message 8's notification comes after it.
+-- f3) lost notifications followed by a later one: the promote's two
+-- notifications never arrive; only message 8's notification comes after them.
 scenarios[#scenarios + 1] = {
-  name = "f3) a dropped notification, then a later one",
+  name = "f3) lost notifications, then a later one",
   last_id_lost = { 6 },
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 2)
+  run = function(inst, strategy, ordered)
+    local store = inst:open()
     local chat = seed_chat(store)
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     local promote, worker = seed_commits(store, store, chat)
     promote:cache(1)
     worker:cache()
-    worker:notify() -- after 6, first
-    local got = H.drain(sub)
+    t.notify(worker) -- after 6, first
+    local got = t.drain(sub)
     promote:cache(2)
-    db:drop_notifies(2)
-    promote:notify(1) -- dropped
-    promote:notify(2) -- dropped
-    H.drain(sub, got)
-    store:append(chat, { role = "user", content = "a later message" }) -- 8
-    H.drain(sub, got)
-    return got, truth(db, chat, 4)
+    if inst.memdb then
+      inst.memdb:drop_notifies(2) -- sent, and lost on the way
+      promote:notify(1)
+      promote:notify(2)
+    else
+      promote:close() -- never sent: the publisher died after its cache step
+    end
+    t.drain(sub, got)
+    t.append(store, chat, { role = "user", content = "a later message" }) -- 8
+    t.drain(sub, got)
+    return got, truth(inst, chat, 4)
   end,
 }
 
@@ -291,51 +289,53 @@ scenarios[#scenarios + 1] = {
 scenarios[#scenarios + 1] = {
   name = "f4) a notification queue overflow turns into a resync",
   last_id_lost = { 6 },
-  run = function(strategy, ordered)
-    local db = chatstream.memory()
-    local store = open_at(db, 2, { queue_size = 2 })
+  run = function(inst, strategy, ordered)
+    local store = inst:open({ queue_size = 2 })
     local chat = seed_chat(store)
+    local t = tracker(store)
     local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
     local promote, worker = seed_commits(store, store, chat)
-    promote:cache(1)
-    worker:cache()
-    promote:notify(1)
-    local got = H.drain(sub)
-    promote:cache(2)
-    worker:notify()
-    promote:notify(2)
-    for i = 1, 5 do
-      store:append(chat, { role = "user", content = "more " .. i })
-    end
-    store:step() -- route everything now: the queue of 2 overflows
+    local got = seed_publish(t, sub, promote, worker, function()
+      for i = 1, 5 do
+        t.append(store, chat, { role = "user", content = "more " .. i })
+      end
+    end)
     assert.is_true(store:stats().resyncs >= 1)
-    H.drain(sub, got)
-    return got, truth(db, chat, 4)
+    return got, truth(inst, chat, 4)
   end,
 }
 
 describe("race scenarios", function()
-  for _, sc in ipairs(scenarios) do
-    describe(sc.name, function()
-      for _, strategy in ipairs(H.strategies) do
-        it(strategy .. (strategy == "last_id" and " loses what the reference lost"
-          or " delivers every message exactly once"), function()
-          local got, want = sc.run(strategy)
-          assert.is_true(#want > 0)
-          local lost, dups = H.check(got, want)
-          assert.are.same({}, dups)
-          if strategy == "last_id" then
-            assert.are.same(sc.last_id_lost, lost)
-          else
-            assert.are.same({}, lost)
-            assert.are.equal(#want, #got)
+  H.each_backend(_ENV, function(kind)
+    for _, sc in ipairs(scenarios) do
+      if kind == "memory" or not sc.memory_only then
+        describe(sc.name, function()
+          for _, strategy in ipairs(H.strategies) do
+            local says = strategy == "last_id" and " loses what the reference lost"
+              or " delivers every message exactly once"
+            it(strategy .. says, function()
+              H.with_instance(kind, function(inst)
+                local got, want = sc.run(inst, strategy)
+                assert.is_true(#want > 0)
+                local lost, dups = H.check(got, want)
+                assert.are.same({}, dups)
+                if strategy == "last_id" then
+                  assert.are.same(sc.last_id_lost, lost)
+                else
+                  assert.are.same({}, lost)
+                  assert.are.equal(#want, #got)
+                end
+              end)
+            end)
           end
+          it("ordered watermark delivers the same messages in ascending order", function()
+            H.with_instance(kind, function(inst)
+              local got, want = sc.run(inst, "watermark", true)
+              assert.are.same(want, got)
+            end)
+          end)
         end)
       end
-      it("ordered watermark delivers the same messages in ascending order", function()
-        local got, want = sc.run("watermark", true)
-        assert.are.same(want, got)
-      end)
-    end)
-  end
+    end
+  end)
 end)

@@ -47,16 +47,37 @@ void cs_memdb_drop_notifies(cs_memdb *db, int64_t n);
 /* ---- hub ---------------------------------------------------------------- */
 typedef struct cs_hub_options {
     cs_memdb *memory;  /* the memory database to use; NULL: a private one */
+    const char *dsn;   /* PostgreSQL URI or conninfo: the pg store */
+    const char *schema; /* pg: the schema; NULL: "chatstream" */
     size_t cache_size; /* messages cached per chat; 0: default 256 */
     size_t queue_size; /* pending notifications per subscription; 0: 1024 */
+    /* Backstop poll: every subscription re-reads its chat from W this often
+     * (seconds). 0: off. A negative value: the store's default (10 s on
+     * PostgreSQL, off on the memory store). */
+    double poll_interval;
 } cs_hub_options;
+
+#define CS_DEFAULT_PG_POLL_INTERVAL 10.0
 
 #define CS_DEFAULT_CACHE_SIZE 256
 #define CS_DEFAULT_QUEUE_SIZE 1024
 #define CS_MAX_CACHE_SIZE (1u << 20)
 #define CS_MAX_QUEUE_SIZE (1u << 20)
 
+/* Opens a hub on the memory store, or on PostgreSQL when opts->dsn is set.
+ * On failure with an errbuf, a detail (never containing the password) is
+ * copied there. */
 int cs_hub_open(const cs_hub_options *opts, cs_hub **out);
+int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
+                    size_t errlen);
+/* Creates or upgrades the store's schema (idempotent; safe when several
+ * processes run it at once). Nothing to do on the memory store. */
+int cs_hub_migrate(cs_hub *hub);
+/* The store's name: "memory" or "postgresql". */
+const char *cs_hub_store_name(const cs_hub *hub);
+/* pg: the server process ID of the listener connection (for tests that
+ * terminate it); -1 when there is none. */
+int cs_hub_listener_pid(const cs_hub *hub);
 /* Closes the hub. Subscriptions and publishes still open on it become
  * detached: their calls return CS_ECLOSED, and they must still be closed. */
 void cs_hub_close(cs_hub *hub);
@@ -66,6 +87,9 @@ const char *cs_hub_errmsg(const cs_hub *hub);
 /* Receives pending notifications and routes them to subscriptions. Never
  * blocks. Returns the number of notifications received, or an error. */
 int cs_hub_step(cs_hub *hub);
+/* Waits up to timeout seconds for the store to have notifications (not at
+ * all on the memory store), then runs cs_hub_step. */
+int cs_hub_wait(cs_hub *hub, double timeout);
 /* A file descriptor that becomes readable when cs_hub_step has work, or -1
  * when the store has none (the memory store). */
 int cs_hub_fd(const cs_hub *hub);
@@ -76,14 +100,15 @@ typedef struct cs_stats {
     int64_t queries;       /* read queries sent to the store */
     int64_t query_errors;  /* queries that failed */
     int64_t writes;        /* write transactions committed */
-    int64_t
-        publish_errors;   /* cache/notify steps of cs_hub_append that failed */
+    int64_t publish_errors; /* publish steps of cs_hub_append that failed */
     int64_t cache_hits;   /* cache lookups answered by the cache */
     int64_t cache_misses; /* cache lookups below the eviction mark */
     int64_t db_passes;    /* merge DB passes (snapshots not counted) */
     int64_t delivered;    /* message events handed to readers */
-    int64_t resyncs;      /* subscription queue overflows turned resync */
+    int64_t resyncs;      /* subscription resyncs (queue overflow, reconnect,
+                             backstop poll) */
     int64_t reconnects;   /* store reconnections */
+    int64_t polls;        /* backstop polls run */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 

@@ -37,31 +37,77 @@ struct cs_sub {
 
 /* ---- hub ---------------------------------------------------------------- */
 
-int cs_hub_open(const cs_hub_options *opts, cs_hub **out)
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
+                    size_t errlen)
 {
     cs_hub_options o = opts ? *opts : (cs_hub_options){0};
-    if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE)
+    if (errbuf && errlen)
+        errbuf[0] = '\0';
+    if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE ||
+        (o.dsn && o.memory) || o.poll_interval != o.poll_interval) {
+        if (errbuf && errlen)
+            snprintf(errbuf, errlen, "bad hub options");
         return CS_EINVAL;
+    }
     cs_hub *hub = calloc(1, sizeof *hub);
     if (!hub)
         return CS_ENOMEM;
     hub->cache_size = o.cache_size ? o.cache_size : CS_DEFAULT_CACHE_SIZE;
     hub->queue_size = o.queue_size ? o.queue_size : CS_DEFAULT_QUEUE_SIZE;
-    cs_memdb *db = o.memory;
     int rc = CS_OK;
-    if (!db && (rc = cs_memdb_open(&db)) < 0) {
-        free(hub);
-        return rc;
+    if (o.dsn) {
+        rc = cs_pg_store_open(o.dsn, o.schema, &hub->store, errbuf, errlen);
+        hub->poll_interval =
+            o.poll_interval < 0 ? CS_DEFAULT_PG_POLL_INTERVAL : o.poll_interval;
+    } else {
+        cs_memdb *db = o.memory;
+        if (!db && (rc = cs_memdb_open(&db)) < 0) {
+            free(hub);
+            return rc;
+        }
+        rc = cs_memory_store_open(db, &hub->store);
+        if (!o.memory)
+            cs_memdb_close(db); /* the store holds its own reference */
+        hub->poll_interval = o.poll_interval < 0 ? 0 : o.poll_interval;
     }
-    rc = cs_memory_store_open(db, &hub->store);
-    if (!o.memory)
-        cs_memdb_close(db); /* the store holds its own reference */
     if (rc < 0) {
         free(hub);
         return rc;
     }
+    if (hub->poll_interval > 0)
+        hub->next_poll = now() + hub->poll_interval;
     *out = hub;
     return CS_OK;
+}
+
+int cs_hub_open(const cs_hub_options *opts, cs_hub **out)
+{
+    return cs_hub_open_err(opts, out, NULL, 0);
+}
+
+int cs_hub_migrate(cs_hub *hub)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    int rc = hub->store.ops->migrate(hub->store.st);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
+}
+
+const char *cs_hub_store_name(const cs_hub *hub)
+{
+    return hub->store.ops->name;
+}
+
+int cs_hub_listener_pid(const cs_hub *hub)
+{
+    return hub->store.ops->listener_pid(hub->store.st);
 }
 
 void cs_hub_close(cs_hub *hub)
@@ -89,7 +135,7 @@ const char *cs_hub_errmsg(const cs_hub *hub)
 
 int cs_hub_fail(cs_hub *hub, int rc, const char *msg)
 {
-    if (!msg && (rc == CS_EBACKEND || rc == CS_ENOTFOUND))
+    if (!msg && (rc == CS_EBACKEND || rc == CS_ENOTFOUND || rc == CS_EINVAL))
         msg = hub->store.ops->errmsg(hub->store.st);
     snprintf(hub->err, sizeof hub->err, "%s", msg ? msg : cs_strerror(rc));
     return rc;
@@ -103,6 +149,7 @@ void cs_hub_stats(const cs_hub *hub, cs_stats *out)
     out->cache_hits += hub->counts.cache_hits;
     out->cache_misses += hub->counts.cache_misses;
     out->db_passes += hub->counts.db_passes;
+    out->reconnects = hub->store.ops->reconnects(hub->store.st);
 }
 
 int cs_hub_fd(const cs_hub *hub)
@@ -205,10 +252,44 @@ static void sub_enqueue(cs_sub *s, int64_t after, int64_t id)
     s->qn++;
 }
 
+/* Everything pending becomes one resync: a DB pass from the subscription's
+ * own position, whatever the cache says. */
+static void sub_mark_resync(cs_sub *s)
+{
+    if (!s->resync) {
+        int64_t a = INT64_MAX, n = 0;
+        for (size_t i = 0; i < s->qn; i++) {
+            qhint *h = &s->q[(s->qhead + i) % s->qcap];
+            if (h->after < a)
+                a = h->after;
+            if (h->id > n)
+                n = h->id;
+        }
+        s->qhead = s->qn = 0;
+        s->resync = true;
+        s->resync_after = a;
+        s->resync_id = n;
+        s->hub->stats.resyncs++;
+    }
+}
+
+static void resync_all(cs_hub *hub)
+{
+    for (size_t i = 0; i < hub->capchats; i++) {
+        hub_chat *c = hub->chats[i];
+        for (cs_sub *s = c ? c->subs : NULL; s; s = s->next)
+            sub_mark_resync(s);
+    }
+}
+
 static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
 {
     cs_hub *hub = ud;
     cs_hint h;
+    if (chat_id == CS_RESYNC_ALL) {
+        resync_all(hub);
+        return;
+    }
     if (chat_id < 0 || cs_payload_parse(payload, len, &h) < 0) {
         hub->stats.malformed++;
         return;
@@ -230,7 +311,30 @@ int cs_hub_step(cs_hub *hub)
     int rc = hub->store.ops->poll(hub->store.st, route, hub);
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
+    if (hub->poll_interval > 0) {
+        double t = now();
+        if (t >= hub->next_poll) {
+            /* The backstop: a lost notification costs delay, not a message. */
+            hub->next_poll = t + hub->poll_interval;
+            hub->stats.polls++;
+            resync_all(hub);
+        }
+    }
     return rc;
+}
+
+int cs_hub_wait(cs_hub *hub, double timeout)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    int fd = cs_hub_fd(hub);
+    if (timeout > 0 && (fd >= 0 || hub->store.ops->remote)) {
+        int ms = timeout > 3600 ? 3600000 : (int)(timeout * 1000);
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, fd < 0 ? 0 : 1, ms) < 0 && errno != EINTR)
+            return cs_hub_fail(hub, CS_EBACKEND, strerror(errno));
+    }
+    return cs_hub_step(hub);
 }
 
 /* ---- subscriptions ---------------------------------------------------- */
@@ -326,7 +430,8 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     hub->counts.queries++;
     rc = hub->store.ops->messages_after(hub->store.st, chat_id, o.after, &rows);
     if (rc < 0) {
-        hub->counts.query_errors++;
+        if (rc == CS_EBACKEND)
+            hub->counts.query_errors++;
         cs_hub_fail(hub, rc, NULL);
     } else {
         rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
@@ -421,13 +526,6 @@ int cs_sub_next(cs_sub *s, cs_event *ev)
     return pop_event(s, ev) ? CS_EVENT : CS_IDLE;
 }
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
 {
     double deadline = now() + (timeout > 0 ? timeout : 0);
@@ -435,14 +533,21 @@ int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
         int rc = cs_sub_next(s, ev);
         if (rc != CS_IDLE)
             return rc;
-        int fd = cs_hub_fd(s->hub);
-        double left = deadline - now();
-        if (fd < 0 || left <= 0)
+        cs_hub *hub = s->hub;
+        int fd = cs_hub_fd(hub);
+        double t = now(), left = deadline - t;
+        if (left <= 0)
+            return CS_IDLE;
+        if (hub->poll_interval > 0 && hub->next_poll - t < left)
+            left = hub->next_poll - t > 0 ? hub->next_poll - t : 0;
+        else if (fd < 0 && hub->store.ops->remote)
+            left = left < 0.05 ? left : 0.05; /* the listener is reconnecting */
+        else if (fd < 0)
             return CS_IDLE; /* nothing can arrive from elsewhere */
-        struct pollfd p = {.fd = fd, .events = POLLIN};
         int ms = left > 3600 ? 3600000 : (int)(left * 1000) + 1;
-        if (poll(&p, 1, ms) < 0 && errno != EINTR)
-            return cs_hub_fail(s->hub, CS_EBACKEND, strerror(errno));
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, fd < 0 ? 0 : 1, ms) < 0 && errno != EINTR)
+            return cs_hub_fail(hub, CS_EBACKEND, strerror(errno));
     }
 }
 

@@ -144,6 +144,7 @@ int64_t cs_merge_cursor(const cs_merge *m);
 /* ---- store ops table -------------------------------------------------- */
 typedef struct cs_store_ops {
     const char *name;
+    bool remote; /* notifications come from elsewhere (fd -1: reconnecting) */
     int (*create_chat)(void *st, const char *owner, const char *title,
                        int64_t *chat_id);
     /* One transaction: lock the chat, assign ids, set prev_id, insert.
@@ -156,7 +157,9 @@ typedef struct cs_store_ops {
     int (*unlisten)(void *st, int64_t chat_id);
     int (*notify)(void *st, int64_t chat_id, const char *payload, size_t len);
     /* Drains received notifications into cb; returns how many, or error.
-     * A channel that is not a chat channel is reported with chat_id -1. */
+     * A channel that is not a chat channel is reported with chat_id -1.
+     * CS_RESYNC_ALL as chat_id (payload NULL) says notifications may have
+     * been missed (the listener reconnected): every subscription resyncs. */
     int (*poll)(void *st,
                 void (*cb)(void *ud, int64_t chat_id, const char *payload,
                            size_t len),
@@ -164,7 +167,12 @@ typedef struct cs_store_ops {
     int (*fd)(void *st);
     const char *(*errmsg)(void *st);
     void (*close)(void *st);
+    int (*migrate)(void *st);
+    int (*listener_pid)(void *st);
+    int64_t (*reconnects)(void *st);
 } cs_store_ops;
+
+#define CS_RESYNC_ALL (-2)
 
 typedef struct cs_store {
     const cs_store_ops *ops;
@@ -172,5 +180,10 @@ typedef struct cs_store {
 } cs_store;
 
 int cs_memory_store_open(cs_memdb *db, cs_store *out);
+/* errbuf receives a detail on failure (never the password). */
+int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
+                     char *errbuf, size_t errlen);
+/* A valid schema name: [a-z_][a-z0-9_]{0,62}. */
+bool cs_valid_identifier(const char *s);
 
 #endif

@@ -69,7 +69,8 @@ static int db_pass(cs_merge *m, const cs_merge_source *src, int64_t after)
     m->counts->queries++;
     int rc = src->query(src->ud, after, &m->scratch);
     if (rc < 0) {
-        m->counts->query_errors++;
+        if (rc == CS_EBACKEND)
+            m->counts->query_errors++;
         cs_msglist_clear(&m->scratch);
     }
     return rc;

@@ -27,12 +27,9 @@ function M.open(arg)
       end
     end
   end
-  if t == "string" or (t == "table" and arg.dsn ~= nil) then
-    return nil, "EINVAL: this build has no PostgreSQL store yet", "EINVAL"
+  if t == "string" then
+    return core.open({ dsn = arg })
   elseif t == "table" then
-    if arg.schema ~= nil then
-      error("option 'schema' needs a dsn", 2)
-    end
     return core.open(arg)
   end
   error("bad argument #1 to 'open' (nil, string or table expected, got " .. t .. ")", 2)

@@ -340,6 +340,24 @@ static void m_close(void *st)
     memdb_unref(db);
 }
 
+static int m_migrate(void *st)
+{
+    (void)st;
+    return CS_OK;
+}
+
+static int m_listener_pid(void *st)
+{
+    (void)st;
+    return -1;
+}
+
+static int64_t m_reconnects(void *st)
+{
+    (void)st;
+    return 0;
+}
+
 static const cs_store_ops memory_ops = {
     .name = "memory",
     .create_chat = m_create_chat,
@@ -352,6 +370,9 @@ static const cs_store_ops memory_ops = {
     .fd = m_fd,
     .errmsg = m_errmsg,
     .close = m_close,
+    .migrate = m_migrate,
+    .listener_pid = m_listener_pid,
+    .reconnects = m_reconnects,
 };
 
 int cs_memory_store_open(cs_memdb *db, cs_store *out)

@@ -1,0 +1,806 @@
+/* pg.c - the PostgreSQL store through libpq: a query connection and one listener. */
+#include "../internal.h"
+
+#include <libpq-fe.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define QUERY_TIMEOUT 30.0   /* seconds for one statement */
+#define CONNECT_TIMEOUT "5"  /* seconds, unless the DSN sets its own */
+#define BACKOFF_MIN 0.05
+#define BACKOFF_MAX 5.0
+#define SQL_MAX 1024
+
+typedef struct pg_store {
+    char *dsn;
+    char *password; /* scrubbed from every message, or NULL */
+    bool has_timeout;
+    char schema[64];
+    char prefix[80]; /* channel prefix: "chat:" or "<schema>:chat:" */
+    PGconn *q;       /* queries and writes */
+    PGconn *l;       /* the listener (non-blocking) */
+    int64_t *listening; /* sorted chat ids */
+    size_t nlisten, caplisten;
+    bool resync_pending; /* the listener came back: tell the hub */
+    double retry_at, backoff;
+    int64_t reconnects;
+    char err[512];
+} pg_store;
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+bool cs_valid_identifier(const char *s)
+{
+    if (!s || !*s || strlen(s) > 62)
+        return false;
+    if (!((*s >= 'a' && *s <= 'z') || *s == '_'))
+        return false;
+    for (const char *p = s; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') ||
+              *p == '_'))
+            return false;
+    return true;
+}
+
+/* Copies msg into buf with the password (if any) replaced by "***". */
+static void scrub_copy(char *buf, size_t cap, const char *msg,
+                       const char *password)
+{
+    size_t o = 0;
+    size_t plen = password ? strlen(password) : 0;
+    for (const char *p = msg; *p && o + 1 < cap;) {
+        if (plen >= 1 && strncmp(p, password, plen) == 0) {
+            for (const char *r = "***"; *r && o + 1 < cap; r++)
+                buf[o++] = *r;
+            p += plen;
+            continue;
+        }
+        /* one line: libpq messages end with newlines */
+        buf[o++] = (*p == '\n' || *p == '\r' || *p == '\t') ? ' ' : *p;
+        p++;
+    }
+    while (o > 0 && buf[o - 1] == ' ')
+        o--;
+    buf[o] = '\0';
+}
+
+static int fail(pg_store *s, int rc, const char *what, const char *detail)
+{
+    char clean[400];
+    scrub_copy(clean, sizeof clean, detail ? detail : "", s->password);
+    snprintf(s->err, sizeof s->err, "%s%s%s", what, *clean ? ": " : "",
+             clean);
+    return rc;
+}
+
+static int conn_fail(pg_store *s, PGconn *c, const char *what)
+{
+    return fail(s, CS_EBACKEND, what,
+                c ? PQerrorMessage(c) : "cannot allocate a connection");
+}
+
+static void quiet(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message; /* NOTICEs (e.g. "already exists, skipping") are not errors */
+}
+
+static PGconn *connect_db(pg_store *s)
+{
+    const char *keys[] = {"dbname", "application_name", "connect_timeout",
+                          NULL};
+    const char *vals[] = {s->dsn, "chatstream", CONNECT_TIMEOUT, NULL};
+    if (s->has_timeout)
+        keys[2] = NULL; /* the DSN's own connect_timeout wins */
+    PGconn *c = PQconnectdbParams(keys, vals, 1);
+    if (c)
+        PQsetNoticeProcessor(c, quiet, NULL);
+    return c;
+}
+
+/* Waits until c is readable (or writable) or the deadline passes. */
+static int wait_io(PGconn *c, bool write, double deadline)
+{
+    double left = deadline - now();
+    if (left <= 0)
+        return 0;
+    struct pollfd p = {.fd = PQsocket(c), .events = write ? POLLOUT : POLLIN};
+    int ms = (int)(left * 1000) + 1;
+    int r = poll(&p, 1, ms);
+    if (r < 0 && errno == EINTR)
+        return 1;
+    return r;
+}
+
+/* Runs one statement (parameters as text) with a timeout; returns the last
+ * result, or NULL with s->err set. Works in blocking and non-blocking mode. */
+static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
+                     const char *const *vals)
+{
+    if (!c || PQstatus(c) != CONNECTION_OK) {
+        conn_fail(s, c, "not connected");
+        return NULL;
+    }
+    /* Without parameters the simple protocol runs it, which also allows the
+     * several statements of a migration. */
+    int sent = n > 0 ? PQsendQueryParams(c, sql, n, NULL, vals, NULL, NULL, 0)
+                     : PQsendQuery(c, sql);
+    if (!sent) {
+        conn_fail(s, c, "cannot send a query");
+        return NULL;
+    }
+    double deadline = now() + QUERY_TIMEOUT;
+    int f;
+    while ((f = PQflush(c)) == 1)
+        if (wait_io(c, true, deadline) == 0)
+            goto timeout;
+    if (f < 0) {
+        conn_fail(s, c, "cannot send a query");
+        return NULL;
+    }
+    PGresult *last = NULL, *r;
+    for (;;) {
+        while (PQisBusy(c)) {
+            int w = wait_io(c, false, deadline);
+            if (w == 0)
+                goto timeout;
+            if (!PQconsumeInput(c)) {
+                PQclear(last);
+                conn_fail(s, c, "connection lost");
+                return NULL;
+            }
+        }
+        r = PQgetResult(c);
+        if (!r)
+            break;
+        if (last && PQresultStatus(last) == PGRES_FATAL_ERROR)
+            PQclear(r); /* keep the first error */
+        else {
+            PQclear(last);
+            last = r;
+        }
+    }
+    if (!last) {
+        conn_fail(s, c, "no result");
+        return NULL;
+    }
+    ExecStatusType st = PQresultStatus(last);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        fail(s, CS_EBACKEND, "query failed", PQresultErrorMessage(last));
+        PQclear(last);
+        return NULL;
+    }
+    return last;
+timeout : {
+    PGcancel *cancel = PQgetCancel(c);
+    char buf[256];
+    if (cancel) {
+        PQcancel(cancel, buf, sizeof buf);
+        PQfreeCancel(cancel);
+    }
+    /* Drain what the cancelled statement returns (bounded by a new deadline). */
+    deadline = now() + 5.0;
+    while (PQisBusy(c) && wait_io(c, false, deadline) > 0 && PQconsumeInput(c))
+        ;
+    while (!PQisBusy(c) && (r = PQgetResult(c)))
+        PQclear(r);
+    fail(s, CS_EBACKEND, "query timed out", NULL);
+    return NULL;
+}
+}
+
+/* Runs a statement whose result is not needed. */
+static int exec(pg_store *s, PGconn *c, const char *sql, int n,
+                const char *const *vals)
+{
+    PGresult *r = run(s, c, sql, n, vals);
+    if (!r)
+        return CS_EBACKEND;
+    PQclear(r);
+    return CS_OK;
+}
+
+/* The query connection, reconnected when it was lost. */
+static PGconn *qconn(pg_store *s)
+{
+    if (s->q && PQstatus(s->q) == CONNECTION_OK)
+        return s->q;
+    if (s->q) {
+        PQreset(s->q);
+        if (PQstatus(s->q) == CONNECTION_OK) {
+            s->reconnects++;
+            return s->q;
+        }
+        conn_fail(s, s->q, "cannot reconnect");
+        return NULL;
+    }
+    return NULL;
+}
+
+static void rollback(pg_store *s, PGconn *c)
+{
+    if (c && PQstatus(c) == CONNECTION_OK &&
+        PQtransactionStatus(c) != PQTRANS_IDLE) {
+        char keep[sizeof s->err];
+        memcpy(keep, s->err, sizeof keep);
+        exec(s, c, "ROLLBACK", 0, NULL);
+        memcpy(s->err, keep, sizeof keep);
+    }
+}
+
+static void i64s(char *buf, int64_t v)
+{
+    snprintf(buf, 24, "%" PRId64, v);
+}
+
+static bool col_id(PGresult *r, int row, int col, int64_t *out)
+{
+    if (PQgetisnull(r, row, col))
+        return false;
+    const char *v = PQgetvalue(r, row, col);
+    return cs_parse_id(v, strlen(v), out);
+}
+
+static void channel_of(pg_store *s, int64_t chat_id, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%s%" PRId64, s->prefix, chat_id);
+}
+
+/* ---- migrations ----------------------------------------------------------- */
+
+/* Versioned DDL; %1$s is the schema. Applied in order, each once. */
+static const char *const migrations[] = {
+    /* 1: chats, messages, the queue */
+    "CREATE TABLE %1$s.chats ("
+    " id bigserial PRIMARY KEY,"
+    " owner text NOT NULL DEFAULT '',"
+    " title text NOT NULL DEFAULT '',"
+    " status text NOT NULL DEFAULT 'waiting',"
+    " version bigint NOT NULL DEFAULT 0,"
+    " worker_id text,"
+    " heartbeat_at timestamptz,"
+    " last_message_id bigint NOT NULL DEFAULT 0,"
+    " created_at timestamptz NOT NULL DEFAULT now(),"
+    " updated_at timestamptz NOT NULL DEFAULT now());"
+    "CREATE TABLE %1$s.messages ("
+    " id bigserial PRIMARY KEY,"
+    " chat_id bigint NOT NULL REFERENCES %1$s.chats (id) ON DELETE CASCADE,"
+    " role text NOT NULL CHECK (role IN ('system','user','assistant','tool')),"
+    " content text NOT NULL,"
+    " prev_id bigint NOT NULL,"
+    " created_at timestamptz NOT NULL DEFAULT now());"
+    "CREATE INDEX messages_chat_id_id ON %1$s.messages (chat_id, id);"
+    "CREATE TABLE %1$s.queued_messages ("
+    " id bigserial PRIMARY KEY,"
+    " chat_id bigint NOT NULL REFERENCES %1$s.chats (id) ON DELETE CASCADE,"
+    " content text NOT NULL,"
+    " actor text,"
+    " created_at timestamptz NOT NULL DEFAULT now());"
+    "CREATE INDEX queued_messages_chat ON %1$s.queued_messages"
+    " (chat_id, created_at, id);",
+};
+
+static int p_migrate(void *st)
+{
+    pg_store *s = st;
+    PGconn *c = qconn(s);
+    if (!c)
+        return CS_EBACKEND;
+    char sql[4096], key[96];
+    const char *vals[1] = {key};
+    snprintf(key, sizeof key, "chatstream.migrate:%s", s->schema);
+    int rc = exec(s, c, "BEGIN", 0, NULL);
+    /* One migrator per schema at a time, across processes. */
+    if (rc == CS_OK)
+        rc = exec(s, c, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, vals);
+    if (rc == CS_OK) {
+        snprintf(sql, sizeof sql,
+                 "CREATE SCHEMA IF NOT EXISTS %s;"
+                 "CREATE TABLE IF NOT EXISTS %s.schema_migrations ("
+                 " version int PRIMARY KEY,"
+                 " applied_at timestamptz NOT NULL DEFAULT now())",
+                 s->schema, s->schema);
+        rc = exec(s, c, sql, 0, NULL);
+    }
+    int64_t have = 0;
+    if (rc == CS_OK) {
+        snprintf(sql, sizeof sql,
+                 "SELECT coalesce(max(version), 0) FROM %s.schema_migrations",
+                 s->schema);
+        PGresult *r = run(s, c, sql, 0, NULL);
+        if (!r || PQntuples(r) != 1 || !col_id(r, 0, 0, &have))
+            rc = r ? fail(s, CS_EBACKEND, "bad schema_migrations", NULL)
+                   : CS_EBACKEND;
+        PQclear(r);
+    }
+    int64_t n = (int64_t)(sizeof migrations / sizeof *migrations);
+    if (rc == CS_OK && have > n)
+        rc = fail(s, CS_EBACKEND, "the schema is newer than this chatstream",
+                  NULL);
+    for (int64_t v = have + 1; rc == CS_OK && v <= n; v++) {
+        snprintf(sql, sizeof sql, migrations[v - 1], s->schema);
+        rc = exec(s, c, sql, 0, NULL);
+        if (rc == CS_OK) {
+            char ver[24];
+            const char *vv[1] = {ver};
+            i64s(ver, v);
+            snprintf(sql, sizeof sql,
+                     "INSERT INTO %s.schema_migrations (version) VALUES ($1)",
+                     s->schema);
+            rc = exec(s, c, sql, 1, vv);
+        }
+    }
+    if (rc == CS_OK)
+        rc = exec(s, c, "COMMIT", 0, NULL);
+    if (rc < 0)
+        rollback(s, c);
+    return rc;
+}
+
+/* ---- chats and messages --------------------------------------------------- */
+
+static int p_create_chat(void *st, const char *owner, const char *title,
+                         int64_t *chat_id)
+{
+    pg_store *s = st;
+    PGconn *c = qconn(s);
+    if (!c)
+        return CS_EBACKEND;
+    char sql[SQL_MAX];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %s.chats (owner, title) VALUES ($1, $2) RETURNING id",
+             s->schema);
+    const char *vals[2] = {owner ? owner : "", title ? title : ""};
+    PGresult *r = run(s, c, sql, 2, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int rc = PQntuples(r) == 1 && col_id(r, 0, 0, chat_id)
+                 ? CS_OK
+                 : fail(s, CS_EBACKEND, "bad chat id returned", NULL);
+    PQclear(r);
+    return rc;
+}
+
+/* One transaction: the chat row is locked first (invariant 1), so ids taken
+ * inside it follow the chat's commit order; prev_id chains them. */
+static int p_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
+                    cs_msglist *out)
+{
+    pg_store *s = st;
+    PGconn *c = qconn(s);
+    if (!c)
+        return CS_EBACKEND;
+    char sql[SQL_MAX], chat[24], prev[24], last[24];
+    size_t base = out->n;
+    int rc = exec(s, c, "BEGIN", 0, NULL);
+    int64_t prev_id = 0;
+    i64s(chat, chat_id);
+    if (rc == CS_OK) {
+        snprintf(sql, sizeof sql,
+                 "SELECT last_message_id FROM %s.chats WHERE id = $1 "
+                 "FOR UPDATE",
+                 s->schema);
+        const char *vals[1] = {chat};
+        PGresult *r = run(s, c, sql, 1, vals);
+        if (!r)
+            rc = CS_EBACKEND;
+        else if (PQntuples(r) != 1 || !col_id(r, 0, 0, &prev_id)) {
+            snprintf(s->err, sizeof s->err, "no chat %" PRId64, chat_id);
+            rc = CS_ENOTFOUND;
+        }
+        PQclear(r);
+    }
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %s.messages (chat_id, role, content, prev_id) "
+             "VALUES ($1, $2, $3, $4) RETURNING id",
+             s->schema);
+    for (size_t i = 0; rc == CS_OK && i < n; i++) {
+        i64s(prev, prev_id);
+        const char *vals[4] = {chat, cs_role_name(msgs[i].role),
+                               msgs[i].content, prev};
+        if (memchr(msgs[i].content, '\0', msgs[i].content_len)) {
+            rc = fail(s, CS_EINVAL, "content with a NUL byte", NULL);
+            break;
+        }
+        PGresult *r = run(s, c, sql, 4, vals);
+        int64_t id;
+        if (!r) {
+            rc = CS_EBACKEND;
+        } else if (PQntuples(r) != 1 || !col_id(r, 0, 0, &id)) {
+            rc = fail(s, CS_EBACKEND, "bad message id returned", NULL);
+        } else {
+            cs_msg *m = cs_msg_new(id, chat_id, prev_id, msgs[i].role,
+                                   msgs[i].content, msgs[i].content_len);
+            if (!m || cs_msglist_push(out, m) < 0) {
+                cs_msg_unref(m);
+                rc = CS_ENOMEM;
+            }
+            prev_id = id;
+        }
+        PQclear(r);
+    }
+    if (rc == CS_OK) {
+        snprintf(sql, sizeof sql,
+                 "UPDATE %s.chats SET last_message_id = $2, updated_at = now() "
+                 "WHERE id = $1",
+                 s->schema);
+        i64s(last, prev_id);
+        const char *vals[2] = {chat, last};
+        rc = exec(s, c, sql, 2, vals);
+    }
+    if (rc == CS_OK)
+        rc = exec(s, c, "COMMIT", 0, NULL);
+    if (rc < 0) {
+        rollback(s, c);
+        while (out->n > base)
+            cs_msg_unref(out->items[--out->n]);
+    }
+    return rc;
+}
+
+static int p_messages_after(void *st, int64_t chat_id, int64_t after,
+                            cs_msglist *out)
+{
+    pg_store *s = st;
+    PGconn *c = qconn(s);
+    if (!c)
+        return CS_EBACKEND;
+    char sql[SQL_MAX], chat[24], aft[24];
+    /* The LEFT JOIN tells a chat with no new messages (one NULL row) from a
+     * missing chat (no row) in one round trip. */
+    snprintf(sql, sizeof sql,
+             "SELECT m.id, m.prev_id, m.role, m.content FROM %s.chats c "
+             "LEFT JOIN %s.messages m ON m.chat_id = c.id AND m.id > $2 "
+             "WHERE c.id = $1 ORDER BY m.id",
+             s->schema, s->schema);
+    i64s(chat, chat_id);
+    i64s(aft, after);
+    const char *vals[2] = {chat, aft};
+    PGresult *r = run(s, c, sql, 2, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int rows = PQntuples(r), rc = CS_OK;
+    if (rows == 0) {
+        snprintf(s->err, sizeof s->err, "no chat %" PRId64, chat_id);
+        rc = CS_ENOTFOUND;
+    }
+    size_t base = out->n;
+    for (int i = 0; rc == CS_OK && i < rows; i++) {
+        int64_t id, prev;
+        if (PQgetisnull(r, i, 0))
+            continue; /* the chat exists, no message after */
+        const char *role = PQgetvalue(r, i, 2);
+        int ro = cs_role_parse(role, strlen(role));
+        if (!col_id(r, i, 0, &id) || !col_id(r, i, 1, &prev) || ro < 0) {
+            rc = fail(s, CS_EBACKEND, "bad message row", NULL);
+            break;
+        }
+        cs_msg *m =
+            cs_msg_new(id, chat_id, prev, (cs_role)ro, PQgetvalue(r, i, 3),
+                       (size_t)PQgetlength(r, i, 3));
+        if (!m || cs_msglist_push(out, m) < 0) {
+            cs_msg_unref(m);
+            rc = CS_ENOMEM;
+        }
+    }
+    PQclear(r);
+    if (rc < 0)
+        while (out->n > base)
+            cs_msg_unref(out->items[--out->n]);
+    return rc;
+}
+
+/* ---- notifications -------------------------------------------------------- */
+
+/* A separate autocommit statement, after the commit (invariant 2). */
+static int p_notify(void *st, int64_t chat_id, const char *payload, size_t len)
+{
+    pg_store *s = st;
+    PGconn *c = qconn(s);
+    if (!c)
+        return CS_EBACKEND;
+    (void)len;
+    char channel[128];
+    channel_of(s, chat_id, channel, sizeof channel);
+    const char *vals[2] = {channel, payload};
+    return exec(s, c, "SELECT pg_notify($1, $2)", 2, vals);
+}
+
+static size_t listen_pos(const pg_store *s, int64_t chat_id)
+{
+    size_t lo = 0, hi = s->nlisten;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (s->listening[mid] < chat_id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* LISTEN or UNLISTEN on the listener; the channel is an identifier built
+ * from the validated schema and an integer, quoted. */
+static int listen_cmd(pg_store *s, const char *verb, int64_t chat_id)
+{
+    char channel[128], sql[200];
+    channel_of(s, chat_id, channel, sizeof channel);
+    snprintf(sql, sizeof sql, "%s \"%s\"", verb, channel);
+    return exec(s, s->l, sql, 0, NULL);
+}
+
+static void listener_drop(pg_store *s)
+{
+    if (s->l) {
+        PQfinish(s->l);
+        s->l = NULL;
+    }
+    s->backoff = 0;
+    s->retry_at = 0; /* the first retry is immediate */
+}
+
+/* (Re)connects the listener and LISTENs on every chat: then every
+ * subscription must resync, since notifications sent meanwhile are gone. */
+static int listener_connect(pg_store *s, bool initial)
+{
+    double t = now();
+    if (t < s->retry_at)
+        return fail(s, CS_EBACKEND, "listener reconnect backing off", NULL);
+    PGconn *l = connect_db(s);
+    if (!l || PQstatus(l) != CONNECTION_OK) {
+        conn_fail(s, l, "listener connection failed");
+        PQfinish(l);
+        s->backoff = s->backoff ? s->backoff * 2 : BACKOFF_MIN;
+        if (s->backoff > BACKOFF_MAX)
+            s->backoff = BACKOFF_MAX;
+        s->retry_at = t + s->backoff;
+        return CS_EBACKEND;
+    }
+    PQsetnonblocking(l, 1);
+    s->l = l;
+    for (size_t i = 0; i < s->nlisten; i++) {
+        if (listen_cmd(s, "LISTEN", s->listening[i]) < 0) {
+            listener_drop(s);
+            return CS_EBACKEND;
+        }
+    }
+    if (!initial) {
+        s->reconnects++;
+        s->resync_pending = true;
+    }
+    s->backoff = 0;
+    return CS_OK;
+}
+
+static bool listener_up(pg_store *s)
+{
+    if (s->l && PQstatus(s->l) == CONNECTION_OK)
+        return true;
+    if (s->l)
+        listener_drop(s);
+    return listener_connect(s, false) == CS_OK;
+}
+
+static int p_listen(void *st, int64_t chat_id)
+{
+    pg_store *s = st;
+    size_t i = listen_pos(s, chat_id);
+    if (i < s->nlisten && s->listening[i] == chat_id)
+        return CS_OK;
+    if (s->nlisten == s->caplisten) {
+        size_t cap = s->caplisten ? s->caplisten * 2 : 16;
+        int64_t *l = realloc(s->listening, cap * sizeof *l);
+        if (!l)
+            return CS_ENOMEM;
+        s->listening = l;
+        s->caplisten = cap;
+    }
+    if (!listener_up(s))
+        return CS_EBACKEND;
+    /* LISTEN is committed when its result arrives: before the snapshot. */
+    int rc = listen_cmd(s, "LISTEN", chat_id);
+    if (rc < 0) {
+        listener_drop(s);
+        return rc;
+    }
+    memmove(s->listening + i + 1, s->listening + i,
+            (s->nlisten - i) * sizeof *s->listening);
+    s->listening[i] = chat_id;
+    s->nlisten++;
+    return CS_OK;
+}
+
+static int p_unlisten(void *st, int64_t chat_id)
+{
+    pg_store *s = st;
+    size_t i = listen_pos(s, chat_id);
+    if (i >= s->nlisten || s->listening[i] != chat_id)
+        return CS_OK;
+    memmove(s->listening + i, s->listening + i + 1,
+            (s->nlisten - i - 1) * sizeof *s->listening);
+    s->nlisten--;
+    if (s->l && PQstatus(s->l) == CONNECTION_OK &&
+        listen_cmd(s, "UNLISTEN", chat_id) < 0)
+        listener_drop(s); /* reconnects without this channel */
+    return CS_OK;
+}
+
+/* "chat:<id>" (or "<schema>:chat:<id>") -> id; -1 if it is not ours. */
+static int64_t chat_of(pg_store *s, const char *channel)
+{
+    size_t n = strlen(s->prefix);
+    int64_t id;
+    if (strncmp(channel, s->prefix, n) != 0 ||
+        !cs_parse_id(channel + n, strlen(channel + n), &id) || id < 1)
+        return -1;
+    return id;
+}
+
+static int p_poll(void *st,
+                  void (*cb)(void *ud, int64_t chat_id, const char *payload,
+                             size_t len),
+                  void *ud)
+{
+    pg_store *s = st;
+    int count = 0;
+    if (s->nlisten > 0 && !listener_up(s))
+        return CS_OK; /* down: retried at the next step, after backoff */
+    if (s->resync_pending) {
+        s->resync_pending = false;
+        cb(ud, CS_RESYNC_ALL, NULL, 0);
+    }
+    if (!s->l)
+        return 0;
+    if (!PQconsumeInput(s->l) || PQstatus(s->l) != CONNECTION_OK) {
+        conn_fail(s, s->l, "listener connection lost");
+        /* Deliver what was read before the loss, then reconnect later. */
+        PGnotify *n;
+        while ((n = PQnotifies(s->l))) {
+            cb(ud, chat_of(s, n->relname), n->extra, strlen(n->extra));
+            PQfreemem(n);
+            count++;
+        }
+        listener_drop(s);
+        return count;
+    }
+    PGnotify *n;
+    while ((n = PQnotifies(s->l))) {
+        cb(ud, chat_of(s, n->relname), n->extra, strlen(n->extra));
+        PQfreemem(n);
+        count++;
+    }
+    return count;
+}
+
+static int p_fd(void *st)
+{
+    pg_store *s = st;
+    return s->l && PQstatus(s->l) == CONNECTION_OK ? PQsocket(s->l) : -1;
+}
+
+static const char *p_errmsg(void *st)
+{
+    return ((pg_store *)st)->err;
+}
+
+static int p_listener_pid(void *st)
+{
+    pg_store *s = st;
+    return s->l && PQstatus(s->l) == CONNECTION_OK ? PQbackendPID(s->l) : -1;
+}
+
+static int64_t p_reconnects(void *st)
+{
+    return ((pg_store *)st)->reconnects;
+}
+
+static void p_close(void *st)
+{
+    pg_store *s = st;
+    PQfinish(s->q);
+    PQfinish(s->l);
+    free(s->listening);
+    if (s->password) {
+        memset(s->password, 0, strlen(s->password));
+        free(s->password);
+    }
+    if (s->dsn) {
+        memset(s->dsn, 0, strlen(s->dsn));
+        free(s->dsn);
+    }
+    free(s);
+}
+
+static const cs_store_ops pg_ops = {
+    .name = "postgresql",
+    .remote = true,
+    .create_chat = p_create_chat,
+    .commit = p_commit,
+    .messages_after = p_messages_after,
+    .listen = p_listen,
+    .unlisten = p_unlisten,
+    .notify = p_notify,
+    .poll = p_poll,
+    .fd = p_fd,
+    .errmsg = p_errmsg,
+    .close = p_close,
+    .migrate = p_migrate,
+    .listener_pid = p_listener_pid,
+    .reconnects = p_reconnects,
+};
+
+int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
+                     char *errbuf, size_t errlen)
+{
+    if (!schema)
+        schema = "chatstream";
+    if (!dsn || !cs_valid_identifier(schema)) {
+        if (errbuf && errlen)
+            snprintf(errbuf, errlen, "%s",
+                     dsn ? "schema must match [a-z_][a-z0-9_]{0,62}"
+                         : "no dsn");
+        return CS_EINVAL;
+    }
+    char *perr = NULL;
+    PQconninfoOption *opts = PQconninfoParse(dsn, &perr);
+    if (!opts) {
+        if (errbuf && errlen)
+            snprintf(errbuf, errlen, "bad dsn%s", perr ? " (cannot parse)" : "");
+        PQfreemem(perr);
+        return CS_EINVAL;
+    }
+    pg_store *s = calloc(1, sizeof *s);
+    if (!s) {
+        PQconninfoFree(opts);
+        return CS_ENOMEM;
+    }
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (!o->val)
+            continue;
+        if (strcmp(o->keyword, "password") == 0 && *o->val)
+            s->password = strdup(o->val);
+        if (strcmp(o->keyword, "connect_timeout") == 0)
+            s->has_timeout = true;
+    }
+    PQconninfoFree(opts);
+    s->dsn = strdup(dsn);
+    snprintf(s->schema, sizeof s->schema, "%s", schema);
+    if (strcmp(schema, "chatstream") == 0)
+        snprintf(s->prefix, sizeof s->prefix, "chat:");
+    else
+        snprintf(s->prefix, sizeof s->prefix, "%s:chat:", schema);
+    if (!s->dsn) {
+        p_close(s);
+        return CS_ENOMEM;
+    }
+    s->q = connect_db(s);
+    if (!s->q || PQstatus(s->q) != CONNECTION_OK) {
+        conn_fail(s, s->q, "cannot connect");
+        if (errbuf && errlen)
+            snprintf(errbuf, errlen, "%s", s->err);
+        p_close(s);
+        return CS_EBACKEND;
+    }
+    if (listener_connect(s, true) < 0) {
+        if (errbuf && errlen)
+            snprintf(errbuf, errlen, "%s", s->err);
+        p_close(s);
+        return CS_EBACKEND;
+    }
+    out->ops = &pg_ops;
+    out->st = s;
+    return CS_OK;
+}
