@@ -1,5 +1,7 @@
 -- examples/demo.lua - a scripted conversation in which a promote/resume race happens.
--- Runs on the embedded memory store: no server needed.
+-- Runs on the embedded memory store: no server needed. With CHATSTREAM_DSN set
+-- it runs on that PostgreSQL server instead (schema CHATSTREAM_SCHEMA, default
+-- "chatstream", migrated first).
 --
 -- The chat waits on a client tool (requires_action). The user sends another
 -- message meanwhile; it is promoted: one transaction commits a synthetic tool
@@ -9,7 +11,11 @@
 -- readers watch, one per merge strategy.
 local chatstream = require("chatstream")
 
-local store = assert(chatstream.open())
+local dsn = os.getenv("CHATSTREAM_DSN")
+local store = assert(chatstream.open(dsn and { dsn = dsn, schema = os.getenv("CHATSTREAM_SCHEMA") }))
+assert(store:migrate())
+-- PostgreSQL delivers notifications asynchronously: read with a short wait.
+local wait = store:kind() == "postgresql" and 0.3 or 0
 local chat = store:create_chat({ owner = "alice", title = "deploy helper" })
 
 store:append(chat, {
@@ -33,7 +39,7 @@ readers[#readers + 1] = {
 
 local function read_all()
   for _, r in ipairs(readers) do
-    for ev in r.sub:events(0) do
+    for ev in r.sub:events(wait) do
       r.got[#r.got + 1] = ev
     end
   end
@@ -64,7 +70,7 @@ read_all()
 local truth = {}
 do
   local sub <close> = assert(store:subscribe(chat))
-  for ev in sub:events(0) do
+  for ev in sub:events(wait) do
     truth[#truth + 1] = ev
   end
 end
@@ -74,7 +80,7 @@ for _, ev in ipairs(readers[1].got) do
   print(string.format("  #%d %-9s %s", ev.id, ev.role, ev.content))
 end
 print()
-print(string.format("The chat holds %d messages. Per strategy:", #truth))
+print(string.format("The chat holds %d messages (%s store). Per strategy:", #truth, store:kind()))
 for _, r in ipairs(readers) do
   local seen, dup, lost = {}, 0, 0
   for _, ev in ipairs(r.got) do

@@ -230,6 +230,34 @@ static PGconn *qconn(pg_store *s)
     return NULL;
 }
 
+/* For statements that are safe to send twice (reads, BEGIN, pg_notify) on
+ * the query connection outside a transaction: when the connection turns out
+ * to be dead (the server restarted since the last statement), reconnect and
+ * try once more, instead of failing the caller for a connection that was
+ * already gone. */
+static PGresult *run_retry(pg_store *s, const char *sql, int n,
+                           const char *const *vals)
+{
+    PGconn *c = qconn(s);
+    if (!c)
+        return NULL;
+    bool idle = PQtransactionStatus(c) == PQTRANS_IDLE;
+    PGresult *r = run(s, c, sql, n, vals);
+    if (!r && idle && PQstatus(c) == CONNECTION_BAD && (c = qconn(s)))
+        r = run(s, c, sql, n, vals);
+    return r;
+}
+
+static int exec_retry(pg_store *s, const char *sql, int n,
+                      const char *const *vals)
+{
+    PGresult *r = run_retry(s, sql, n, vals);
+    if (!r)
+        return CS_EBACKEND;
+    PQclear(r);
+    return CS_OK;
+}
+
 static void rollback(pg_store *s, PGconn *c)
 {
     if (c && PQstatus(c) == CONNECTION_OK &&
@@ -302,7 +330,8 @@ static int p_migrate(void *st)
     char sql[4096], key[96];
     const char *vals[1] = {key};
     snprintf(key, sizeof key, "chatstream.migrate:%s", s->schema);
-    int rc = exec(s, c, "BEGIN", 0, NULL);
+    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    c = s->q;
     /* One migrator per schema at a time, across processes. */
     if (rc == CS_OK)
         rc = exec(s, c, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, vals);
@@ -385,7 +414,8 @@ static int p_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
         return CS_EBACKEND;
     char sql[SQL_MAX], chat[24], prev[24], last[24];
     size_t base = out->n;
-    int rc = exec(s, c, "BEGIN", 0, NULL);
+    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    c = s->q;
     int64_t prev_id = 0;
     i64s(chat, chat_id);
     if (rc == CS_OK) {
@@ -469,7 +499,7 @@ static int p_messages_after(void *st, int64_t chat_id, int64_t after,
     i64s(chat, chat_id);
     i64s(aft, after);
     const char *vals[2] = {chat, aft};
-    PGresult *r = run(s, c, sql, 2, vals);
+    PGresult *r = run_retry(s, sql, 2, vals);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r), rc = CS_OK;
@@ -516,7 +546,7 @@ static int p_notify(void *st, int64_t chat_id, const char *payload, size_t len)
     char channel[128];
     channel_of(s, chat_id, channel, sizeof channel);
     const char *vals[2] = {channel, payload};
-    return exec(s, c, "SELECT pg_notify($1, $2)", 2, vals);
+    return exec_retry(s, "SELECT pg_notify($1, $2)", 2, vals);
 }
 
 static size_t listen_pos(const pg_store *s, int64_t chat_id)
