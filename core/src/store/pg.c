@@ -44,7 +44,9 @@ static double now(void)
 
 bool cs_valid_identifier(const char *s)
 {
-    if (!s || !*s || strlen(s) > 62)
+    /* A channel "<schema>:chat:<id>" must fit PostgreSQL's 63-byte names:
+     * 38 + 6 + 19 digits. */
+    if (!s || !*s || strlen(s) > 38)
         return false;
     if (!((*s >= 'a' && *s <= 'z') || *s == '_'))
         return false;
@@ -780,7 +782,7 @@ int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
     if (!dsn || !cs_valid_identifier(schema)) {
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "%s",
-                     dsn ? "schema must match [a-z_][a-z0-9_]{0,62}"
+                     dsn ? "schema must match [a-z_][a-z0-9_]{0,37}"
                          : "no dsn");
         return CS_EINVAL;
     }
