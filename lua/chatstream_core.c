@@ -299,6 +299,8 @@ static void read_msg(lua_State *L, int idx, int argn, cs_msg_in *m)
         luaL_argerror(L, argn, "message content must be a string");
     m->content = lua_tolstring(L, -1, &m->content_len);
     lua_pop(L, 1);
+    if (memchr(m->content, '\0', m->content_len))
+        luaL_argerror(L, argn, "message content must not contain a NUL byte");
     if (m->content_len > CS_MAX_CONTENT)
         luaL_argerror(L, argn, "message content is too large");
     m->role = (cs_role)r;

@@ -1,5 +1,9 @@
--- spec/api_spec.lua - the Lua API contract (DESIGN.md section 7), memory store.
+-- spec/api_spec.lua - the Lua API contract (DESIGN.md section 7), on every
+-- store of the matrix (spec/helpers.lua): the Store, Publish and Subscription
+-- tests run on the memory store and on PostgreSQL. Module-level option checks
+-- and the memory fault knobs need no server and run once.
 local chatstream = require("chatstream")
+local H = require("helpers")
 
 local STAT_KEYS = {
   "notifications", "malformed", "queries", "query_errors", "writes",
@@ -39,6 +43,37 @@ local function ids_of(evs)
   end
   return ids
 end
+
+-- Waits until the store's hub has received n notifications in all, so that a
+-- non-blocking read that follows sees every live event. On PostgreSQL they
+-- arrive asynchronously; the memory store delivers them at once and the read
+-- steps the hub itself, as it always did, so there it does nothing.
+local function settle(store, n)
+  if store:kind() ~= "memory" then
+    H.settle(store, n)
+  end
+end
+
+-- Steps the hub until it has received n notifications and returns the sum of
+-- what step() said it received. Memory: one step() gets them all (they are
+-- there at once). PostgreSQL: they arrive asynchronously, over steps that wait
+-- for the listener (a step returns as soon as some are there).
+local function step_for(store, n)
+  if store:kind() == "memory" then
+    return store:step()
+  end
+  local got, deadline = 0, os.time() + 10
+  while got < n and os.time() <= deadline do
+    local k = store:step(0.5)
+    assert.are.equal("integer", math.type(k))
+    got = got + k
+  end
+  return got
+end
+
+-- How long a read waits for an event that must come: the memory store answers
+-- at once (nothing can arrive while it waits), PostgreSQL when it is there.
+local LIVE = 5
 
 describe("chatstream module", function()
   it("has a string _VERSION", function()
@@ -135,205 +170,325 @@ describe("chatstream module", function()
     assert.truthy(tostring(db):find("^chatstream.MemoryDB "))
     db:close()
   end)
+end)
 
-  it("two stores on one memory db see each other's chats and messages", function()
-    local db = chatstream.memory()
-    local a = chatstream.open({ memory = db })
-    local b = chatstream.open({ memory = db })
-    local chat = a:create_chat({ owner = "alice" })
-    -- b appends to a's chat: the chat is shared.
-    local ids = b:append(chat, msg("user", "from b"))
-    local sub = a:subscribe(chat)
-    local ev = sub:next(0)
-    assert.are.equal(ids[1], ev.id)
-    assert.are.equal("from b", ev.content)
-    -- a live message written on a reaches a reader on b.
-    local bsub = b:subscribe(chat, { after = ids[1] })
-    assert.are.same({ nil, "timeout" }, { bsub:next(0) })
-    local more = a:append(chat, msg("assistant", "from a"))
-    ev = bsub:next(0)
-    assert.are.equal(more[1], ev.id)
-    assert.are.equal("from a", ev.content)
-    assert.are.equal(ids[1], ev.prev_id)
-    -- chat ids come from the shared database too.
-    assert.are.equal(chat + 1, b:create_chat())
-    sub:close(); bsub:close(); a:close(); b:close(); db:close()
+-- Runs body(kind, ctx) once per backend, where ctx.inst is a database made once
+-- for the describe (ids are shared by its tests: they never assume values,
+-- except the tests that make their own fresh one).
+local function per_backend(body)
+  H.each_backend(_ENV, function(kind)
+    local ctx = {}
+    lazy_setup(function()
+      ctx.inst = H.new_instance(kind)
+    end)
+    lazy_teardown(function()
+      ctx.inst:close()
+    end)
+    body(kind, ctx)
   end)
+end
 
-  it("stores without a shared db do not see each other's chats", function()
-    local a, b = chatstream.open(), chatstream.open()
-    local chat = a:create_chat()
-    a:append(chat, msg("user", "a only"))
-    local sub, err, code = b:subscribe(chat, { after = 0 })
-    -- b has a private database with no chats at all.
-    assert.is_nil(sub)
-    assert.truthy(err:find("^ENOTFOUND: "))
-    assert.are.equal("ENOTFOUND", code)
-    a:close(); b:close()
+describe("Store", function()
+  per_backend(function(kind, ctx)
+    local store
+    before_each(function()
+      store = ctx.inst:open()
+    end)
+    after_each(function()
+      store:close()
+    end)
+
+    it("is a chatstream.Store of its kind", function()
+      assert.are.equal("chatstream.Store", getmetatable(store).__name)
+      assert.are.equal(kind, store:kind())
+    end)
+
+    it("opens with an options table", function()
+      local s = ctx.inst:open({
+        cache_size = 8, queue_size = 4, poll_interval = 0.5,
+        authorize = function() return true end,
+      })
+      assert.are.equal("chatstream.Store", getmetatable(s).__name)
+      local chat = s:create_chat()
+      assert.are.equal("integer", math.type(chat))
+      s:close()
+    end)
+
+    it("two stores on one database see each other's chats and messages", function()
+      local a, b = ctx.inst:open(), ctx.inst:open()
+      local chat = a:create_chat({ owner = "alice" })
+      -- b appends to a's chat: the chat is shared.
+      local ids = b:append(chat, msg("user", "from b"))
+      local sub = a:subscribe(chat)
+      local ev = sub:next(0)
+      assert.are.equal(ids[1], ev.id)
+      assert.are.equal("from b", ev.content)
+      -- a live message written on a reaches a reader on b.
+      local bsub = b:subscribe(chat, { after = ids[1] })
+      assert.are.same({ nil, "timeout" }, { bsub:next(0) })
+      local more = a:append(chat, msg("assistant", "from a"))
+      ev = bsub:next(LIVE)
+      assert.are.equal(more[1], ev.id)
+      assert.are.equal("from a", ev.content)
+      assert.are.equal(ids[1], ev.prev_id)
+      -- chat ids come from the shared database too.
+      assert.are.equal(chat + 1, b:create_chat())
+      sub:close(); bsub:close(); a:close(); b:close()
+    end)
+
+    it("stores without a shared database do not see each other's chats", function()
+      H.with_instance(kind, function(other)
+        local a, b = ctx.inst:open(), other:open()
+        local chat = a:create_chat()
+        a:append(chat, msg("user", "a only"))
+        local sub, err, code = b:subscribe(chat, { after = 0 })
+        -- b has a database of its own with no chats at all.
+        assert.is_nil(sub)
+        assert.truthy(err:find("^ENOTFOUND: "))
+        assert.are.equal("ENOTFOUND", code)
+        a:close()
+      end)
+    end)
+
+    it("ids start at 1 on a new database", function()
+      H.with_instance(kind, function(fresh)
+        local s = fresh:open()
+        assert.are.equal(1, s:create_chat())
+        assert.are.equal(2, s:create_chat())
+        assert.are.same({ 1, 2 }, s:append(2, { msg("user", "a"), msg("user", "b") }))
+        assert.are.same({ 3 }, s:append(1, msg("user", "c")))
+      end)
+    end)
+
+    it("create_chat returns increasing integer ids", function()
+      local c1 = store:create_chat({ owner = "alice", title = "one" })
+      local c2 = store:create_chat()
+      local c3 = store:create_chat({})
+      assert.are.equal("integer", math.type(c1))
+      assert.are.equal("integer", math.type(c2))
+      assert.are.equal(c1 + 1, c2)
+      assert.are.equal(c2 + 1, c3)
+    end)
+
+    it("create_chat raises on bad option types", function()
+      contains("owner", raises(store.create_chat, store, { owner = 5 }))
+      contains("title", raises(store.create_chat, store, { title = {} }))
+      contains("unknown option 'color'", raises(store.create_chat, store, { color = "red" }))
+      contains("table expected", raises(store.create_chat, store, "alice"))
+    end)
+
+    it("append takes one message table and returns a list of one integer id", function()
+      local chat = store:create_chat()
+      local ids = store:append(chat, msg("user", "hi"))
+      assert.are.equal("table", type(ids))
+      assert.are.equal(1, #ids)
+      assert.are.equal("integer", math.type(ids[1]))
+    end)
+
+    it("append takes a list and returns ascending consecutive ids", function()
+      local chat = store:create_chat()
+      local ids = store:append(chat, {
+        msg("system", "s"), msg("user", "u"), msg("assistant", "a"), msg("tool", "t"),
+      })
+      assert.are.equal(4, #ids)
+      for i = 2, 4 do
+        assert.are.equal("integer", math.type(ids[i]))
+        assert.are.equal(ids[i - 1] + 1, ids[i])
+      end
+    end)
+
+    it("append ids come from one sequence shared by all chats", function()
+      local a, b = store:create_chat(), store:create_chat()
+      local a1 = store:append(a, msg("user", "a1"))[1]
+      local b1 = store:append(b, msg("user", "b1"))[1]
+      local a2 = store:append(a, msg("user", "a2"))[1]
+      local b23 = store:append(b, { msg("user", "b2"), msg("user", "b3") })
+      local a3 = store:append(a, msg("user", "a3"))[1]
+      assert.are.same({ a1 + 1, a1 + 2, a1 + 3, a1 + 4, a1 + 5 },
+        { b1, a2, b23[1], b23[2], a3 })
+      -- chat a's ids rise with holes; prev_id links them.
+      local evs = read_all(store:subscribe(a))
+      assert.are.same({ a1, a2, a3 }, ids_of(evs))
+      assert.are.same({ 0, a1, a2 }, { evs[1].prev_id, evs[2].prev_id, evs[3].prev_id })
+    end)
+
+    it("append raises on a bad role", function()
+      local chat = store:create_chat()
+      local err = raises(store.append, store, chat, msg("admin", "x"))
+      contains("message role must be system, user, assistant or tool", err)
+      contains("role", raises(store.append, store, chat, { content = "x", role = 1 }))
+      contains("role", raises(store.append, store, chat, { msg("user", "ok"), msg("root", "x") }))
+    end)
+
+    it("append raises on content that is not a string", function()
+      local chat = store:create_chat()
+      contains("message content must be a string", raises(store.append, store, chat, msg("user", 5)))
+      contains("message content must be a string", raises(store.append, store, chat, { role = "user" }))
+      contains("message content must be a string",
+        raises(store.append, store, chat, { msg("user", "ok"), msg("user", {}) }))
+    end)
+
+    it("append and prepare raise on content with a NUL byte, and nothing is written", function()
+      local chat = store:create_chat()
+      contains("must not contain a NUL byte", raises(store.append, store, chat, msg("user", "a\0b")))
+      contains("must not contain a NUL byte",
+        raises(store.prepare, store, chat, { msg("user", "ok"), msg("user", "\0") }))
+      local sub = assert(store:subscribe(chat))
+      assert.is_nil(sub:next(0))
+      sub:close()
+    end)
+
+    it("append raises on an empty list", function()
+      local chat = store:create_chat()
+      contains("expected a message or a list of 1 to 4096 messages", raises(store.append, store, chat, {}))
+    end)
+
+    it("append raises on a message that is not a table", function()
+      local chat = store:create_chat()
+      contains("table expected", raises(store.append, store, chat, "hi"))
+      contains("message must be a table", raises(store.append, store, chat, { "hi" }))
+      contains("chat id must be a positive integer", raises(store.append, store, 0, msg("user", "x")))
+    end)
+
+    it("a raising append writes nothing", function()
+      local chat = store:create_chat()
+      raises(store.append, store, chat, { msg("user", "ok"), msg("nobody", "x") })
+      local before = store:stats().writes
+      assert.are.same({}, read_all(store:subscribe(chat)))
+      assert.are.equal(before, store:stats().writes)
+    end)
+
+    it("append to a missing chat returns nil, ENOTFOUND", function()
+      local n = select("#", store:append(999, msg("user", "x")))
+      local ids, err, code = store:append(999, msg("user", "x"))
+      assert.are.equal(3, n)
+      assert.is_nil(ids)
+      assert.are.equal("ENOTFOUND: no chat 999", err)
+      assert.are.equal("ENOTFOUND", code)
+    end)
+
+    it("stats() returns every counter as an integer, all 0 on a new store", function()
+      local st = store:stats()
+      for _, k in ipairs(STAT_KEYS) do
+        assert.are.equal("integer", math.type(st[k]), k)
+        assert.are.equal(0, st[k], k)
+      end
+      local n = 0
+      for _ in pairs(st) do
+        n = n + 1
+      end
+      assert.are.equal(#STAT_KEYS, n)
+    end)
+
+    it("stats() counts one write per append transaction", function()
+      local chat = store:create_chat()
+      local w = store:stats().writes
+      store:append(chat, msg("user", "one"))
+      assert.are.equal(w + 1, store:stats().writes)
+      store:append(chat, { msg("user", "two"), msg("user", "three") })
+      assert.are.equal(w + 2, store:stats().writes)
+      store:append(999, msg("user", "lost"))
+      assert.are.equal(w + 2, store:stats().writes)
+    end)
+
+    it("stats() counts delivered events when they are read, not before", function()
+      local chat = store:create_chat()
+      store:append(chat, { msg("user", "a"), msg("user", "b") })
+      local q = store:stats().queries
+      local sub = store:subscribe(chat)
+      assert.are.equal(q + 1, store:stats().queries) -- the snapshot
+      assert.are.equal(0, store:stats().delivered)
+      sub:next(0)
+      assert.are.equal(1, store:stats().delivered)
+      sub:next(0)
+      assert.are.equal(2, store:stats().delivered)
+      assert.are.same({ nil, "timeout" }, { sub:next(0) })
+      assert.are.equal(2, store:stats().delivered)
+      sub:close()
+    end)
+
+    it("stats() counts notifications received and cache hits for live messages", function()
+      local chat = store:create_chat()
+      local sub = store:subscribe(chat)
+      local st0 = store:stats()
+      store:append(chat, msg("user", "live"))
+      assert.are.equal("live", sub:next(LIVE).content)
+      local st1 = store:stats()
+      assert.are.equal(st0.notifications + 1, st1.notifications)
+      assert.are.equal(st0.cache_hits + 1, st1.cache_hits) -- the writer's own cache
+      assert.are.equal(st0.db_passes, st1.db_passes) -- so no DB pass
+      assert.are.equal(0, st1.malformed)
+      assert.are.equal(0, st1.publish_errors)
+      sub:close()
+    end)
+
+    it("stats() counts a resync when a subscription's queue overflows, losing nothing", function()
+      local s = ctx.inst:open({ queue_size = 1 })
+      local chat = s:create_chat()
+      local sub = s:subscribe(chat)
+      local want = {}
+      for i = 1, 3 do
+        want[i] = s:append(chat, msg("user", "m" .. i))[1]
+      end
+      assert.are.equal(0, s:stats().resyncs)
+      assert.are.equal(3, step_for(s, 3)) -- routes 3 hints into a queue of 1
+      assert.are.equal(1, s:stats().resyncs)
+      assert.are.same(want, ids_of(read_all(sub)))
+      s:close()
+    end)
+
+    if kind == "memory" then
+      it("fd() is nil on the memory store", function()
+        local n = select("#", store:fd())
+        assert.are.equal(1, n)
+        assert.is_nil(store:fd())
+      end)
+
+      it("listener_pid() is nil on the memory store", function()
+        assert.are.equal(1, select("#", store:listener_pid()))
+        assert.is_nil(store:listener_pid())
+      end)
+    else
+      it("fd() is the listener socket, an integer", function()
+        assert.are.equal(1, select("#", store:fd()))
+        assert.are.equal("integer", math.type(store:fd()))
+        assert.is_true(store:fd() >= 0)
+      end)
+
+      it("listener_pid() is the listener's server PID, an integer", function()
+        assert.are.equal(1, select("#", store:listener_pid()))
+        assert.are.equal("integer", math.type(store:listener_pid()))
+        assert.is_true(store:listener_pid() > 0)
+        -- each store has a listener of its own
+        local other = ctx.inst:open()
+        assert.are_not.equal(store:listener_pid(), other:listener_pid())
+        other:close()
+      end)
+    end
+
+    it("step() returns the number of notifications received", function()
+      assert.are.equal(0, store:step())
+      local chat = store:create_chat()
+      local sub = store:subscribe(chat)
+      store:append(chat, { msg("user", "a") })
+      store:append(chat, { msg("user", "b") })
+      local n = step_for(store, 2)
+      assert.are.equal("integer", math.type(n))
+      assert.are.equal(2, n)
+      assert.are.equal(0, store:step())
+      -- the routed notifications are not lost: the reader gets both.
+      assert.are.equal(2, #read_all(sub))
+      sub:close()
+    end)
+
+    it("migrate() returns true", function()
+      assert.are.equal(true, store:migrate())
+      assert.are.equal(true, store:migrate()) -- idempotent
+    end)
   end)
 end)
 
-describe("Store", function()
-  local store
-  before_each(function()
-    store = chatstream.open()
-  end)
-  after_each(function()
-    store:close()
-  end)
-
-  it("create_chat returns increasing integer ids", function()
-    local c1 = store:create_chat({ owner = "alice", title = "one" })
-    local c2 = store:create_chat()
-    local c3 = store:create_chat({})
-    assert.are.equal("integer", math.type(c1))
-    assert.are.equal("integer", math.type(c2))
-    assert.are.equal(c1 + 1, c2)
-    assert.are.equal(c2 + 1, c3)
-  end)
-
-  it("create_chat raises on bad option types", function()
-    contains("owner", raises(store.create_chat, store, { owner = 5 }))
-    contains("title", raises(store.create_chat, store, { title = {} }))
-    contains("unknown option 'color'", raises(store.create_chat, store, { color = "red" }))
-    contains("table expected", raises(store.create_chat, store, "alice"))
-  end)
-
-  it("append takes one message table and returns a list of one integer id", function()
-    local chat = store:create_chat()
-    local ids = store:append(chat, msg("user", "hi"))
-    assert.are.equal("table", type(ids))
-    assert.are.equal(1, #ids)
-    assert.are.equal("integer", math.type(ids[1]))
-  end)
-
-  it("append takes a list and returns ascending consecutive ids", function()
-    local chat = store:create_chat()
-    local ids = store:append(chat, {
-      msg("system", "s"), msg("user", "u"), msg("assistant", "a"), msg("tool", "t"),
-    })
-    assert.are.equal(4, #ids)
-    for i = 2, 4 do
-      assert.are.equal("integer", math.type(ids[i]))
-      assert.are.equal(ids[i - 1] + 1, ids[i])
-    end
-  end)
-
-  it("append ids come from one sequence shared by all chats", function()
-    local a, b = store:create_chat(), store:create_chat()
-    local a1 = store:append(a, msg("user", "a1"))[1]
-    local b1 = store:append(b, msg("user", "b1"))[1]
-    local a2 = store:append(a, msg("user", "a2"))[1]
-    local b23 = store:append(b, { msg("user", "b2"), msg("user", "b3") })
-    local a3 = store:append(a, msg("user", "a3"))[1]
-    assert.are.same({ a1 + 1, a1 + 2, a1 + 3, a1 + 4, a1 + 5 },
-      { b1, a2, b23[1], b23[2], a3 })
-    -- chat a's ids rise with holes; prev_id links them.
-    local evs = read_all(store:subscribe(a))
-    assert.are.same({ a1, a2, a3 }, ids_of(evs))
-    assert.are.same({ 0, a1, a2 }, { evs[1].prev_id, evs[2].prev_id, evs[3].prev_id })
-  end)
-
-  it("append raises on a bad role", function()
-    local chat = store:create_chat()
-    local err = raises(store.append, store, chat, msg("admin", "x"))
-    contains("message role must be system, user, assistant or tool", err)
-    contains("role", raises(store.append, store, chat, { content = "x", role = 1 }))
-    contains("role", raises(store.append, store, chat, { msg("user", "ok"), msg("root", "x") }))
-  end)
-
-  it("append raises on content that is not a string", function()
-    local chat = store:create_chat()
-    contains("message content must be a string", raises(store.append, store, chat, msg("user", 5)))
-    contains("message content must be a string", raises(store.append, store, chat, { role = "user" }))
-    contains("message content must be a string",
-      raises(store.append, store, chat, { msg("user", "ok"), msg("user", {}) }))
-  end)
-
-  it("append raises on an empty list", function()
-    local chat = store:create_chat()
-    contains("expected a message or a list of 1 to 4096 messages", raises(store.append, store, chat, {}))
-  end)
-
-  it("append raises on a message that is not a table", function()
-    local chat = store:create_chat()
-    contains("table expected", raises(store.append, store, chat, "hi"))
-    contains("message must be a table", raises(store.append, store, chat, { "hi" }))
-    contains("chat id must be a positive integer", raises(store.append, store, 0, msg("user", "x")))
-  end)
-
-  it("a raising append writes nothing", function()
-    local chat = store:create_chat()
-    raises(store.append, store, chat, { msg("user", "ok"), msg("nobody", "x") })
-    local before = store:stats().writes
-    assert.are.same({}, read_all(store:subscribe(chat)))
-    assert.are.equal(before, store:stats().writes)
-  end)
-
-  it("append to a missing chat returns nil, ENOTFOUND", function()
-    local n = select("#", store:append(999, msg("user", "x")))
-    local ids, err, code = store:append(999, msg("user", "x"))
-    assert.are.equal(3, n)
-    assert.is_nil(ids)
-    assert.are.equal("ENOTFOUND: no chat 999", err)
-    assert.are.equal("ENOTFOUND", code)
-  end)
-
-  it("stats() returns every counter as an integer, all 0 on a new store", function()
-    local st = store:stats()
-    for _, k in ipairs(STAT_KEYS) do
-      assert.are.equal("integer", math.type(st[k]), k)
-      assert.are.equal(0, st[k], k)
-    end
-    local n = 0
-    for _ in pairs(st) do
-      n = n + 1
-    end
-    assert.are.equal(#STAT_KEYS, n)
-  end)
-
-  it("stats() counts one write per append transaction", function()
-    local chat = store:create_chat()
-    local w = store:stats().writes
-    store:append(chat, msg("user", "one"))
-    assert.are.equal(w + 1, store:stats().writes)
-    store:append(chat, { msg("user", "two"), msg("user", "three") })
-    assert.are.equal(w + 2, store:stats().writes)
-    store:append(999, msg("user", "lost"))
-    assert.are.equal(w + 2, store:stats().writes)
-  end)
-
-  it("stats() counts delivered events when they are read, not before", function()
-    local chat = store:create_chat()
-    store:append(chat, { msg("user", "a"), msg("user", "b") })
-    local q = store:stats().queries
-    local sub = store:subscribe(chat)
-    assert.are.equal(q + 1, store:stats().queries) -- the snapshot
-    assert.are.equal(0, store:stats().delivered)
-    sub:next(0)
-    assert.are.equal(1, store:stats().delivered)
-    sub:next(0)
-    assert.are.equal(2, store:stats().delivered)
-    assert.are.same({ nil, "timeout" }, { sub:next(0) })
-    assert.are.equal(2, store:stats().delivered)
-    sub:close()
-  end)
-
-  it("stats() counts notifications received and cache hits for live messages", function()
-    local chat = store:create_chat()
-    local sub = store:subscribe(chat)
-    local st0 = store:stats()
-    store:append(chat, msg("user", "live"))
-    assert.are.equal("live", sub:next(0).content)
-    local st1 = store:stats()
-    assert.are.equal(st0.notifications + 1, st1.notifications)
-    assert.are.equal(st0.cache_hits + 1, st1.cache_hits) -- the writer's own cache
-    assert.are.equal(st0.db_passes, st1.db_passes) -- so no DB pass
-    assert.are.equal(0, st1.malformed)
-    assert.are.equal(0, st1.publish_errors)
-    sub:close()
-  end)
-
+describe("Store (memory only)", function()
   it("stats() counts query errors", function()
     local db = chatstream.memory()
     local s = chatstream.open({ memory = db })
@@ -344,376 +499,357 @@ describe("Store", function()
     assert.are.equal(1, s:stats().queries)
     s:close(); db:close()
   end)
-
-  it("stats() counts a resync when a subscription's queue overflows, losing nothing", function()
-    local s = chatstream.open({ queue_size = 1 })
-    local chat = s:create_chat()
-    local sub = s:subscribe(chat)
-    local want = {}
-    for i = 1, 3 do
-      want[i] = s:append(chat, msg("user", "m" .. i))[1]
-    end
-    assert.are.equal(0, s:stats().resyncs)
-    assert.are.equal(3, s:step()) -- routes 3 hints into a queue of 1
-    assert.are.equal(1, s:stats().resyncs)
-    assert.are.same(want, ids_of(read_all(sub)))
-    s:close()
-  end)
-
-  it("fd() is nil on the memory store", function()
-    local n = select("#", store:fd())
-    assert.are.equal(1, n)
-    assert.is_nil(store:fd())
-  end)
-
-  it("step() returns the number of notifications received", function()
-    assert.are.equal(0, store:step())
-    local chat = store:create_chat()
-    local sub = store:subscribe(chat)
-    store:append(chat, { msg("user", "a") })
-    store:append(chat, { msg("user", "b") })
-    local n = store:step()
-    assert.are.equal("integer", math.type(n))
-    assert.are.equal(2, n)
-    assert.are.equal(0, store:step())
-    -- the routed notifications are not lost: the reader gets both.
-    assert.are.equal(2, #read_all(sub))
-    sub:close()
-  end)
-
-  it("migrate() returns true", function()
-    assert.are.equal(true, store:migrate())
-    assert.are.equal(true, store:migrate()) -- idempotent
-  end)
 end)
 
 describe("Publish", function()
-  local store, chat
-  before_each(function()
-    store = chatstream.open()
-    chat = store:create_chat({ owner = "alice" })
-  end)
-  after_each(function()
-    store:close()
-  end)
+  per_backend(function(_, ctx)
+    local store, chat
+    before_each(function()
+      store = ctx.inst:open()
+      chat = store:create_chat({ owner = "alice" })
+    end)
+    after_each(function()
+      store:close()
+    end)
 
-  it("store:prepare returns a Publish", function()
-    local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
-    assert.are.equal("chatstream.Publish", getmetatable(p).__name)
-    p:close()
-  end)
+    it("store:prepare returns a Publish", function()
+      local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
+      assert.are.equal("chatstream.Publish", getmetatable(p).__name)
+      p:close()
+    end)
 
-  it("commit returns the ids, ascending integers", function()
-    local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
-    local ids = p:commit()
-    assert.are.equal(2, #ids)
-    assert.are.equal("integer", math.type(ids[1]))
-    assert.are.equal(ids[1] + 1, ids[2])
-    p:close()
-  end)
+    it("commit returns the ids, ascending integers", function()
+      local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
+      local ids = p:commit()
+      assert.are.equal(2, #ids)
+      assert.are.equal("integer", math.type(ids[1]))
+      assert.are.equal(ids[1] + 1, ids[2])
+      p:close()
+    end)
 
-  it("prepare raises on bad messages like append", function()
-    contains("role", raises(store.prepare, store, chat, msg("bad", "x")))
-    contains("expected a message or a list", raises(store.prepare, store, chat, {}))
-  end)
+    it("prepare raises on bad messages like append", function()
+      contains("role", raises(store.prepare, store, chat, msg("bad", "x")))
+      contains("expected a message or a list", raises(store.prepare, store, chat, {}))
+    end)
 
-  it("commit to a missing chat returns nil, ENOTFOUND", function()
-    local p = store:prepare(999, msg("user", "x"))
-    local ids, err, code = p:commit()
-    assert.is_nil(ids)
-    assert.are.equal("ENOTFOUND: no chat 999", err)
-    assert.are.equal("ENOTFOUND", code)
-    p:close()
-  end)
+    it("commit to a missing chat returns nil, ENOTFOUND", function()
+      local p = store:prepare(999, msg("user", "x"))
+      local ids, err, code = p:commit()
+      assert.is_nil(ids)
+      assert.are.equal("ENOTFOUND: no chat 999", err)
+      assert.are.equal("ENOTFOUND", code)
+      p:close()
+    end)
 
-  it("a reader subscribed before sees nothing until notify, then the message", function()
-    local sub = store:subscribe(chat)
-    local p = store:prepare(chat, msg("user", "hello"))
-    local ids = p:commit()
-    assert.are.same({ nil, "timeout" }, { sub:next(0) })
-    assert.are.equal(true, p:cache(1))
-    assert.are.same({ nil, "timeout" }, { sub:next(0) })
-    assert.are.equal(true, p:notify(1))
-    local ev = sub:next(0)
-    assert.are.equal("message", ev.kind)
-    assert.are.equal(ids[1], ev.id)
-    assert.are.equal("hello", ev.content)
-    assert.are.same({ nil, "timeout" }, { sub:next(0) })
-    p:close(); sub:close()
-  end)
+    it("a reader subscribed before sees nothing until notify, then the message", function()
+      local sub = store:subscribe(chat)
+      local p = store:prepare(chat, msg("user", "hello"))
+      local ids = p:commit()
+      assert.are.same({ nil, "timeout" }, { sub:next(0) })
+      assert.are.equal(true, p:cache(1))
+      assert.are.same({ nil, "timeout" }, { sub:next(0) })
+      -- Nothing was sent either: a marker sent now, in another chat, is the
+      -- first notification to arrive (PostgreSQL delivers them in the order
+      -- sent, so one sent by commit or cache would have come before it).
+      local marker = store:create_chat()
+      local msub = store:subscribe(marker)
+      local mark = store:append(marker, msg("user", "marker"))[1]
+      assert.are.equal(mark, msub:next(LIVE).id)
+      assert.are.equal(1, store:stats().notifications)
+      assert.are.same({ nil, "timeout" }, { sub:next(0) })
+      assert.are.equal(true, p:notify(1))
+      local ev = sub:next(LIVE)
+      assert.are.equal("message", ev.kind)
+      assert.are.equal(ids[1], ev.id)
+      assert.are.equal("hello", ev.content)
+      assert.are.same({ nil, "timeout" }, { sub:next(0) })
+      p:close(); sub:close(); msub:close()
+    end)
 
-  it("cache(i) and notify(i) take a 1-based index", function()
-    local sub = store:subscribe(chat, { strategy = "last_id" })
-    local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
-    local ids = p:commit()
-    -- only message 2 cached and notified: last_id takes it from the cache.
-    assert.are.equal(true, p:cache(2))
-    assert.are.equal(true, p:notify(2))
-    assert.are.same({ ids[2] }, ids_of(read_all(sub)))
-    -- message 1 was not cached, so it can still be cached by index.
-    assert.are.equal(true, p:cache(1))
-    contains("message 2 already cached", raises(p.cache, p, 2))
-    p:close(); sub:close()
-  end)
+    it("cache(i) and notify(i) take a 1-based index", function()
+      local sub = store:subscribe(chat, { strategy = "last_id" })
+      local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
+      local ids = p:commit()
+      -- only message 2 cached and notified: last_id takes it from the cache.
+      assert.are.equal(true, p:cache(2))
+      assert.are.equal(true, p:notify(2))
+      settle(store, 1)
+      assert.are.same({ ids[2] }, ids_of(read_all(sub)))
+      -- message 1 was not cached, so it can still be cached by index.
+      assert.are.equal(true, p:cache(1))
+      contains("message 2 already cached", raises(p.cache, p, 2))
+      p:close(); sub:close()
+    end)
 
-  it("publish() caches and notifies all the remaining messages", function()
-    local sub = store:subscribe(chat)
-    local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y"), msg("user", "z") })
-    local ids = p:commit()
-    assert.are.equal(true, p:cache(1))
-    assert.are.equal(true, p:notify(1))
-    assert.are.same({ ids[1] }, ids_of(read_all(sub)))
-    assert.are.equal(true, p:publish())
-    assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
-    contains("already cached", raises(p.cache, p, 3))
-    contains("already notified", raises(p.notify, p, 2))
-    p:close(); sub:close()
-  end)
+    it("publish() caches and notifies all the remaining messages", function()
+      local sub = store:subscribe(chat)
+      local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y"), msg("user", "z") })
+      local ids = p:commit()
+      assert.are.equal(true, p:cache(1))
+      assert.are.equal(true, p:notify(1))
+      settle(store, 1)
+      assert.are.same({ ids[1] }, ids_of(read_all(sub)))
+      assert.are.equal(true, p:publish())
+      settle(store, 3)
+      assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
+      contains("already cached", raises(p.cache, p, 3))
+      contains("already notified", raises(p.notify, p, 2))
+      p:close(); sub:close()
+    end)
 
-  it("cache() and notify() without an index do all the remaining", function()
-    local sub = store:subscribe(chat)
-    local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
-    local ids = p:commit()
-    assert.are.equal(true, p:cache())
-    assert.are.equal(true, p:notify())
-    assert.are.same(ids, ids_of(read_all(sub)))
-    contains("already notified", raises(p.notify, p, 1))
-    p:close(); sub:close()
-  end)
+    it("cache() and notify() without an index do all the remaining", function()
+      local sub = store:subscribe(chat)
+      local p = store:prepare(chat, { msg("tool", "x"), msg("user", "y") })
+      local ids = p:commit()
+      assert.are.equal(true, p:cache())
+      assert.are.equal(true, p:notify())
+      settle(store, 2)
+      assert.are.same(ids, ids_of(read_all(sub)))
+      contains("already notified", raises(p.notify, p, 1))
+      p:close(); sub:close()
+    end)
 
-  it("raises on cache or notify before commit", function()
-    local p = store:prepare(chat, msg("user", "x"))
-    contains("commit before publishing", raises(p.cache, p, 1))
-    contains("commit before publishing", raises(p.notify, p, 1))
-    contains("commit before publishing", raises(p.publish, p))
-    p:close()
-  end)
+    it("raises on cache or notify before commit", function()
+      local p = store:prepare(chat, msg("user", "x"))
+      contains("commit before publishing", raises(p.cache, p, 1))
+      contains("commit before publishing", raises(p.notify, p, 1))
+      contains("commit before publishing", raises(p.publish, p))
+      p:close()
+    end)
 
-  it("raises on a second commit", function()
-    local p = store:prepare(chat, msg("user", "x"))
-    p:commit()
-    contains("already committed", raises(p.commit, p))
-    p:close()
-  end)
+    it("raises on a second commit", function()
+      local p = store:prepare(chat, msg("user", "x"))
+      p:commit()
+      contains("already committed", raises(p.commit, p))
+      p:close()
+    end)
 
-  it("raises on cache(i) twice", function()
-    local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
-    p:commit()
-    p:cache(1)
-    contains("message 1 already cached", raises(p.cache, p, 1))
-    p:close()
-  end)
+    it("raises on cache(i) twice", function()
+      local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
+      p:commit()
+      p:cache(1)
+      contains("message 1 already cached", raises(p.cache, p, 1))
+      p:close()
+    end)
 
-  it("raises on notify(i) twice", function()
-    local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
-    p:commit()
-    p:notify(2)
-    contains("message 2 already notified", raises(p.notify, p, 2))
-    p:close()
-  end)
+    it("raises on notify(i) twice", function()
+      local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
+      p:commit()
+      p:notify(2)
+      contains("message 2 already notified", raises(p.notify, p, 2))
+      p:close()
+    end)
 
-  it("raises on index 0 or out of range", function()
-    local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
-    p:commit()
-    contains("message index starts at 1", raises(p.cache, p, 0))
-    contains("message index starts at 1", raises(p.notify, p, -1))
-    contains("message index out of range", raises(p.cache, p, 3))
-    contains("message index out of range", raises(p.notify, p, 3))
-    p:close()
-  end)
+    it("raises on index 0 or out of range", function()
+      local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
+      p:commit()
+      contains("message index starts at 1", raises(p.cache, p, 0))
+      contains("message index starts at 1", raises(p.notify, p, -1))
+      contains("message index out of range", raises(p.cache, p, 3))
+      contains("message index out of range", raises(p.notify, p, 3))
+      p:close()
+    end)
 
-  it("raises on a non-integer index", function()
-    local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
-    p:commit()
-    contains("number has no integer representation", raises(p.cache, p, 1.5))
-    contains("number expected", raises(p.notify, p, "first"))
-    p:close()
+    it("raises on a non-integer index", function()
+      local p = store:prepare(chat, { msg("user", "x"), msg("user", "y") })
+      p:commit()
+      contains("number has no integer representation", raises(p.cache, p, 1.5))
+      contains("number expected", raises(p.notify, p, "first"))
+      p:close()
+    end)
   end)
 end)
 
 describe("Subscription", function()
-  local store, chat, ids
-  before_each(function()
-    store = chatstream.open()
-    chat = store:create_chat({ owner = "alice" })
-    local other = store:create_chat()
-    ids = {}
-    -- interleave with another chat so this chat's ids have holes
-    for i = 1, 3 do
-      ids[i] = store:append(chat, msg(i == 2 and "assistant" or "user", "m" .. i))[1]
-      store:append(other, msg("user", "other " .. i))
-    end
-  end)
-  after_each(function()
-    store:close()
-  end)
+  per_backend(function(_, ctx)
+    local store, chat, ids
+    before_each(function()
+      store = ctx.inst:open()
+      chat = store:create_chat({ owner = "alice" })
+      local other = store:create_chat()
+      ids = {}
+      -- interleave with another chat so this chat's ids have holes
+      for i = 1, 3 do
+        ids[i] = store:append(chat, msg(i == 2 and "assistant" or "user", "m" .. i))[1]
+        store:append(other, msg("user", "other " .. i))
+      end
+    end)
+    after_each(function()
+      store:close()
+    end)
 
-  it("delivers the snapshot first, ascending, with every message field", function()
-    local sub = store:subscribe(chat)
-    assert.are.equal("chatstream.Subscription", getmetatable(sub).__name)
-    local evs = read_all(sub)
-    assert.are.equal(3, #evs)
-    for i, ev in ipairs(evs) do
-      assert.are.equal("message", ev.kind)
-      assert.are.equal(ids[i], ev.id)
-      assert.are.equal("integer", math.type(ev.id))
-      assert.are.equal(chat, ev.chat_id)
-      assert.are.equal("integer", math.type(ev.chat_id))
-      assert.are.equal(i == 2 and "assistant" or "user", ev.role)
-      assert.are.equal("m" .. i, ev.content)
-      assert.are.equal(i == 1 and 0 or ids[i - 1], ev.prev_id)
-      assert.are.equal("integer", math.type(ev.prev_id))
-    end
-  end)
+    it("delivers the snapshot first, ascending, with every message field", function()
+      local sub = store:subscribe(chat)
+      assert.are.equal("chatstream.Subscription", getmetatable(sub).__name)
+      local evs = read_all(sub)
+      assert.are.equal(3, #evs)
+      for i, ev in ipairs(evs) do
+        assert.are.equal("message", ev.kind)
+        assert.are.equal(ids[i], ev.id)
+        assert.are.equal("integer", math.type(ev.id))
+        assert.are.equal(chat, ev.chat_id)
+        assert.are.equal("integer", math.type(ev.chat_id))
+        assert.are.equal(i == 2 and "assistant" or "user", ev.role)
+        assert.are.equal("m" .. i, ev.content)
+        assert.are.equal(i == 1 and 0 or ids[i - 1], ev.prev_id)
+        assert.are.equal("integer", math.type(ev.prev_id))
+      end
+    end)
 
-  it("delivers only messages with id > after in the snapshot", function()
-    local sub = store:subscribe(chat, { after = ids[1] })
-    assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
-    local all = store:subscribe(chat, { after = ids[3] })
-    assert.are.same({}, ids_of(read_all(all)))
-  end)
-
-  it("delivers live events after the snapshot", function()
-    local sub = store:subscribe(chat)
-    local first = sub:next(0)
-    assert.are.equal(ids[1], first.id)
-    local new = store:append(chat, msg("user", "m4"))[1]
-    assert.are.same({ ids[2], ids[3], new }, ids_of(read_all(sub)))
-  end)
-
-  it("live events carry the chat's previous id as prev_id", function()
-    local sub = store:subscribe(chat, { after = ids[3] })
-    local new = store:append(chat, { msg("user", "m4"), msg("tool", "m5") })
-    local evs = read_all(sub)
-    assert.are.same(new, ids_of(evs))
-    assert.are.equal(ids[3], evs[1].prev_id)
-    assert.are.equal(new[1], evs[2].prev_id)
-    assert.are.equal("tool", evs[2].role)
-    assert.are.equal("m5", evs[2].content)
-  end)
-
-  it("next(timeout) returns an event, or nil, 'timeout' when idle", function()
-    local sub = store:subscribe(chat, { after = ids[2] })
-    local ev = sub:next(0.05)
-    assert.are.equal(ids[3], ev.id)
-    local n = select("#", sub:next(0.05))
-    local a, b = sub:next(0)
-    assert.are.equal(2, n)
-    assert.is_nil(a)
-    assert.are.equal("timeout", b)
-    assert.are.same({ nil, "timeout" }, { sub:next() }) -- the timeout is optional
-  end)
-
-  it("next raises on a negative timeout", function()
-    local sub = store:subscribe(chat)
-    contains("timeout must be a number >= 0", raises(sub.next, sub, -1))
-    contains("timeout must be a number >= 0", raises(sub.events, sub, -1))
-  end)
-
-  it("events(timeout) ends when idle", function()
-    local sub = store:subscribe(chat)
-    local n = 0
-    for ev in sub:events(0.05) do
-      n = n + 1
-      assert.are.equal(ids[n], ev.id)
-    end
-    assert.are.equal(3, n)
-    -- a new loop on an idle subscription runs zero times
-    for _ in sub:events(0) do
-      n = n + 1
-    end
-    assert.are.equal(3, n)
-  end)
-
-  it("events() returns iter, sub, nil like io.lines", function()
-    local sub = store:subscribe(chat)
-    local n = select("#", sub:events(0))
-    local f, s, init = sub:events(0)
-    assert.are.equal(3, n)
-    assert.are.equal("function", type(f))
-    assert.are.equal(sub, s)
-    assert.is_nil(init)
-    assert.are.equal(ids[1], f(s, init).id)
-  end)
-
-  it("cursor() is the highest id after everything is read", function()
-    local sub = store:subscribe(chat)
-    assert.are.equal("integer", math.type(sub:cursor()))
-    read_all(sub)
-    assert.are.equal(ids[3], sub:cursor())
-    local new = store:append(chat, msg("user", "m4"))[1]
-    read_all(sub)
-    assert.are.equal(new, sub:cursor())
-  end)
-
-  it("cursor() is the after value on an empty snapshot", function()
-    local sub = store:subscribe(chat, { after = ids[3] })
-    assert.are.equal(ids[3], sub:cursor())
-  end)
-
-  it("resubscribing with after = cursor() gives nothing old", function()
-    local sub = store:subscribe(chat)
-    read_all(sub)
-    local again = store:subscribe(chat, { after = sub:cursor() })
-    assert.are.same({ nil, "timeout" }, { again:next(0) })
-    local new = store:append(chat, msg("user", "m4"))[1]
-    assert.are.same({ new }, ids_of(read_all(again)))
-  end)
-
-  for _, strategy in ipairs({ "watermark", "rescan", "last_id" }) do
-    it("accepts strategy '" .. strategy .. "' and gives snapshot then live", function()
-      local sub = store:subscribe(chat, { strategy = strategy, after = ids[1] })
+    it("delivers only messages with id > after in the snapshot", function()
+      local sub = store:subscribe(chat, { after = ids[1] })
       assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
+      local all = store:subscribe(chat, { after = ids[3] })
+      assert.are.same({}, ids_of(read_all(all)))
+    end)
+
+    it("delivers live events after the snapshot", function()
+      local sub = store:subscribe(chat)
+      local first = sub:next(0)
+      assert.are.equal(ids[1], first.id)
       local new = store:append(chat, msg("user", "m4"))[1]
-      assert.are.same({ new }, ids_of(read_all(sub)))
+      settle(store, 1)
+      assert.are.same({ ids[2], ids[3], new }, ids_of(read_all(sub)))
+    end)
+
+    it("live events carry the chat's previous id as prev_id", function()
+      local sub = store:subscribe(chat, { after = ids[3] })
+      local new = store:append(chat, { msg("user", "m4"), msg("tool", "m5") })
+      settle(store, 2)
+      local evs = read_all(sub)
+      assert.are.same(new, ids_of(evs))
+      assert.are.equal(ids[3], evs[1].prev_id)
+      assert.are.equal(new[1], evs[2].prev_id)
+      assert.are.equal("tool", evs[2].role)
+      assert.are.equal("m5", evs[2].content)
+    end)
+
+    it("next(timeout) returns an event, or nil, 'timeout' when idle", function()
+      local sub = store:subscribe(chat, { after = ids[2] })
+      local ev = sub:next(0.05)
+      assert.are.equal(ids[3], ev.id)
+      local n = select("#", sub:next(0.05))
+      local a, b = sub:next(0)
+      assert.are.equal(2, n)
+      assert.is_nil(a)
+      assert.are.equal("timeout", b)
+      assert.are.same({ nil, "timeout" }, { sub:next() }) -- the timeout is optional
+    end)
+
+    it("next raises on a negative timeout", function()
+      local sub = store:subscribe(chat)
+      contains("timeout must be a number >= 0", raises(sub.next, sub, -1))
+      contains("timeout must be a number >= 0", raises(sub.events, sub, -1))
+    end)
+
+    it("events(timeout) ends when idle", function()
+      local sub = store:subscribe(chat)
+      local n = 0
+      for ev in sub:events(0.05) do
+        n = n + 1
+        assert.are.equal(ids[n], ev.id)
+      end
+      assert.are.equal(3, n)
+      -- a new loop on an idle subscription runs zero times
+      for _ in sub:events(0) do
+        n = n + 1
+      end
+      assert.are.equal(3, n)
+    end)
+
+    it("events() returns iter, sub, nil like io.lines", function()
+      local sub = store:subscribe(chat)
+      local n = select("#", sub:events(0))
+      local f, s, init = sub:events(0)
+      assert.are.equal(3, n)
+      assert.are.equal("function", type(f))
+      assert.are.equal(sub, s)
+      assert.is_nil(init)
+      assert.are.equal(ids[1], f(s, init).id)
+    end)
+
+    it("cursor() is the highest id after everything is read", function()
+      local sub = store:subscribe(chat)
+      assert.are.equal("integer", math.type(sub:cursor()))
+      read_all(sub)
+      assert.are.equal(ids[3], sub:cursor())
+      local new = store:append(chat, msg("user", "m4"))[1]
+      settle(store, 1)
+      read_all(sub)
       assert.are.equal(new, sub:cursor())
     end)
-  end
 
-  it("raises on an unknown strategy", function()
-    contains("unknown strategy 'fast'", raises(store.subscribe, store, chat, { strategy = "fast" }))
-    contains("strategy", raises(store.subscribe, store, chat, { strategy = 1 }))
-  end)
+    it("cursor() is the after value on an empty snapshot", function()
+      local sub = store:subscribe(chat, { after = ids[3] })
+      assert.are.equal(ids[3], sub:cursor())
+    end)
 
-  it("accepts ordered = true with the watermark strategy", function()
-    local sub = store:subscribe(chat, { ordered = true })
-    assert.are.same(ids, ids_of(read_all(sub)))
-    local w = store:subscribe(chat, { ordered = true, strategy = "watermark" })
-    assert.are.same(ids, ids_of(read_all(w)))
-  end)
+    it("resubscribing with after = cursor() gives nothing old", function()
+      local sub = store:subscribe(chat)
+      read_all(sub)
+      local again = store:subscribe(chat, { after = sub:cursor() })
+      assert.are.same({ nil, "timeout" }, { again:next(0) })
+      local new = store:append(chat, msg("user", "m4"))[1]
+      settle(store, 1)
+      assert.are.same({ new }, ids_of(read_all(again)))
+    end)
 
-  it("raises on ordered = true with a non-watermark strategy", function()
-    for _, s in ipairs({ "rescan", "last_id" }) do
-      contains("option 'ordered' needs the watermark strategy",
-        raises(store.subscribe, store, chat, { ordered = true, strategy = s }))
+    for _, strategy in ipairs({ "watermark", "rescan", "last_id" }) do
+      it("accepts strategy '" .. strategy .. "' and gives snapshot then live", function()
+        local sub = store:subscribe(chat, { strategy = strategy, after = ids[1] })
+        assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
+        local new = store:append(chat, msg("user", "m4"))[1]
+        settle(store, 1)
+        assert.are.same({ new }, ids_of(read_all(sub)))
+        assert.are.equal(new, sub:cursor())
+      end)
     end
+
+    it("raises on an unknown strategy", function()
+      contains("unknown strategy 'fast'", raises(store.subscribe, store, chat, { strategy = "fast" }))
+      contains("strategy", raises(store.subscribe, store, chat, { strategy = 1 }))
+    end)
+
+    it("accepts ordered = true with the watermark strategy", function()
+      local sub = store:subscribe(chat, { ordered = true })
+      assert.are.same(ids, ids_of(read_all(sub)))
+      local w = store:subscribe(chat, { ordered = true, strategy = "watermark" })
+      assert.are.same(ids, ids_of(read_all(w)))
+    end)
+
+    it("raises on ordered = true with a non-watermark strategy", function()
+      for _, s in ipairs({ "rescan", "last_id" }) do
+        contains("option 'ordered' needs the watermark strategy",
+          raises(store.subscribe, store, chat, { ordered = true, strategy = s }))
+      end
+    end)
+
+    it("raises on unknown subscribe options", function()
+      contains("unknown option 'from'", raises(store.subscribe, store, chat, { from = 1 }))
+    end)
+
+    it("returns nil, ENOTFOUND for a missing chat", function()
+      local n = select("#", store:subscribe(999))
+      local sub, err, code = store:subscribe(999)
+      assert.are.equal(3, n)
+      assert.is_nil(sub)
+      assert.are.equal("ENOTFOUND: no chat 999", err)
+      assert.are.equal("ENOTFOUND", code)
+    end)
+
+    it("raises on after < 0", function()
+      contains("option 'after' must be an integer >= 0", raises(store.subscribe, store, chat, { after = -1 }))
+      contains("after", raises(store.subscribe, store, chat, { after = 1.5 }))
+    end)
+
+    it("raises on chat id 0 or a string", function()
+      contains("chat id must be a positive integer", raises(store.subscribe, store, 0))
+      contains("chat id must be a positive integer", raises(store.subscribe, store, -3))
+      contains("number expected", raises(store.subscribe, store, "chat"))
+    end)
   end)
 
-  it("raises on unknown subscribe options", function()
-    contains("unknown option 'from'", raises(store.subscribe, store, chat, { from = 1 }))
-  end)
-
-  it("returns nil, ENOTFOUND for a missing chat", function()
-    local n = select("#", store:subscribe(999))
-    local sub, err, code = store:subscribe(999)
-    assert.are.equal(3, n)
-    assert.is_nil(sub)
-    assert.are.equal("ENOTFOUND: no chat 999", err)
-    assert.are.equal("ENOTFOUND", code)
-  end)
-
-  it("raises on after < 0", function()
-    contains("option 'after' must be an integer >= 0", raises(store.subscribe, store, chat, { after = -1 }))
-    contains("after", raises(store.subscribe, store, chat, { after = 1.5 }))
-  end)
-
-  it("raises on chat id 0 or a string", function()
-    contains("chat id must be a positive integer", raises(store.subscribe, store, 0))
-    contains("chat id must be a positive integer", raises(store.subscribe, store, -3))
-    contains("number expected", raises(store.subscribe, store, "chat"))
-  end)
-
-  describe("with memory fault knobs", function()
+  describe("with memory fault knobs (memory only)", function()
     local db, writer, reader, c
     before_each(function()
       db = chatstream.memory()

@@ -73,6 +73,12 @@ static int check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n)
         if (msgs[i].content_len > CS_MAX_CONTENT ||
             (!msgs[i].content && msgs[i].content_len))
             return cs_hub_fail(hub, CS_EINVAL, "message content too large");
+        /* Content is text (PostgreSQL's text type cannot hold a NUL byte):
+         * both stores refuse it alike. */
+        if (msgs[i].content_len &&
+            memchr(msgs[i].content, '\0', msgs[i].content_len))
+            return cs_hub_fail(hub, CS_EINVAL,
+                               "message content contains a NUL byte");
     }
     return CS_OK;
 }

@@ -190,7 +190,7 @@ static void test_basic(void)
     cs_msg_in msgs[3] = {
         {CS_ROLE_SYSTEM, "be brief", 8},
         {CS_ROLE_USER, "hello", 5},
-        {CS_ROLE_ASSISTANT, "hi\0there", 8}, /* content is bytes */
+        {CS_ROLE_ASSISTANT, "hi\tthere", 8}, /* any text but NUL */
     };
     int64_t ids[3] = {0};
     CHECK_EQ_I64(cs_hub_append(hub, c1, msgs, 3, ids), CS_OK);
@@ -217,7 +217,7 @@ static void test_basic(void)
     CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, 3);
     CHECK_EQ_SIZE(ev.text_len, 8);
-    CHECK(memcmp(ev.text, "hi\0there", 8) == 0);
+    CHECK(memcmp(ev.text, "hi\tthere", 8) == 0);
     CHECK_EQ_STR(ev.role, "assistant");
     CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
     CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
@@ -298,6 +298,8 @@ static void test_bad_arguments(void)
     CHECK_EQ_I64(cs_hub_append(hub, 99, &ok, 1, NULL), CS_ENOTFOUND);
     CHECK_EQ_I64(cs_hub_append(hub, 0, &ok, 1, NULL), CS_EINVAL);
     CHECK_EQ_I64(cs_hub_append(hub, chat, &ok, 0, NULL), CS_EINVAL);
+    cs_msg_in nul = {CS_ROLE_USER, "a\0b", 3};
+    CHECK_EQ_I64(cs_hub_append(hub, chat, &nul, 1, NULL), CS_EINVAL);
     CHECK_EQ_I64(cs_hub_append(hub, chat, NULL, 1, NULL), CS_EINVAL);
     CHECK_EQ_I64(cs_hub_append(hub, chat, &ok, CS_MAX_BATCH + 1, NULL),
                  CS_EINVAL);

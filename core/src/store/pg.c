@@ -387,21 +387,24 @@ static int p_create_chat(void *st, const char *owner, const char *title,
                          int64_t *chat_id)
 {
     pg_store *s = st;
-    PGconn *c = qconn(s);
-    if (!c)
-        return CS_EBACKEND;
     char sql[SQL_MAX];
     snprintf(sql, sizeof sql,
              "INSERT INTO %s.chats (owner, title) VALUES ($1, $2) RETURNING id",
              s->schema);
     const char *vals[2] = {owner ? owner : "", title ? title : ""};
-    PGresult *r = run(s, c, sql, 2, vals);
-    if (!r)
-        return CS_EBACKEND;
-    int rc = PQntuples(r) == 1 && col_id(r, 0, 0, chat_id)
-                 ? CS_OK
-                 : fail(s, CS_EBACKEND, "bad chat id returned", NULL);
+    /* In a transaction whose BEGIN may be retried on a fresh connection: an
+     * INSERT alone could not be sent twice safely. */
+    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    PGresult *r = rc == CS_OK ? run(s, s->q, sql, 2, vals) : NULL;
+    if (rc == CS_OK && !r)
+        rc = CS_EBACKEND;
+    if (rc == CS_OK && !(PQntuples(r) == 1 && col_id(r, 0, 0, chat_id)))
+        rc = fail(s, CS_EBACKEND, "bad chat id returned", NULL);
     PQclear(r);
+    if (rc == CS_OK)
+        rc = exec(s, s->q, "COMMIT", 0, NULL);
+    if (rc < 0)
+        rollback(s, s->q);
     return rc;
 }
 
@@ -443,10 +446,6 @@ static int p_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
         i64s(prev, prev_id);
         const char *vals[4] = {chat, cs_role_name(msgs[i].role),
                                msgs[i].content, prev};
-        if (memchr(msgs[i].content, '\0', msgs[i].content_len)) {
-            rc = fail(s, CS_EINVAL, "content with a NUL byte", NULL);
-            break;
-        }
         PGresult *r = run(s, c, sql, 4, vals);
         int64_t id;
         if (!r) {
@@ -642,8 +641,14 @@ static int p_listen(void *st, int64_t chat_id)
     }
     if (!listener_up(s))
         return CS_EBACKEND;
-    /* LISTEN is committed when its result arrives: before the snapshot. */
+    /* LISTEN is committed when its result arrives: before the snapshot. A
+     * listener the server closed while idle still looks connected until it
+     * is used: then reconnect (which resyncs everything) and try once more. */
     int rc = listen_cmd(s, "LISTEN", chat_id);
+    if (rc < 0 && PQstatus(s->l) == CONNECTION_BAD) {
+        listener_drop(s);
+        rc = listener_up(s) ? listen_cmd(s, "LISTEN", chat_id) : CS_EBACKEND;
+    }
     if (rc < 0) {
         listener_drop(s);
         return rc;
