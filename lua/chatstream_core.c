@@ -191,8 +191,8 @@ static int memdb_tostring(lua_State *L)
  */
 
 static const char *const open_keys[] = {
-    "memory",        "dsn",       "schema", "cache_size", "queue_size",
-    "poll_interval", "authorize", NULL};
+    "memory",     "dsn",           "schema",    "cache_size",
+    "queue_size", "poll_interval", "authorize", NULL};
 
 /* core.open(options): a store on PostgreSQL (options.dsn), on the memory
  * database of options.memory, or on a private memory database. */

@@ -282,14 +282,7 @@ end
 -- ---- the specs -----------------------------------------------------------------------
 
 describe("multiprocess races on postgresql", function()
-  if not H.dsn then
-    if H.ci then
-      it("has a PostgreSQL server (CHATSTREAM_TEST_DSN)", function()
-        error(H.pg_missing)
-      end)
-    else
-      pending(H.pg_missing)
-    end
+  if not H.require_pg(_ENV) then
     return
   end
 

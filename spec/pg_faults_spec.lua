@@ -183,14 +183,7 @@ local STRATEGIES = { "watermark", "rescan", "last_id" }
 -- ---- the specs ---------------------------------------------------------------
 
 describe("the PostgreSQL store under faults", function()
-  if not H.dsn then
-    if H.ci then
-      it("has a PostgreSQL server (CHATSTREAM_TEST_DSN)", function()
-        error(H.pg_missing)
-      end)
-    else
-      pending(H.pg_missing)
-    end
+  if not H.require_pg(_ENV) then
     return
   end
 

@@ -46,11 +46,11 @@ void cs_memdb_drop_notifies(cs_memdb *db, int64_t n);
 
 /* ---- hub ---------------------------------------------------------------- */
 typedef struct cs_hub_options {
-    cs_memdb *memory;  /* the memory database to use; NULL: a private one */
-    const char *dsn;   /* PostgreSQL URI or conninfo: the pg store */
+    cs_memdb *memory;   /* the memory database to use; NULL: a private one */
+    const char *dsn;    /* PostgreSQL URI or conninfo: the pg store */
     const char *schema; /* pg: the schema; NULL: "chatstream" */
-    size_t cache_size; /* messages cached per chat; 0: default 256 */
-    size_t queue_size; /* pending notifications per subscription; 0: 1024 */
+    size_t cache_size;  /* messages cached per chat; 0: default 256 */
+    size_t queue_size;  /* pending notifications per subscription; 0: 1024 */
     /* Backstop poll: every subscription re-reads its chat from W this often
      * (seconds). 0: off. A negative value: the store's default (10 s on
      * PostgreSQL, off on the memory store). */
@@ -95,20 +95,20 @@ int cs_hub_wait(cs_hub *hub, double timeout);
 int cs_hub_fd(const cs_hub *hub);
 
 typedef struct cs_stats {
-    int64_t notifications; /* notifications received and parsed */
-    int64_t malformed;     /* notifications ignored as malformed */
-    int64_t queries;       /* read queries sent to the store */
-    int64_t query_errors;  /* queries that failed */
-    int64_t writes;        /* write transactions committed */
+    int64_t notifications;  /* notifications received and parsed */
+    int64_t malformed;      /* notifications ignored as malformed */
+    int64_t queries;        /* read queries sent to the store */
+    int64_t query_errors;   /* queries that failed */
+    int64_t writes;         /* write transactions committed */
     int64_t publish_errors; /* publish steps of cs_hub_append that failed */
-    int64_t cache_hits;   /* cache lookups answered by the cache */
-    int64_t cache_misses; /* cache lookups below the eviction mark */
-    int64_t db_passes;    /* merge DB passes (snapshots not counted) */
-    int64_t delivered;    /* message events handed to readers */
-    int64_t resyncs;      /* subscription resyncs (queue overflow, reconnect,
-                             backstop poll) */
-    int64_t reconnects;   /* store reconnections */
-    int64_t polls;        /* backstop polls run */
+    int64_t cache_hits;     /* cache lookups answered by the cache */
+    int64_t cache_misses;   /* cache lookups below the eviction mark */
+    int64_t db_passes;      /* merge DB passes (snapshots not counted) */
+    int64_t delivered;      /* message events handed to readers */
+    int64_t resyncs;        /* subscription resyncs (queue overflow, reconnect,
+                               backstop poll) */
+    int64_t reconnects;     /* store reconnections */
+    int64_t polls;          /* backstop polls run */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 

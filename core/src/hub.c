@@ -221,56 +221,45 @@ hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
 
 /* ---- routing ------------------------------------------------------------- */
 
+/* Collapses everything pending, plus the hint (after, id), into one resync:
+ * a pass from the lowest after up to the highest id, with a forced DB pass.
+ * Nothing is dropped. */
+static void sub_collapse(cs_sub *s, int64_t after, int64_t id)
+{
+    int64_t a = after, n = id;
+    if (s->resync) {
+        a = s->resync_after < a ? s->resync_after : a;
+        n = s->resync_id > n ? s->resync_id : n;
+    } else {
+        s->hub->stats.resyncs++;
+    }
+    for (size_t i = 0; i < s->qn; i++) {
+        qhint *h = &s->q[(s->qhead + i) % s->qcap];
+        a = h->after < a ? h->after : a;
+        n = h->id > n ? h->id : n;
+    }
+    s->qhead = s->qn = 0;
+    s->resync = true;
+    s->resync_after = a;
+    s->resync_id = n;
+}
+
 static void sub_enqueue(cs_sub *s, int64_t after, int64_t id)
 {
-    if (s->resync) {
-        /* Already collapsed: widen the pending resync. */
-        if (after < s->resync_after)
-            s->resync_after = after;
-        if (id > s->resync_id)
-            s->resync_id = id;
-        return;
-    }
-    if (s->qn == s->qcap) {
-        /* Overflow: nothing is dropped, the queue becomes one resync. */
-        int64_t a = after, n = id;
-        for (size_t i = 0; i < s->qn; i++) {
-            qhint *h = &s->q[(s->qhead + i) % s->qcap];
-            if (h->after < a)
-                a = h->after;
-            if (h->id > n)
-                n = h->id;
-        }
-        s->qhead = s->qn = 0;
-        s->resync = true;
-        s->resync_after = a;
-        s->resync_id = n;
-        s->hub->stats.resyncs++;
+    if (s->resync || s->qn == s->qcap) {
+        sub_collapse(s, after, id); /* already collapsed, or overflow */
         return;
     }
     s->q[(s->qhead + s->qn) % s->qcap] = (qhint){after, id};
     s->qn++;
 }
 
-/* Everything pending becomes one resync: a DB pass from the subscription's
- * own position, whatever the cache says. */
+/* A resync from the subscription's own position (listener reconnect,
+ * backstop poll): INT64_MAX and 0 leave the pending hints' range as is. */
 static void sub_mark_resync(cs_sub *s)
 {
-    if (!s->resync) {
-        int64_t a = INT64_MAX, n = 0;
-        for (size_t i = 0; i < s->qn; i++) {
-            qhint *h = &s->q[(s->qhead + i) % s->qcap];
-            if (h->after < a)
-                a = h->after;
-            if (h->id > n)
-                n = h->id;
-        }
-        s->qhead = s->qn = 0;
-        s->resync = true;
-        s->resync_after = a;
-        s->resync_id = n;
-        s->hub->stats.resyncs++;
-    }
+    if (!s->resync)
+        sub_collapse(s, INT64_MAX, 0);
 }
 
 static void resync_all(cs_hub *hub)

@@ -17,7 +17,7 @@ struct cs_hub {
     size_t cache_size, queue_size;
     hub_chat **chats; /* open addressing by chat id, linear probing */
     size_t nchats, capchats;
-    cs_publish *pubs; /* open stepped publishes, for detaching */
+    cs_publish *pubs;                /* open stepped publishes, for detaching */
     double poll_interval, next_poll; /* backstop poll; 0: off */
     cs_stats stats;
     cs_merge_counts counts; /* merge counters, folded into stats */

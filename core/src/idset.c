@@ -64,6 +64,18 @@ int cs_idset_add(cs_idset *s, int64_t id)
     return 1;
 }
 
+int cs_idset_remove(cs_idset *s, int64_t id)
+{
+    if (id <= s->watermark || s->n == 0)
+        return 0;
+    size_t i = lower_bound(s, id);
+    if (i == s->n || s->ids[i] != id)
+        return 0;
+    memmove(s->ids + i, s->ids + i + 1, (s->n - i - 1) * sizeof *s->ids);
+    s->n--;
+    return 1;
+}
+
 void cs_idset_advance(cs_idset *s, int64_t w)
 {
     if (w <= s->watermark)

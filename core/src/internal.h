@@ -43,6 +43,8 @@ void cs_idset_free(cs_idset *s);
 /* 1 added, 0 already present, CS_ENOMEM (set unchanged). */
 int cs_idset_add(cs_idset *s, int64_t id);
 bool cs_idset_has(const cs_idset *s, int64_t id);
+/* Removes id if held above the watermark; 1 removed, 0 not there. */
+int cs_idset_remove(cs_idset *s, int64_t id);
 /* Raises the watermark to w (never lowers it) and drops ids <= w. */
 void cs_idset_advance(cs_idset *s, int64_t w);
 size_t cs_idset_count(const cs_idset *s); /* ids held above the watermark */

@@ -308,6 +308,32 @@ static void test_random(void)
     }
 }
 
+/* Remove: only ids held above the watermark; the order stays sorted. */
+static void test_remove(void)
+{
+    cs_idset s;
+    cs_idset_init(&s, INT64_MIN);
+    CHECK_EQ_I64(cs_idset_remove(&s, 5), 0); /* empty, never allocated */
+    int64_t in[] = {7, 3, 9, 1, 5};
+    for (size_t i = 0; i < 5; i++)
+        CHECK_EQ_I64(cs_idset_add(&s, in[i]), 1);
+    CHECK_EQ_I64(cs_idset_remove(&s, 4), 0);
+    CHECK_EQ_I64(cs_idset_remove(&s, 5), 1);
+    CHECK_EQ_I64(cs_idset_remove(&s, 5), 0);
+    CHECK(!cs_idset_has(&s, 5));
+    CHECK_EQ_I64(cs_idset_remove(&s, 9), 1); /* the last */
+    CHECK_EQ_I64(cs_idset_remove(&s, 1), 1); /* the first */
+    CHECK_EQ_SIZE(cs_idset_count(&s), 2);
+    CHECK_EQ_I64(s.ids[0], 3);
+    CHECK_EQ_I64(s.ids[1], 7);
+    cs_idset_advance(&s, 3);
+    CHECK_EQ_I64(cs_idset_remove(&s, 3), 0); /* at the watermark: stays */
+    CHECK(cs_idset_has(&s, 3));
+    CHECK_EQ_I64(cs_idset_remove(&s, 7), 1);
+    CHECK_EQ_SIZE(cs_idset_count(&s), 0);
+    cs_idset_free(&s);
+}
+
 int main(void)
 {
     test_advance_empty(); /* first: the child inherits no heap */
@@ -316,5 +342,6 @@ int main(void)
     test_advance();
     test_memory();
     test_random();
+    test_remove();
     return check_done("test_idset");
 }

@@ -32,8 +32,7 @@ struct cs_memdb {
 struct mem_conn {
     cs_memdb *db;
     mem_conn *next;
-    int64_t *listening; /* sorted chat ids */
-    size_t nlisten, caplisten;
+    cs_idset listening; /* chat ids (no watermark: INT64_MIN) */
     mem_note *inbox;
     size_t ninbox, capinbox;
     char err[256];
@@ -203,55 +202,16 @@ static int m_messages_after(void *st, int64_t chat_id, int64_t after,
     return CS_OK;
 }
 
-static size_t listen_pos(const mem_conn *c, int64_t chat_id)
-{
-    size_t lo = 0, hi = c->nlisten;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (c->listening[mid] < chat_id)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-static bool is_listening(const mem_conn *c, int64_t chat_id)
-{
-    size_t i = listen_pos(c, chat_id);
-    return i < c->nlisten && c->listening[i] == chat_id;
-}
-
 static int m_listen(void *st, int64_t chat_id)
 {
     mem_conn *c = st;
-    size_t i = listen_pos(c, chat_id);
-    if (i < c->nlisten && c->listening[i] == chat_id)
-        return CS_OK;
-    if (c->nlisten == c->caplisten) {
-        size_t cap = c->caplisten ? c->caplisten * 2 : 8;
-        int64_t *l = realloc(c->listening, cap * sizeof *l);
-        if (!l)
-            return CS_ENOMEM;
-        c->listening = l;
-        c->caplisten = cap;
-    }
-    memmove(c->listening + i + 1, c->listening + i,
-            (c->nlisten - i) * sizeof *c->listening);
-    c->listening[i] = chat_id;
-    c->nlisten++;
-    return CS_OK;
+    return cs_idset_add(&c->listening, chat_id) < 0 ? CS_ENOMEM : CS_OK;
 }
 
 static int m_unlisten(void *st, int64_t chat_id)
 {
     mem_conn *c = st;
-    size_t i = listen_pos(c, chat_id);
-    if (i < c->nlisten && c->listening[i] == chat_id) {
-        memmove(c->listening + i, c->listening + i + 1,
-                (c->nlisten - i - 1) * sizeof *c->listening);
-        c->nlisten--;
-    }
+    cs_idset_remove(&c->listening, chat_id);
     return CS_OK;
 }
 
@@ -286,7 +246,7 @@ static int m_notify(void *st, int64_t chat_id, const char *payload, size_t len)
     }
     int rc = CS_OK;
     for (mem_conn *c = db->conns; c; c = c->next)
-        if (is_listening(c, chat_id) &&
+        if (cs_idset_has(&c->listening, chat_id) &&
             inbox_push(c, chat_id, payload, len) < 0)
             rc = CS_ENOMEM;
     return rc;
@@ -335,7 +295,7 @@ static void m_close(void *st)
     for (size_t i = 0; i < c->ninbox; i++)
         free(c->inbox[i].payload);
     free(c->inbox);
-    free(c->listening);
+    cs_idset_free(&c->listening);
     free(c);
     memdb_unref(db);
 }
@@ -381,6 +341,7 @@ int cs_memory_store_open(cs_memdb *db, cs_store *out)
     if (!c)
         return CS_ENOMEM;
     c->db = db;
+    cs_idset_init(&c->listening, INT64_MIN);
     db->refs++;
     c->next = db->conns;
     db->conns = c;

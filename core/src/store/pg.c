@@ -1,4 +1,5 @@
-/* pg.c - the PostgreSQL store through libpq: a query connection and one listener. */
+/* pg.c - the PostgreSQL store through libpq: a query connection and one
+ * listener. */
 #include "../internal.h"
 
 #include <libpq-fe.h>
@@ -11,8 +12,8 @@
 #include <string.h>
 #include <time.h>
 
-#define QUERY_TIMEOUT 30.0   /* seconds for one statement */
-#define CONNECT_TIMEOUT "5"  /* seconds, unless the DSN sets its own */
+#define QUERY_TIMEOUT 30.0  /* seconds for one statement */
+#define CONNECT_TIMEOUT "5" /* seconds, unless the DSN sets its own */
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
 #define SQL_MAX 1024
@@ -22,11 +23,10 @@ typedef struct pg_store {
     char *password; /* scrubbed from every message, or NULL */
     bool has_timeout;
     char schema[64];
-    char prefix[80]; /* channel prefix: "chat:" or "<schema>:chat:" */
-    PGconn *q;       /* queries and writes */
-    PGconn *l;       /* the listener (non-blocking) */
-    int64_t *listening; /* sorted chat ids */
-    size_t nlisten, caplisten;
+    char prefix[80];     /* channel prefix: "chat:" or "<schema>:chat:" */
+    PGconn *q;           /* queries and writes */
+    PGconn *l;           /* the listener (non-blocking) */
+    cs_idset listening;  /* chat ids (no watermark: INT64_MIN) */
     bool resync_pending; /* the listener came back: tell the hub */
     double retry_at, backoff;
     int64_t reconnects;
@@ -83,8 +83,7 @@ static int fail(pg_store *s, int rc, const char *what, const char *detail)
 {
     char clean[400];
     scrub_copy(clean, sizeof clean, detail ? detail : "", s->password);
-    snprintf(s->err, sizeof s->err, "%s%s%s", what, *clean ? ": " : "",
-             clean);
+    snprintf(s->err, sizeof s->err, "%s%s%s", what, *clean ? ": " : "", clean);
     return rc;
 }
 
@@ -97,7 +96,8 @@ static int conn_fail(pg_store *s, PGconn *c, const char *what)
 static void quiet(void *arg, const char *message)
 {
     (void)arg;
-    (void)message; /* NOTICEs (e.g. "already exists, skipping") are not errors */
+    (void)
+        message; /* NOTICEs (e.g. "already exists, skipping") are not errors */
 }
 
 static PGconn *connect_db(pg_store *s)
@@ -193,7 +193,8 @@ timeout : {
         PQcancel(cancel, buf, sizeof buf);
         PQfreeCancel(cancel);
     }
-    /* Drain what the cancelled statement returns (bounded by a new deadline). */
+    /* Drain what the cancelled statement returns (bounded by a new deadline).
+     */
     deadline = now() + 5.0;
     while (PQisBusy(c) && wait_io(c, false, deadline) > 0 && PQconsumeInput(c))
         ;
@@ -289,7 +290,8 @@ static void channel_of(pg_store *s, int64_t chat_id, char *buf, size_t cap)
     snprintf(buf, cap, "%s%" PRId64, s->prefix, chat_id);
 }
 
-/* ---- migrations ----------------------------------------------------------- */
+/* ---- migrations -----------------------------------------------------------
+ */
 
 /* Versioned DDL; %1$s is the schema. Applied in order, each once. */
 static const char *const migrations[] = {
@@ -381,7 +383,8 @@ static int p_migrate(void *st)
     return rc;
 }
 
-/* ---- chats and messages --------------------------------------------------- */
+/* ---- chats and messages ---------------------------------------------------
+ */
 
 static int p_create_chat(void *st, const char *owner, const char *title,
                          int64_t *chat_id)
@@ -534,7 +537,8 @@ static int p_messages_after(void *st, int64_t chat_id, int64_t after,
     return rc;
 }
 
-/* ---- notifications -------------------------------------------------------- */
+/* ---- notifications --------------------------------------------------------
+ */
 
 /* A separate autocommit statement, after the commit (invariant 2). */
 static int p_notify(void *st, int64_t chat_id, const char *payload, size_t len)
@@ -548,19 +552,6 @@ static int p_notify(void *st, int64_t chat_id, const char *payload, size_t len)
     channel_of(s, chat_id, channel, sizeof channel);
     const char *vals[2] = {channel, payload};
     return exec_retry(s, "SELECT pg_notify($1, $2)", 2, vals);
-}
-
-static size_t listen_pos(const pg_store *s, int64_t chat_id)
-{
-    size_t lo = 0, hi = s->nlisten;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (s->listening[mid] < chat_id)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
 }
 
 /* LISTEN or UNLISTEN on the listener; the channel is an identifier built
@@ -602,8 +593,8 @@ static int listener_connect(pg_store *s, bool initial)
     }
     PQsetnonblocking(l, 1);
     s->l = l;
-    for (size_t i = 0; i < s->nlisten; i++) {
-        if (listen_cmd(s, "LISTEN", s->listening[i]) < 0) {
+    for (size_t i = 0; i < s->listening.n; i++) {
+        if (listen_cmd(s, "LISTEN", s->listening.ids[i]) < 0) {
             listener_drop(s);
             return CS_EBACKEND;
         }
@@ -628,17 +619,8 @@ static bool listener_up(pg_store *s)
 static int p_listen(void *st, int64_t chat_id)
 {
     pg_store *s = st;
-    size_t i = listen_pos(s, chat_id);
-    if (i < s->nlisten && s->listening[i] == chat_id)
+    if (cs_idset_has(&s->listening, chat_id))
         return CS_OK;
-    if (s->nlisten == s->caplisten) {
-        size_t cap = s->caplisten ? s->caplisten * 2 : 16;
-        int64_t *l = realloc(s->listening, cap * sizeof *l);
-        if (!l)
-            return CS_ENOMEM;
-        s->listening = l;
-        s->caplisten = cap;
-    }
     if (!listener_up(s))
         return CS_EBACKEND;
     /* LISTEN is committed when its result arrives: before the snapshot. A
@@ -653,22 +635,18 @@ static int p_listen(void *st, int64_t chat_id)
         listener_drop(s);
         return rc;
     }
-    memmove(s->listening + i + 1, s->listening + i,
-            (s->nlisten - i) * sizeof *s->listening);
-    s->listening[i] = chat_id;
-    s->nlisten++;
+    if (cs_idset_add(&s->listening, chat_id) < 0) {
+        listen_cmd(s, "UNLISTEN", chat_id);
+        return CS_ENOMEM;
+    }
     return CS_OK;
 }
 
 static int p_unlisten(void *st, int64_t chat_id)
 {
     pg_store *s = st;
-    size_t i = listen_pos(s, chat_id);
-    if (i >= s->nlisten || s->listening[i] != chat_id)
+    if (!cs_idset_remove(&s->listening, chat_id))
         return CS_OK;
-    memmove(s->listening + i, s->listening + i + 1,
-            (s->nlisten - i - 1) * sizeof *s->listening);
-    s->nlisten--;
     if (s->l && PQstatus(s->l) == CONNECTION_OK &&
         listen_cmd(s, "UNLISTEN", chat_id) < 0)
         listener_drop(s); /* reconnects without this channel */
@@ -693,7 +671,7 @@ static int p_poll(void *st,
 {
     pg_store *s = st;
     int count = 0;
-    if (s->nlisten > 0 && !listener_up(s))
+    if (s->listening.n > 0 && !listener_up(s))
         return CS_OK; /* down: retried at the next step, after backoff */
     if (s->resync_pending) {
         s->resync_pending = false;
@@ -749,7 +727,7 @@ static void p_close(void *st)
     pg_store *s = st;
     PQfinish(s->q);
     PQfinish(s->l);
-    free(s->listening);
+    cs_idset_free(&s->listening);
     if (s->password) {
         memset(s->password, 0, strlen(s->password));
         free(s->password);
@@ -795,7 +773,8 @@ int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
     PQconninfoOption *opts = PQconninfoParse(dsn, &perr);
     if (!opts) {
         if (errbuf && errlen)
-            snprintf(errbuf, errlen, "bad dsn%s", perr ? " (cannot parse)" : "");
+            snprintf(errbuf, errlen, "bad dsn%s",
+                     perr ? " (cannot parse)" : "");
         PQfreemem(perr);
         return CS_EINVAL;
     }
@@ -804,6 +783,7 @@ int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
         PQconninfoFree(opts);
         return CS_ENOMEM;
     }
+    cs_idset_init(&s->listening, INT64_MIN);
     for (PQconninfoOption *o = opts; o->keyword; o++) {
         if (!o->val)
             continue;
