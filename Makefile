@@ -2,13 +2,15 @@
 # The build itself is CMake's (CMakeLists.txt); this file only strings steps together.
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 20
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
 .PHONY: all deps build demo race test test-unit test-asan test-valgrind test-rock test-lint \
-        check-rock lint format clean
+        test-fuzz check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
 
@@ -28,8 +30,8 @@ race: build
 	@$(RUN_LUA) examples/race.lua
 
 # Every test: C unit tests and busted specs (normal build), the same under
-# ASan+UBSan, valgrind, the luarocks install check and luacheck. Every suite
-# runs; the summary says which failed.
+# ASan+UBSan, valgrind, a short fuzz run, the luarocks install check and
+# luacheck. Every suite runs; the summary says which failed.
 test: deps
 	@scripts/run-tests
 
@@ -53,6 +55,21 @@ test-valgrind: build
 	  rc=$$?; grep -E '^(not ok|1\.\.)|==[0-9]+==' $(BUILD)/valgrind-busted.log | head -40; \
 	  if [ $$rc -ne 0 ]; then echo "valgrind busted run failed (exit $$rc)"; exit 1; fi
 
+# libFuzzer (clang): the payload parser and random merge interleavings, each
+# for FUZZ_SECONDS from the committed seed corpus (new inputs go to a temp dir).
+test-fuzz: deps
+	@CC=clang cmake -S . -B $(FUZZ_BUILD) -DCHATSTREAM_FUZZ=ON -DCHATSTREAM_WERROR=ON >/dev/null
+	@cmake --build $(FUZZ_BUILD) -j$(JOBS)
+	@for f in payload merge; do \
+	    dir=$$(mktemp -d /tmp/chatstream-fuzz.XXXXXX); \
+	    seeds=core/fuzz/corpus/$$f; [ -d $$seeds ] || seeds=; \
+	    echo "fuzz_$$f: $(FUZZ_SECONDS) s"; \
+	    $(FUZZ_BUILD)/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -max_len=9000 \
+	        -artifact_prefix=$(FUZZ_BUILD)/ $$dir $$seeds > $(FUZZ_BUILD)/fuzz_$$f.log 2>&1; \
+	    rc=$$?; rm -rf $$dir; tail -n 1 $(FUZZ_BUILD)/fuzz_$$f.log; \
+	    if [ $$rc -ne 0 ]; then grep -A20 -E 'ERROR|deadly' $(FUZZ_BUILD)/fuzz_$$f.log | head -30; exit 1; fi; \
+	done
+
 test-rock check-rock: deps
 	@scripts/check-rock
 
@@ -64,4 +81,4 @@ format:
 	    core/tests/*.c core/tests/*.h lua/*.c
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) build.luarocks
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build.luarocks
