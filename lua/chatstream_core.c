@@ -93,17 +93,17 @@ static lua_Integer opt_int_field(lua_State *L, int idx, const char *k,
     return v;
 }
 
+/* Reads an optional string field of the table at idx. The value is LEFT ON
+ * THE STACK: it may come from an __index metamethod, so only the stack keeps
+ * the returned pointer valid until the caller is done with it. */
 static const char *opt_str_field(lua_State *L, int idx, const char *k)
 {
-    const char *s = NULL;
     int t = lua_getfield(L, idx, k);
-    if (t != LUA_TNIL) {
-        if (t != LUA_TSTRING)
-            luaL_error(L, "option '%s' must be a string", k);
-        s = lua_tostring(L, -1); /* anchored by the table */
-    }
-    lua_pop(L, 1);
-    return s;
+    if (t == LUA_TNIL)
+        return NULL;
+    if (t != LUA_TSTRING)
+        luaL_error(L, "option '%s' must be a string", k);
+    return lua_tostring(L, -1);
 }
 
 /* Raises on keys of the options table at idx that are not in allowed. */
@@ -205,10 +205,12 @@ static int l_open(lua_State *L)
         check_keys(L, 1, open_keys);
         o.cache_size = (size_t)opt_int_field(L, 1, "cache_size", 0, 1);
         o.queue_size = (size_t)opt_int_field(L, 1, "queue_size", 0, 1);
+        o.max_chats = (size_t)opt_int_field(L, 1, "max_chats", 0, 1);
         if (o.cache_size > CS_MAX_CACHE_SIZE ||
-            o.queue_size > CS_MAX_QUEUE_SIZE)
-            return luaL_error(L, "cache_size and queue_size are at most %d",
-                              (int)CS_MAX_CACHE_SIZE);
+            o.queue_size > CS_MAX_QUEUE_SIZE || o.max_chats > CS_MAX_CACHE_SIZE)
+            return luaL_error(
+                L, "cache_size, queue_size and max_chats are at most %d",
+                (int)CS_MAX_CACHE_SIZE);
         if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL) {
             if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0))
                 return luaL_error(
@@ -280,8 +282,11 @@ static int store_create_chat(lua_State *L)
     return 1;
 }
 
-/* Reads one message table at idx into m (strings stay anchored by it). */
-static void read_msg(lua_State *L, int idx, int argn, cs_msg_in *m)
+/* Reads one message table at idx into m. Its content string is stored in
+ * the anchor table at index anchor, slot, which keeps m->content valid (the
+ * message table itself need not hold it: __index may have produced it). */
+static void read_msg(lua_State *L, int idx, int argn, cs_msg_in *m, int anchor,
+                     lua_Integer slot)
 {
     if (lua_type(L, idx) != LUA_TTABLE)
         luaL_argerror(L, argn,
@@ -298,7 +303,7 @@ static void read_msg(lua_State *L, int idx, int argn, cs_msg_in *m)
     if (lua_type(L, -1) != LUA_TSTRING)
         luaL_argerror(L, argn, "message content must be a string");
     m->content = lua_tolstring(L, -1, &m->content_len);
-    lua_pop(L, 1);
+    lua_rawseti(L, anchor, slot); /* pops it, keeps it alive */
     if (memchr(m->content, '\0', m->content_len))
         luaL_argerror(L, argn, "message content must not contain a NUL byte");
     if (m->content_len > CS_MAX_CONTENT)
@@ -317,23 +322,28 @@ static cs_msg_in *read_msgs(lua_State *L, int idx, size_t *n)
     if (count == 0 || count > CS_MAX_BATCH)
         luaL_argerror(L, idx,
                       "expected a message or a list of 1 to 4096 messages");
-    cs_msg_in *msgs = lua_newuserdatauv(L, count * sizeof *msgs, 0);
+    cs_msg_in *msgs = lua_newuserdatauv(L, count * sizeof *msgs, 1);
+    lua_createtable(L, (int)count, 0); /* anchors the content strings */
+    int anchor = lua_gettop(L);
     if (single) {
-        read_msg(L, idx, idx, msgs);
+        read_msg(L, idx, idx, msgs, anchor, 1);
     } else {
         for (size_t i = 0; i < count; i++) {
             lua_geti(L, idx, (lua_Integer)i + 1);
-            read_msg(L, lua_gettop(L), idx, &msgs[i]);
+            read_msg(L, lua_gettop(L), idx, &msgs[i], anchor,
+                     (lua_Integer)i + 1);
             lua_pop(L, 1);
         }
     }
+    lua_setiuservalue(L, -2, 1); /* the array keeps its strings alive */
     *n = count;
     return msgs;
 }
 
-static void push_ids(lua_State *L, const int64_t *ids, size_t n)
+/* Fills the table at the top (created with room for n before the write, so
+ * that nothing can fail once the rows are durable). */
+static void fill_ids(lua_State *L, const int64_t *ids, size_t n)
 {
-    lua_createtable(L, (int)n, 0);
     for (size_t i = 0; i < n; i++) {
         lua_pushinteger(L, (lua_Integer)ids[i]);
         lua_rawseti(L, -2, (lua_Integer)i + 1);
@@ -347,10 +357,11 @@ static int store_append(lua_State *L)
     size_t n;
     cs_msg_in *msgs = read_msgs(L, 3, &n);
     int64_t *ids = lua_newuserdatauv(L, n * sizeof *ids, 0);
+    lua_createtable(L, (int)n, 0);
     int rc = cs_hub_append(hub, chat, msgs, n, ids);
     if (rc < 0)
         return hub_fail(L, hub, rc);
-    push_ids(L, ids, n);
+    fill_ids(L, ids, n);
     return 1;
 }
 
@@ -433,6 +444,7 @@ static int store_stats(lua_State *L)
     set_int(L, "resyncs", s.resyncs);
     set_int(L, "reconnects", s.reconnects);
     set_int(L, "polls", s.polls);
+    set_int(L, "cached_chats", s.cached_chats);
     return 1;
 }
 
@@ -529,11 +541,12 @@ static int pub_commit(lua_State *L)
     cs_publish *p = check_pub(L, 1);
     cs_hub *hub = pub_store(L);
     const int64_t *ids;
-    size_t n;
+    size_t n = cs_pub_size(p);
+    lua_createtable(L, (int)n, 0);
     int rc = cs_pub_commit(p, &ids, &n);
     if (rc < 0)
         return step_result(L, hub, rc);
-    push_ids(L, ids, n);
+    fill_ids(L, ids, n);
     return 1;
 }
 
@@ -628,13 +641,26 @@ static double opt_timeout(lua_State *L, int idx)
     return (double)t;
 }
 
-/* Pushes the next event, or nil, "timeout", or nil, msg, code. */
+static int push_event_protected(lua_State *L)
+{
+    push_event(L, lua_touserdata(L, 1));
+    return 1;
+}
+
+/* Pushes the next event, or nil, "timeout", or nil, msg, code. The event is
+ * consumed only once its table exists: if building it raises (out of
+ * memory), the event is put back and the next call returns it. */
 static int sub_next_impl(lua_State *L, cs_sub *s, double timeout)
 {
     cs_event ev;
     int rc = cs_sub_wait(s, timeout, &ev);
     if (rc == CS_EVENT) {
-        push_event(L, &ev);
+        lua_pushcfunction(L, push_event_protected);
+        lua_pushlightuserdata(L, &ev); /* an argument, not a handle */
+        if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+            cs_sub_unread(s);
+            return lua_error(L);
+        }
         return 1;
     }
     if (rc == CS_IDLE) {

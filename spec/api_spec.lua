@@ -8,7 +8,7 @@ local H = require("helpers")
 local STAT_KEYS = {
   "notifications", "malformed", "queries", "query_errors", "writes",
   "publish_errors", "cache_hits", "cache_misses", "db_passes", "delivered",
-  "resyncs", "reconnects", "polls",
+  "resyncs", "reconnects", "polls", "cached_chats",
 }
 
 -- Returns the error message of f(...), which must raise.

@@ -51,6 +51,9 @@ typedef struct cs_hub_options {
     const char *schema; /* pg: the schema; NULL: "chatstream" */
     size_t cache_size;  /* messages cached per chat; 0: default 256 */
     size_t queue_size;  /* pending notifications per subscription; 0: 1024 */
+    /* Chats whose cache the hub keeps; beyond it the least recently used
+     * cache of a chat without subscriptions is dropped. 0: 1024. */
+    size_t max_chats;
     /* Backstop poll: every subscription re-reads its chat from W this often
      * (seconds). 0: off. A negative value: the store's default (10 s on
      * PostgreSQL, off on the memory store). */
@@ -63,6 +66,8 @@ typedef struct cs_hub_options {
 #define CS_DEFAULT_QUEUE_SIZE 1024
 #define CS_MAX_CACHE_SIZE (1u << 20)
 #define CS_MAX_QUEUE_SIZE (1u << 20)
+#define CS_DEFAULT_MAX_CHATS 1024
+#define CS_DEFAULT_MAX_CHATS 1024
 
 /* Opens a hub on the memory store, or on PostgreSQL when opts->dsn is set.
  * On failure with an errbuf, a detail (never containing the password) is
@@ -109,6 +114,7 @@ typedef struct cs_stats {
                                backstop poll) */
     int64_t reconnects;     /* store reconnections */
     int64_t polls;          /* backstop polls run */
+    int64_t cached_chats;   /* chats the hub holds a cache for now */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 
@@ -150,6 +156,8 @@ int cs_pub_prepare(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
  * n IDs. A second commit is CS_EINVAL. */
 int cs_pub_commit(cs_publish *pub, const int64_t **ids, size_t *n);
 int cs_pub_cache(cs_publish *pub, size_t i);
+/* The number of messages of the publish (0 for NULL). */
+size_t cs_pub_size(const cs_publish *pub);
 int cs_pub_notify(cs_publish *pub, size_t i);
 void cs_pub_close(cs_publish *pub);
 
@@ -197,6 +205,9 @@ int cs_sub_next(cs_sub *sub, cs_event *ev);
 /* Like cs_sub_next, waiting up to timeout seconds for the store to have
  * something (returns at once on stores that cannot receive from elsewhere). */
 int cs_sub_wait(cs_sub *sub, double timeout, cs_event *ev);
+/* Puts back the event last returned by cs_sub_next, so the next call returns
+ * it again (for a caller that could not hand it over, e.g. out of memory). */
+void cs_sub_unread(cs_sub *sub);
 /* The watermark W: every message of the chat with id <= W was delivered.
  * Reopening with after = W loses nothing. For rescan and last_id, the
  * highest delivered ID (their own resume rule). */

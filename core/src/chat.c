@@ -165,6 +165,11 @@ static int check_step(cs_publish *p, size_t i, const unsigned char *done,
     return CS_OK;
 }
 
+size_t cs_pub_size(const cs_publish *p)
+{
+    return p ? p->n : 0;
+}
+
 int cs_pub_cache(cs_publish *p, size_t i)
 {
     int rc = check_step(p, i, p ? p->cached : NULL, "cached");

@@ -37,6 +37,19 @@ struct cs_sub {
 
 /* ---- hub ---------------------------------------------------------------- */
 
+void cs_sub_unread(cs_sub *s)
+{
+    if (!s || !s->current)
+        return;
+    /* pop_event keeps the list slot until the next call: move it back. */
+    if (s->out_pos > 0 && s->out.items[s->out_pos - 1] == s->current) {
+        s->out_pos--;
+        s->current = NULL;
+        if (s->hub)
+            s->hub->stats.delivered--;
+    }
+}
+
 static double now(void)
 {
     struct timespec ts;
@@ -51,7 +64,8 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     if (errbuf && errlen)
         errbuf[0] = '\0';
     if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE ||
-        (o.dsn && o.memory) || o.poll_interval != o.poll_interval) {
+        o.max_chats > CS_MAX_CACHE_SIZE || (o.dsn && o.memory) ||
+        o.poll_interval != o.poll_interval) {
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "bad hub options");
         return CS_EINVAL;
@@ -61,6 +75,7 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
         return CS_ENOMEM;
     hub->cache_size = o.cache_size ? o.cache_size : CS_DEFAULT_CACHE_SIZE;
     hub->queue_size = o.queue_size ? o.queue_size : CS_DEFAULT_QUEUE_SIZE;
+    hub->max_chats = o.max_chats ? o.max_chats : CS_DEFAULT_MAX_CHATS;
     int rc = CS_OK;
     if (o.dsn) {
         rc = cs_pg_store_open(o.dsn, o.schema, &hub->store, errbuf, errlen);
@@ -150,6 +165,7 @@ void cs_hub_stats(const cs_hub *hub, cs_stats *out)
     out->cache_misses += hub->counts.cache_misses;
     out->db_passes += hub->counts.db_passes;
     out->reconnects = hub->store.ops->reconnects(hub->store.st);
+    out->cached_chats = (int64_t)hub->nchats;
 }
 
 int cs_hub_fd(const cs_hub *hub)
@@ -196,11 +212,56 @@ static int chats_grow(cs_hub *hub)
     return CS_OK;
 }
 
+/* Empties slot i of the table (linear probing: later entries of the run
+ * move back so that every entry stays reachable from its home slot). */
+static void chats_remove_slot(cs_hub *hub, size_t i)
+{
+    size_t mask = hub->capchats - 1, j = i;
+    hub->chats[i] = NULL;
+    for (;;) {
+        j = (j + 1) & mask;
+        hub_chat *c = hub->chats[j];
+        if (!c)
+            break;
+        size_t k = chat_slot(c->id, hub->capchats);
+        bool stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+        if (!stays) {
+            hub->chats[i] = c;
+            hub->chats[j] = NULL;
+            i = j;
+        }
+    }
+    hub->nchats--;
+}
+
+/* Drops the least recently used chat without subscriptions, if any. The
+ * cache is never the truth (invariant 4): this costs a query at most. */
+static void chats_evict(cs_hub *hub)
+{
+    size_t victim = hub->capchats;
+    for (size_t i = 0; i < hub->capchats; i++) {
+        hub_chat *c = hub->chats[i];
+        if (c && c->nsubs == 0 && !c->listening &&
+            (victim == hub->capchats || c->used < hub->chats[victim]->used))
+            victim = i;
+    }
+    if (victim == hub->capchats)
+        return; /* every chat has readers: they bound the count */
+    hub_chat *c = hub->chats[victim];
+    chats_remove_slot(hub, victim);
+    cs_cache_free(&c->cache);
+    free(c);
+}
+
 hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
 {
     hub_chat *c = cs_hub_chat_find(hub, chat_id);
-    if (c)
+    if (c) {
+        c->used = ++hub->tick;
         return c;
+    }
+    if (hub->nchats >= hub->max_chats)
+        chats_evict(hub);
     if ((hub->nchats + 1) * 4 > hub->capchats * 3 && chats_grow(hub) < 0)
         return NULL;
     c = calloc(1, sizeof *c);
@@ -211,6 +272,7 @@ hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
         return NULL;
     }
     c->id = chat_id;
+    c->used = ++hub->tick;
     size_t j = chat_slot(chat_id, hub->capchats);
     while (hub->chats[j])
         j = (j + 1) & (hub->capchats - 1);
@@ -316,8 +378,13 @@ int cs_hub_wait(cs_hub *hub, double timeout)
 {
     if (!hub)
         return CS_ECLOSED;
+    /* First what is already there: libpq may hold notifications it read
+     * while another statement ran, and then the socket is not readable. */
+    int rc = cs_hub_step(hub);
+    if (rc != 0 || timeout <= 0)
+        return rc;
     int fd = cs_hub_fd(hub);
-    if (timeout > 0 && (fd >= 0 || hub->store.ops->remote)) {
+    if (fd >= 0 || hub->store.ops->remote) {
         int ms = timeout > 3600 ? 3600000 : (int)(timeout * 1000);
         struct pollfd p = {.fd = fd, .events = POLLIN};
         if (poll(&p, fd < 0 ? 0 : 1, ms) < 0 && errno != EINTR)
@@ -354,6 +421,9 @@ static void sub_unlink(cs_sub *s)
     if (c->nsubs == 0 && c->listening && s->hub) {
         s->hub->store.ops->unlisten(s->hub->store.st, c->id);
         c->listening = false;
+        /* UNLISTEN may have read notifications of other chats into the
+         * store's buffer: route them now, so a loop on the fd misses none. */
+        cs_hub_step(s->hub);
     }
     s->chat = NULL;
 }
@@ -431,6 +501,9 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
         sub_free(s);
         return rc;
     }
+    /* The LISTEN and the snapshot may have left notifications in the
+     * store's buffer, where the fd does not show them: route them now. */
+    cs_hub_step(hub);
     *out = s;
     return CS_OK;
 }

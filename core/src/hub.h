@@ -10,11 +10,13 @@ typedef struct hub_chat {
     cs_sub *subs; /* doubly linked through cs_sub.next/prev */
     size_t nsubs;
     bool listening;
+    uint64_t used; /* the hub's tick when last used (eviction order) */
 } hub_chat;
 
 struct cs_hub {
     cs_store store;
-    size_t cache_size, queue_size;
+    size_t cache_size, queue_size, max_chats;
+    uint64_t tick;
     hub_chat **chats; /* open addressing by chat id, linear probing */
     size_t nchats, capchats;
     cs_publish *pubs;                /* open stepped publishes, for detaching */

@@ -1,6 +1,7 @@
 /* test_hub.c - hub, publish and subscription tests through the public API only.
  */
 #include "chatstream.h"
+#include "hub.h"
 #include "check.h"
 
 #include <stdlib.h>
@@ -728,6 +729,149 @@ static void test_close_with_open_handles(void)
     CHECK(1);
 }
 
+/* An event put back with cs_sub_unread is returned again, once. */
+static void test_unread(void)
+{
+    cs_hub *hub;
+    int64_t chat;
+    CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
+    CHECK_EQ_I64(cs_hub_create_chat(hub, "a", "t", &chat), CS_OK);
+    cs_sub *s;
+    CHECK_EQ_I64(cs_sub_open(hub, chat, NULL, &s), CS_OK);
+    int64_t a = say(hub, chat, "one"), b = say(hub, chat, "two");
+    cs_event ev;
+    cs_sub_unread(s); /* nothing returned yet: no effect */
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, a);
+    cs_sub_unread(s);
+    cs_sub_unread(s); /* twice: still one event put back */
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, a);
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, b);
+    cs_sub_unread(s); /* the last one of the batch */
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, b);
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
+    cs_stats st;
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.delivered, 2);
+    cs_sub_unread(NULL);
+    cs_sub_close(s);
+    cs_hub_close(hub);
+}
+
+/* The hub keeps at most max_chats caches; a chat with a subscription keeps
+ * its cache whatever the traffic elsewhere. */
+static void test_max_chats(void)
+{
+    cs_hub *hub;
+    cs_hub_options o = {.max_chats = 4};
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_OK);
+    int64_t watched, others[10];
+    CHECK_EQ_I64(cs_hub_create_chat(hub, "a", "t", &watched), CS_OK);
+    cs_sub *s;
+    CHECK_EQ_I64(cs_sub_open(hub, watched, NULL, &s), CS_OK);
+    for (int i = 0; i < 10; i++) {
+        CHECK_EQ_I64(cs_hub_create_chat(hub, "a", "t", &others[i]), CS_OK);
+        CHECK(say(hub, others[i], "x") > 0);
+    }
+    cs_stats st;
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.cached_chats, 4);
+    /* The watched chat kept its cache: a new message there is proven by the
+     * cache chain, no DB pass. */
+    int64_t id = say(hub, watched, "hello");
+    cs_event ev;
+    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, id);
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.db_passes, 0);
+    /* Every evicted chat still works: its next publish starts a new cache. */
+    for (int i = 0; i < 10; i++)
+        CHECK(say(hub, others[i], "y") > 0);
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.cached_chats, 4);
+    cs_sub *t;
+    CHECK_EQ_I64(cs_sub_open(hub, others[0], NULL, &t), CS_OK);
+    int n = 0;
+    while (cs_sub_next(t, &ev) == CS_EVENT)
+        n++;
+    CHECK_EQ_I64(n, 2);
+    cs_sub_close(t);
+    cs_sub_close(s);
+    cs_hub_close(hub);
+}
+
+/* Many evictions (deletions from the hub's open-addressing table) must
+ * never lose a subscribed chat: each still gets its messages from its cache. */
+static void test_evictions_keep_subscribed(void)
+{
+    cs_hub *hub;
+    cs_hub_options o = {.max_chats = 8};
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_OK);
+    enum { NSUB = 39, NOTHER = 500 }; /* 47 entries of 64 slots: long runs */
+    int64_t subbed[NSUB], other;
+    cs_sub *subs[NSUB];
+    for (int i = 0; i < NSUB; i++) {
+        CHECK_EQ_I64(cs_hub_create_chat(hub, "a", "t", &subbed[i]), CS_OK);
+        CHECK_EQ_I64(cs_sub_open(hub, subbed[i], NULL, &subs[i]), CS_OK);
+    }
+    uint32_t x = 12345;
+    for (int i = 0; i < NOTHER; i++) {
+        CHECK_EQ_I64(cs_hub_create_chat(hub, "a", "t", &other), CS_OK);
+        say(hub, other, "x");
+        x = x * 1103515245u + 12345u;
+        say(hub, subbed[(x >> 16) % NSUB], "y"); /* interleaved */
+    }
+    cs_stats st;
+    cs_hub_stats(hub, &st);
+    CHECK(st.cached_chats <= NSUB + 8);
+    int64_t passes = st.db_passes;
+    int ok = 1;
+    for (int i = 0; i < NSUB; i++) {
+        int64_t id = say(hub, subbed[i], "z"), last = -1;
+        cs_event ev;
+        while (cs_sub_next(subs[i], &ev) == CS_EVENT)
+            last = ev.id;
+        ok &= last == id;
+    }
+    CHECK(ok);
+    cs_hub_stats(hub, &st);
+    CHECK_EQ_I64(st.db_passes, passes); /* every chat found its own cache */
+    for (int i = 0; i < NSUB; i++)
+        cs_sub_close(subs[i]);
+    cs_hub_close(hub);
+}
+
+/* White box: after every insertion (and the eviction it may cause) every
+ * entry of the hub's table is found from its home slot, and the max_chats
+ * most recently used chats are all there. */
+static void test_chat_table(void)
+{
+    cs_hub *hub;
+    cs_hub_options o = {.max_chats = 24};
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_OK);
+    int consistent = 1, recent = 1;
+    uint32_t x = 7;
+    for (int64_t id = 1; id <= 3000; id++) {
+        x = x * 1103515245u + 12345u;
+        int64_t chat = 1 + (int64_t)((x >> 8) % 200); /* revisits some */
+        if (!cs_hub_chat(hub, chat))
+            consistent = 0;
+        for (size_t i = 0; i < hub->capchats; i++) {
+            hub_chat *c = hub->chats[i];
+            if (c && cs_hub_chat_find(hub, c->id) != c)
+                consistent = 0;
+        }
+        if (hub->nchats > 24 || !cs_hub_chat_find(hub, chat))
+            recent = 0;
+    }
+    CHECK(consistent);
+    CHECK(recent);
+    cs_hub_close(hub);
+}
+
 int main(void)
 {
     test_errors();
@@ -740,5 +884,9 @@ int main(void)
     test_resume();
     test_queue_overflow();
     test_close_with_open_handles();
+    test_unread();
+    test_max_chats();
+    test_evictions_keep_subscribed();
+    test_chat_table();
     return check_done("test_hub");
 }

@@ -9,7 +9,7 @@ local M = {
 
 local OPEN_KEYS = {
   memory = true, dsn = true, schema = true, cache_size = true, queue_size = true,
-  poll_interval = true, authorize = true,
+  poll_interval = true, authorize = true, max_chats = true,
 }
 
 --- Opens a store.

@@ -23,11 +23,14 @@ typedef struct pg_store {
     char *password; /* scrubbed from every message, or NULL */
     bool has_timeout;
     char schema[64];
-    char prefix[80];     /* channel prefix: "chat:" or "<schema>:chat:" */
-    PGconn *q;           /* queries and writes */
-    PGconn *l;           /* the listener (non-blocking) */
-    cs_idset listening;  /* chat ids (no watermark: INT64_MIN) */
-    bool resync_pending; /* the listener came back: tell the hub */
+    char prefix[80]; /* channel prefix: "chat:" or "<schema>:chat:" */
+    PGconn *q;       /* queries and writes */
+    PGconn *l;       /* the listener (non-blocking) */
+    PGconn *lc;      /* a listener being connected without blocking */
+    double lc_deadline;
+    double connect_timeout; /* seconds */
+    cs_idset listening;     /* chat ids (no watermark: INT64_MIN) */
+    bool resync_pending;    /* the listener came back: tell the hub */
     double retry_at, backoff;
     int64_t reconnects;
     char err[512];
@@ -100,17 +103,25 @@ static void quiet(void *arg, const char *message)
         message; /* NOTICEs (e.g. "already exists, skipping") are not errors */
 }
 
-static PGconn *connect_db(pg_store *s)
+/* Opens a connection: blocking (bounded by connect_timeout), or only
+ * started, for PQconnectPoll to finish. */
+static PGconn *connect_db_mode(pg_store *s, bool start)
 {
     const char *keys[] = {"dbname", "application_name", "connect_timeout",
                           NULL};
     const char *vals[] = {s->dsn, "chatstream", CONNECT_TIMEOUT, NULL};
     if (s->has_timeout)
         keys[2] = NULL; /* the DSN's own connect_timeout wins */
-    PGconn *c = PQconnectdbParams(keys, vals, 1);
+    PGconn *c = start ? PQconnectStartParams(keys, vals, 1)
+                      : PQconnectdbParams(keys, vals, 1);
     if (c)
         PQsetNoticeProcessor(c, quiet, NULL);
     return c;
+}
+
+static PGconn *connect_db(pg_store *s)
+{
+    return connect_db_mode(s, false);
 }
 
 /* Waits until c is readable (or writable) or the deadline passes. */
@@ -574,23 +585,22 @@ static void listener_drop(pg_store *s)
     s->retry_at = 0; /* the first retry is immediate */
 }
 
-/* (Re)connects the listener and LISTENs on every chat: then every
- * subscription must resync, since notifications sent meanwhile are gone. */
-static int listener_connect(pg_store *s, bool initial)
+/* A failed listener connection: the next attempt waits (backoff). */
+static int listener_failed(pg_store *s, PGconn *l, const char *what)
 {
-    double t = now();
-    if (t < s->retry_at)
-        return fail(s, CS_EBACKEND, "listener reconnect backing off", NULL);
-    PGconn *l = connect_db(s);
-    if (!l || PQstatus(l) != CONNECTION_OK) {
-        conn_fail(s, l, "listener connection failed");
-        PQfinish(l);
-        s->backoff = s->backoff ? s->backoff * 2 : BACKOFF_MIN;
-        if (s->backoff > BACKOFF_MAX)
-            s->backoff = BACKOFF_MAX;
-        s->retry_at = t + s->backoff;
-        return CS_EBACKEND;
-    }
+    conn_fail(s, l, what);
+    PQfinish(l);
+    s->backoff = s->backoff ? s->backoff * 2 : BACKOFF_MIN;
+    if (s->backoff > BACKOFF_MAX)
+        s->backoff = BACKOFF_MAX;
+    s->retry_at = now() + s->backoff;
+    return CS_EBACKEND;
+}
+
+/* A connected listener: LISTEN on every chat; after a reconnect every
+ * subscription must resync, since notifications sent meanwhile are gone. */
+static int listener_ready(pg_store *s, PGconn *l, bool initial)
+{
     PQsetnonblocking(l, 1);
     s->l = l;
     for (size_t i = 0; i < s->listening.n; i++) {
@@ -607,6 +617,62 @@ static int listener_connect(pg_store *s, bool initial)
     return CS_OK;
 }
 
+/* Connects the listener, blocking (at most connect_timeout). */
+static int listener_connect(pg_store *s, bool initial)
+{
+    if (now() < s->retry_at)
+        return fail(s, CS_EBACKEND, "listener reconnect backing off", NULL);
+    if (s->lc) {
+        PQfinish(s->lc); /* a caller that must wait: start over, blocking */
+        s->lc = NULL;
+    }
+    PGconn *l = connect_db(s);
+    if (!l || PQstatus(l) != CONNECTION_OK)
+        return listener_failed(s, l, "listener connection failed");
+    return listener_ready(s, l, initial);
+}
+
+/* Moves a listener reconnect forward without blocking: starts one, or
+ * drives the one under way as far as the socket allows. CS_OK once the
+ * listener is up; CS_EBACKEND while it is not (yet). */
+static int listener_progress(pg_store *s)
+{
+    double t = now();
+    if (!s->lc) {
+        if (t < s->retry_at)
+            return CS_EBACKEND;
+        s->lc = connect_db_mode(s, true);
+        if (!s->lc || PQstatus(s->lc) == CONNECTION_BAD) {
+            PGconn *c = s->lc;
+            s->lc = NULL;
+            return listener_failed(s, c, "listener connection failed");
+        }
+        s->lc_deadline = t + s->connect_timeout;
+    }
+    for (;;) {
+        PostgresPollingStatusType st = PQconnectPoll(s->lc);
+        if (st == PGRES_POLLING_OK) {
+            PGconn *c = s->lc;
+            s->lc = NULL;
+            return listener_ready(s, c, false);
+        }
+        if (st == PGRES_POLLING_FAILED || t > s->lc_deadline) {
+            PGconn *c = s->lc;
+            s->lc = NULL;
+            return listener_failed(s, c,
+                                   st == PGRES_POLLING_FAILED
+                                       ? "listener connection failed"
+                                       : "listener connection timed out");
+        }
+        struct pollfd p = {.fd = PQsocket(s->lc),
+                           .events =
+                               st == PGRES_POLLING_READING ? POLLIN : POLLOUT};
+        if (poll(&p, 1, 0) <= 0)
+            return CS_EBACKEND; /* not ready: the next step goes on */
+    }
+}
+
+/* For callers that need the listener now (a subscription's LISTEN). */
 static bool listener_up(pg_store *s)
 {
     if (s->l && PQstatus(s->l) == CONNECTION_OK)
@@ -671,8 +737,10 @@ static int p_poll(void *st,
 {
     pg_store *s = st;
     int count = 0;
-    if (s->listening.n > 0 && !listener_up(s))
-        return CS_OK; /* down: retried at the next step, after backoff */
+    if (s->l && PQstatus(s->l) != CONNECTION_OK)
+        listener_drop(s);
+    if (s->listening.n > 0 && !s->l && listener_progress(s) < 0)
+        return 0; /* down: the reconnect goes on at the next step */
     if (s->resync_pending) {
         s->resync_pending = false;
         cb(ud, CS_RESYNC_ALL, NULL, 0);
@@ -727,6 +795,7 @@ static void p_close(void *st)
     pg_store *s = st;
     PQfinish(s->q);
     PQfinish(s->l);
+    PQfinish(s->lc);
     cs_idset_free(&s->listening);
     if (s->password) {
         memset(s->password, 0, strlen(s->password));
@@ -784,13 +853,16 @@ int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
         return CS_ENOMEM;
     }
     cs_idset_init(&s->listening, INT64_MIN);
+    s->connect_timeout = atof(CONNECT_TIMEOUT);
     for (PQconninfoOption *o = opts; o->keyword; o++) {
         if (!o->val)
             continue;
         if (strcmp(o->keyword, "password") == 0 && *o->val)
             s->password = strdup(o->val);
-        if (strcmp(o->keyword, "connect_timeout") == 0)
+        if (strcmp(o->keyword, "connect_timeout") == 0) {
             s->has_timeout = true;
+            s->connect_timeout = atof(o->val);
+        }
     }
     PQconninfoFree(opts);
     s->dsn = strdup(dsn);
