@@ -211,6 +211,17 @@ timeout : {
         ;
     while (!PQisBusy(c) && (r = PQgetResult(c)))
         PQclear(r);
+    if (PQisBusy(c)) {
+        /* The cancelled statement never finished: the connection cannot take
+         * another one. Drop it; the next call connects anew. */
+        if (c == s->q) {
+            PQfinish(s->q);
+            s->q = NULL;
+        } else if (c == s->l) {
+            PQfinish(s->l);
+            s->l = NULL;
+        }
+    }
     fail(s, CS_EBACKEND, "query timed out", NULL);
     return NULL;
 }
@@ -232,6 +243,18 @@ static PGconn *qconn(pg_store *s)
 {
     if (s->q && PQstatus(s->q) == CONNECTION_OK)
         return s->q;
+    if (!s->q) {
+        /* Dropped after a statement that could not be cancelled. */
+        s->q = connect_db(s);
+        if (s->q && PQstatus(s->q) == CONNECTION_OK) {
+            s->reconnects++;
+            return s->q;
+        }
+        conn_fail(s, s->q, "cannot reconnect");
+        PQfinish(s->q);
+        s->q = NULL;
+        return NULL;
+    }
     if (s->q) {
         PQreset(s->q);
         if (PQstatus(s->q) == CONNECTION_OK) {
@@ -272,8 +295,11 @@ static int exec_retry(pg_store *s, const char *sql, int n,
     return CS_OK;
 }
 
-static void rollback(pg_store *s, PGconn *c)
+/* Ends a failed transaction on the query connection, if it is still there
+ * (a statement that timed out may have dropped it). */
+static void rollback(pg_store *s)
 {
+    PGconn *c = s->q;
     if (c && PQstatus(c) == CONNECTION_OK &&
         PQtransactionStatus(c) != PQTRANS_IDLE) {
         char keep[sizeof s->err];
@@ -390,7 +416,7 @@ static int p_migrate(void *st)
     if (rc == CS_OK)
         rc = exec(s, c, "COMMIT", 0, NULL);
     if (rc < 0)
-        rollback(s, c);
+        rollback(s);
     return rc;
 }
 
@@ -418,7 +444,7 @@ static int p_create_chat(void *st, const char *owner, const char *title,
     if (rc == CS_OK)
         rc = exec(s, s->q, "COMMIT", 0, NULL);
     if (rc < 0)
-        rollback(s, s->q);
+        rollback(s);
     return rc;
 }
 
@@ -489,7 +515,7 @@ static int p_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
     if (rc == CS_OK)
         rc = exec(s, c, "COMMIT", 0, NULL);
     if (rc < 0) {
-        rollback(s, c);
+        rollback(s);
         while (out->n > base)
             cs_msg_unref(out->items[--out->n]);
     }
