@@ -191,8 +191,8 @@ static int memdb_tostring(lua_State *L)
  */
 
 static const char *const open_keys[] = {
-    "memory",     "dsn",           "schema",    "cache_size",
-    "queue_size", "poll_interval", "authorize", NULL};
+    "memory",        "dsn",       "schema",    "cache_size",    "queue_size",
+    "poll_interval", "authorize", "max_chats", "query_timeout", NULL};
 
 /* core.open(options): a store on PostgreSQL (options.dsn), on the memory
  * database of options.memory, or on a private memory database. */
@@ -216,6 +216,13 @@ static int l_open(lua_State *L)
                 return luaL_error(
                     L, "option 'poll_interval' must be a number >= 0");
             o.poll_interval = (double)lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
+        if (lua_getfield(L, 1, "query_timeout") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
+                return luaL_error(
+                    L, "option 'query_timeout' must be a number > 0");
+            o.query_timeout = (double)lua_tonumber(L, -1);
         }
         lua_pop(L, 1);
         o.dsn = opt_str_field(L, 1, "dsn");
@@ -775,5 +782,10 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
     luaL_newlib(L, funcs);
     lua_pushliteral(L, CS_VERSION);
     lua_setfield(L, -2, "_VERSION");
+    /* The Store method table, for methods written in Lua (init.lua). */
+    luaL_getmetatable(L, STORE_MT);
+    lua_getfield(L, -1, "__index");
+    lua_setfield(L, -3, "Store");
+    lua_pop(L, 1);
     return 1;
 }

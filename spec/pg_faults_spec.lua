@@ -637,6 +637,45 @@ describe("the PostgreSQL store under faults", function()
     end)
   end)
 
+  it("cancels a statement that runs past query_timeout, and the store goes on", function()
+    H.with_instance("postgresql", function(inst)
+      local store = inst:open({ query_timeout = 0.3 })
+      local chat = store:create_chat({ owner = "alice" })
+      -- Another session holds the chat row for 3 s, so the append waits on it.
+      local sql = string.format("BEGIN; SELECT id FROM %s.chats WHERE id = %d FOR UPDATE; "
+        .. "SELECT pg_sleep(3); COMMIT;", inst.schema, chat)
+      local locker = io.popen("env -u LD_PRELOAD psql -X -q " .. shq(H.dsn) .. " -c " .. shq(sql)
+        .. " >/dev/null 2>&1; echo done")
+      local deadline = now() + 5
+      while psql_value("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+          .. "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = '" .. inst.schema
+          .. "' AND c.relname = 'chats' AND l.mode = 'RowShareLock' AND l.granted") == "0" do
+        assert(now() < deadline, "the locking session never took its lock")
+        sleep(0.02)
+      end
+      local t0 = now()
+      local ids, err, code = store:append(chat, { role = "user", content = "late" })
+      local took = now() - t0
+      assert.is_nil(ids)
+      assert.are.equal("EBACKEND", code)
+      assert.truthy(err:find("timed out", 1, true), err)
+      assert.is_true(took < 2.5, "the append took " .. took .. " s")
+      assert.are.equal("done", (locker:read("a"):gsub("%s+$", "")))
+      locker:close()
+      -- The cancelled statement's transaction was rolled back: nothing was
+      -- written, and the same store writes again.
+      local again = store:append(chat, { role = "user", content = "after" })
+      assert.are.equal(1, #again)
+      local sub = assert(store:subscribe(chat))
+      local got = {}
+      for ev in sub:events(0) do
+        got[#got + 1] = ev.content
+      end
+      assert.are.same({ "after" }, got)
+      sub:close()
+    end)
+  end)
+
   it("runs migrations idempotently, also from concurrent processes", function()
     H.with_instance("postgresql", function(inst)
       local store = inst:open()

@@ -58,6 +58,9 @@ typedef struct cs_hub_options {
      * (seconds). 0: off. A negative value: the store's default (10 s on
      * PostgreSQL, off on the memory store). */
     double poll_interval;
+    /* pg: the longest one statement may take (seconds) before it is
+     * cancelled and the call fails with CS_EBACKEND. 0: 30. */
+    double query_timeout;
 } cs_hub_options;
 
 #define CS_DEFAULT_PG_POLL_INTERVAL 10.0

@@ -65,7 +65,7 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
         errbuf[0] = '\0';
     if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE ||
         o.max_chats > CS_MAX_CACHE_SIZE || (o.dsn && o.memory) ||
-        o.poll_interval != o.poll_interval) {
+        o.poll_interval != o.poll_interval || !(o.query_timeout >= 0)) {
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "bad hub options");
         return CS_EINVAL;
@@ -78,7 +78,8 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     hub->max_chats = o.max_chats ? o.max_chats : CS_DEFAULT_MAX_CHATS;
     int rc = CS_OK;
     if (o.dsn) {
-        rc = cs_pg_store_open(o.dsn, o.schema, &hub->store, errbuf, errlen);
+        rc = cs_pg_store_open(o.dsn, o.schema, o.query_timeout, &hub->store,
+                              errbuf, errlen);
         hub->poll_interval =
             o.poll_interval < 0 ? CS_DEFAULT_PG_POLL_INTERVAL : o.poll_interval;
     } else {

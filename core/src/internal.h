@@ -183,8 +183,8 @@ typedef struct cs_store {
 
 int cs_memory_store_open(cs_memdb *db, cs_store *out);
 /* errbuf receives a detail on failure (never the password). */
-int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
-                     char *errbuf, size_t errlen);
+int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
+                     cs_store *out, char *errbuf, size_t errlen);
 /* A valid schema name: [a-z_][a-z0-9_]{0,37} (channel names must fit 63). */
 bool cs_valid_identifier(const char *s);
 

@@ -9,7 +9,7 @@ local M = {
 
 local OPEN_KEYS = {
   memory = true, dsn = true, schema = true, cache_size = true, queue_size = true,
-  poll_interval = true, authorize = true, max_chats = true,
+  poll_interval = true, authorize = true, max_chats = true, query_timeout = true,
 }
 
 --- Opens a store.
@@ -37,5 +37,19 @@ end
 
 --- A new shared in-memory database; open{memory = db} gives it a hub.
 M.memory = core.memory
+
+--- for ev in store:stream(chat_id, opts, timeout) do ... end
+-- Opens a subscription (opts as subscribe's) and iterates its events until
+-- it is idle for `timeout` seconds; the subscription is the loop's closing
+-- value, so it is closed when the loop ends, by break or error too. A
+-- subscription that cannot be opened raises (as errors inside a loop do).
+function core.Store.stream(store, chat_id, opts, timeout)
+  local sub, err = store:subscribe(chat_id, opts)
+  if not sub then
+    error(err, 2)
+  end
+  local iter, state, control = sub:events(timeout)
+  return iter, state, control, sub
+end
 
 return M

@@ -9,10 +9,11 @@ bool cs_valid_identifier(const char *s)
     return false;
 }
 
-int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
-                     char *errbuf, size_t errlen)
+int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
+                     cs_store *out, char *errbuf, size_t errlen)
 {
     (void)dsn;
+    (void)query_timeout;
     (void)schema;
     (void)out;
     if (errbuf && errlen)

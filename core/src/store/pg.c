@@ -12,7 +12,7 @@
 #include <string.h>
 #include <time.h>
 
-#define QUERY_TIMEOUT 30.0  /* seconds for one statement */
+#define QUERY_TIMEOUT 30.0  /* default seconds for one statement */
 #define CONNECT_TIMEOUT "5" /* seconds, unless the DSN sets its own */
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
@@ -29,6 +29,7 @@ typedef struct pg_store {
     PGconn *lc;      /* a listener being connected without blocking */
     double lc_deadline;
     double connect_timeout; /* seconds */
+    double query_timeout;   /* seconds for one statement */
     cs_idset listening;     /* chat ids (no watermark: INT64_MIN) */
     bool resync_pending;    /* the listener came back: tell the hub */
     double retry_at, backoff;
@@ -155,7 +156,7 @@ static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
         conn_fail(s, c, "cannot send a query");
         return NULL;
     }
-    double deadline = now() + QUERY_TIMEOUT;
+    double deadline = now() + s->query_timeout;
     int f;
     while ((f = PQflush(c)) == 1)
         if (wait_io(c, true, deadline) == 0)
@@ -852,8 +853,8 @@ static const cs_store_ops pg_ops = {
     .reconnects = p_reconnects,
 };
 
-int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
-                     char *errbuf, size_t errlen)
+int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
+                     cs_store *out, char *errbuf, size_t errlen)
 {
     if (!schema)
         schema = "chatstream";
@@ -880,6 +881,7 @@ int cs_pg_store_open(const char *dsn, const char *schema, cs_store *out,
     }
     cs_idset_init(&s->listening, INT64_MIN);
     s->connect_timeout = atof(CONNECT_TIMEOUT);
+    s->query_timeout = query_timeout > 0 ? query_timeout : QUERY_TIMEOUT;
     for (PQconninfoOption *o = opts; o->keyword; o++) {
         if (!o->val)
             continue;

@@ -1,0 +1,101 @@
+-- spec/stream_spec.lua - store:stream (a subscription as a for loop's closing
+-- value) and the hub options max_chats and query_timeout.
+local chatstream = require("chatstream")
+local H = require("helpers")
+
+local function msg(content)
+  return { role = "user", content = content }
+end
+
+describe("store:stream", function()
+  H.each_backend(_ENV, function(kind)
+    it("iterates the snapshot and live messages, then closes the subscription", function()
+      H.with_instance(kind, function(inst)
+        local store = inst:open()
+        local chat = store:create_chat({ owner = "alice" })
+        local ids = store:append(chat, { msg("a"), msg("b") })
+        local f, s, c, closing = store:stream(chat, { strategy = "watermark" }, 0.2)
+        assert.are.equal("chatstream.Subscription", getmetatable(closing).__name)
+        local got = {}
+        for ev in f, s, c, closing do
+          got[#got + 1] = ev.id
+          if #got == 2 then
+            ids[3] = store:append(chat, msg("c"))[1] -- live, while iterating
+          end
+        end
+        assert.are.same(ids, got)
+        assert.truthy(tostring(closing):find("(closed)", 1, true))
+      end)
+    end)
+
+    it("closes the subscription when the loop body breaks or raises", function()
+      H.with_instance(kind, function(inst)
+        local store = inst:open()
+        local chat = store:create_chat({ owner = "alice" })
+        store:append(chat, { msg("a"), msg("b") })
+        local f, s, c, closing = store:stream(chat)
+        for _ in f, s, c, closing do -- luacheck: ignore 512 (the break is the point)
+          break
+        end
+        assert.truthy(tostring(closing):find("(closed)", 1, true))
+        local f2, s2, c2, closing2 = store:stream(chat)
+        local ok, err = pcall(function()
+          for _ in f2, s2, c2, closing2 do
+            error("boom")
+          end
+        end)
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("boom", 1, true))
+        assert.truthy(tostring(closing2):find("(closed)", 1, true))
+      end)
+    end)
+
+    it("raises when the subscription cannot be opened", function()
+      H.with_instance(kind, function(inst)
+        local store = inst:open()
+        local ok, err = pcall(store.stream, store, 424242)
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("ENOTFOUND", 1, true))
+      end)
+    end)
+  end)
+end)
+
+describe("the max_chats option", function()
+  H.each_backend(_ENV, function(kind)
+    it("bounds the chat caches a store keeps and loses nothing to it", function()
+      H.with_instance(kind, function(inst)
+        local store = inst:open({ max_chats = 3 })
+        local watched = store:create_chat({ owner = "alice" })
+        local sub = assert(store:subscribe(watched))
+        for i = 1, 10 do
+          local c = store:create_chat({ owner = "bob" })
+          store:append(c, msg("x" .. i))
+        end
+        assert.are.equal(3, store:stats().cached_chats)
+        local id = store:append(watched, msg("hello"))[1]
+        local ev = assert(sub:next(5))
+        assert.are.equal(id, ev.id)
+        sub:close()
+      end)
+    end)
+  end)
+
+  it("must be an integer >= 1", function()
+    for _, bad in ipairs({ 0, -1, 1.5, "3" }) do
+      local ok, err = pcall(chatstream.open, { max_chats = bad })
+      assert.is_false(ok)
+      assert.truthy(err:find("max_chats", 1, true))
+    end
+  end)
+end)
+
+describe("the query_timeout option", function()
+  it("must be a number > 0", function()
+    for _, bad in ipairs({ 0, -1, "5" }) do
+      local ok, err = pcall(chatstream.open, { query_timeout = bad })
+      assert.is_false(ok)
+      assert.truthy(err:find("query_timeout", 1, true))
+    end
+  end)
+end)
