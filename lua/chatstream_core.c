@@ -22,7 +22,9 @@ typedef struct {
     cs_publish *pub;
 } lpub;
 typedef struct {
-    cs_sub *sub;
+    cs_sub *sub;       /* first: the generic accessors read it */
+    int busy;          /* inside next: a close must wait (finalizers) */
+    int close_pending; /* closed while busy: done when next returns */
 } lsub;
 
 #if defined(__GNUC__)
@@ -596,9 +598,26 @@ static int pub_publish(lua_State *L)
 static int sub_gc(lua_State *L)
 {
     lsub *u = luaL_checkudata(L, 1, SUB_MT);
+    if (u->busy) {
+        /* A finalizer run by an allocation inside this subscription's own
+         * next: the event being built still points into it. */
+        u->close_pending = 1;
+        return 0;
+    }
     cs_sub_close(u->sub);
     u->sub = NULL;
     return 0;
+}
+
+/* Ends a next: a close that came meanwhile happens now. */
+static void sub_done(lsub *u)
+{
+    u->busy = 0;
+    if (u->close_pending) {
+        u->close_pending = 0;
+        cs_sub_close(u->sub);
+        u->sub = NULL;
+    }
 }
 
 static int sub_tostring(lua_State *L)
@@ -657,19 +676,24 @@ static int push_event_protected(lua_State *L)
 /* Pushes the next event, or nil, "timeout", or nil, msg, code. The event is
  * consumed only once its table exists: if building it raises (out of
  * memory), the event is put back and the next call returns it. */
-static int sub_next_impl(lua_State *L, cs_sub *s, double timeout)
+static int sub_next_impl(lua_State *L, lsub *u, double timeout)
 {
+    cs_sub *s = u->sub;
     cs_event ev;
-    int rc = cs_sub_wait(s, timeout, &ev);
+    u->busy = 1;
+    int rc = cs_sub_wait(s, timeout, &ev); /* runs no Lua code */
     if (rc == CS_EVENT) {
         lua_pushcfunction(L, push_event_protected);
         lua_pushlightuserdata(L, &ev); /* an argument, not a handle */
-        if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        int ok = lua_pcall(L, 1, 1, 0) == LUA_OK;
+        if (!ok && !u->close_pending)
             cs_sub_unread(s);
+        sub_done(u);
+        if (!ok)
             return lua_error(L);
-        }
         return 1;
     }
+    sub_done(u);
     if (rc == CS_IDLE) {
         lua_pushnil(L);
         lua_pushliteral(L, "timeout");
@@ -682,17 +706,27 @@ static int sub_next_impl(lua_State *L, cs_sub *s, double timeout)
     return push_fail(L, rc, NULL);
 }
 
+/* The subscription at idx, open and not inside another next. */
+static lsub *check_lsub(lua_State *L, int idx)
+{
+    check_sub(L, idx);
+    lsub *u = lua_touserdata(L, idx);
+    if (u->busy)
+        luaL_error(L, "subscription is already inside next");
+    return u;
+}
+
 static int sub_next(lua_State *L)
 {
-    cs_sub *s = check_sub(L, 1);
-    return sub_next_impl(L, s, opt_timeout(L, 2));
+    lsub *u = check_lsub(L, 1);
+    return sub_next_impl(L, u, opt_timeout(L, 2));
 }
 
 static int sub_iter(lua_State *L)
 {
-    cs_sub *s = check_sub(L, 1);
+    lsub *u = check_lsub(L, 1);
     double timeout = lua_tonumber(L, lua_upvalueindex(1));
-    int n = sub_next_impl(L, s, timeout);
+    int n = sub_next_impl(L, u, timeout);
     if (n == 1)
         return 1;
     if (n == 2)

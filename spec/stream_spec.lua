@@ -99,3 +99,52 @@ describe("the query_timeout option", function()
     end
   end)
 end)
+
+describe("a subscription closed by a finalizer inside its own next", function()
+  H.each_backend(_ENV, function(kind)
+    it("hands over the event whole and is closed once next returns", function()
+      H.with_instance(kind, function(inst)
+        local store = inst:open()
+        local chat = store:create_chat({ owner = "alice" })
+        local msgs = {}
+        for i = 1, 400 do
+          msgs[i] = { role = "user", content = ("payload-"):rep(20) .. i }
+        end
+        store:append(chat, msgs)
+        -- Another replica: its events come from the DB, owned by the
+        -- subscription alone (a use-after-free would show under ASan).
+        local sub = assert(inst:open():subscribe(chat))
+        local closed, hit = false, nil
+        local function fin()
+          if not closed and debug.traceback():find("method 'next'", 1, true) then
+            closed = true
+            sub:close()
+          end
+        end
+        collectgarbage("incremental", 1, 1000) -- a GC step at every allocation
+        local ok, err = pcall(function()
+          for _ = 1, 400 do
+            for _ = 1, 20 do
+              setmetatable({}, { __gc = fin })
+            end
+            local ev = sub:next(1)
+            if closed then
+              hit = ev
+              break
+            end
+          end
+        end)
+        collectgarbage("incremental", 200, 100) -- Lua 5.4's defaults
+        collectgarbage("generational")
+        collectgarbage("incremental")
+        assert(ok, err)
+        assert.is_true(closed, "no finalizer ran inside next: the spec missed its path")
+        assert.are.equal(("payload-"):rep(20), hit.content:sub(1, 160))
+        assert.truthy(tostring(sub):find("(closed)", 1, true))
+        assert.has_error(function()
+          sub:next(0)
+        end, "attempt to use a closed subscription")
+      end)
+    end)
+  end)
+end)

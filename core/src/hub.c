@@ -261,7 +261,9 @@ hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
         c->used = ++hub->tick;
         return c;
     }
-    if (hub->nchats >= hub->max_chats)
+    /* Only when some chat can go: with every chat subscribed the scan would
+     * find nothing, and opening many subscriptions would turn quadratic. */
+    if (hub->nchats >= hub->max_chats && hub->nchats > hub->busy_chats)
         chats_evict(hub);
     if ((hub->nchats + 1) * 4 > hub->capchats * 3 && chats_grow(hub) < 0)
         return NULL;
@@ -375,23 +377,50 @@ int cs_hub_step(cs_hub *hub)
     return rc;
 }
 
+/* Sleeps until the store's fd is readable, at most `left` seconds, and less
+ * when something is due sooner: the backstop poll, or (fd -1 on a remote
+ * store) the next step of a listener reconnect, which only steps move on.
+ * Returns 0, 1 when nothing can ever arrive (the memory store without a
+ * poll), or an error. */
+static int hub_sleep(cs_hub *hub, double left)
+{
+    int fd = cs_hub_fd(hub);
+    double t = now();
+    bool due = false;
+    if (hub->poll_interval > 0) {
+        double p = hub->next_poll - t > 0 ? hub->next_poll - t : 0;
+        left = p < left ? p : left;
+        due = true;
+    }
+    if (fd < 0 && hub->store.ops->remote) {
+        left = left < 0.05 ? left : 0.05; /* the listener is reconnecting */
+        due = true;
+    }
+    if (fd < 0 && !due)
+        return 1;
+    int ms = left > 3600 ? 3600000 : (int)(left * 1000) + 1;
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (poll(&p, fd < 0 ? 0 : 1, ms) < 0 && errno != EINTR)
+        return cs_hub_fail(hub, CS_EBACKEND, strerror(errno));
+    return 0;
+}
+
 int cs_hub_wait(cs_hub *hub, double timeout)
 {
     if (!hub)
         return CS_ECLOSED;
+    double deadline = now() + (timeout > 0 ? timeout : 0);
     /* First what is already there: libpq may hold notifications it read
      * while another statement ran, and then the socket is not readable. */
-    int rc = cs_hub_step(hub);
-    if (rc != 0 || timeout <= 0)
-        return rc;
-    int fd = cs_hub_fd(hub);
-    if (fd >= 0 || hub->store.ops->remote) {
-        int ms = timeout > 3600 ? 3600000 : (int)(timeout * 1000);
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, fd < 0 ? 0 : 1, ms) < 0 && errno != EINTR)
-            return cs_hub_fail(hub, CS_EBACKEND, strerror(errno));
+    for (;;) {
+        int rc = cs_hub_step(hub);
+        double left = deadline - now();
+        if (rc != 0 || left <= 0)
+            return rc;
+        rc = hub_sleep(hub, left);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
     }
-    return cs_hub_step(hub);
 }
 
 /* ---- subscriptions ---------------------------------------------------- */
@@ -418,7 +447,8 @@ static void sub_unlink(cs_sub *s)
     if (s->next)
         s->next->prev = s->prev;
     s->next = s->prev = NULL;
-    c->nsubs--;
+    if (--c->nsubs == 0 && s->hub)
+        s->hub->busy_chats--;
     if (c->nsubs == 0 && c->listening && s->hub) {
         s->hub->store.ops->unlisten(s->hub->store.st, c->id);
         c->listening = false;
@@ -484,7 +514,8 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     if (c->subs)
         c->subs->prev = s;
     c->subs = s;
-    c->nsubs++;
+    if (c->nsubs++ == 0)
+        hub->busy_chats++;
 
     cs_msglist rows = {0};
     hub->counts.queries++;
@@ -596,21 +627,12 @@ int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
         int rc = cs_sub_next(s, ev);
         if (rc != CS_IDLE)
             return rc;
-        cs_hub *hub = s->hub;
-        int fd = cs_hub_fd(hub);
-        double t = now(), left = deadline - t;
+        double left = deadline - now();
         if (left <= 0)
             return CS_IDLE;
-        if (hub->poll_interval > 0 && hub->next_poll - t < left)
-            left = hub->next_poll - t > 0 ? hub->next_poll - t : 0;
-        else if (fd < 0 && hub->store.ops->remote)
-            left = left < 0.05 ? left : 0.05; /* the listener is reconnecting */
-        else if (fd < 0)
-            return CS_IDLE; /* nothing can arrive from elsewhere */
-        int ms = left > 3600 ? 3600000 : (int)(left * 1000) + 1;
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, fd < 0 ? 0 : 1, ms) < 0 && errno != EINTR)
-            return cs_hub_fail(hub, CS_EBACKEND, strerror(errno));
+        rc = hub_sleep(s->hub, left);
+        if (rc != 0)
+            return rc < 0 ? rc : CS_IDLE; /* 1: nothing can arrive */
     }
 }
 
@@ -646,5 +668,6 @@ void cs_hub_detach_subs(cs_hub *hub)
         }
         c->subs = NULL;
         c->nsubs = 0;
+        hub->busy_chats = 0;
     }
 }

@@ -17,7 +17,8 @@ struct cs_hub {
     cs_store store;
     size_t cache_size, queue_size, max_chats;
     uint64_t tick;
-    hub_chat **chats; /* open addressing by chat id, linear probing */
+    size_t busy_chats; /* chats with subscriptions: never evicted */
+    hub_chat **chats;  /* open addressing by chat id, linear probing */
     size_t nchats, capchats;
     cs_publish *pubs;                /* open stepped publishes, for detaching */
     double poll_interval, next_poll; /* backstop poll; 0: off */

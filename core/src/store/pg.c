@@ -281,7 +281,10 @@ static PGresult *run_retry(pg_store *s, const char *sql, int n,
         return NULL;
     bool idle = PQtransactionStatus(c) == PQTRANS_IDLE;
     PGresult *r = run(s, c, sql, n, vals);
-    if (!r && idle && PQstatus(c) == CONNECTION_BAD && (c = qconn(s)))
+    /* Not after a timeout that dropped the connection (s->q is no longer
+     * c, and c is freed): that statement took too long, it is not retried. */
+    if (!r && idle && s->q == c && PQstatus(c) == CONNECTION_BAD &&
+        (c = qconn(s)))
         r = run(s, c, sql, n, vals);
     return r;
 }
@@ -889,7 +892,9 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
             s->password = strdup(o->val);
         if (strcmp(o->keyword, "connect_timeout") == 0) {
             s->has_timeout = true;
-            s->connect_timeout = atof(o->val);
+            /* libpq: 0 or less waits forever, below 2 counts as 2. */
+            double t = atof(o->val);
+            s->connect_timeout = t <= 0 ? 1e9 : t < 2 ? 2 : t;
         }
     }
     PQconninfoFree(opts);
