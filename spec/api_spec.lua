@@ -11,17 +11,7 @@ local STAT_KEYS = {
   "resyncs", "reconnects", "polls", "cached_chats",
 }
 
--- Returns the error message of f(...), which must raise.
-local function raises(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return tostring(err)
-end
-
--- Asserts that msg contains the plain text `want`.
-local function contains(want, msg)
-  assert(string.find(msg, want, 1, true), ("%q not found in %q"):format(want, msg))
-end
+local raises, contains = H.raises, H.contains
 
 local function msg(role, content)
   return { role = role, content = content }

@@ -5,16 +5,7 @@
 local chatstream = require("chatstream")
 local H = require("helpers")
 
--- Returns the error message of f(...), which must raise.
-local function raises(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return tostring(err)
-end
-
-local function contains(want, msg)
-  assert(string.find(msg, want, 1, true), ("%q not found in %q"):format(want, msg))
-end
+local raises, contains = H.raises, H.contains
 
 local function msg(content)
   return { role = "user", content = content }

@@ -30,6 +30,22 @@ function H.drain(sub, into, timeout)
   return into
 end
 
+--- Returns the error message of f(...), which must raise.
+function H.raises(f, ...)
+  local ok, err = pcall(f, ...)
+  if ok then
+    error("expected an error", 2)
+  end
+  return tostring(err)
+end
+
+--- Raises unless msg contains the plain text `want`.
+function H.contains(want, msg)
+  if not string.find(msg, want, 1, true) then
+    error(("%q not found in %q"):format(want, msg), 2)
+  end
+end
+
 --- Compares what a reader got with the chat's ids (ascending list `want`).
 -- Returns lost (ids never got), dups (ids got more than once).
 function H.check(got, want)

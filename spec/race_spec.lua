@@ -71,6 +71,17 @@ local function seed_chat(store)
   return chat
 end
 
+-- One store (opened with opts) that both publishes and reads: the seed chat,
+-- a tracker, a reader subscribed after 4, and the two committed publishes.
+local function seed_setup(inst, opts, strategy, ordered)
+  local store = inst:open(opts)
+  local chat = seed_chat(store)
+  local t = tracker(store)
+  local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
+  local promote, worker = seed_commits(store, store, chat)
+  return store, chat, t, sub, promote, worker
+end
+
 local scenarios = {}
 
 -- The seed's publish order with a drain after the first notification:
@@ -95,11 +106,7 @@ scenarios[#scenarios + 1] = {
   name = "a) the seed's trace: cache 5, 7, 6; notifications after 4, 6, 5",
   last_id_lost = { 6 },
   run = function(inst, strategy, ordered)
-    local store = inst:open()
-    local chat = seed_chat(store)
-    local t = tracker(store)
-    local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
-    local promote, worker = seed_commits(store, store, chat)
+    local _, chat, t, sub, promote, worker = seed_setup(inst, nil, strategy, ordered)
     return seed_publish(t, sub, promote, worker), truth(inst, chat, 4)
   end,
 }
@@ -111,11 +118,7 @@ scenarios[#scenarios + 1] = {
   memory_only = true,
   last_id_lost = { 6 },
   run = function(inst, strategy, ordered)
-    local store = inst:open()
-    local chat = seed_chat(store)
-    local t = tracker(store)
-    local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
-    local promote, worker = seed_commits(store, store, chat)
+    local _, chat, t, sub, promote, worker = seed_setup(inst, nil, strategy, ordered)
     inst.memdb:fail_queries(1000)
     local got = seed_publish(t, sub, promote, worker)
     inst.memdb:fail_queries(0)
@@ -226,11 +229,7 @@ scenarios[#scenarios + 1] = {
   name = "f1) cache eviction below the reader's position",
   last_id_lost = { 6 },
   run = function(inst, strategy, ordered)
-    local store = inst:open({ cache_size = 2 })
-    local chat = seed_chat(store)
-    local t = tracker(store)
-    local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
-    local promote, worker = seed_commits(store, store, chat)
+    local _, chat, t, sub, promote, worker = seed_setup(inst, { cache_size = 2 }, strategy, ordered)
     return seed_publish(t, sub, promote, worker), truth(inst, chat, 4)
   end,
 }
@@ -260,11 +259,7 @@ scenarios[#scenarios + 1] = {
   name = "f3) lost notifications, then a later one",
   last_id_lost = { 6 },
   run = function(inst, strategy, ordered)
-    local store = inst:open()
-    local chat = seed_chat(store)
-    local t = tracker(store)
-    local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
-    local promote, worker = seed_commits(store, store, chat)
+    local store, chat, t, sub, promote, worker = seed_setup(inst, nil, strategy, ordered)
     promote:cache(1)
     worker:cache()
     t.notify(worker) -- after 6, first
@@ -290,11 +285,7 @@ scenarios[#scenarios + 1] = {
   name = "f4) a notification queue overflow turns into a resync",
   last_id_lost = { 6 },
   run = function(inst, strategy, ordered)
-    local store = inst:open({ queue_size = 2 })
-    local chat = seed_chat(store)
-    local t = tracker(store)
-    local sub = assert(store:subscribe(chat, { after = 4, strategy = strategy, ordered = ordered }))
-    local promote, worker = seed_commits(store, store, chat)
+    local store, chat, t, sub, promote, worker = seed_setup(inst, { queue_size = 2 }, strategy, ordered)
     local got = seed_publish(t, sub, promote, worker, function()
       for i = 1, 5 do
         t.append(store, chat, { role = "user", content = "more " .. i })
