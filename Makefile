@@ -9,7 +9,7 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race test test-unit test-asan test-valgrind test-rock test-lint \
+.PHONY: all deps build demo race agent tail test test-unit test-asan test-valgrind test-rock test-lint \
         test-fuzz check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
@@ -29,6 +29,13 @@ demo: build
 race: build
 	@$(RUN_LUA) examples/race.lua
 
+# ARGS are passed on: make agent ARGS="work --idle 60", make tail ARGS=1
+agent: build
+	@$(RUN_LUA) examples/agent.lua $(ARGS)
+
+tail: build
+	@$(RUN_LUA) examples/tail.lua $(ARGS)
+
 # Every test: C unit tests and busted specs (normal build), the same under
 # ASan+UBSan, valgrind, a short fuzz run, the luarocks install check and
 # luacheck. Every suite runs; the summary says which failed.
@@ -47,11 +54,11 @@ test-asan: deps
 test-valgrind: build
 	@for t in $(BUILD)/test_*; do \
 	    echo "valgrind $$t"; $(VALGRIND) $$t >/dev/null || exit 1; done
-	@echo "valgrind: busted specs (api, conventions, race, 200 property seeds)"
+	@echo "valgrind: busted specs (api, conventions, race, lifecycle, 200 property seeds)"
 	@CHATSTREAM_PROPERTY_SEEDS=200 $(VALGRIND) $(LUA) /usr/bin/busted \
 	    --cpath="$(BUILD)/?.so" -o TAP \
 	    spec/api_spec.lua spec/conventions_spec.lua spec/race_spec.lua \
-	    spec/property_spec.lua > $(BUILD)/valgrind-busted.log 2>&1; \
+	    spec/lifecycle_spec.lua spec/property_spec.lua > $(BUILD)/valgrind-busted.log 2>&1; \
 	  rc=$$?; grep -E '^(not ok|1\.\.)|==[0-9]+==' $(BUILD)/valgrind-busted.log | head -40; \
 	  if [ $$rc -ne 0 ]; then echo "valgrind busted run failed (exit $$rc)"; exit 1; fi
 

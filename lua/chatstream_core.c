@@ -5,6 +5,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include <stdio.h>
 #include <string.h>
 
 #define MEMDB_MT "chatstream.MemoryDB"
@@ -16,7 +17,10 @@ typedef struct {
     cs_memdb *db;
 } lmemdb;
 typedef struct {
-    cs_hub *hub;
+    cs_hub *hub;  /* first: the generic accessors read it */
+    lua_State *L; /* the thread of the call in progress (authorizer) */
+    int auth_ref; /* the authorize function in the registry, or 0 */
+    cs_authorizer auth;
 } lstore;
 typedef struct {
     cs_publish *pub;
@@ -65,7 +69,13 @@ static void *check_open(lua_State *L, int idx, const char *mt, const char *what)
 
 #define check_memdb(L, i)                                                      \
     ((cs_memdb *)check_open(L, i, MEMDB_MT, "memory database"))
-#define check_store(L, i) ((cs_hub *)check_open(L, i, STORE_MT, "store"))
+/* The store's hub; records the calling thread for the authorizer. */
+static cs_hub *check_store(lua_State *L, int i)
+{
+    cs_hub *hub = check_open(L, i, STORE_MT, "store");
+    ((lstore *)lua_touserdata(L, i))->L = L;
+    return hub;
+}
 #define check_pub(L, i) ((cs_publish *)check_open(L, i, PUB_MT, "publish"))
 #define check_sub(L, i) ((cs_sub *)check_open(L, i, SUB_MT, "subscription"))
 
@@ -143,6 +153,8 @@ static int handle_tostring(lua_State *L, const char *mt, const char *name)
 }
 
 static double opt_timeout(lua_State *L, int idx);
+static int push_queue_protected(lua_State *L);
+static void set_int(lua_State *L, const char *k, int64_t v);
 
 /* ---- memory database ---------------------------------------------------- */
 
@@ -193,8 +205,64 @@ static int memdb_tostring(lua_State *L)
  */
 
 static const char *const open_keys[] = {
-    "memory",        "dsn",       "schema",    "cache_size",    "queue_size",
-    "poll_interval", "authorize", "max_chats", "query_timeout", NULL};
+    "memory",        "dsn",           "schema",    "cache_size",
+    "queue_size",    "poll_interval", "authorize", "max_chats",
+    "query_timeout", "stale_after",   NULL};
+
+/* The chat as the authorizer sees it: metadata only. */
+static void push_chat_meta(lua_State *L, const cs_chat_info *c)
+{
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, (lua_Integer)c->id);
+    lua_setfield(L, -2, "id");
+    lua_pushstring(L, c->owner);
+    lua_setfield(L, -2, "owner");
+    lua_pushstring(L, c->title);
+    lua_setfield(L, -2, "title");
+}
+
+static int call_authorize(lua_State *L)
+{
+    lstore *u = lua_touserdata(L, 1);
+    const cs_chat_info *chat = lua_touserdata(L, 4);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, u->auth_ref);
+    lua_pushvalue(L, 2);
+    push_chat_meta(L, chat);
+    lua_pushvalue(L, 3);
+    lua_call(L, 3, 2);
+    return 2;
+}
+
+/* The authorizer of a store opened with `authorize`: calls
+ * authorize(actor, {id, owner, title}, op). A true result allows; false or
+ * nil refuses (a second result, a string, is the reason); an error refuses
+ * too, with the error as the reason (fail closed). */
+static int lua_authorize(void *ud, const char *actor, const cs_chat_info *chat,
+                         const char *op, char *why, size_t whylen)
+{
+    lstore *u = ud;
+    lua_State *L = u->L;
+    if (!L || !lua_checkstack(L, 10)) {
+        snprintf(why, whylen, "the authorizer cannot run here");
+        return 0;
+    }
+    lua_pushcfunction(L, call_authorize);
+    lua_pushlightuserdata(L, u);
+    lua_pushstring(L, actor);
+    lua_pushstring(L, op);
+    lua_pushlightuserdata(L, (void *)chat);
+    if (lua_pcall(L, 4, 2, 0) != LUA_OK) {
+        const char *e = lua_tostring(L, -1);
+        snprintf(why, whylen, "the authorizer raised: %s", e ? e : "?");
+        lua_pop(L, 1);
+        return 0;
+    }
+    int ok = lua_toboolean(L, -2);
+    if (!ok && lua_type(L, -1) == LUA_TSTRING)
+        snprintf(why, whylen, "%s", lua_tostring(L, -1));
+    lua_pop(L, 2);
+    return ok;
+}
 
 /* core.open(options): a store on PostgreSQL (options.dsn), on the memory
  * database of options.memory, or on a private memory database. */
@@ -235,6 +303,13 @@ static int l_open(lua_State *L)
             lua_type(L, -1) != LUA_TFUNCTION)
             return luaL_error(L, "option 'authorize' must be a function");
         lua_pop(L, 1);
+        if (lua_getfield(L, 1, "stale_after") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
+                return luaL_error(L,
+                                  "option 'stale_after' must be a number > 0");
+            o.stale_after = (double)lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
         if (lua_getfield(L, 1, "memory") != LUA_TNIL) {
             lmemdb *m = luaL_testudata(L, -1, MEMDB_MT);
             if (!m)
@@ -250,6 +325,14 @@ static int l_open(lua_State *L)
     if (o.dsn && o.memory)
         return luaL_error(L, "options 'dsn' and 'memory' exclude each other");
     lstore *u = new_handle(L, sizeof *u, STORE_MT, 0);
+    if (lua_istable(L, 1) && lua_getfield(L, 1, "authorize") == LUA_TFUNCTION) {
+        u->auth_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        u->auth = (cs_authorizer){lua_authorize, u};
+        o.authorizer = &u->auth;
+    } else if (lua_istable(L, 1)) {
+        lua_pop(L, 1);
+    }
+    u->L = L;
     char err[512];
     int rc = cs_hub_open_err(&o, &u->hub, err, sizeof err);
     if (rc == CS_ENOMEM)
@@ -264,6 +347,10 @@ static int store_gc(lua_State *L)
     lstore *u = luaL_checkudata(L, 1, STORE_MT);
     cs_hub_close(u->hub);
     u->hub = NULL;
+    if (u->auth_ref) {
+        luaL_unref(L, LUA_REGISTRYINDEX, u->auth_ref);
+        u->auth_ref = 0;
+    }
     return 0;
 }
 
@@ -291,6 +378,57 @@ static int store_create_chat(lua_State *L)
     return 1;
 }
 
+/* The tool field of a message table: tool_calls = {ids} on an assistant
+ * message, tool_call_id = id on a tool message. Leaves the field's string
+ * (or nil) on the stack and returns it (NULL: none). */
+#define BAD_CALL_ID "a tool call ID is 1 to 128 bytes of [A-Za-z0-9_.:-]"
+
+static const char *read_tool(lua_State *L, int idx, int argn, cs_role role)
+{
+    int tc = lua_getfield(L, idx, "tool_calls");
+    int ti = lua_getfield(L, idx, "tool_call_id");
+    if (tc != LUA_TNIL && role != CS_ROLE_ASSISTANT)
+        luaL_argerror(L, argn, "only an assistant message has tool_calls");
+    if (ti != LUA_TNIL && role != CS_ROLE_TOOL)
+        luaL_argerror(L, argn, "only a tool message has a tool_call_id");
+    const char *tool = NULL;
+    if (ti != LUA_TNIL) {
+        if (ti != LUA_TSTRING)
+            luaL_argerror(L, argn, "tool_call_id must be a string");
+        lua_remove(L, -2);
+        tool = lua_tostring(L, -1);
+        if (!*tool || strchr(tool, ' '))
+            luaL_argerror(L, argn, BAD_CALL_ID);
+    } else if (tc != LUA_TNIL) {
+        lua_pop(L, 1);
+        if (tc != LUA_TTABLE)
+            luaL_argerror(L, argn, "tool_calls must be a list of call IDs");
+        luaL_Buffer b;
+        int t = lua_gettop(L);
+        lua_Integer n = luaL_len(L, t);
+        luaL_buffinit(L, &b);
+        for (lua_Integer i = 1; i <= n; i++) {
+            if (lua_geti(L, t, i) != LUA_TSTRING)
+                luaL_argerror(L, argn, "tool_calls must be a list of strings");
+            const char *id = lua_tostring(L, -1);
+            if (!*id || strchr(id, ' '))
+                luaL_argerror(L, argn, BAD_CALL_ID);
+            if (i > 1)
+                luaL_addchar(&b, ' ');
+            luaL_addvalue(&b);
+        }
+        luaL_pushresult(&b);
+        lua_remove(L, -2); /* the list */
+        tool = lua_tostring(L, -1);
+    } else {
+        lua_pop(L, 1); /* leaves one nil */
+    }
+    const char *why;
+    if (tool && cs_tool_check(role, tool, &why) < 0)
+        luaL_argerror(L, argn, why);
+    return tool;
+}
+
 /* Reads one message table at idx into m. Its content string is stored in
  * the anchor table at index anchor, slot, which keeps m->content valid (the
  * message table itself need not hold it: __index may have produced it). */
@@ -312,12 +450,14 @@ static void read_msg(lua_State *L, int idx, int argn, cs_msg_in *m, int anchor,
     if (lua_type(L, -1) != LUA_TSTRING)
         luaL_argerror(L, argn, "message content must be a string");
     m->content = lua_tolstring(L, -1, &m->content_len);
-    lua_rawseti(L, anchor, slot); /* pops it, keeps it alive */
+    lua_rawseti(L, anchor, 2 * slot - 1); /* pops it, keeps it alive */
     if (memchr(m->content, '\0', m->content_len))
         luaL_argerror(L, argn, "message content must not contain a NUL byte");
     if (m->content_len > CS_MAX_CONTENT)
         luaL_argerror(L, argn, "message content is too large");
     m->role = (cs_role)r;
+    m->tool = read_tool(L, idx, argn, m->role);
+    lua_rawseti(L, anchor, 2 * slot); /* the tool string (or nil) */
 }
 
 /* Reads a message or a list of messages at idx into a userdata array left on
@@ -332,7 +472,7 @@ static cs_msg_in *read_msgs(lua_State *L, int idx, size_t *n)
         luaL_argerror(L, idx,
                       "expected a message or a list of 1 to 4096 messages");
     cs_msg_in *msgs = lua_newuserdatauv(L, count * sizeof *msgs, 1);
-    lua_createtable(L, (int)count, 0); /* anchors the content strings */
+    lua_createtable(L, 2 * (int)count, 0); /* anchors the strings */
     int anchor = lua_gettop(L);
     if (single) {
         read_msg(L, idx, idx, msgs, anchor, 1);
@@ -359,15 +499,33 @@ static void fill_ids(lua_State *L, const int64_t *ids, size_t n)
     }
 }
 
+static const char *const actor_keys[] = {"actor", NULL};
+
+/* The actor of an optional {actor = ...} table at idx (left on the stack). */
+static const char *opt_actor(lua_State *L, int idx, const char *const keys[])
+{
+    if (lua_isnoneornil(L, idx)) {
+        lua_pushnil(L);
+        return NULL;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    check_keys(L, idx, keys ? keys : actor_keys);
+    const char *a = opt_str_field(L, idx, "actor");
+    if (!a)
+        lua_pushnil(L);
+    return a;
+}
+
 static int store_append(lua_State *L)
 {
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
+    const char *actor = opt_actor(L, 4, NULL);
     size_t n;
     cs_msg_in *msgs = read_msgs(L, 3, &n);
     int64_t *ids = lua_newuserdatauv(L, n * sizeof *ids, 0);
     lua_createtable(L, (int)n, 0);
-    int rc = cs_hub_append(hub, chat, msgs, n, ids);
+    int rc = cs_hub_append_as(hub, chat, actor, msgs, n, ids);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     fill_ids(L, ids, n);
@@ -378,12 +536,13 @@ static int store_prepare(lua_State *L)
 {
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
+    const char *actor = opt_actor(L, 4, NULL);
     size_t n;
     cs_msg_in *msgs = read_msgs(L, 3, &n);
     lpub *u = new_handle(L, sizeof *u, PUB_MT, 1);
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1); /* the publish keeps its store alive */
-    int rc = cs_pub_prepare(hub, chat, msgs, n, &u->pub);
+    int rc = cs_pub_prepare_as(hub, chat, actor, msgs, n, &u->pub);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     return 1;
@@ -418,7 +577,7 @@ static int store_subscribe(lua_State *L)
         if (o.ordered && o.strategy != CS_STRATEGY_WATERMARK)
             return luaL_error(L,
                               "option 'ordered' needs the watermark strategy");
-        opt_str_field(L, 3, "actor");
+        o.actor = opt_str_field(L, 3, "actor");
     }
     lsub *u = new_handle(L, sizeof *u, SUB_MT, 1);
     lua_pushvalue(L, 1);
@@ -442,6 +601,10 @@ static int store_stats(lua_State *L)
     lua_createtable(L, 0, 12);
     set_int(L, "notifications", s.notifications);
     set_int(L, "malformed", s.malformed);
+    set_int(L, "parts", s.parts);
+    set_int(L, "parts_dropped", s.parts_dropped);
+    set_int(L, "auth_checks", s.auth_checks);
+    set_int(L, "auth_refusals", s.auth_refusals);
     set_int(L, "queries", s.queries);
     set_int(L, "query_errors", s.query_errors);
     set_int(L, "writes", s.writes);
@@ -504,6 +667,245 @@ static int store_step(lua_State *L)
     if (rc < 0)
         return hub_fail(L, hub, rc);
     lua_pushinteger(L, rc);
+    return 1;
+}
+
+/* ---- chat lifecycle -------------------------------------------------------
+ */
+
+static int store_chat(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    const char *actor = opt_actor(L, 3, NULL);
+    cs_chat_info *c = lua_newuserdatauv(L, sizeof *c, 0);
+    int rc = cs_hub_chat_info(hub, chat, actor, c);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_createtable(L, 0, 8);
+    set_int(L, "id", c->id);
+    lua_pushstring(L, c->owner);
+    lua_setfield(L, -2, "owner");
+    lua_pushstring(L, c->title);
+    lua_setfield(L, -2, "title");
+    lua_pushstring(L, cs_status_name(c->status));
+    lua_setfield(L, -2, "status");
+    set_int(L, "version", c->version);
+    set_int(L, "last_message_id", c->last_message_id);
+    if (c->worker[0]) {
+        lua_pushstring(L, c->worker);
+        lua_setfield(L, -2, "worker");
+        lua_pushnumber(L, c->heartbeat_age);
+        lua_setfield(L, -2, "heartbeat_age");
+    }
+    return 1;
+}
+
+/* store:send(chat_id, {content = ..., role = "user", actor = ...}) ->
+ * id, queued */
+static int store_send(lua_State *L)
+{
+    static const char *const keys[] = {"role", "content", "actor", NULL};
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    check_keys(L, 3, keys);
+    const char *role = opt_str_field(L, 3, "role");
+    if (role && strcmp(role, "user") != 0)
+        return luaL_argerror(L, 3, "send takes a user message");
+    size_t len;
+    if (lua_getfield(L, 3, "content") != LUA_TSTRING)
+        return luaL_argerror(L, 3, "message content must be a string");
+    const char *content = lua_tolstring(L, -1, &len);
+    const char *actor = opt_str_field(L, 3, "actor");
+    int64_t id;
+    int queued;
+    int rc = cs_hub_send(hub, chat, actor, content, len, &id, &queued);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushinteger(L, (lua_Integer)id);
+    lua_pushboolean(L, queued);
+    return 2;
+}
+
+static int store_queued(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    const char *actor = opt_actor(L, 3, NULL);
+    cs_queue q = {0};
+    int rc = cs_hub_queued(hub, chat, actor, &q);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    /* Built under a protected call: the queue must be freed either way. */
+    lua_pushcfunction(L, push_queue_protected);
+    lua_pushlightuserdata(L, &q);
+    rc = lua_pcall(L, 1, 1, 0);
+    cs_queue_free(&q);
+    if (rc != LUA_OK)
+        return lua_error(L);
+    return 1;
+}
+
+static int queue_change(lua_State *L, int front)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    int64_t qid = check_id(L, 3, "queued id");
+    const char *actor = opt_actor(L, 4, NULL);
+    int rc = front ? cs_hub_queue_front(hub, chat, actor, qid)
+                   : cs_hub_queue_delete(hub, chat, actor, qid);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int store_delete_queued(lua_State *L)
+{
+    return queue_change(L, 0);
+}
+
+static int store_move_queued(lua_State *L)
+{
+    return queue_change(L, 1);
+}
+
+/* store:promote_queued(chat_id, queued_id, {actor =, prepare =}) -> ids, or
+ * a stepped publish with prepare = true. */
+static int store_promote_queued(lua_State *L)
+{
+    static const char *const keys[] = {"actor", "prepare", NULL};
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    int64_t qid = check_id(L, 3, "queued id");
+    const char *actor = opt_actor(L, 4, keys);
+    int prepare = 0;
+    if (lua_istable(L, 4)) {
+        int t = lua_getfield(L, 4, "prepare");
+        if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+            return luaL_error(L, "option 'prepare' must be a boolean");
+        prepare = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
+    lpub *u = new_handle(L, sizeof *u, PUB_MT, 1);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    int rc = cs_promote_prepare(hub, chat, actor, qid, &u->pub);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    if (prepare)
+        return 1;
+    const int64_t *ids;
+    size_t n;
+    rc = cs_pub_commit(u->pub, &ids, &n);
+    if (rc < 0) {
+        cs_pub_close(u->pub);
+        u->pub = NULL;
+        return hub_fail(L, hub, rc);
+    }
+    lua_createtable(L, (int)n, 0);
+    fill_ids(L, ids, n);
+    rc = cs_pub_cache(u->pub, CS_ALL);
+    if (rc == CS_OK)
+        rc = cs_pub_notify(u->pub, CS_ALL);
+    cs_pub_close(u->pub);
+    u->pub = NULL;
+    (void)rc; /* durable: a failed publish costs readers a query */
+    return 1;
+}
+
+/* store:acquire{worker = "w1", limit = 1, stale_after = seconds} -> ids */
+static int store_acquire(lua_State *L)
+{
+    static const char *const keys[] = {"worker", "limit", "stale_after", NULL};
+    cs_hub *hub = check_store(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_keys(L, 2, keys);
+    const char *worker = opt_str_field(L, 2, "worker");
+    if (!worker)
+        return luaL_error(L, "option 'worker' is required");
+    lua_Integer limit = opt_int_field(L, 2, "limit", 1, 1);
+    if (limit > 1024)
+        return luaL_error(L, "option 'limit' must be 1 to 1024");
+    double stale = 0;
+    if (lua_getfield(L, 2, "stale_after") != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0))
+            return luaL_error(L, "option 'stale_after' must be a number >= 0");
+        stale = lua_tonumber(L, -1);
+        if (stale == 0)
+            stale = 1e-9; /* 0 is the hub's default in the C API */
+    }
+    lua_pop(L, 1);
+    int64_t *ids = lua_newuserdatauv(L, (size_t)limit * sizeof *ids, 0);
+    size_t n = 0;
+    int rc = cs_hub_acquire(hub, worker, (size_t)limit, stale, ids, &n);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_createtable(L, (int)n, 0);
+    fill_ids(L, ids, n);
+    return 1;
+}
+
+/* store:heartbeat(chat_id, worker) -> true, or false, status */
+static int store_heartbeat(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    const char *worker = luaL_checkstring(L, 3);
+    cs_status st;
+    int rc = cs_hub_heartbeat(hub, chat, worker, &st);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushboolean(L, rc == 1);
+    if (rc == 1)
+        return 1;
+    lua_pushstring(L, cs_status_name(st));
+    return 2;
+}
+
+static cs_status check_status(lua_State *L, int idx)
+{
+    size_t len;
+    const char *s = luaL_checklstring(L, idx, &len);
+    int st = cs_status_parse(s, len);
+    if (st < 0)
+        luaL_argerror(L, idx,
+                      "status must be waiting, pending, running, paused, "
+                      "completed, error or requires_action");
+    return (cs_status)st;
+}
+
+/* store:finish(chat_id, status, {worker =, actor =}) -> true, final status */
+static int store_finish(lua_State *L)
+{
+    static const char *const keys[] = {"worker", "actor", NULL};
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    cs_status st = check_status(L, 3);
+    const char *actor = opt_actor(L, 4, keys);
+    const char *worker =
+        lua_istable(L, 4) ? opt_str_field(L, 4, "worker") : NULL;
+    cs_status final;
+    int rc = cs_hub_finish(hub, chat, worker, actor, st, &final);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushboolean(L, 1);
+    lua_pushstring(L, cs_status_name(final));
+    return 2;
+}
+
+static int store_publish_part(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    size_t len;
+    const char *text = luaL_checklstring(L, 3, &len);
+    const char *actor = opt_actor(L, 4, NULL);
+    int rc = cs_hub_publish_part(hub, chat, actor, text, len);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -625,6 +1027,48 @@ static int sub_tostring(lua_State *L)
     return handle_tostring(L, SUB_MT, "chatstream.Subscription");
 }
 
+/* tool_calls = {ids} (assistant) or tool_call_id = id (tool). */
+static void push_tool(lua_State *L, const char *role, const char *tool)
+{
+    if (strcmp(role, "tool") == 0) {
+        lua_pushstring(L, tool);
+        lua_setfield(L, -2, "tool_call_id");
+        return;
+    }
+    lua_newtable(L);
+    lua_Integer i = 0;
+    for (const char *p = tool; *p;) {
+        const char *e = strchr(p, ' ');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        lua_pushlstring(L, p, n);
+        lua_rawseti(L, -2, ++i);
+        p += n;
+        if (*p == ' ')
+            p++;
+    }
+    lua_setfield(L, -2, "tool_calls");
+}
+
+/* An array of {id, content, actor, created_at}; actor absent when none. */
+static void push_queue(lua_State *L, const cs_queue *q)
+{
+    lua_createtable(L, q ? (int)q->n : 0, 0);
+    for (size_t i = 0; q && i < q->n; i++) {
+        const cs_queue_item *it = &q->items[i];
+        lua_createtable(L, 0, 4);
+        set_int(L, "id", it->id);
+        lua_pushlstring(L, it->content, it->content_len);
+        lua_setfield(L, -2, "content");
+        if (it->actor && *it->actor) {
+            lua_pushstring(L, it->actor);
+            lua_setfield(L, -2, "actor");
+        }
+        lua_pushnumber(L, it->created_at);
+        lua_setfield(L, -2, "created_at");
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+}
+
 static void push_event(lua_State *L, const cs_event *ev)
 {
     lua_createtable(L, 0, 7);
@@ -638,6 +1082,8 @@ static void push_event(lua_State *L, const cs_event *ev)
         lua_setfield(L, -2, "role");
         lua_pushlstring(L, ev->text, ev->text_len);
         lua_setfield(L, -2, "content");
+        if (ev->tool && *ev->tool)
+            push_tool(L, ev->role, ev->tool);
         break;
     case CS_EV_STATUS:
         lua_pushliteral(L, "status");
@@ -649,12 +1095,15 @@ static void push_event(lua_State *L, const cs_event *ev)
     case CS_EV_QUEUE:
         lua_pushliteral(L, "queue");
         lua_setfield(L, -2, "kind");
+        push_queue(L, ev->queue);
+        lua_setfield(L, -2, "items");
         break;
     case CS_EV_PART:
         lua_pushliteral(L, "part");
         lua_setfield(L, -2, "kind");
         lua_pushlstring(L, ev->text, ev->text_len);
         lua_setfield(L, -2, "text");
+        set_int(L, "after", ev->prev_id);
         break;
     }
     set_int(L, "chat_id", ev->chat_id);
@@ -665,6 +1114,12 @@ static double opt_timeout(lua_State *L, int idx)
     lua_Number t = luaL_optnumber(L, idx, 0);
     luaL_argcheck(L, t >= 0 && t == t, idx, "timeout must be a number >= 0");
     return (double)t;
+}
+
+static int push_queue_protected(lua_State *L)
+{
+    push_queue(L, lua_touserdata(L, 1));
+    return 1;
 }
 
 static int push_event_protected(lua_State *L)
@@ -795,6 +1250,16 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                        {"migrate", store_migrate},
                                        {"listener_pid", store_listener_pid},
                                        {"kind", store_kind},
+                                       {"chat", store_chat},
+                                       {"send", store_send},
+                                       {"queued", store_queued},
+                                       {"delete_queued", store_delete_queued},
+                                       {"move_queued", store_move_queued},
+                                       {"promote_queued", store_promote_queued},
+                                       {"acquire", store_acquire},
+                                       {"heartbeat", store_heartbeat},
+                                       {"finish", store_finish},
+                                       {"publish_part", store_publish_part},
                                        {NULL, NULL}};
     static const luaL_Reg pub_m[] = {{"commit", pub_commit},
                                      {"cache", pub_cache},

@@ -9,9 +9,11 @@ local STAT_KEYS = {
   "notifications", "malformed", "queries", "query_errors", "writes",
   "publish_errors", "cache_hits", "cache_misses", "db_passes", "delivered",
   "resyncs", "reconnects", "polls", "cached_chats",
+  "parts", "parts_dropped", "auth_checks", "auth_refusals",
 }
 
 local raises, contains = H.raises, H.contains
+local status_event, after_status = H.status_event, H.after_status
 
 local function msg(role, content)
   return { role = role, content = content }
@@ -210,11 +212,14 @@ describe("Store", function()
       -- b appends to a's chat: the chat is shared.
       local ids = b:append(chat, msg("user", "from b"))
       local sub = a:subscribe(chat)
+      -- the snapshot begins with the chat's status, then its messages.
+      assert.are.same(status_event(chat), sub:next(0))
       local ev = sub:next(0)
       assert.are.equal(ids[1], ev.id)
       assert.are.equal("from b", ev.content)
       -- a live message written on a reaches a reader on b.
       local bsub = b:subscribe(chat, { after = ids[1] })
+      assert.are.same(status_event(chat), bsub:next(0))
       assert.are.same({ nil, "timeout" }, { bsub:next(0) })
       local more = a:append(chat, msg("assistant", "from a"))
       ev = bsub:next(LIVE)
@@ -297,7 +302,7 @@ describe("Store", function()
       assert.are.same({ a1 + 1, a1 + 2, a1 + 3, a1 + 4, a1 + 5 },
         { b1, a2, b23[1], b23[2], a3 })
       -- chat a's ids rise with holes; prev_id links them.
-      local evs = read_all(store:subscribe(a))
+      local evs = after_status(read_all(store:subscribe(a)), a)
       assert.are.same({ a1, a2, a3 }, ids_of(evs))
       assert.are.same({ 0, a1, a2 }, { evs[1].prev_id, evs[2].prev_id, evs[3].prev_id })
     end)
@@ -324,6 +329,7 @@ describe("Store", function()
       contains("must not contain a NUL byte",
         raises(store.prepare, store, chat, { msg("user", "ok"), msg("user", "\0") }))
       local sub = assert(store:subscribe(chat))
+      assert.are.same(status_event(chat), sub:next(0)) -- and no message after it
       assert.is_nil(sub:next(0))
       sub:close()
     end)
@@ -344,7 +350,8 @@ describe("Store", function()
       local chat = store:create_chat()
       raises(store.append, store, chat, { msg("user", "ok"), msg("nobody", "x") })
       local before = store:stats().writes
-      assert.are.same({}, read_all(store:subscribe(chat)))
+      -- the snapshot is the chat's status alone: no message
+      assert.are.same({ status_event(chat) }, read_all(store:subscribe(chat)))
       assert.are.equal(before, store:stats().writes)
     end)
 
@@ -386,7 +393,11 @@ describe("Store", function()
       store:append(chat, { msg("user", "a"), msg("user", "b") })
       local q = store:stats().queries
       local sub = store:subscribe(chat)
-      assert.are.equal(q + 1, store:stats().queries) -- the snapshot
+      -- the snapshot: 3 queries (the chat's status, its queue, its messages)
+      assert.are.equal(q + 3, store:stats().queries)
+      assert.are.equal(0, store:stats().delivered)
+      -- delivered counts message events: the snapshot's status is not one
+      assert.are.same(status_event(chat), sub:next(0))
       assert.are.equal(0, store:stats().delivered)
       sub:next(0)
       assert.are.equal(1, store:stats().delivered)
@@ -400,6 +411,7 @@ describe("Store", function()
     it("stats() counts notifications received and cache hits for live messages", function()
       local chat = store:create_chat()
       local sub = store:subscribe(chat)
+      assert.are.same(status_event(chat), sub:next(0))
       local st0 = store:stats()
       store:append(chat, msg("user", "live"))
       assert.are.equal("live", sub:next(LIVE).content)
@@ -423,7 +435,7 @@ describe("Store", function()
       assert.are.equal(0, s:stats().resyncs)
       assert.are.equal(3, step_for(s, 3)) -- routes 3 hints into a queue of 1
       assert.are.equal(1, s:stats().resyncs)
-      assert.are.same(want, ids_of(read_all(sub)))
+      assert.are.same(want, ids_of(after_status(read_all(sub), chat)))
       s:close()
     end)
 
@@ -467,7 +479,7 @@ describe("Store", function()
       assert.are.equal(2, n)
       assert.are.equal(0, store:step())
       -- the routed notifications are not lost: the reader gets both.
-      assert.are.equal(2, #read_all(sub))
+      assert.are.equal(2, #after_status(read_all(sub), chat))
       sub:close()
     end)
 
@@ -486,6 +498,7 @@ describe("Store (memory only)", function()
     db:fail_queries(1)
     assert.is_nil(s:subscribe(chat))
     assert.are.equal(1, s:stats().query_errors)
+    -- the snapshot's first read (the status) failed, and it stopped there
     assert.are.equal(1, s:stats().queries)
     s:close(); db:close()
   end)
@@ -533,6 +546,7 @@ describe("Publish", function()
 
     it("a reader subscribed before sees nothing until notify, then the message", function()
       local sub = store:subscribe(chat)
+      assert.are.same(status_event(chat), sub:next(0))
       local p = store:prepare(chat, msg("user", "hello"))
       local ids = p:commit()
       assert.are.same({ nil, "timeout" }, { sub:next(0) })
@@ -543,6 +557,7 @@ describe("Publish", function()
       -- sent, so one sent by commit or cache would have come before it).
       local marker = store:create_chat()
       local msub = store:subscribe(marker)
+      assert.are.same(status_event(marker), msub:next(0))
       local mark = store:append(marker, msg("user", "marker"))[1]
       assert.are.equal(mark, msub:next(LIVE).id)
       assert.are.equal(1, store:stats().notifications)
@@ -564,7 +579,7 @@ describe("Publish", function()
       assert.are.equal(true, p:cache(2))
       assert.are.equal(true, p:notify(2))
       settle(store, 1)
-      assert.are.same({ ids[2] }, ids_of(read_all(sub)))
+      assert.are.same({ ids[2] }, ids_of(after_status(read_all(sub), chat)))
       -- message 1 was not cached, so it can still be cached by index.
       assert.are.equal(true, p:cache(1))
       contains("message 2 already cached", raises(p.cache, p, 2))
@@ -578,7 +593,7 @@ describe("Publish", function()
       assert.are.equal(true, p:cache(1))
       assert.are.equal(true, p:notify(1))
       settle(store, 1)
-      assert.are.same({ ids[1] }, ids_of(read_all(sub)))
+      assert.are.same({ ids[1] }, ids_of(after_status(read_all(sub), chat)))
       assert.are.equal(true, p:publish())
       settle(store, 3)
       assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
@@ -594,7 +609,7 @@ describe("Publish", function()
       assert.are.equal(true, p:cache())
       assert.are.equal(true, p:notify())
       settle(store, 2)
-      assert.are.same(ids, ids_of(read_all(sub)))
+      assert.are.same(ids, ids_of(after_status(read_all(sub), chat)))
       contains("already notified", raises(p.notify, p, 1))
       p:close(); sub:close()
     end)
@@ -671,8 +686,12 @@ describe("Subscription", function()
     it("delivers the snapshot first, ascending, with every message field", function()
       local sub = store:subscribe(chat)
       assert.are.equal("chatstream.Subscription", getmetatable(sub).__name)
-      local evs = read_all(sub)
-      assert.are.equal(3, #evs)
+      local all = read_all(sub)
+      assert.are.equal(4, #all) -- the chat's status, then its 3 messages
+      assert.are.same(status_event(chat), all[1])
+      assert.are.equal("integer", math.type(all[1].chat_id))
+      assert.are.equal("integer", math.type(all[1].version))
+      local evs = after_status(all, chat)
       for i, ev in ipairs(evs) do
         assert.are.equal("message", ev.kind)
         assert.are.equal(ids[i], ev.id)
@@ -688,13 +707,15 @@ describe("Subscription", function()
 
     it("delivers only messages with id > after in the snapshot", function()
       local sub = store:subscribe(chat, { after = ids[1] })
-      assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
+      assert.are.same({ ids[2], ids[3] }, ids_of(after_status(read_all(sub), chat)))
       local all = store:subscribe(chat, { after = ids[3] })
-      assert.are.same({}, ids_of(read_all(all)))
+      assert.are.same({ status_event(chat) }, read_all(all)) -- no message
+
     end)
 
     it("delivers live events after the snapshot", function()
       local sub = store:subscribe(chat)
+      assert.are.same(status_event(chat), sub:next(0))
       local first = sub:next(0)
       assert.are.equal(ids[1], first.id)
       local new = store:append(chat, msg("user", "m4"))[1]
@@ -706,7 +727,7 @@ describe("Subscription", function()
       local sub = store:subscribe(chat, { after = ids[3] })
       local new = store:append(chat, { msg("user", "m4"), msg("tool", "m5") })
       settle(store, 2)
-      local evs = read_all(sub)
+      local evs = after_status(read_all(sub), chat)
       assert.are.same(new, ids_of(evs))
       assert.are.equal(ids[3], evs[1].prev_id)
       assert.are.equal(new[1], evs[2].prev_id)
@@ -716,6 +737,7 @@ describe("Subscription", function()
 
     it("next(timeout) returns an event, or nil, 'timeout' when idle", function()
       local sub = store:subscribe(chat, { after = ids[2] })
+      assert.are.same(status_event(chat), sub:next(0.05))
       local ev = sub:next(0.05)
       assert.are.equal(ids[3], ev.id)
       local n = select("#", sub:next(0.05))
@@ -737,14 +759,18 @@ describe("Subscription", function()
       local n = 0
       for ev in sub:events(0.05) do
         n = n + 1
-        assert.are.equal(ids[n], ev.id)
+        if n == 1 then
+          assert.are.same(status_event(chat), ev) -- the snapshot's first event
+        else
+          assert.are.equal(ids[n - 1], ev.id)
+        end
       end
-      assert.are.equal(3, n)
+      assert.are.equal(4, n) -- the status and the 3 messages
       -- a new loop on an idle subscription runs zero times
       for _ in sub:events(0) do
         n = n + 1
       end
-      assert.are.equal(3, n)
+      assert.are.equal(4, n)
     end)
 
     it("events() returns iter, sub, nil like io.lines", function()
@@ -755,6 +781,7 @@ describe("Subscription", function()
       assert.are.equal("function", type(f))
       assert.are.equal(sub, s)
       assert.is_nil(init)
+      assert.are.same(status_event(chat), f(s, init))
       assert.are.equal(ids[1], f(s, init).id)
     end)
 
@@ -778,6 +805,7 @@ describe("Subscription", function()
       local sub = store:subscribe(chat)
       read_all(sub)
       local again = store:subscribe(chat, { after = sub:cursor() })
+      assert.are.same(status_event(chat), again:next(0))
       assert.are.same({ nil, "timeout" }, { again:next(0) })
       local new = store:append(chat, msg("user", "m4"))[1]
       settle(store, 1)
@@ -787,7 +815,7 @@ describe("Subscription", function()
     for _, strategy in ipairs({ "watermark", "rescan", "last_id" }) do
       it("accepts strategy '" .. strategy .. "' and gives snapshot then live", function()
         local sub = store:subscribe(chat, { strategy = strategy, after = ids[1] })
-        assert.are.same({ ids[2], ids[3] }, ids_of(read_all(sub)))
+        assert.are.same({ ids[2], ids[3] }, ids_of(after_status(read_all(sub), chat)))
         local new = store:append(chat, msg("user", "m4"))[1]
         settle(store, 1)
         assert.are.same({ new }, ids_of(read_all(sub)))
@@ -802,9 +830,9 @@ describe("Subscription", function()
 
     it("accepts ordered = true with the watermark strategy", function()
       local sub = store:subscribe(chat, { ordered = true })
-      assert.are.same(ids, ids_of(read_all(sub)))
+      assert.are.same(ids, ids_of(after_status(read_all(sub), chat)))
       local w = store:subscribe(chat, { ordered = true, strategy = "watermark" })
-      assert.are.same(ids, ids_of(read_all(w)))
+      assert.are.same(ids, ids_of(after_status(read_all(w), chat)))
     end)
 
     it("raises on ordered = true with a non-watermark strategy", function()
@@ -861,7 +889,7 @@ describe("Subscription", function()
       assert.truthy(err:find("^EBACKEND: ."), err)
       assert.are.equal("EBACKEND", code)
       sub = reader:subscribe(c)
-      assert.are.same({ id }, ids_of(read_all(sub)))
+      assert.are.same({ id }, ids_of(after_status(read_all(sub), c)))
     end)
 
     it("fail_queries(0) clears the knob", function()
@@ -873,6 +901,7 @@ describe("Subscription", function()
 
     it("a failed live DB pass is retried on the next call, not lost", function()
       local sub = reader:subscribe(c)
+      assert.are.same(status_event(c), sub:next(0))
       local id = writer:append(c, msg("user", "x"))[1]
       db:fail_queries(1)
       assert.are.same({ nil, "timeout" }, { sub:next(0) })
@@ -882,6 +911,7 @@ describe("Subscription", function()
 
     it("drop_notifies(1) drops exactly one notification; the reader catches up on the next", function()
       local sub = reader:subscribe(c) -- default strategy: watermark
+      assert.are.same(status_event(c), sub:next(0))
       assert.are.equal(db, db:drop_notifies(1))
       local m1 = writer:append(c, msg("user", "m1"))[1]
       assert.are.same({ nil, "timeout" }, { sub:next(0) })

@@ -149,7 +149,11 @@ local kinds = {
       return s:subscribe(chat), s
     end,
     works = function(sub)
-      return sub:next(0).content
+      -- the snapshot: the chat's status first, then its message
+      local status = sub:next(0)
+      local ev = sub:next(0)
+      assert.are.same(H.status_event(ev.chat_id), status)
+      return ev.content
     end,
     uses = {
       next = function(sub) return sub:next(0) end,
@@ -320,6 +324,7 @@ describe("Store handle lifetime", function()
     local chat = a:create_chat()
     local id = a:append(chat, msg("shared"))[1]
     local sub = b:subscribe(chat)
+    assert.are.same(H.status_event(chat), sub:next(0))
     assert.are.equal(id, sub:next(0).id)
     sub:close(); a:close(); b:close()
   end)
@@ -339,6 +344,7 @@ describe("Subscription conventions", function()
 
     it("break out of a for loop leaves the subscription usable", function()
       local sub = store:subscribe(chat)
+      assert.are.same(H.status_event(chat), sub:next(0)) -- the snapshot's first event
       local first
       for ev in sub:events() do -- luacheck: ignore 512 (the break is the point)
         first = ev.id
@@ -357,6 +363,7 @@ describe("Subscription conventions", function()
 
     it("an error raised inside the for body propagates and the subscription stays usable", function()
       local sub = store:subscribe(chat)
+      assert.are.same(H.status_event(chat), sub:next(0)) -- the snapshot's first event
       local ok, err = pcall(function()
         for ev in sub:events(0) do
           error({ id = ev.id })
@@ -407,6 +414,7 @@ describe("Subscription conventions", function()
 
     it("closing the store makes subscription methods raise; closing it afterwards is safe", function()
       local sub = store:subscribe(chat)
+      assert.are.same(H.status_event(chat), sub:next(0))
       assert.are.equal(ids[1], sub:next(0).id)
       store:close()
       assert.are.equal("chatstream.Store (closed)", tostring(store))
@@ -444,6 +452,7 @@ describe("Subscription conventions", function()
         local c = s:create_chat()
         s:append(c, msg("x"))
         sub = s:subscribe(c)
+        assert.are.same(H.status_event(c), sub:next(0))
         assert.are.equal("x", sub:next(0).content)
       end
       contains("closed store", raises(sub.next, sub, 0))
@@ -467,6 +476,7 @@ describe("Subscription conventions", function()
       collectgarbage("collect")
       assert.are.equal("userdata", type(weak[1]))
       assert.is_nil(tostring(weak[1]):find("(closed)", 1, true))
+      assert.are.same(H.status_event(c), sub:next(0))
       assert.are.equal(first, sub:next(0).id)
       local live = writer:append(c, msg("after"))[1]
       local ev = sub:next(LIVE)

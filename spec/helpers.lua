@@ -6,6 +6,7 @@
 --               scripts/pg-test-server). Missing in CI (CI set): a failure.
 --               Missing elsewhere: the specs are pending, saying how to get one.
 local chatstream = require("chatstream")
+local luassert = require("luassert")
 
 local H = {}
 
@@ -28,6 +29,36 @@ function H.drain(sub, into, timeout)
     end
   end
   return into
+end
+
+--- The status event a subscription's snapshot begins with: the chat's status
+-- and version (a new chat is "waiting", version 0).
+function H.status_event(chat_id, status, version)
+  return { kind = "status", chat_id = chat_id, status = status or "waiting", version = version or 0 }
+end
+
+--- The next message event of sub: sub:next(timeout), skipping the other
+-- kinds (the snapshot's status and queue events; live status, queue and part
+-- events) as H.drain does. Returns what sub:next returns when nothing comes
+-- (nil, "timeout" or nil, err, code). Each skipped event restarts the wait.
+function H.next_message(sub, timeout)
+  while true do
+    local ev, err, code = sub:next(timeout)
+    if ev == nil then
+      return nil, err, code
+    end
+    if ev.kind == "message" then
+      return ev
+    end
+  end
+end
+
+--- Checks that the list of events `evs` begins with the snapshot's status
+-- event of a new chat (H.status_event(chat_id), exactly, first) and returns
+-- the events after it. A failed assertion otherwise.
+function H.after_status(evs, chat_id)
+  luassert.are.same(H.status_event(chat_id), evs[1], "the snapshot's first event")
+  return { table.unpack(evs, 2) }
 end
 
 --- Returns the error message of f(...), which must raise.

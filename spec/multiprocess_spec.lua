@@ -18,7 +18,6 @@ local H = require("helpers")
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./"
 local WRITER = HERE .. "support/writer.lua"
-local LUA = os.getenv("CHATSTREAM_LUA") or "lua5.4"
 
 local function env_int(name, default)
   local v = math.tointeger(tonumber(os.getenv(name) or ""))
@@ -41,83 +40,12 @@ local PROMOTE_GAP = { 0, 10 }
 
 -- ---- processes -----------------------------------------------------------------
 
-local function shq(s)
-  return "'" .. (tostring(s):gsub("'", "'\\''")) .. "'"
-end
+local P = require("support.procs")
+local shq, reap, exited, line_match = P.shq, P.reap, P.exited, P.line_match
 
-local function slurp(path)
-  local f = io.open(path, "r")
-  if not f then
-    return ""
-  end
-  local s = f:read("a") or ""
-  f:close()
-  return s
-end
-
---- Starts `lua5.4 writer.lua args...` in the background. Its stdout and
--- stderr go to temporary files; the shell around it records "pid <n>" and,
--- once it has ended, "exit <status>" in the stdout file. So this process can
--- poll the writer without blocking and kill it (by its pid) on a timeout.
--- procs: the list of live writers (reaped by with_writers even on error).
+--- Starts `lua5.4 writer.lua args...` in the background (support.procs).
 local function spawn(procs, args)
-  local w = { out = os.tmpname(), err = os.tmpname(), args = args }
-  local quoted = {}
-  for i, a in ipairs(args) do
-    quoted[i] = shq(a)
-  end
-  local cmd = string.format(
-    "LUA_PATH=%s LUA_CPATH=%s %s %s %s >>%s 2>%s </dev/null & echo \"pid $!\" >>%s; wait $!; echo \"exit $?\" >>%s",
-    shq(package.path), shq(package.cpath), LUA, shq(WRITER), table.concat(quoted, " "),
-    shq(w.out), shq(w.err), shq(w.out), shq(w.out))
-  w.h = assert(io.popen(cmd, "r"))
-  procs[#procs + 1] = w
-  return w
-end
-
---- The writer's stdout so far: a table of lines.
-local function lines(w)
-  local t = {}
-  for l in slurp(w.out):gmatch("[^\n]+") do
-    t[#t + 1] = l
-  end
-  return t
-end
-
---- The captures of the first stdout line matching pattern, or nil.
-local function line_match(w, pattern)
-  for _, l in ipairs(lines(w)) do
-    local a, b = l:match(pattern)
-    if a then
-      return a, b
-    end
-  end
-end
-
-local function exited(w)
-  return line_match(w, "^exit (%d+)$") ~= nil
-end
-
---- Reaps a writer: kills it if it still runs, closes the popen handle (which
--- waits for the shell), removes the files. Returns its stdout lines, stderr
--- and exit status (nil if it had to be killed).
-local function reap(w)
-  if w.reaped then
-    return w.result_lines, w.result_err, w.status
-  end
-  if not exited(w) then
-    local pid = line_match(w, "^pid (%d+)$")
-    if pid then
-      os.execute("kill " .. pid .. " 2>/dev/null")
-    end
-  end
-  w.h:close()
-  w.result_lines, w.result_err = lines(w), slurp(w.err)
-  w.status = math.tointeger(tonumber(line_match(w, "^exit (%d+)$") or ""))
-  os.remove(w.out)
-  os.remove(w.err)
-  w.reaped = true
-  return w.result_lines, w.result_err, w.status
+  return P.spawn(procs, WRITER, args)
 end
 
 --- Reaps a writer that must have succeeded; returns the n of its "done n".
@@ -134,17 +62,7 @@ local function reap_ok(w)
   error("writer printed no 'done' line:\n" .. table.concat(out, "\n"))
 end
 
---- Runs fn(procs); afterwards every writer in procs is reaped, even on error.
-local function with_writers(fn)
-  local procs = {}
-  local ok, err = pcall(fn, procs)
-  for _, w in ipairs(procs) do
-    reap(w)
-  end
-  if not ok then
-    error(err, 0)
-  end
-end
+local with_writers = P.with
 
 -- ---- readers ---------------------------------------------------------------------
 
@@ -411,7 +329,7 @@ describe("multiprocess races on postgresql", function()
           repeat
             p1, p2 = line_match(w, "^committed (%d+) (%d+)$")
             if not p1 then
-              assert(not exited(w), "the promote writer ended without committing: " .. slurp(w.err))
+              assert(not exited(w), "the promote writer ended without committing: " .. P.slurp(w.err))
               assert(os.time() <= deadline, "the promote writer did not commit within 10 s")
               assert(a:step(0.001))
             end

@@ -313,6 +313,7 @@ describe("the PostgreSQL store under faults", function()
         local reader, writer = inst:open(), inst:open()
         local chat = assert(writer:create_chat({ owner = "alice", title = "restart, one next" }))
         local sub = assert(reader:subscribe(chat))
+        assert.are.same(H.status_event(chat), sub:next(0)) -- the snapshot: no message
         assert.is_nil(sub:next(0))
         server("restart")
         local fresh = inst:open()
@@ -434,6 +435,7 @@ describe("the PostgreSQL store under faults", function()
         assert.is_true(store:stats().reconnects >= 1)
         -- and a new subscription on the chat that failed works too
         local sub2 = assert(store:subscribe(chat2))
+        assert.are.same(H.status_event(chat2), sub2:next(0)) -- the snapshot: no message
         local ids2 = assert(other:append(chat2, { role = "user", content = "chat2" }))
         local ev2, err2 = sub2:next(3)
         assert.is_table(ev2, tostring(err2))
@@ -533,6 +535,7 @@ describe("the PostgreSQL store under faults", function()
       local chat = assert(writer:create_chat({ owner = "alice", title = "poll" }))
       local reader = inst:open({ poll_interval = 0.2 })
       local sub = assert(reader:subscribe(chat))
+      assert.are.same(H.status_event(chat), sub:next(0)) -- the snapshot: no message
       assert.is_nil((sub:next(0)))
       local p = writer:prepare(chat, msgs("silent", 2))
       local ids = assert(p:commit())
@@ -600,6 +603,7 @@ describe("the PostgreSQL store under faults", function()
       local xid = assert(writer:append(x, { role = "user", content = "x1" }))
       H.settle(store, n0 + 1, 5)
       for _, s in ipairs(subs[x]) do
+        assert.are.same(H.status_event(x), s:next(0)) -- each snapshot's first event
         local ev = s:next(2)
         assert.is_table(ev)
         assert.are.equal(xid[1], ev.id)
@@ -615,6 +619,7 @@ describe("the PostgreSQL store under faults", function()
       local yid = assert(writer:append(y, { role = "user", content = "y1" }))
       -- Barrier: y's notification was committed after x's by the same
       -- session, so once a y reader has y1, x2's would have arrived too.
+      assert.are.same(H.status_event(y), subs[y][1]:next(0)) -- its snapshot's first event
       local ev, err = subs[y][1]:next(3)
       assert.is_table(ev, tostring(err))
       assert.are.equal(yid[1], ev.id)
@@ -667,9 +672,13 @@ describe("the PostgreSQL store under faults", function()
       local again = store:append(chat, { role = "user", content = "after" })
       assert.are.equal(1, #again)
       local sub = assert(store:subscribe(chat))
-      local got = {}
+      local evs = {}
       for ev in sub:events(0) do
-        got[#got + 1] = ev.content
+        evs[#evs + 1] = ev
+      end
+      local got = {}
+      for i, ev in ipairs(H.after_status(evs, chat)) do
+        got[i] = ev.content
       end
       assert.are.same({ "after" }, got)
       sub:close()
@@ -681,7 +690,7 @@ describe("the PostgreSQL store under faults", function()
       local store = inst:open()
       assert.is_true(store:migrate())
       assert.is_true(store:migrate())
-      assert.are.equal("1|1", psql_value("SELECT count(*), max(version) FROM " .. inst.schema .. ".schema_migrations"))
+      assert.are.equal("2|2", psql_value("SELECT count(*), max(version) FROM " .. inst.schema .. ".schema_migrations"))
 
       local schema = inst.schema .. "_m"
       local ok, err = pcall(function()
@@ -710,7 +719,7 @@ describe("the PostgreSQL store under faults", function()
           assert.are.equal("ok", out, "migrator " .. i)
           assert.is_true(fine == true, "migrator " .. i .. " exit")
         end
-        assert.are.equal("1|1|1", psql_value(
+        assert.are.equal("2|2|2", psql_value(
           "SELECT count(*), count(DISTINCT version), max(version) FROM " .. schema .. ".schema_migrations"))
         -- the schema works
         local s = assert(chatstream.open({ dsn = H.dsn, schema = schema, poll_interval = 0 }))

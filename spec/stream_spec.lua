@@ -16,13 +16,19 @@ describe("store:stream", function()
         local ids = store:append(chat, { msg("a"), msg("b") })
         local f, s, c, closing = store:stream(chat, { strategy = "watermark" }, 0.2)
         assert.are.equal("chatstream.Subscription", getmetatable(closing).__name)
-        local got = {}
+        local evs, got = {}, {}
         for ev in f, s, c, closing do
-          got[#got + 1] = ev.id
-          if #got == 2 then
-            ids[3] = store:append(chat, msg("c"))[1] -- live, while iterating
+          evs[#evs + 1] = ev
+          if ev.kind == "message" then
+            got[#got + 1] = ev.id
+            if #got == 2 then
+              ids[3] = store:append(chat, msg("c"))[1] -- live, while iterating
+            end
           end
         end
+        -- the chat's status, then the 2 messages of the snapshot and the live one
+        assert.are.same(H.status_event(chat), evs[1])
+        assert.are.equal(4, #evs)
         assert.are.same(ids, got)
         assert.truthy(tostring(closing):find("(closed)", 1, true))
       end)
@@ -68,6 +74,7 @@ describe("the max_chats option", function()
         local store = inst:open({ max_chats = 3 })
         local watched = store:create_chat({ owner = "alice" })
         local sub = assert(store:subscribe(watched))
+        assert.are.same(H.status_event(watched), sub:next(0))
         for i = 1, 10 do
           local c = store:create_chat({ owner = "bob" })
           store:append(c, msg("x" .. i))
@@ -113,6 +120,9 @@ describe("a subscription closed from Lua code run inside its own next", function
         -- Another replica: its events come from the DB, owned by the
         -- subscription alone (a use-after-free would show under ASan).
         local sub = assert(inst:open():subscribe(chat))
+        -- The snapshot's status first (its text is static): the hook is for
+        -- the message event after it.
+        assert.are.same(H.status_event(chat), sub:next(0))
         local closed = false
         debug.sethook(function()
           local caller = debug.getinfo(3, "n")

@@ -50,6 +50,8 @@ static void drain(reader *r)
 {
     cs_event ev;
     while (cs_sub_next(r->sub, &ev) == CS_EVENT) {
+        if (ev.kind != CS_EV_MESSAGE)
+            continue; /* the snapshot's status */
         if (r->ngot < MAX_IDS)
             r->got[r->ngot++] = ev.id;
         else
@@ -80,9 +82,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     reader r[MAX_READERS];
     size_t nw = 0, nr = 0;
     int lost = 0;
-    cs_msg_in msgs[3] = {{CS_ROLE_USER, "a", 1},
-                         {CS_ROLE_ASSISTANT, "b", 1},
-                         {CS_ROLE_TOOL, "c", 1}};
+    cs_msg_in msgs[3] = {{CS_ROLE_USER, "a", 1, NULL},
+                         {CS_ROLE_ASSISTANT, "b", 1, NULL},
+                         {CS_ROLE_TOOL, "c", 1, NULL}};
 
     while (in.n > 0) {
         unsigned op = next_byte(&in) % 8, arg = next_byte(&in);
@@ -115,7 +117,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             x->chat = arg % 2;
             x->strategy = (cs_strategy)((arg / 2) % 3);
             x->ordered = x->strategy == CS_STRATEGY_WATERMARK && (arg / 8) % 2;
-            cs_sub_options so = {0, x->strategy, x->ordered};
+            cs_sub_options so = {0, x->strategy, x->ordered, NULL};
             if (cs_sub_open(hubs[(arg / 16) % nhubs], chats[x->chat], &so,
                             &x->sub) < 0)
                 continue; /* an injected query failure */
@@ -161,6 +163,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         cs_event ev;
         size_t k = 0;
         while (cs_sub_next(t, &ev) == CS_EVENT) {
+            if (ev.kind != CS_EV_MESSAGE)
+                continue;
             int found = 0;
             for (size_t j = 0; j < x->ngot; j++)
                 found += x->got[j] == ev.id;

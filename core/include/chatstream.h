@@ -41,7 +41,8 @@ int cs_memdb_open(cs_memdb **out);
 void cs_memdb_close(cs_memdb *db); /* drops the caller's reference; NULL ok */
 /* Fault knobs: the next n queries fail with CS_EBACKEND / the next n
  * notifications are dropped. 0 clears. */
-void cs_memdb_fail_queries(cs_memdb *db, int64_t n);
+void cs_memdb_fail_queries(cs_memdb *db, int64_t n); /* reads: messages,
+                                                        status, queue */
 void cs_memdb_drop_notifies(cs_memdb *db, int64_t n);
 
 /* ---- hub ---------------------------------------------------------------- */
@@ -61,7 +62,15 @@ typedef struct cs_hub_options {
     /* pg: the longest one statement may take (seconds) before it is
      * cancelled and the call fails with CS_EBACKEND. 0: 30. */
     double query_timeout;
+    /* Authorisation of an actor's operation on a chat (see cs_authorize_fn);
+     * NULL: the actor must be the chat's owner. */
+    struct cs_authorizer *authorizer;
+    /* Seconds after which a worker's heartbeat is stale: acquire may take
+     * its chat over, and promote no longer waits for it. 0: 30. */
+    double stale_after;
 } cs_hub_options;
+
+#define CS_DEFAULT_STALE_AFTER 30.0
 
 #define CS_DEFAULT_PG_POLL_INTERVAL 10.0
 
@@ -69,7 +78,6 @@ typedef struct cs_hub_options {
 #define CS_DEFAULT_QUEUE_SIZE 1024
 #define CS_MAX_CACHE_SIZE (1u << 20)
 #define CS_MAX_QUEUE_SIZE (1u << 20)
-#define CS_DEFAULT_MAX_CHATS 1024
 #define CS_DEFAULT_MAX_CHATS 1024
 
 /* Opens a hub on the memory store, or on PostgreSQL when opts->dsn is set.
@@ -118,6 +126,10 @@ typedef struct cs_stats {
     int64_t reconnects;     /* store reconnections */
     int64_t polls;          /* backstop polls run */
     int64_t cached_chats;   /* chats the hub holds a cache for now */
+    int64_t parts;          /* part events handed to readers */
+    int64_t parts_dropped;  /* parts a slow reader lost (queue full) */
+    int64_t auth_checks;    /* actor checks run (owner lookups) */
+    int64_t auth_refusals;  /* actor checks refused */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 
@@ -132,22 +144,142 @@ typedef enum cs_role {
 int cs_role_parse(const char *s, size_t len);
 const char *cs_role_name(cs_role r);
 
-/* A message to write: borrowed, copied by the core. */
+/* A message to write: borrowed, copied by the core. `tool` links tool
+ * calls to their results: on an assistant message, the IDs of the tool calls
+ * it makes, separated by single spaces; on a tool message, the ID of the call
+ * it answers; NULL or "" otherwise. An ID is 1 to 128 bytes of
+ * [A-Za-z0-9_.:-]; at most 64 calls per message. */
 typedef struct cs_msg_in {
     cs_role role;
     const char *content;
     size_t content_len;
+    const char *tool;
 } cs_msg_in;
+
+#define CS_MAX_TOOL 8256 /* bytes of a message's tool field */
+/* CS_OK, or CS_EINVAL with a static reason in *why: the tool field of a
+ * message of this role. */
+int cs_tool_check(cs_role role, const char *tool, const char **why);
+#define CS_NAME_MAX 255   /* bytes of an owner, actor or worker name */
+#define CS_TITLE_MAX 1023 /* bytes of a chat title */
+
+/* ---- chat lifecycle ------------------------------------------------------ */
+typedef enum cs_status {
+    CS_STATUS_WAITING = 0,
+    CS_STATUS_PENDING,
+    CS_STATUS_RUNNING,
+    CS_STATUS_PAUSED,
+    CS_STATUS_COMPLETED,
+    CS_STATUS_ERROR,
+    CS_STATUS_REQUIRES_ACTION
+} cs_status;
+int cs_status_parse(const char *s, size_t len); /* -1 if unknown */
+const char *cs_status_name(cs_status s);
+
+/* What a chat is now. */
+typedef struct cs_chat_info {
+    int64_t id, version, last_message_id;
+    cs_status status;
+    double heartbeat_age; /* seconds since the worker's heartbeat; -1: none */
+    char owner[CS_NAME_MAX + 1];
+    char title[CS_TITLE_MAX + 1];
+    char worker[CS_NAME_MAX + 1]; /* "" when no worker holds it */
+} cs_chat_info;
+
+/* Authorisation: may `actor` do `op` ("subscribe", "send", "queued",
+ * "promote_queued", "delete_queued", "move_queued", "append", "finish",
+ * "publish_part", "chat") on chat? Called with the chat's metadata only,
+ * before any of its messages, status or queue is read. Returns 1 to allow,
+ * 0 to refuse (a reason may be written to why), or a CS_E* error. */
+typedef struct cs_authorizer {
+    int (*fn)(void *ud, const char *actor, const cs_chat_info *chat,
+              const char *op, char *why, size_t whylen);
+    void *ud;
+} cs_authorizer;
+
+/* A queued user message. */
+typedef struct cs_queue_item {
+    int64_t id;
+    char *content;
+    size_t content_len;
+    char *actor;       /* "" when sent without one */
+    double created_at; /* seconds since the Unix epoch */
+} cs_queue_item;
+
+typedef struct cs_queue {
+    cs_queue_item *items;
+    size_t n, cap;
+} cs_queue;
+void cs_queue_free(cs_queue *q); /* frees the items; q may be reused */
+
+/* Every lifecycle call takes an actor: NULL for trusted code (a worker, a
+ * service that checked its caller), or a name checked against the chat's
+ * owner (or the hub's authorizer) before anything else: CS_EAUTH. */
+
+/* The chat's metadata and state. */
+int cs_hub_chat_info(cs_hub *hub, int64_t chat_id, const char *actor,
+                     cs_chat_info *out);
+/* A user message: on an idle chat (waiting, completed, error) it is appended
+ * and the chat set pending, in one transaction (*queued = 0, *id the message
+ * ID); on a busy one (pending, running, requires_action, paused) it is
+ * queued (*queued = 1, *id the queue item's ID). */
+int cs_hub_send(cs_hub *hub, int64_t chat_id, const char *actor,
+                const char *content, size_t len, int64_t *id, int *queued);
+/* The chat's queue, in order (cs_queue_free it). */
+int cs_hub_queued(cs_hub *hub, int64_t chat_id, const char *actor,
+                  cs_queue *out);
+/* Deletes a queue item / moves it to the front: CS_ENOTFOUND if the chat has
+ * no such item. */
+int cs_hub_queue_delete(cs_hub *hub, int64_t chat_id, const char *actor,
+                        int64_t queued_id);
+int cs_hub_queue_front(cs_hub *hub, int64_t chat_id, const char *actor,
+                       int64_t queued_id);
+/* Promotes a queue item (see DESIGN.md section 8). The stepped form: the
+ * publish's commit runs the promote transaction; cs_pub_size is the number
+ * of messages it inserted (0 when it only moved the item to the front of a
+ * running chat). The status and queue notifications go out with the last
+ * notify step (or at once after a commit that inserted nothing). */
+int cs_promote_prepare(cs_hub *hub, int64_t chat_id, const char *actor,
+                       int64_t queued_id, cs_publish **out);
+/* Takes up to limit chats that are pending, or running on a worker whose
+ * heartbeat is older than stale_after seconds (0: the hub's stale_after;
+ * < 0: never), and sets them
+ * running on worker. ids (limit entries) receives them; *n how many. */
+int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
+                   double stale_after, int64_t *ids, size_t *n);
+/* The worker's heartbeat: 1 if the chat still runs on worker (heartbeat
+ * recorded), 0 if not (interrupted, finished, taken over); *status (may be
+ * NULL) receives the chat's status. */
+int cs_hub_heartbeat(cs_hub *hub, int64_t chat_id, const char *worker,
+                     cs_status *status);
+/* Ends a worker's turn: the chat must be running (on worker, when worker is
+ * not NULL) or interrupted (waiting, still held by the worker). status is
+ * waiting, completed, error, paused or requires_action. When the queue has
+ * items and the chat was interrupted or ends waiting or completed, its head
+ * is promoted (the chat ends pending). *final (may be NULL) receives the
+ * status set. */
+int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
+                  const char *actor, cs_status status, cs_status *final);
+/* A non-durable streaming delta to every subscriber of the chat, in every
+ * process; text longer than one notification is split (on UTF-8 character
+ * boundaries) into several parts. */
+int cs_hub_publish_part(cs_hub *hub, int64_t chat_id, const char *actor,
+                        const char *text, size_t len);
 
 #define CS_MAX_CONTENT (64u << 20)
 #define CS_MAX_BATCH 4096
 
+/* owner: at most CS_NAME_MAX bytes; title: CS_TITLE_MAX. The chat starts
+ * waiting, version 0. */
 int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
                        int64_t *chat_id);
 /* Commits n messages to the chat in one transaction and publishes them.
  * ids (n entries, may be NULL) receives the assigned IDs. */
 int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
                   int64_t *ids);
+/* The same, with the actor checked first (NULL: trusted). */
+int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
+                     const cs_msg_in *msgs, size_t n, int64_t *ids);
 
 /* ---- stepped publish -----------------------------------------------------
  * prepare -> commit -> cache(i) / notify(i) in any order. Index i is 0-based;
@@ -155,6 +287,9 @@ int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
 #define CS_ALL ((size_t)-1)
 int cs_pub_prepare(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
                    size_t n, cs_publish **out);
+/* The same, with the actor checked first (NULL: trusted). */
+int cs_pub_prepare_as(cs_hub *hub, int64_t chat_id, const char *actor,
+                      const cs_msg_in *msgs, size_t n, cs_publish **out);
 /* The transaction. On success *ids (borrowed, valid until cs_pub_close) holds
  * n IDs. A second commit is CS_EINVAL. */
 int cs_pub_commit(cs_publish *pub, const int64_t **ids, size_t *n);
@@ -176,7 +311,8 @@ const char *cs_strategy_name(cs_strategy s);
 typedef struct cs_sub_options {
     int64_t after; /* deliver messages with id > after */
     cs_strategy strategy;
-    int ordered; /* watermark only: deliver in ascending ID order */
+    int ordered;       /* watermark only: deliver in ascending ID order */
+    const char *actor; /* checked before anything is read; NULL: trusted */
 } cs_sub_options;
 
 typedef enum cs_event_kind {
@@ -191,15 +327,20 @@ typedef enum cs_event_kind {
 typedef struct cs_event {
     cs_event_kind kind;
     int64_t chat_id;
-    int64_t id, prev_id; /* message */
+    int64_t id, prev_id; /* message; part: after (the message it follows) */
     const char *role;    /* message */
     const char *text;    /* message content, part text, status name */
     size_t text_len;
-    int64_t version; /* status */
+    const char *tool;      /* message: tool call IDs or the answered one */
+    int64_t version;       /* status */
+    cs_status status;      /* status */
+    const cs_queue *queue; /* queue: the whole queue, in order */
 } cs_event;
 
-/* Registers the subscription on the hub (listening first), then reads the
- * snapshot. */
+/* Checks the actor, registers the subscription on the hub (listening
+ * first), then reads the snapshot: the chat's status, its queue when not
+ * empty, then its messages after opts->after. Status events carry the chat's
+ * version; one older than the last delivered is dropped. */
 int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
                 cs_sub **out);
 /* Non-blocking: CS_EVENT with *ev filled, CS_IDLE, or an error. A failed DB

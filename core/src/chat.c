@@ -5,17 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-struct cs_publish {
-    cs_hub *hub; /* NULL once detached */
-    cs_publish *next, *prev;
-    int64_t chat_id;
-    size_t n;
-    cs_msg_in *msgs; /* copies, until commit */
-    cs_msglist committed;
-    int64_t *ids;
-    unsigned char *cached, *notified;
-};
-
 static void pub_unlink(cs_publish *p)
 {
     if (!p->hub)
@@ -43,8 +32,10 @@ static void free_inputs(cs_publish *p)
 {
     if (!p->msgs)
         return;
-    for (size_t i = 0; i < p->n; i++)
+    for (size_t i = 0; i < p->n; i++) {
         free((char *)p->msgs[i].content);
+        free((char *)p->msgs[i].tool);
+    }
     free(p->msgs);
     p->msgs = NULL;
 }
@@ -62,7 +53,7 @@ void cs_pub_close(cs_publish *p)
     free(p);
 }
 
-static int check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n)
+int cs_check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n)
 {
     if (n == 0 || n > CS_MAX_BATCH || !msgs)
         return cs_hub_fail(hub, CS_EINVAL,
@@ -79,18 +70,53 @@ static int check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n)
             memchr(msgs[i].content, '\0', msgs[i].content_len))
             return cs_hub_fail(hub, CS_EINVAL,
                                "message content contains a NUL byte");
+        const char *why;
+        if (cs_tool_check(msgs[i].role, msgs[i].tool, &why) < 0)
+            return cs_hub_fail(hub, CS_EINVAL, why);
     }
+    return CS_OK;
+}
+
+static void pub_link(cs_hub *hub, cs_publish *p)
+{
+    p->hub = hub;
+    p->next = hub->pubs;
+    if (hub->pubs)
+        hub->pubs->prev = p;
+    hub->pubs = p;
+}
+
+int cs_pub_new(cs_hub *hub, int64_t chat_id, pub_run_fn run, void *arg,
+               cs_publish **out)
+{
+    cs_publish *p = calloc(1, sizeof *p);
+    if (!p)
+        return CS_ENOMEM;
+    p->chat_id = chat_id;
+    p->run = run;
+    p->arg = arg;
+    pub_link(hub, p);
+    *out = p;
     return CS_OK;
 }
 
 int cs_pub_prepare(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
                    size_t n, cs_publish **out)
 {
+    return cs_pub_prepare_as(hub, chat_id, NULL, msgs, n, out);
+}
+
+int cs_pub_prepare_as(cs_hub *hub, int64_t chat_id, const char *actor,
+                      const cs_msg_in *msgs, size_t n, cs_publish **out)
+{
     if (!hub)
         return CS_ECLOSED;
     if (chat_id < 1)
         return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
-    int rc = check_msgs(hub, msgs, n);
+    int rc = cs_check_msgs(hub, msgs, n);
+    if (rc < 0)
+        return rc;
+    rc = cs_hub_authorize(hub, chat_id, actor, "append");
     if (rc < 0)
         return rc;
     cs_publish *p = calloc(1, sizeof *p);
@@ -106,18 +132,19 @@ int cs_pub_prepare(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
         goto oom;
     for (size_t i = 0; i < n; i++) {
         char *c = malloc(msgs[i].content_len + 1);
-        if (!c)
+        size_t tl = msgs[i].tool ? strlen(msgs[i].tool) : 0;
+        char *t = malloc(tl + 1);
+        p->msgs[i] = (cs_msg_in){msgs[i].role, c, msgs[i].content_len, t};
+        if (!c || !t)
             goto oom;
         if (msgs[i].content_len)
             memcpy(c, msgs[i].content, msgs[i].content_len);
         c[msgs[i].content_len] = '\0';
-        p->msgs[i] = (cs_msg_in){msgs[i].role, c, msgs[i].content_len};
+        if (tl)
+            memcpy(t, msgs[i].tool, tl);
+        t[tl] = '\0';
     }
-    p->hub = hub;
-    p->next = hub->pubs;
-    if (hub->pubs)
-        hub->pubs->prev = p;
-    hub->pubs = p;
+    pub_link(hub, p);
     *out = p;
     return CS_OK;
 oom:
@@ -130,14 +157,57 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     if (!p || !p->hub)
         return CS_ECLOSED;
     cs_hub *hub = p->hub;
-    if (!p->msgs)
+    if (p->committed_done)
         return cs_hub_fail(hub, CS_EINVAL, "already committed");
-    int rc = hub->store.ops->commit(hub->store.st, p->chat_id, p->msgs, p->n,
-                                    &p->committed);
+    const cs_store_ops *ops = hub->store.ops;
+    cs_chat_row row;
+    int rc = ops->tx_begin(hub->store.st, p->chat_id, &row);
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
+    hub->err[0] = '\0'; /* a run that fails may say why itself */
+    if (p->run)
+        rc = p->run(p, &row);
+    else
+        rc = ops->tx_insert(hub->store.st, &row, p->msgs, p->n, &p->committed);
+    if (rc < 0) {
+        /* Keep the detail of the failure, not of the rollback. */
+        char keep[sizeof hub->err];
+        if (!hub->err[0])
+            cs_hub_fail(hub, rc, NULL);
+        memcpy(keep, hub->err, sizeof keep);
+        ops->tx_end(hub->store.st, false);
+        memcpy(hub->err, keep, sizeof keep);
+        cs_msglist_clear(&p->committed);
+        p->extras = (pub_extras){0};
+        return rc;
+    }
+    rc = ops->tx_end(hub->store.st, true);
+    if (rc < 0) {
+        cs_msglist_clear(&p->committed);
+        p->extras = (pub_extras){0};
+        return cs_hub_fail(hub, rc, NULL);
+    }
     hub->stats.writes++;
+    p->committed_done = true;
+    p->arg = NULL;
     free_inputs(p);
+    if (p->run) {
+        p->n = p->committed.n;
+        p->ids = calloc(p->n ? p->n : 1, sizeof *p->ids);
+        p->cached = calloc(p->n ? p->n : 1, 1);
+        p->notified = calloc(p->n ? p->n : 1, 1);
+        if (!p->ids || !p->cached || !p->notified) {
+            /* Committed: the readers find the messages through the DB. */
+            free(p->ids);
+            free(p->cached);
+            free(p->notified);
+            p->ids = NULL;
+            p->cached = p->notified = NULL;
+            p->n = 0;
+            cs_msglist_clear(&p->committed);
+            return CS_ENOMEM;
+        }
+    }
     for (size_t i = 0; i < p->n; i++)
         p->ids[i] = p->committed.items[i]->id;
     if (ids)
@@ -153,7 +223,7 @@ static int check_step(cs_publish *p, size_t i, const unsigned char *done,
 {
     if (!p || !p->hub)
         return CS_ECLOSED;
-    if (p->msgs)
+    if (!p->committed_done)
         return cs_hub_fail(p->hub, CS_EINVAL, "commit before publishing");
     if (i != CS_ALL && i >= p->n)
         return cs_hub_fail(p->hub, CS_EINVAL, "message index out of range");
@@ -210,7 +280,50 @@ int cs_pub_notify(cs_publish *p, size_t i)
             return cs_hub_fail(hub, rc, NULL);
         p->notified[k] = 1;
     }
+    for (size_t k = 0; k < p->n; k++)
+        if (!p->notified[k])
+            return CS_OK;
+    /* Every message is notified: the status and queue hints follow. */
+    pub_extras *x = &p->extras;
+    if (!x->sent && (x->status || x->queue)) {
+        x->sent = true;
+        if (x->status &&
+            (rc = cs_hub_notify_status(hub, p->chat_id, x->version, x->st)) < 0)
+            return rc;
+        if (x->queue) {
+            char buf[8];
+            cs_hint h = {.kind = CS_HINT_QUEUE};
+            int len = cs_payload_encode(&h, buf, sizeof buf);
+            rc = len < 0 ? len
+                         : hub->store.ops->notify(hub->store.st, p->chat_id,
+                                                  buf, (size_t)len);
+            if (rc < 0)
+                return cs_hub_fail(hub, rc, NULL);
+        }
+    }
     return CS_OK;
+}
+
+int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
+                         cs_status st)
+{
+    char buf[64];
+    const char *name = cs_status_name(st);
+    cs_hint h = {.kind = CS_HINT_STATUS,
+                 .version = version,
+                 .text = name,
+                 .text_len = strlen(name)};
+    int len = cs_payload_encode(&h, buf, sizeof buf);
+    int rc = len < 0 ? len
+                     : hub->store.ops->notify(hub->store.st, chat_id, buf,
+                                              (size_t)len);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
+}
+
+void cs_pub_publish_all(cs_publish *p)
+{
+    if (cs_pub_cache(p, CS_ALL) < 0 || cs_pub_notify(p, CS_ALL) < 0)
+        p->hub->stats.publish_errors++;
 }
 
 int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
@@ -218,6 +331,10 @@ int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
 {
     if (!hub)
         return CS_ECLOSED;
+    if ((owner && strlen(owner) > CS_NAME_MAX) ||
+        (title && strlen(title) > CS_TITLE_MAX))
+        return cs_hub_fail(hub, CS_EINVAL,
+                           "owner (255 bytes) or title (1023 bytes) too long");
     int64_t id;
     int rc = hub->store.ops->create_chat(hub->store.st, owner, title, &id);
     if (rc < 0)
@@ -230,9 +347,15 @@ int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
 int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
                   int64_t *ids)
 {
+    return cs_hub_append_as(hub, chat_id, NULL, msgs, n, ids);
+}
+
+int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
+                     const cs_msg_in *msgs, size_t n, int64_t *ids)
+{
     cs_publish *p;
     const int64_t *got;
-    int rc = cs_pub_prepare(hub, chat_id, msgs, n, &p);
+    int rc = cs_pub_prepare_as(hub, chat_id, actor, msgs, n, &p);
     if (rc < 0)
         return rc;
     rc = cs_pub_commit(p, &got, NULL);
@@ -242,8 +365,7 @@ int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
         /* The messages are durable now: a failed cache append or notification
          * costs readers a query or some delay, never a message, so it is
          * counted rather than reported as a failed append. */
-        if (cs_pub_cache(p, CS_ALL) < 0 || cs_pub_notify(p, CS_ALL) < 0)
-            hub->stats.publish_errors++;
+        cs_pub_publish_all(p);
     }
     cs_pub_close(p);
     return rc;

@@ -10,12 +10,21 @@
 
 /* A pending notification for one subscription. */
 typedef struct qhint {
-    int64_t after, id;
+    cs_hint_kind kind;
+    int64_t a, b; /* message: after, id; status: version, status; part:
+                     after */
+    char *text;   /* part: owned */
+    size_t len;
 } qhint;
 
-/* An event waiting to be handed to the reader. */
+/* An event waiting to be handed to the reader; owns what it points to. */
 typedef struct oevent {
-    cs_msg *msg;
+    cs_event_kind kind; /* 0: empty */
+    cs_msg *msg;        /* message */
+    int64_t a, b;       /* status: version, status; part: after */
+    char *text;         /* part */
+    size_t len;
+    cs_queue *queue; /* queue */
 } oevent;
 
 struct cs_sub {
@@ -29,24 +38,72 @@ struct cs_sub {
     size_t qhead, qn, qcap;
     bool resync;
     int64_t resync_after, resync_id;
-    /* events ready for the reader */
-    cs_msglist out;
-    size_t out_pos;
-    cs_msg *current; /* the event last returned; released on the next call */
+    bool status_dirty, queue_dirty; /* re-read them from the store */
+    int64_t status_version;         /* of the last status delivered; -1 */
+    uint64_t queue_sig;             /* of the last queue delivered */
+    cs_msglist out;                 /* the merge's output */
+    /* events ready for the reader, in order */
+    oevent *ev;
+    size_t evpos, evn, evcap;
+    oevent current; /* the event last returned; released on the next call */
 };
+
+static void oevent_free(oevent *e)
+{
+    cs_msg_unref(e->msg);
+    free(e->text);
+    if (e->queue) {
+        cs_queue_free(e->queue);
+        free(e->queue);
+    }
+    *e = (oevent){0};
+}
+
+static int ev_push(cs_sub *s, oevent e)
+{
+    if (s->evpos > 0 && s->evpos == s->evn)
+        s->evpos = s->evn = 0;
+    if (s->evn == s->evcap) {
+        size_t cap = s->evcap ? s->evcap * 2 : 16;
+        oevent *ev = realloc(s->ev, cap * sizeof *ev);
+        if (!ev) {
+            oevent_free(&e);
+            return CS_ENOMEM;
+        }
+        s->ev = ev;
+        s->evcap = cap;
+    }
+    s->ev[s->evn++] = e;
+    return CS_OK;
+}
+
+/* Moves what the merge delivered into the event list. */
+static int ev_take_merged(cs_sub *s)
+{
+    int rc = CS_OK;
+    for (size_t i = 0; i < s->out.n; i++) {
+        oevent e = {.kind = CS_EV_MESSAGE, .msg = s->out.items[i]};
+        if (ev_push(s, e) < 0)
+            rc = CS_ENOMEM; /* the message is dropped from the list */
+    }
+    s->out.n = 0;
+    return rc;
+}
 
 /* ---- hub ---------------------------------------------------------------- */
 
 void cs_sub_unread(cs_sub *s)
 {
-    if (!s || !s->current)
+    if (!s || !s->current.kind)
         return;
-    /* pop_event keeps the list slot until the next call: move it back. */
-    if (s->out_pos > 0 && s->out.items[s->out_pos - 1] == s->current) {
-        s->out_pos--;
-        s->current = NULL;
-        if (s->hub)
+    /* pop_event left the slot as it was: the event goes back there. */
+    if (s->evpos > 0) {
+        s->evpos--;
+        if (s->hub && s->current.kind == CS_EV_MESSAGE)
             s->hub->stats.delivered--;
+        if (s->hub && s->current.kind == CS_EV_PART)
+            s->hub->stats.parts--;
+        s->current = (oevent){0};
     }
 }
 
@@ -65,7 +122,8 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
         errbuf[0] = '\0';
     if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE ||
         o.max_chats > CS_MAX_CACHE_SIZE || (o.dsn && o.memory) ||
-        o.poll_interval != o.poll_interval || !(o.query_timeout >= 0)) {
+        o.poll_interval != o.poll_interval || !(o.query_timeout >= 0) ||
+        !(o.stale_after >= 0)) {
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "bad hub options");
         return CS_EINVAL;
@@ -76,6 +134,10 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     hub->cache_size = o.cache_size ? o.cache_size : CS_DEFAULT_CACHE_SIZE;
     hub->queue_size = o.queue_size ? o.queue_size : CS_DEFAULT_QUEUE_SIZE;
     hub->max_chats = o.max_chats ? o.max_chats : CS_DEFAULT_MAX_CHATS;
+    hub->stale_after =
+        o.stale_after > 0 ? o.stale_after : CS_DEFAULT_STALE_AFTER;
+    if (o.authorizer)
+        hub->auth = *o.authorizer;
     int rc = CS_OK;
     if (o.dsn) {
         rc = cs_pg_store_open(o.dsn, o.schema, o.query_timeout, &hub->store,
@@ -286,22 +348,30 @@ hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
 
 /* ---- routing ------------------------------------------------------------- */
 
-/* Collapses everything pending, plus the hint (after, id), into one resync:
- * a pass from the lowest after up to the highest id, with a forced DB pass.
- * Nothing is dropped. */
-static void sub_collapse(cs_sub *s, int64_t after, int64_t id)
+/* Collapses everything pending into one resync: message hints into a pass
+ * from the lowest after up to the highest id with a forced DB pass, status
+ * and queue hints into re-reads from the store. Parts are dropped (counted):
+ * they are not durable. No message is dropped. */
+static void sub_collapse(cs_sub *s)
 {
-    int64_t a = after, n = id;
-    if (s->resync) {
-        a = s->resync_after < a ? s->resync_after : a;
-        n = s->resync_id > n ? s->resync_id : n;
-    } else {
+    int64_t a = s->resync ? s->resync_after : INT64_MAX;
+    int64_t n = s->resync ? s->resync_id : 0;
+    if (!s->resync)
         s->hub->stats.resyncs++;
-    }
     for (size_t i = 0; i < s->qn; i++) {
         qhint *h = &s->q[(s->qhead + i) % s->qcap];
-        a = h->after < a ? h->after : a;
-        n = h->id > n ? h->id : n;
+        switch (h->kind) {
+        case CS_HINT_MESSAGE:
+            a = h->a < a ? h->a : a;
+            n = h->b > n ? h->b : n;
+            break;
+        case CS_HINT_STATUS: s->status_dirty = true; break;
+        case CS_HINT_QUEUE: s->queue_dirty = true; break;
+        case CS_HINT_PART:
+            free(h->text);
+            s->hub->stats.parts_dropped++;
+            break;
+        }
     }
     s->qhead = s->qn = 0;
     s->resync = true;
@@ -309,22 +379,49 @@ static void sub_collapse(cs_sub *s, int64_t after, int64_t id)
     s->resync_id = n;
 }
 
-static void sub_enqueue(cs_sub *s, int64_t after, int64_t id)
+static void sub_enqueue(cs_sub *s, const cs_hint *h)
 {
-    if (s->resync || s->qn == s->qcap) {
-        sub_collapse(s, after, id); /* already collapsed, or overflow */
-        return;
+    if (s->qn == s->qcap)
+        sub_collapse(s); /* overflow: nothing durable is lost */
+    qhint q = {.kind = h->kind};
+    switch (h->kind) {
+    case CS_HINT_MESSAGE:
+        q.a = h->after;
+        q.b = h->id;
+        break;
+    case CS_HINT_STATUS:
+        q.a = h->version;
+        q.b = cs_status_parse(h->text, h->text_len);
+        break;
+    case CS_HINT_QUEUE: break;
+    case CS_HINT_PART:
+        q.a = h->after;
+        q.len = h->text_len;
+        q.text = malloc(h->text_len + 1);
+        if (!q.text) {
+            s->hub->stats.parts_dropped++;
+            return;
+        }
+        memcpy(q.text, h->text, h->text_len);
+        q.text[h->text_len] = '\0';
+        break;
     }
-    s->q[(s->qhead + s->qn) % s->qcap] = (qhint){after, id};
+    s->q[(s->qhead + s->qn) % s->qcap] = q;
     s->qn++;
 }
 
 /* A resync from the subscription's own position (listener reconnect,
- * backstop poll): INT64_MAX and 0 leave the pending hints' range as is. */
+ * backstop poll): a forced DB pass from W, and status and queue re-read
+ * (their notifications may have been missed too). Pending hints stay. */
 static void sub_mark_resync(cs_sub *s)
 {
-    if (!s->resync)
-        sub_collapse(s, INT64_MAX, 0);
+    if (!s->resync) {
+        s->hub->stats.resyncs++;
+        s->resync = true;
+        s->resync_after = INT64_MAX;
+        s->resync_id = 0;
+    }
+    s->status_dirty = s->queue_dirty = true;
 }
 
 static void resync_all(cs_hub *hub)
@@ -349,13 +446,11 @@ static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
         return;
     }
     hub->stats.notifications++;
-    if (h.kind != CS_HINT_MESSAGE)
-        return; /* status, queue and part hints: not routed yet */
     hub_chat *c = cs_hub_chat_find(hub, chat_id);
     if (!c)
         return;
     for (cs_sub *s = c->subs; s; s = s->next)
-        sub_enqueue(s, h.after, h.id);
+        sub_enqueue(s, &h);
 }
 
 int cs_hub_step(cs_hub *hub)
@@ -462,14 +557,87 @@ static void sub_unlink(cs_sub *s)
 static void sub_free(cs_sub *s)
 {
     cs_merge_free(&s->merge);
+    for (size_t i = 0; i < s->qn; i++)
+        free(s->q[(s->qhead + i) % s->qcap].text);
     free(s->q);
-    /* Entries before out_pos were handed over (moved to current). */
-    for (size_t i = s->out_pos; i < s->out.n; i++)
-        cs_msg_unref(s->out.items[i]);
-    s->out.n = 0;
     cs_msglist_free(&s->out);
-    cs_msg_unref(s->current);
+    /* Events before evpos were handed over (moved to current). */
+    for (size_t i = s->evpos; i < s->evn; i++)
+        oevent_free(&s->ev[i]);
+    free(s->ev);
+    oevent_free(&s->current);
     free(s);
+}
+
+/* FNV-1a over the queue's item IDs: tells a changed queue from the one last
+ * delivered. */
+static uint64_t queue_sig(const cs_queue *q)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < q->n; i++) {
+        uint64_t v = (uint64_t)q->items[i].id;
+        for (int b = 0; b < 8; b++) {
+            h ^= (v >> (8 * b)) & 0xff;
+            h *= 1099511628211ull;
+        }
+    }
+    return h ^ q->n;
+}
+
+/* Reads the status; delivers it if newer than the last delivered. */
+static int sub_read_status(cs_sub *s)
+{
+    cs_hub *hub = s->hub;
+    cs_chat_row *row = malloc(sizeof *row);
+    if (!row)
+        return CS_ENOMEM;
+    hub->counts.queries++;
+    int rc = hub->store.ops->chat_get(hub->store.st, s->chat_id, row);
+    if (rc < 0) {
+        if (rc == CS_EBACKEND)
+            hub->counts.query_errors++;
+        free(row);
+        return cs_hub_fail(hub, rc, NULL);
+    }
+    if (row->version > s->status_version) {
+        oevent e = {.kind = CS_EV_STATUS, .a = row->version, .b = row->status};
+        rc = ev_push(s, e);
+        if (rc == CS_OK)
+            s->status_version = row->version;
+    }
+    free(row);
+    return rc;
+}
+
+/* Reads the queue; delivers it if it differs from the last delivered (or,
+ * with always, if it is not empty: the snapshot). */
+static int sub_read_queue(cs_sub *s, bool snapshot)
+{
+    cs_hub *hub = s->hub;
+    cs_queue *q = calloc(1, sizeof *q);
+    if (!q)
+        return CS_ENOMEM;
+    hub->counts.queries++;
+    int rc = hub->store.ops->queue_list(hub->store.st, s->chat_id, q);
+    if (rc < 0) {
+        if (rc == CS_EBACKEND)
+            hub->counts.query_errors++;
+        cs_queue_free(q);
+        free(q);
+        return cs_hub_fail(hub, rc, NULL);
+    }
+    uint64_t sig = queue_sig(q);
+    if (snapshot ? q->n == 0 : sig == s->queue_sig) {
+        s->queue_sig = sig;
+        cs_queue_free(q);
+        free(q);
+        return CS_OK;
+    }
+    oevent e = {.kind = CS_EV_QUEUE, .queue = q};
+    rc = ev_push(s, e);
+    if (rc == CS_OK)
+        s->queue_sig = sig;
+    return rc;
 }
 
 int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
@@ -481,6 +649,10 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     if (chat_id < 1 || o.after < 0 ||
         (unsigned)o.strategy > CS_STRATEGY_LAST_ID)
         return cs_hub_fail(hub, CS_EINVAL, "bad chat id, after or strategy");
+    /* The actor first: a refusal reads nothing of the chat. */
+    int rc = cs_hub_authorize(hub, chat_id, o.actor, "subscribe");
+    if (rc < 0)
+        return rc;
     cs_sub *s = calloc(1, sizeof *s);
     if (!s)
         return CS_ENOMEM;
@@ -490,6 +662,7 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
         return CS_ENOMEM;
     }
     s->qcap = hub->queue_size;
+    s->status_version = -1;
     s->hub = hub;
     s->chat_id = chat_id;
     cs_merge_init(&s->merge, o.strategy, o.ordered != 0, o.after, &hub->counts);
@@ -500,7 +673,6 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
         return CS_ENOMEM;
     }
     /* Listen first (invariant 3), then read the snapshot. */
-    int rc = CS_OK;
     if (!c->listening) {
         rc = hub->store.ops->listen(hub->store.st, chat_id);
         if (rc < 0) {
@@ -517,15 +689,24 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     if (c->nsubs++ == 0)
         hub->busy_chats++;
 
+    /* The snapshot: status, queue (when not empty), messages. */
+    rc = sub_read_status(s);
+    if (rc == CS_OK)
+        rc = sub_read_queue(s, true);
     cs_msglist rows = {0};
-    hub->counts.queries++;
-    rc = hub->store.ops->messages_after(hub->store.st, chat_id, o.after, &rows);
-    if (rc < 0) {
-        if (rc == CS_EBACKEND)
-            hub->counts.query_errors++;
-        cs_hub_fail(hub, rc, NULL);
-    } else {
-        rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
+    if (rc == CS_OK) {
+        hub->counts.queries++;
+        rc = hub->store.ops->messages_after(hub->store.st, chat_id, o.after,
+                                            &rows);
+        if (rc < 0) {
+            if (rc == CS_EBACKEND)
+                hub->counts.query_errors++;
+            cs_hub_fail(hub, rc, NULL);
+        } else {
+            rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
+            if (rc == CS_OK)
+                rc = ev_take_merged(s);
+        }
     }
     cs_msglist_free(&rows);
     if (rc < 0) {
@@ -540,68 +721,136 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     return CS_OK;
 }
 
-/* Runs the merge for everything pending. A failed DB pass leaves its hint
- * pending for the next call. */
+/* Runs the merge for everything pending, in arrival order. A failed read
+ * leaves its work pending for the next call. */
 static void sub_process(cs_sub *s)
 {
-    cs_hub *hub = s->hub;
     cs_merge_source src = {&s->chat->cache, sub_query, s};
     if (s->resync) {
-        if (cs_merge_notify(&s->merge, &src, s->resync_after, s->resync_id,
-                            true, &s->out) < 0)
+        int rc = cs_merge_notify(&s->merge, &src, s->resync_after, s->resync_id,
+                                 true, &s->out);
+        ev_take_merged(s);
+        if (rc < 0)
             return;
         s->resync = false;
     }
-    if (s->merge.strategy == CS_STRATEGY_WATERMARK && s->qn > 1) {
-        /* Coalesce: one pass up to the highest id covers them all. */
-        qhint m = s->q[s->qhead];
-        for (size_t i = 1; i < s->qn; i++) {
-            qhint *h = &s->q[(s->qhead + i) % s->qcap];
-            if (h->after < m.after)
-                m.after = h->after;
-            if (h->id > m.id)
-                m.id = h->id;
-        }
-        s->qhead = 0;
-        s->qn = 1;
-        s->q[0] = m;
+    if (s->status_dirty) {
+        if (sub_read_status(s) < 0)
+            return;
+        s->status_dirty = false;
+    }
+    if (s->queue_dirty) {
+        if (sub_read_queue(s, false) < 0)
+            return;
+        s->queue_dirty = false;
     }
     while (s->qn > 0) {
         qhint *h = &s->q[s->qhead];
-        if (cs_merge_notify(&s->merge, &src, h->after, h->id, false, &s->out) <
-            0)
+        size_t take = 1;
+        int rc = CS_OK;
+        if (h->kind == CS_HINT_MESSAGE) {
+            qhint m = *h;
+            /* Coalesce a run of message hints: one watermark pass up to the
+             * highest id covers them all. */
+            while (s->merge.strategy == CS_STRATEGY_WATERMARK && take < s->qn) {
+                qhint *n = &s->q[(s->qhead + take) % s->qcap];
+                if (n->kind != CS_HINT_MESSAGE)
+                    break;
+                m.a = n->a < m.a ? n->a : m.a;
+                m.b = n->b > m.b ? n->b : m.b;
+                take++;
+            }
+            if (take > 1) {
+                /* Keep the merged hint in the last slot, for a retry. */
+                s->qhead = (s->qhead + take - 1) % s->qcap;
+                s->qn -= take - 1;
+                s->q[s->qhead] = m;
+                take = 1;
+            }
+            rc = cs_merge_notify(&s->merge, &src, m.a, m.b, false, &s->out);
+            ev_take_merged(s);
+        } else if (h->kind == CS_HINT_STATUS) {
+            if (h->a > s->status_version && h->b >= 0) {
+                oevent e = {.kind = CS_EV_STATUS, .a = h->a, .b = h->b};
+                rc = ev_push(s, e);
+                if (rc == CS_OK)
+                    s->status_version = h->a;
+            }
+        } else if (h->kind == CS_HINT_QUEUE) {
+            while (take < s->qn &&
+                   s->q[(s->qhead + take) % s->qcap].kind == CS_HINT_QUEUE)
+                take++;
+            rc = sub_read_queue(s, false);
+            if (rc == CS_OK) {
+                s->qhead = (s->qhead + take - 1) % s->qcap;
+                s->qn -= take - 1;
+                take = 1;
+            }
+        } else if (h->kind == CS_HINT_PART) {
+            /* A part of a message this reader already has is stale. */
+            if (h->a >= s->merge.last) {
+                oevent e = {.kind = CS_EV_PART,
+                            .a = h->a,
+                            .text = h->text,
+                            .len = h->len};
+                h->text = NULL;
+                rc = ev_push(s, e);
+                if (rc < 0)
+                    s->hub->stats.parts_dropped++;
+                rc = CS_OK;
+            } else {
+                free(h->text);
+                h->text = NULL;
+            }
+        }
+        if (rc < 0)
             return;
         s->qhead = (s->qhead + 1) % s->qcap;
         s->qn--;
     }
-    (void)hub;
 }
 
-static void fill_event(cs_sub *s, cs_msg *m, cs_event *ev)
+static void fill_event(cs_sub *s, const oevent *e, cs_event *ev)
 {
     *ev = (cs_event){0};
-    ev->kind = CS_EV_MESSAGE;
+    ev->kind = e->kind;
     ev->chat_id = s->chat_id;
-    ev->id = m->id;
-    ev->prev_id = m->prev_id;
-    ev->role = cs_role_name(m->role);
-    ev->text = m->content;
-    ev->text_len = m->content_len;
+    switch (e->kind) {
+    case CS_EV_MESSAGE:
+        ev->id = e->msg->id;
+        ev->prev_id = e->msg->prev_id;
+        ev->role = cs_role_name(e->msg->role);
+        ev->text = e->msg->content;
+        ev->text_len = e->msg->content_len;
+        ev->tool = e->msg->tool;
+        break;
+    case CS_EV_STATUS:
+        ev->version = e->a;
+        ev->status = (cs_status)e->b;
+        ev->text = cs_status_name(ev->status);
+        ev->text_len = strlen(ev->text);
+        break;
+    case CS_EV_QUEUE: ev->queue = e->queue; break;
+    case CS_EV_PART:
+        ev->prev_id = e->a;
+        ev->text = e->text;
+        ev->text_len = e->len;
+        break;
+    }
 }
 
 static bool pop_event(cs_sub *s, cs_event *ev)
 {
-    if (s->out_pos >= s->out.n) {
-        if (s->out.n) {
-            s->out.n = 0; /* references were moved out one by one */
-            s->out_pos = 0;
-        }
+    if (s->evpos >= s->evn) {
+        s->evpos = s->evn = 0;
         return false;
     }
-    cs_msg *m = s->out.items[s->out_pos++];
-    s->current = m; /* the list's reference moves to current */
-    fill_event(s, m, ev);
-    s->hub->stats.delivered++;
+    s->current = s->ev[s->evpos++]; /* ownership moves to current */
+    fill_event(s, &s->current, ev);
+    if (s->current.kind == CS_EV_MESSAGE)
+        s->hub->stats.delivered++;
+    else if (s->current.kind == CS_EV_PART)
+        s->hub->stats.parts++;
     return true;
 }
 
@@ -609,8 +858,7 @@ int cs_sub_next(cs_sub *s, cs_event *ev)
 {
     if (!s || !s->hub)
         return CS_ECLOSED;
-    cs_msg_unref(s->current);
-    s->current = NULL;
+    oevent_free(&s->current);
     if (pop_event(s, ev))
         return CS_EVENT;
     int rc = cs_hub_step(s->hub);

@@ -24,8 +24,54 @@ struct cs_hub {
     double poll_interval, next_poll; /* backstop poll; 0: off */
     cs_stats stats;
     cs_merge_counts counts; /* merge counters, folded into stats */
+    cs_authorizer auth;     /* fn NULL: the actor must be the owner */
+    double stale_after;     /* a worker's heartbeat older than this is dead */
     char err[512];
 };
+
+/* What a publish sends after its messages: the chat's new status and/or a
+ * "the queue changed" hint. */
+typedef struct pub_extras {
+    bool status, queue, sent;
+    int64_t version;
+    cs_status st;
+} pub_extras;
+
+/* The transaction of a publish: fills p->committed (and p->extras), under
+ * the chat's lock. */
+typedef int (*pub_run_fn)(cs_publish *p, cs_chat_row *row);
+
+struct cs_publish {
+    cs_hub *hub; /* NULL once detached */
+    cs_publish *next, *prev;
+    int64_t chat_id;
+    size_t n;        /* messages committed (or to commit, for an append) */
+    cs_msg_in *msgs; /* copies, until commit (appends) */
+    bool committed_done;
+    pub_run_fn run; /* the transaction; NULL: append msgs */
+    void *arg;      /* for run, valid until commit */
+    int64_t qid;    /* promote: the queue item */
+    cs_msglist committed;
+    int64_t *ids;
+    unsigned char *cached, *notified;
+    pub_extras extras;
+};
+
+/* A publish whose commit runs `run` (lifecycle operations). */
+int cs_pub_new(cs_hub *hub, int64_t chat_id, pub_run_fn run, void *arg,
+               cs_publish **out);
+/* Cache + notify everything (after a commit): failures are counted in
+ * publish_errors, since the data is durable already. */
+void cs_pub_publish_all(cs_publish *p);
+/* NULL actor: OK. Else checks actor against the chat's owner or the
+ * authorizer: CS_OK, CS_EAUTH (message in hub->err) or another error. */
+int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
+                     const char *op);
+/* Sends a status hint for the chat (counted in publish_errors on failure). */
+int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
+                         cs_status st);
+/* Checks a message list (count, roles, content, tool fields). */
+int cs_check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n);
 
 /* The hub's state for a chat, created on first use (NULL on ENOMEM). */
 hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id);

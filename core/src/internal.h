@@ -14,11 +14,14 @@ typedef struct cs_msg {
     cs_role role;
     int64_t id, chat_id, prev_id;
     size_t content_len;
-    char content[]; /* NUL-terminated */
+    const char *tool; /* the tool field ("" when none), after content */
+    char content[];   /* NUL-terminated */
 } cs_msg;
 
+/* tool may be NULL (none). */
 cs_msg *cs_msg_new(int64_t id, int64_t chat_id, int64_t prev_id, cs_role role,
-                   const char *content, size_t len);
+                   const char *content, size_t len, const char *tool);
+
 cs_msg *cs_msg_ref(cs_msg *m);
 void cs_msg_unref(cs_msg *m); /* NULL ok */
 
@@ -83,12 +86,13 @@ typedef enum cs_hint_kind {
     CS_HINT_MESSAGE = 1, /* "1:m:<after>:<id>" */
     CS_HINT_STATUS,      /* "1:s:<version>:<status>" */
     CS_HINT_QUEUE,       /* "1:q" */
-    CS_HINT_PART         /* "1:p:<text>" */
+    CS_HINT_PART         /* "1:p:<after>:<text>" */
 } cs_hint_kind;
 
 typedef struct cs_hint {
     cs_hint_kind kind;
-    int64_t after, id; /* message: after = prev_id of id */
+    int64_t after, id; /* message: after = prev_id of id; part: after = the
+                          chat's last message when the part was sent */
     int64_t version;   /* status */
     const char *text;  /* status name or part text: points into the payload */
     size_t text_len;
@@ -144,15 +148,54 @@ int cs_merge_notify(cs_merge *m, const cs_merge_source *src, int64_t after,
 int64_t cs_merge_cursor(const cs_merge *m);
 
 /* ---- store ops table -------------------------------------------------- */
+typedef cs_chat_info cs_chat_row;
+
+void cs_queue_clear(cs_queue *q); /* frees the items, keeps capacity */
+/* Appends a copy; CS_ENOMEM leaves q as it was. actor may be NULL. */
+int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
+                  const char *actor, double created_at);
+
 typedef struct cs_store_ops {
     const char *name;
     bool remote; /* notifications come from elsewhere (fd -1: reconnecting) */
     int (*create_chat)(void *st, const char *owner, const char *title,
                        int64_t *chat_id);
-    /* One transaction: lock the chat, assign ids, set prev_id, insert.
-     * out receives the committed messages (references). */
-    int (*commit)(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
-                  cs_msglist *out);
+    /* The chat's row, outside any transaction: CS_ENOTFOUND if none. */
+    int (*chat_get)(void *st, int64_t chat_id, cs_chat_row *row);
+    /* Begins a transaction and locks the chat's row (FOR UPDATE): every
+     * write to a chat runs under it (invariant 1). CS_ENOTFOUND (no
+     * transaction left open) if there is no such chat. */
+    int (*tx_begin)(void *st, int64_t chat_id, cs_chat_row *row);
+    /* Commits (a failed commit is rolled back and reported) or rolls back. */
+    int (*tx_end)(void *st, bool commit);
+    /* Inserts messages after row->last_message_id: ids taken here, prev_id
+     * chained; updates row->last_message_id and the chat's. out receives the
+     * messages (references). */
+    int (*tx_insert)(void *st, cs_chat_row *row, const cs_msg_in *msgs,
+                     size_t n, cs_msglist *out);
+    /* Writes status, version and worker ("" clears the worker and its
+     * heartbeat); heartbeat: the worker's heartbeat is now. */
+    int (*tx_update)(void *st, const cs_chat_row *row, bool heartbeat);
+    /* The chat's last assistant message and every message after it,
+     * ascending (empty without an assistant message). */
+    int (*tx_tail)(void *st, int64_t chat_id, cs_msglist *out);
+    /* The queue in order, in a transaction or not. */
+    int (*queue_list)(void *st, int64_t chat_id, cs_queue *out);
+    /* At the end of the queue. */
+    int (*tx_queue_add)(void *st, int64_t chat_id, const char *actor,
+                        const char *content, size_t len, int64_t *qid);
+    /* 1 deleted / moved to the front, 0 no such item in this chat. */
+    int (*tx_queue_del)(void *st, int64_t chat_id, int64_t qid);
+    int (*tx_queue_front)(void *st, int64_t chat_id, int64_t qid);
+    /* Its own transaction: up to limit chats pending, or running with a
+     * heartbeat older than stale_after seconds (< 0: never), oldest update
+     * first, skipping rows another transaction holds, set running on worker
+     * with version + 1 and a fresh heartbeat. rows receives them. */
+    int (*acquire)(void *st, const char *worker, size_t limit,
+                   double stale_after, cs_chat_row *rows, size_t *n);
+    /* Notifies "1:p:<last_message_id>:<text>" on the chat's channel, the
+     * chat's last message ID read by the store. CS_ENOTFOUND if no chat. */
+    int (*notify_part)(void *st, int64_t chat_id, const char *text, size_t len);
     int (*messages_after)(void *st, int64_t chat_id, int64_t after,
                           cs_msglist *out);
     int (*listen)(void *st, int64_t chat_id);

@@ -5,11 +5,17 @@
 #include <string.h>
 
 cs_msg *cs_msg_new(int64_t id, int64_t chat_id, int64_t prev_id, cs_role role,
-                   const char *content, size_t len)
+                   const char *content, size_t len, const char *tool)
 {
-    cs_msg *m = malloc(sizeof *m + len + 1);
+    size_t tlen = tool ? strlen(tool) : 0;
+    cs_msg *m = malloc(sizeof *m + len + 1 + tlen + 1);
     if (!m)
         return NULL;
+    char *t = m->content + len + 1;
+    if (tlen)
+        memcpy(t, tool, tlen);
+    t[tlen] = '\0';
+    m->tool = t;
     m->refs = 1;
     m->role = role;
     m->id = id;
@@ -61,6 +67,111 @@ void cs_msglist_free(cs_msglist *l)
     free(l->items);
     l->items = NULL;
     l->cap = 0;
+}
+
+static bool tool_id_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c >= '0' && c <= '9') || c == '_' || c == '.' || c == ':' ||
+           c == '-';
+}
+
+int cs_tool_check(cs_role role, const char *tool, const char **why)
+{
+    const char *w = NULL;
+    size_t ids = 0, len = 0;
+    if (!tool || !*tool)
+        return CS_OK;
+    if (strlen(tool) > CS_MAX_TOOL)
+        w = "tool field too long";
+    for (const char *p = tool; !w && *p; p++) {
+        if (tool_id_char(*p)) {
+            if (len++ == 0)
+                ids++;
+            if (len > 128)
+                w = "a tool call ID is longer than 128 bytes";
+        } else if (*p == ' ' && len > 0 && p[1]) {
+            len = 0;
+        } else {
+            w = "a tool call ID is 1 to 128 bytes of [A-Za-z0-9_.:-], "
+                "separated by single spaces";
+        }
+    }
+    if (!w && role == CS_ROLE_TOOL && ids != 1)
+        w = "a tool message answers exactly one tool call";
+    if (!w && role == CS_ROLE_ASSISTANT && ids > 64)
+        w = "at most 64 tool calls per message";
+    if (!w && role != CS_ROLE_TOOL && role != CS_ROLE_ASSISTANT)
+        w = "only assistant and tool messages have tool calls";
+    if (w && why)
+        *why = w;
+    return w ? CS_EINVAL : CS_OK;
+}
+
+void cs_queue_clear(cs_queue *q)
+{
+    for (size_t i = 0; i < q->n; i++) {
+        free(q->items[i].content);
+        free(q->items[i].actor);
+    }
+    q->n = 0;
+}
+
+void cs_queue_free(cs_queue *q)
+{
+    if (!q)
+        return;
+    cs_queue_clear(q);
+    free(q->items);
+    q->items = NULL;
+    q->cap = 0;
+}
+
+int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
+                  const char *actor, double created_at)
+{
+    if (q->n == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 8;
+        cs_queue_item *items = realloc(q->items, cap * sizeof *items);
+        if (!items)
+            return CS_ENOMEM;
+        q->items = items;
+        q->cap = cap;
+    }
+    size_t alen = actor ? strlen(actor) : 0;
+    char *c = malloc(len + 1), *a = malloc(alen + 1);
+    if (!c || !a) {
+        free(c);
+        free(a);
+        return CS_ENOMEM;
+    }
+    if (len)
+        memcpy(c, content, len);
+    c[len] = '\0';
+    if (alen)
+        memcpy(a, actor, alen);
+    a[alen] = '\0';
+    q->items[q->n++] = (cs_queue_item){id, c, len, a, created_at};
+    return CS_OK;
+}
+
+static const char *const status_names[] = {
+    "waiting",   "pending", "running",         "paused",
+    "completed", "error",   "requires_action",
+};
+
+int cs_status_parse(const char *s, size_t len)
+{
+    for (int i = 0; s && i < 7; i++)
+        if (strlen(status_names[i]) == len &&
+            memcmp(status_names[i], s, len) == 0)
+            return i;
+    return -1;
+}
+
+const char *cs_status_name(cs_status st)
+{
+    return (unsigned)st < 7 ? status_names[st] : "?";
 }
 
 static const char *const role_names[] = {"system", "user", "assistant", "tool"};

@@ -4,18 +4,9 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Status names accepted in a status hint. */
-static const char *const statuses[] = {
-    "waiting",   "pending", "running",         "paused",
-    "completed", "error",   "requires_action",
-};
-
 static bool known_status(const char *p, size_t len)
 {
-    for (size_t i = 0; i < sizeof statuses / sizeof *statuses; i++)
-        if (strlen(statuses[i]) == len && memcmp(statuses[i], p, len) == 0)
-            return true;
-    return false;
+    return cs_status_parse(p, len) >= 0;
 }
 
 bool cs_parse_id(const char *p, size_t len, int64_t *out)
@@ -58,11 +49,11 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
         break;
     case CS_HINT_PART:
         /* The payload is NUL-terminated text: an embedded NUL cannot go. */
-        if (!h->text || h->text_len > CS_PAYLOAD_MAX ||
+        if (h->after < 0 || !h->text || h->text_len > CS_PAYLOAD_MAX ||
             memchr(h->text, '\0', h->text_len))
             return CS_EINVAL;
-        n = snprintf(buf, cap, "%d:p:%.*s", CS_PAYLOAD_VERSION,
-                     (int)h->text_len, h->text);
+        n = snprintf(buf, cap, "%d:p:%lld:%.*s", CS_PAYLOAD_VERSION,
+                     (long long)h->after, (int)h->text_len, h->text);
         break;
     default: return CS_EINVAL;
     }
@@ -131,8 +122,11 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
         h.text_len = flen;
         break;
     case 'p':
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
+            return CS_EPROTO;
         field(&cur, end, &f, &flen, true);
         h.kind = CS_HINT_PART;
+        h.after = a;
         h.text = f;
         h.text_len = flen;
         break;

@@ -8,7 +8,7 @@ static cs_msg *mk(int64_t id)
 {
     char text[32];
     int n = snprintf(text, sizeof text, "m%lld", (long long)id);
-    return cs_msg_new(id, 1, id - 1, CS_ROLE_USER, text, (size_t)n);
+    return cs_msg_new(id, 1, id - 1, CS_ROLE_USER, text, (size_t)n, NULL);
 }
 
 /* Appends a fresh message and drops the caller's reference. */

@@ -16,12 +16,32 @@ typedef struct seen {
     int bad_event; /* events with wrong fields */
 } seen;
 
-/* Reads events until CS_IDLE (or an error). */
+/* The next message event: status and queue events (the snapshot's status
+ * first) are skipped, their fields checked. */
+static int next_msg(cs_sub *s, cs_event *ev)
+{
+    int rc;
+    while ((rc = cs_sub_next(s, ev)) == CS_EVENT && ev->kind != CS_EV_MESSAGE)
+        if (ev->kind == CS_EV_STATUS && (!ev->text || ev->version < 0))
+            return CS_EINVAL;
+    return rc;
+}
+
+static int wait_msg(cs_sub *s, double timeout, cs_event *ev)
+{
+    int rc;
+    while ((rc = cs_sub_wait(s, timeout, ev)) == CS_EVENT &&
+           ev->kind != CS_EV_MESSAGE)
+        ;
+    return rc;
+}
+
+/* Reads message events until CS_IDLE (or an error). */
 static void drain(cs_sub *s, int64_t chat_id, seen *out)
 {
     cs_event ev;
     int rc;
-    while ((rc = cs_sub_next(s, &ev)) == CS_EVENT) {
+    while ((rc = next_msg(s, &ev)) == CS_EVENT) {
         if (ev.kind != CS_EV_MESSAGE || ev.chat_id != chat_id || !ev.role ||
             !ev.text || ev.prev_id >= ev.id)
             out->bad_event++;
@@ -57,7 +77,7 @@ static int seen_is(const seen *s, const int64_t *want, int n)
 /* Appends one user message with the given text; returns its id (or rc). */
 static int64_t say(cs_hub *hub, int64_t chat, const char *text)
 {
-    cs_msg_in m = {CS_ROLE_USER, text, strlen(text)};
+    cs_msg_in m = {CS_ROLE_USER, text, strlen(text), NULL};
     int64_t id = -1;
     int rc = cs_hub_append(hub, chat, &m, 1, &id);
     return rc < 0 ? rc : id;
@@ -121,7 +141,7 @@ static void test_null_and_options(void)
     cs_memdb_close(NULL);
     CHECK(1);
     cs_event ev;
-    CHECK_EQ_I64(cs_sub_next(NULL, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(next_msg(NULL, &ev), CS_ECLOSED);
     CHECK_EQ_I64(cs_hub_step(NULL), CS_ECLOSED);
     CHECK_EQ_I64(cs_pub_commit(NULL, NULL, NULL), CS_ECLOSED);
     CHECK_EQ_I64(cs_pub_cache(NULL, 0), CS_ECLOSED);
@@ -133,7 +153,7 @@ static void test_null_and_options(void)
     int64_t chat = -5;
     CHECK_EQ_I64(cs_hub_create_chat(NULL, "o", "t", &chat), CS_ECLOSED);
     CHECK_EQ_I64(chat, -5);
-    cs_msg_in m = {CS_ROLE_USER, "x", 1};
+    cs_msg_in m = {CS_ROLE_USER, "x", 1, NULL};
     CHECK_EQ_I64(cs_hub_append(NULL, 1, &m, 1, NULL), CS_ECLOSED);
 
     /* invalid options; *out untouched */
@@ -189,9 +209,9 @@ static void test_basic(void)
     CHECK_EQ_I64(c2, 2);
 
     cs_msg_in msgs[3] = {
-        {CS_ROLE_SYSTEM, "be brief", 8},
-        {CS_ROLE_USER, "hello", 5},
-        {CS_ROLE_ASSISTANT, "hi\tthere", 8}, /* any text but NUL */
+        {CS_ROLE_SYSTEM, "be brief", 8, NULL},
+        {CS_ROLE_USER, "hello", 5, NULL},
+        {CS_ROLE_ASSISTANT, "hi\tthere", 8, NULL}, /* any text but NUL */
     };
     int64_t ids[3] = {0};
     CHECK_EQ_I64(cs_hub_append(hub, c1, msgs, 3, ids), CS_OK);
@@ -204,38 +224,38 @@ static void test_basic(void)
     cs_sub *s = NULL;
     CHECK_EQ_I64(cs_sub_open(hub, c1, NULL, &s), CS_OK);
     cs_event ev;
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.kind, CS_EV_MESSAGE);
     CHECK_EQ_I64(ev.chat_id, c1);
     CHECK_EQ_I64(ev.id, 1);
     CHECK_EQ_I64(ev.prev_id, 0);
     CHECK_EQ_STR(ev.role, "system");
     CHECK_EQ_MEM(ev.text, ev.text_len, "be brief");
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, 2);
     CHECK_EQ_I64(ev.prev_id, 1);
     CHECK_EQ_STR(ev.role, "user");
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, 3);
     CHECK_EQ_SIZE(ev.text_len, 8);
     CHECK(memcmp(ev.text, "hi\tthere", 8) == 0);
     CHECK_EQ_STR(ev.role, "assistant");
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_IDLE);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_IDLE);
     CHECK_EQ_I64(cs_sub_cursor(s), 3);
 
     /* live; chat 2's messages do not show */
     CHECK_EQ_I64(say(hub, c2, "elsewhere"), 5);
     CHECK_EQ_I64(say(hub, c1, "live one"), 6);
     CHECK_EQ_I64(say(hub, c1, "live two"), 7);
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, 6);
     CHECK_EQ_I64(ev.prev_id, 3);
     CHECK_EQ_MEM(ev.text, ev.text_len, "live one");
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, 7);
     CHECK_EQ_MEM(ev.text, ev.text_len, "live two");
-    CHECK_EQ_I64(cs_sub_wait(s, 0.01, &ev), CS_IDLE);
+    CHECK_EQ_I64(wait_msg(s, 0.01, &ev), CS_IDLE);
     CHECK_EQ_I64(cs_sub_cursor(s), 7);
     CHECK(cs_sub_delivered_bytes(s) <= 64 * sizeof(int64_t)); /* bounded */
 
@@ -245,7 +265,7 @@ static void test_basic(void)
     CHECK_EQ_I64(st.delivered, 5);
     CHECK_EQ_I64(st.notifications, 2); /* only chat 1 is listened to */
     CHECK_EQ_I64(st.db_passes, 0);     /* the cache proved the chain */
-    CHECK_EQ_I64(st.queries, 1);       /* the snapshot */
+    CHECK_EQ_I64(st.queries, 3); /* the snapshot: status, queue, messages */
     CHECK_EQ_I64(st.publish_errors, 0);
     CHECK_EQ_I64(st.malformed, 0);
 
@@ -295,22 +315,22 @@ static void test_bad_arguments(void)
     CHECK_EQ_I64(cs_sub_open(hub, 99, NULL, &s), CS_ENOTFOUND);
     CHECK(s == NULL);
 
-    cs_msg_in ok = {CS_ROLE_USER, "x", 1};
+    cs_msg_in ok = {CS_ROLE_USER, "x", 1, NULL};
     CHECK_EQ_I64(cs_hub_append(hub, 99, &ok, 1, NULL), CS_ENOTFOUND);
     CHECK_EQ_I64(cs_hub_append(hub, 0, &ok, 1, NULL), CS_EINVAL);
     CHECK_EQ_I64(cs_hub_append(hub, chat, &ok, 0, NULL), CS_EINVAL);
-    cs_msg_in nul = {CS_ROLE_USER, "a\0b", 3};
+    cs_msg_in nul = {CS_ROLE_USER, "a\0b", 3, NULL};
     CHECK_EQ_I64(cs_hub_append(hub, chat, &nul, 1, NULL), CS_EINVAL);
     CHECK_EQ_I64(cs_hub_append(hub, chat, NULL, 1, NULL), CS_EINVAL);
     CHECK_EQ_I64(cs_hub_append(hub, chat, &ok, CS_MAX_BATCH + 1, NULL),
                  CS_EINVAL);
-    cs_msg_in badrole = {(cs_role)4, "x", 1};
+    cs_msg_in badrole = {(cs_role)4, "x", 1, NULL};
     CHECK_EQ_I64(cs_hub_append(hub, chat, &badrole, 1, NULL), CS_EINVAL);
-    cs_msg_in nulltext = {CS_ROLE_USER, NULL, 3};
+    cs_msg_in nulltext = {CS_ROLE_USER, NULL, 3, NULL};
     CHECK_EQ_I64(cs_hub_append(hub, chat, &nulltext, 1, NULL), CS_EINVAL);
-    cs_msg_in toobig = {CS_ROLE_USER, "x", (size_t)CS_MAX_CONTENT + 1};
+    cs_msg_in toobig = {CS_ROLE_USER, "x", (size_t)CS_MAX_CONTENT + 1, NULL};
     CHECK_EQ_I64(cs_hub_append(hub, chat, &toobig, 1, NULL), CS_EINVAL);
-    cs_msg_in empty = {CS_ROLE_TOOL, NULL, 0};
+    cs_msg_in empty = {CS_ROLE_TOOL, NULL, 0, NULL};
     int64_t id = 0;
     CHECK_EQ_I64(cs_hub_append(hub, chat, &empty, 1, &id), CS_OK);
     CHECK_EQ_I64(id, 1);
@@ -320,7 +340,7 @@ static void test_bad_arguments(void)
 
     CHECK_EQ_I64(cs_sub_open(hub, chat, NULL, &s), CS_OK);
     cs_event ev;
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_SIZE(ev.text_len, 0);
     CHECK_EQ_STR(ev.text, "");
     CHECK_EQ_STR(ev.role, "tool");
@@ -334,7 +354,8 @@ static void test_stepped_misuse(void)
     CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
     int64_t chat;
     CHECK_EQ_I64(cs_hub_create_chat(hub, "o", "t", &chat), CS_OK);
-    cs_msg_in msgs[2] = {{CS_ROLE_USER, "a", 1}, {CS_ROLE_ASSISTANT, "b", 1}};
+    cs_msg_in msgs[2] = {{CS_ROLE_USER, "a", 1, NULL},
+                         {CS_ROLE_ASSISTANT, "b", 1, NULL}};
     cs_publish *p = NULL;
     CHECK_EQ_I64(cs_pub_prepare(hub, chat, msgs, 0, &p), CS_EINVAL);
     CHECK_EQ_I64(cs_pub_prepare(hub, -1, msgs, 2, &p), CS_EINVAL);
@@ -366,7 +387,7 @@ static void test_stepped_misuse(void)
 
     /* committed but not published: the subscriber sees nothing yet */
     cs_event ev;
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_IDLE);
 
     CHECK_EQ_I64(cs_pub_notify(p, 1), CS_OK);
     CHECK_EQ_I64(cs_pub_notify(p, 1), CS_EINVAL); /* same index twice */
@@ -420,7 +441,7 @@ static void race(cs_strategy strategy, int ordered, seen *out, cs_stats *st)
     cs_sub_open(hub, chat, &o, &s);
     cs_publish *p[3];
     for (int i = 0; i < 3; i++) {
-        cs_msg_in m = {CS_ROLE_ASSISTANT, "r", 1};
+        cs_msg_in m = {CS_ROLE_ASSISTANT, "r", 1, NULL};
         cs_pub_prepare(hub, chat, &m, 1, &p[i]);
         cs_pub_commit(p[i], NULL, NULL);
     }
@@ -591,7 +612,7 @@ static void test_resume(void)
             CS_OK);
         cs_publish *p[3];
         for (int i = 0; i < 3; i++) {
-            cs_msg_in m = {CS_ROLE_USER, "m", 1};
+            cs_msg_in m = {CS_ROLE_USER, "m", 1, NULL};
             cs_pub_prepare(hub, chat, &m, 1, &p[i]);
             cs_pub_commit(p[i], NULL, NULL);
         }
@@ -704,9 +725,9 @@ static void test_close_with_open_handles(void)
                              &s2),
                  CS_OK);
     cs_event ev;
-    CHECK_EQ_I64(cs_sub_next(s1, &ev), CS_EVENT); /* holds an event */
+    CHECK_EQ_I64(next_msg(s1, &ev), CS_EVENT); /* holds an event */
     CHECK_EQ_I64(ev.id, 1);
-    cs_msg_in m = {CS_ROLE_USER, "pending", 7};
+    cs_msg_in m = {CS_ROLE_USER, "pending", 7, NULL};
     cs_publish *committed, *prepared;
     CHECK_EQ_I64(cs_pub_prepare(hub, chat, &m, 1, &committed), CS_OK);
     CHECK_EQ_I64(cs_pub_commit(committed, NULL, NULL), CS_OK);
@@ -714,9 +735,9 @@ static void test_close_with_open_handles(void)
 
     cs_hub_close(hub);
 
-    CHECK_EQ_I64(cs_sub_next(s1, &ev), CS_ECLOSED);
-    CHECK_EQ_I64(cs_sub_next(s2, &ev), CS_ECLOSED);
-    CHECK_EQ_I64(cs_sub_wait(s1, 0.01, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(next_msg(s1, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(next_msg(s2, &ev), CS_ECLOSED);
+    CHECK_EQ_I64(wait_msg(s1, 0.01, &ev), CS_ECLOSED);
     CHECK_EQ_I64(cs_sub_cursor(s1), 2); /* still readable */
     CHECK_EQ_I64(cs_pub_cache(committed, 0), CS_ECLOSED);
     CHECK_EQ_I64(cs_pub_notify(committed, 0), CS_ECLOSED);
@@ -741,18 +762,18 @@ static void test_unread(void)
     int64_t a = say(hub, chat, "one"), b = say(hub, chat, "two");
     cs_event ev;
     cs_sub_unread(s); /* nothing returned yet: no effect */
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, a);
     cs_sub_unread(s);
     cs_sub_unread(s); /* twice: still one event put back */
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, a);
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, b);
     cs_sub_unread(s); /* the last one of the batch */
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, b);
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_IDLE);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_IDLE);
     cs_stats st;
     cs_hub_stats(hub, &st);
     CHECK_EQ_I64(st.delivered, 2);
@@ -783,7 +804,7 @@ static void test_max_chats(void)
      * cache chain, no DB pass. */
     int64_t id = say(hub, watched, "hello");
     cs_event ev;
-    CHECK_EQ_I64(cs_sub_next(s, &ev), CS_EVENT);
+    CHECK_EQ_I64(next_msg(s, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, id);
     cs_hub_stats(hub, &st);
     CHECK_EQ_I64(st.db_passes, 0);
@@ -795,7 +816,7 @@ static void test_max_chats(void)
     cs_sub *t;
     CHECK_EQ_I64(cs_sub_open(hub, others[0], NULL, &t), CS_OK);
     int n = 0;
-    while (cs_sub_next(t, &ev) == CS_EVENT)
+    while (next_msg(t, &ev) == CS_EVENT)
         n++;
     CHECK_EQ_I64(n, 2);
     cs_sub_close(t);
@@ -832,7 +853,7 @@ static void test_evictions_keep_subscribed(void)
     for (int i = 0; i < NSUB; i++) {
         int64_t id = say(hub, subbed[i], "z"), last = -1;
         cs_event ev;
-        while (cs_sub_next(subs[i], &ev) == CS_EVENT)
+        while (next_msg(subs[i], &ev) == CS_EVENT)
             last = ev.id;
         ok &= last == id;
     }

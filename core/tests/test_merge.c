@@ -41,7 +41,8 @@ static cs_msg *commit(fakedb *db, int64_t id, int64_t prev)
 {
     char text[32];
     int n = snprintf(text, sizeof text, "msg %lld", (long long)id);
-    cs_msg *m = cs_msg_new(id, 1, prev, CS_ROLE_ASSISTANT, text, (size_t)n);
+    cs_msg *m =
+        cs_msg_new(id, 1, prev, CS_ROLE_ASSISTANT, text, (size_t)n, NULL);
     cs_msglist_push(&db->rows, m);
     return m;
 }

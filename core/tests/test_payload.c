@@ -159,19 +159,21 @@ static void test_roundtrip(void)
                                         "a:b:c", "1:m:4:5", " spaced \t"};
     for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) {
         cs_hint h = {.kind = CS_HINT_PART,
+                     .after = 7,
                      .text = parts[i],
                      .text_len = strlen(parts[i])};
         n = cs_payload_encode(&h, buf, sizeof buf);
-        CHECK_EQ_I64(n, 4 + (int64_t)strlen(parts[i]));
-        CHECK(strncmp(buf, "1:p:", 4) == 0);
+        CHECK_EQ_I64(n, 6 + (int64_t)strlen(parts[i]));
+        CHECK(strncmp(buf, "1:p:7:", 6) == 0);
         parse_exact(buf, (size_t)(n > 0 ? n : 0), &p);
         CHECK_EQ_I64(p.rc, CS_OK);
         CHECK_EQ_I64(p.h.kind, CS_HINT_PART);
+        CHECK_EQ_I64(p.h.after, 7);
         CHECK_EQ_MEM(p.h.text, p.h.text_len, parts[i]);
         CHECK(p.in_bounds);
     }
     /* the largest part that fits */
-    size_t big = CS_PAYLOAD_MAX - 4;
+    size_t big = CS_PAYLOAD_MAX - 6; /* "1:p:0:" */
     char *text = malloc(big + 1);
     memset(text, 'z', big);
     text[big] = '\0';
@@ -231,9 +233,12 @@ static void test_encode_errors(void)
     cs_hint p = {.kind = CS_HINT_PART, .text = NULL, .text_len = 0};
     CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), CS_EINVAL);
     p.text = "0123456789012345678901234567890123456789012345678901234567890";
-    p.text_len = strlen(p.text); /* 61 + 4 does not fit 64 */
+    p.text_len = 58; /* "1:p:0:" + 58 does not fit 64 */
     CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), CS_EINVAL);
-    p.text_len = 59; /* 63 fits */
+    p.after = -1;
+    p.text_len = 57;
+    CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), CS_EINVAL);
+    p.after = 0; /* 63 fits */
     CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), 63);
 
     cs_hint bad = {.kind = (cs_hint_kind)0};
@@ -372,13 +377,13 @@ static void test_reject(void)
     /* over CS_PAYLOAD_MAX: a part one byte too long */
     size_t n = CS_PAYLOAD_MAX + 1;
     char *big = malloc(n);
-    memcpy(big, "1:p:", 4);
-    memset(big + 4, 'y', n - 4);
+    memcpy(big, "1:p:0:", 6);
+    memset(big + 6, 'y', n - 6);
     parse_exact(big, n, &p);
     CHECK_EQ_I64(p.rc, CS_EPROTO);
     parse_exact(big, n - 1, &p); /* exactly the limit */
     CHECK_EQ_I64(p.rc, CS_OK);
-    CHECK_EQ_SIZE(p.h.text_len, CS_PAYLOAD_MAX - 4);
+    CHECK_EQ_SIZE(p.h.text_len, CS_PAYLOAD_MAX - 6);
     /* a message hint padded with leading zeros to over the limit */
     memcpy(big, "1:m:", 4);
     memset(big + 4, '0', n - 4);
@@ -394,13 +399,21 @@ static void test_reject(void)
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_I64(p.h.after, 0);
     CHECK_EQ_I64(p.h.id, 1);
-    parse_exact("1:p:", 4, &p);
+    parse_exact("1:p:0:", 6, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_I64(p.h.kind, CS_HINT_PART);
     CHECK_EQ_SIZE(p.h.text_len, 0);
-    parse_exact("1:p:a:b", 7, &p);
+    parse_exact("1:p:3:a:b", 9, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK_EQ_I64(p.h.after, 3);
     CHECK_EQ_MEM(p.h.text, p.h.text_len, "a:b");
+    /* a part without its after, or with a bad one */
+    parse_exact("1:p:", 4, &p);
+    CHECK_EQ_I64(p.rc, CS_EPROTO);
+    parse_exact("1:p:a:b", 7, &p);
+    CHECK_EQ_I64(p.rc, CS_EPROTO);
+    parse_exact("1:p:01:b", 8, &p);
+    CHECK_EQ_I64(p.rc, CS_EPROTO);
     parse_exact("1:s:0:waiting", 13, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_I64(p.h.version, 0);
@@ -442,7 +455,7 @@ static void test_truncation(void)
         "1:q",
         "1:s:7:running",
         "1:s:12:requires_action",
-        "1:p:hello",
+        "1:p:5:hello",
         "1:m:9223372036854775806:9223372036854775807",
     };
     /* how many strict prefixes are themselves valid payloads */
@@ -480,7 +493,7 @@ static void test_fuzz(void)
     static const char *const seeds[] = {
         "1:m:4:5",         "1:m:12:345",
         "1:s:3:paused",    "1:q",
-        "1:p:delta",       "1:m:9223372036854775806:9223372036854775807",
+        "1:p:4:delta",     "1:m:9223372036854775806:9223372036854775807",
         "1:s:0:completed",
     };
     check_rng rng = {0x5EED};

@@ -10,6 +10,7 @@ local M = {
 local OPEN_KEYS = {
   memory = true, dsn = true, schema = true, cache_size = true, queue_size = true,
   poll_interval = true, authorize = true, max_chats = true, query_timeout = true,
+  stale_after = true,
 }
 
 --- Opens a store.
@@ -50,6 +51,30 @@ function core.Store.stream(store, chat_id, opts, timeout)
   end
   local iter, state, control = sub:events(timeout)
   return iter, state, control, sub
+end
+
+--- One line describing an event, for logs and examples.
+function M.format_event(ev)
+  if ev.kind == "message" then
+    local extra = ""
+    if ev.tool_calls then
+      extra = " [calls " .. table.concat(ev.tool_calls, ", ") .. "]"
+    elseif ev.tool_call_id then
+      extra = " [answers " .. ev.tool_call_id .. "]"
+    end
+    return ("message #%d %s: %s%s"):format(ev.id, ev.role, ev.content, extra)
+  elseif ev.kind == "status" then
+    return ("status %s (version %d)"):format(ev.status, ev.version)
+  elseif ev.kind == "queue" then
+    local items = {}
+    for i, it in ipairs(ev.items) do
+      items[i] = ("#%d %q"):format(it.id, it.content)
+    end
+    return ("queue [%s]"):format(table.concat(items, ", "))
+  elseif ev.kind == "part" then
+    return ("part %q"):format(ev.text)
+  end
+  return "event " .. tostring(ev.kind)
 end
 
 return M

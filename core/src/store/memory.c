@@ -5,12 +5,45 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+/* A queued message: immutable once made, so a transaction's undo copy of
+ * the queue can share the items. */
+typedef struct mem_qitem {
+    int64_t id;
+    char *content, *actor;
+    size_t len;
+    double created_at;
+} mem_qitem;
+
+typedef struct mem_queue {
+    mem_qitem **items; /* queue order */
+    size_t n, cap;
+} mem_queue;
 
 typedef struct mem_chat {
     int64_t id;
     char *owner, *title;
     cs_msglist msgs; /* ascending ids (commit order = id order) */
+    cs_status status;
+    int64_t version;
+    char worker[CS_NAME_MAX + 1];
+    double heartbeat_at; /* wall clock seconds; 0: none */
+    mem_queue queue;
 } mem_chat;
+
+/* The open transaction of a database (the memory store runs one call at a
+ * time, so at most one is open): what rollback restores. */
+typedef struct mem_tx {
+    mem_chat *chat;
+    size_t nmsgs;
+    int64_t next_msg_id;
+    cs_status status;
+    int64_t version;
+    char worker[CS_NAME_MAX + 1];
+    double heartbeat_at;
+    mem_queue queue; /* a copy of the item pointers */
+} mem_tx;
 
 typedef struct mem_note {
     int64_t chat_id;
@@ -27,6 +60,8 @@ struct cs_memdb {
     size_t nchats, capchats;
     mem_conn *conns; /* every store opened on this database */
     int64_t fail_queries, drop_notifies;
+    int64_t next_queue_id;
+    mem_tx *tx; /* the open transaction, or NULL */
 };
 
 struct mem_conn {
@@ -45,8 +80,26 @@ int cs_memdb_open(cs_memdb **out)
         return CS_ENOMEM;
     db->refs = 1;
     db->next_msg_id = 1;
+    db->next_queue_id = 1;
     *out = db;
     return CS_OK;
+}
+
+static void qitem_free(mem_qitem *q)
+{
+    if (q) {
+        free(q->content);
+        free(q->actor);
+        free(q);
+    }
+}
+
+static bool queue_has(const mem_queue *q, const mem_qitem *it)
+{
+    for (size_t i = 0; i < q->n; i++)
+        if (q->items[i] == it)
+            return true;
+    return false;
 }
 
 static void memdb_unref(cs_memdb *db)
@@ -58,6 +111,9 @@ static void memdb_unref(cs_memdb *db)
         free(c->owner);
         free(c->title);
         cs_msglist_free(&c->msgs);
+        for (size_t k = 0; k < c->queue.n; k++)
+            qitem_free(c->queue.items[k]);
+        free(c->queue.items);
         free(c);
     }
     free(db->chats);
@@ -133,22 +189,148 @@ static int m_create_chat(void *st, const char *owner, const char *title,
     return CS_OK;
 }
 
-/* One transaction under the chat's lock: ids are taken here, so the chat's
- * commit order is its id order (invariant 1). All or nothing. */
-static int m_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
-                    cs_msglist *out)
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void row_of(const mem_chat *ch, cs_chat_row *row)
+{
+    memset(row, 0, sizeof *row);
+    row->id = ch->id;
+    row->version = ch->version;
+    row->status = ch->status;
+    row->last_message_id = ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0;
+    row->heartbeat_age =
+        ch->heartbeat_at > 0 ? wall_now() - ch->heartbeat_at : -1;
+    snprintf(row->owner, sizeof row->owner, "%s", ch->owner);
+    snprintf(row->title, sizeof row->title, "%s", ch->title);
+    snprintf(row->worker, sizeof row->worker, "%s", ch->worker);
+}
+
+/* The fault knob: the next n reads fail. */
+static bool injected_failure(mem_conn *c, int64_t chat_id)
+{
+    if (c->db->fail_queries <= 0)
+        return false;
+    c->db->fail_queries--;
+    fail(c, CS_EBACKEND, "injected query failure (chat %lld)", chat_id);
+    return true;
+}
+
+static int m_chat_get(void *st, int64_t chat_id, cs_chat_row *row)
+{
+    mem_conn *c = st;
+    if (injected_failure(c, chat_id))
+        return CS_EBACKEND;
+    mem_chat *ch = find_chat(c->db, chat_id);
+    if (!ch)
+        return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    row_of(ch, row);
+    return CS_OK;
+}
+
+/* The memory store runs one call at a time: the "lock" is that nothing else
+ * runs until tx_end; what tx_end(false) restores is saved here. */
+static int m_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
 {
     mem_conn *c = st;
     cs_memdb *db = c->db;
+    if (db->tx)
+        return fail(c, CS_EINVAL, "a transaction is open (chat %lld)",
+                    db->tx->chat->id);
     mem_chat *ch = find_chat(db, chat_id);
     if (!ch)
         return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    mem_tx *tx = calloc(1, sizeof *tx);
+    if (!tx)
+        return CS_ENOMEM;
+    if (ch->queue.n) {
+        tx->queue.items = malloc(ch->queue.n * sizeof *tx->queue.items);
+        if (!tx->queue.items) {
+            free(tx);
+            return CS_ENOMEM;
+        }
+        memcpy(tx->queue.items, ch->queue.items,
+               ch->queue.n * sizeof *tx->queue.items);
+        tx->queue.n = tx->queue.cap = ch->queue.n;
+    }
+    tx->chat = ch;
+    tx->nmsgs = ch->msgs.n;
+    tx->next_msg_id = db->next_msg_id;
+    tx->status = ch->status;
+    tx->version = ch->version;
+    memcpy(tx->worker, ch->worker, sizeof tx->worker);
+    tx->heartbeat_at = ch->heartbeat_at;
+    db->tx = tx;
+    row_of(ch, row);
+    return CS_OK;
+}
+
+static int m_tx_end(void *st, bool commit)
+{
+    mem_conn *c = st;
+    cs_memdb *db = c->db;
+    mem_tx *tx = db->tx;
+    if (!tx)
+        return fail(c, CS_EINVAL, "no transaction is open%.0lld", 0);
+    mem_chat *ch = tx->chat;
+    if (commit) {
+        /* Items deleted inside the transaction go now. */
+        for (size_t i = 0; i < tx->queue.n; i++)
+            if (!queue_has(&ch->queue, tx->queue.items[i]))
+                qitem_free(tx->queue.items[i]);
+    } else {
+        while (ch->msgs.n > tx->nmsgs)
+            cs_msg_unref(ch->msgs.items[--ch->msgs.n]);
+        db->next_msg_id = tx->next_msg_id;
+        ch->status = tx->status;
+        ch->version = tx->version;
+        memcpy(ch->worker, tx->worker, sizeof ch->worker);
+        ch->heartbeat_at = tx->heartbeat_at;
+        /* Items added inside the transaction go; the saved order returns. */
+        for (size_t i = 0; i < ch->queue.n; i++)
+            if (!queue_has(&tx->queue, ch->queue.items[i]))
+                qitem_free(ch->queue.items[i]);
+        free(ch->queue.items);
+        ch->queue = tx->queue;
+        tx->queue.items = NULL;
+    }
+    free(tx->queue.items);
+    free(tx);
+    db->tx = NULL;
+    return CS_OK;
+}
+
+/* Checks that the open transaction is on chat_id. */
+static mem_chat *tx_chat(mem_conn *c, int64_t chat_id)
+{
+    mem_tx *tx = c->db->tx;
+    if (!tx || tx->chat->id != chat_id) {
+        fail(c, CS_EINVAL, "no transaction is open on chat %lld", chat_id);
+        return NULL;
+    }
+    return tx->chat;
+}
+
+/* Ids are taken under the chat's transaction, so the chat's commit order is
+ * its id order (invariant 1). */
+static int m_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
+                       size_t n, cs_msglist *out)
+{
+    mem_conn *c = st;
+    cs_memdb *db = c->db;
+    mem_chat *ch = tx_chat(c, row->id);
+    if (!ch)
+        return CS_EINVAL;
     size_t base_out = out->n, base = ch->msgs.n;
     int64_t prev = base ? ch->msgs.items[base - 1]->id : 0;
     int64_t id = db->next_msg_id;
     for (size_t i = 0; i < n; i++, id++) {
-        cs_msg *m = cs_msg_new(id, chat_id, prev, msgs[i].role, msgs[i].content,
-                               msgs[i].content_len);
+        cs_msg *m = cs_msg_new(id, ch->id, prev, msgs[i].role, msgs[i].content,
+                               msgs[i].content_len, msgs[i].tool);
         if (!m || cs_msglist_push(&ch->msgs, m) < 0) {
             cs_msg_unref(m);
             goto oom;
@@ -160,6 +342,7 @@ static int m_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
         prev = id;
     }
     db->next_msg_id = id;
+    row->last_message_id = prev;
     return CS_OK;
 oom:
     while (ch->msgs.n > base)
@@ -169,16 +352,203 @@ oom:
     return CS_ENOMEM;
 }
 
+static int m_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, row->id);
+    if (!ch)
+        return CS_EINVAL;
+    ch->status = row->status;
+    ch->version = row->version;
+    snprintf(ch->worker, sizeof ch->worker, "%s", row->worker);
+    if (!ch->worker[0])
+        ch->heartbeat_at = 0;
+    else if (heartbeat)
+        ch->heartbeat_at = wall_now();
+    return CS_OK;
+}
+
+static int m_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, chat_id);
+    if (!ch)
+        return CS_EINVAL;
+    size_t i = ch->msgs.n;
+    while (i > 0 && ch->msgs.items[i - 1]->role != CS_ROLE_ASSISTANT)
+        i--;
+    if (i == 0)
+        return CS_OK;
+    size_t base = out->n;
+    for (i--; i < ch->msgs.n; i++) {
+        if (cs_msglist_push(out, cs_msg_ref(ch->msgs.items[i])) < 0) {
+            cs_msg_unref(ch->msgs.items[i]);
+            while (out->n > base)
+                cs_msg_unref(out->items[--out->n]);
+            return CS_ENOMEM;
+        }
+    }
+    return CS_OK;
+}
+
+static int m_queue_list(void *st, int64_t chat_id, cs_queue *out)
+{
+    mem_conn *c = st;
+    if (!c->db->tx && injected_failure(c, chat_id))
+        return CS_EBACKEND;
+    mem_chat *ch = find_chat(c->db, chat_id);
+    if (!ch)
+        return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    size_t base = out->n;
+    for (size_t i = 0; i < ch->queue.n; i++) {
+        mem_qitem *q = ch->queue.items[i];
+        if (cs_queue_push(out, q->id, q->content, q->len, q->actor,
+                          q->created_at) < 0) {
+            while (out->n > base) {
+                out->n--;
+                free(out->items[out->n].content);
+                free(out->items[out->n].actor);
+            }
+            return CS_ENOMEM;
+        }
+    }
+    return CS_OK;
+}
+
+static int m_tx_queue_add(void *st, int64_t chat_id, const char *actor,
+                          const char *content, size_t len, int64_t *qid)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, chat_id);
+    if (!ch)
+        return CS_EINVAL;
+    mem_queue *q = &ch->queue;
+    if (q->n == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 8;
+        mem_qitem **items = realloc(q->items, cap * sizeof *items);
+        if (!items)
+            return CS_ENOMEM;
+        q->items = items;
+        q->cap = cap;
+    }
+    mem_qitem *it = calloc(1, sizeof *it);
+    size_t alen = actor ? strlen(actor) : 0;
+    if (it) {
+        it->content = malloc(len + 1);
+        it->actor = malloc(alen + 1);
+    }
+    if (!it || !it->content || !it->actor) {
+        qitem_free(it);
+        return CS_ENOMEM;
+    }
+    if (len)
+        memcpy(it->content, content, len);
+    it->content[len] = '\0';
+    if (alen)
+        memcpy(it->actor, actor, alen);
+    it->actor[alen] = '\0';
+    it->len = len;
+    it->id = c->db->next_queue_id++;
+    it->created_at = wall_now();
+    q->items[q->n++] = it;
+    *qid = it->id;
+    return CS_OK;
+}
+
+static size_t queue_find(const mem_queue *q, int64_t qid)
+{
+    size_t i = 0;
+    while (i < q->n && q->items[i]->id != qid)
+        i++;
+    return i;
+}
+
+static int m_tx_queue_del(void *st, int64_t chat_id, int64_t qid)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, chat_id);
+    if (!ch)
+        return CS_EINVAL;
+    mem_queue *q = &ch->queue;
+    size_t i = queue_find(q, qid);
+    if (i == q->n)
+        return 0;
+    /* Not freed here: tx_end frees it on commit, or puts it back. */
+    memmove(q->items + i, q->items + i + 1, (q->n - i - 1) * sizeof *q->items);
+    q->n--;
+    return 1;
+}
+
+static int m_tx_queue_front(void *st, int64_t chat_id, int64_t qid)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, chat_id);
+    if (!ch)
+        return CS_EINVAL;
+    mem_queue *q = &ch->queue;
+    size_t i = queue_find(q, qid);
+    if (i == q->n)
+        return 0;
+    mem_qitem *it = q->items[i];
+    memmove(q->items + 1, q->items, i * sizeof *q->items);
+    q->items[0] = it;
+    return 1;
+}
+
+/* Oldest update first: the memory store orders by the chat's id, which is
+ * what a fresh database's updated_at order mostly is; callers must not
+ * depend on either. */
+static int m_acquire(void *st, const char *worker, size_t limit,
+                     double stale_after, cs_chat_row *rows, size_t *n)
+{
+    mem_conn *c = st;
+    cs_memdb *db = c->db;
+    double t = wall_now();
+    *n = 0;
+    for (size_t i = 0; i < db->nchats && *n < limit; i++) {
+        mem_chat *ch = db->chats[i];
+        bool stale =
+            ch->status == CS_STATUS_RUNNING && stale_after >= 0 &&
+            (ch->heartbeat_at <= 0 || t - ch->heartbeat_at > stale_after);
+        if (ch->status != CS_STATUS_PENDING && !stale)
+            continue;
+        ch->status = CS_STATUS_RUNNING;
+        ch->version++;
+        snprintf(ch->worker, sizeof ch->worker, "%s", worker);
+        ch->heartbeat_at = t;
+        row_of(ch, &rows[(*n)++]);
+    }
+    return CS_OK;
+}
+
+static int m_notify(void *st, int64_t chat_id, const char *payload, size_t len);
+
+static int m_notify_part(void *st, int64_t chat_id, const char *text,
+                         size_t len)
+{
+    mem_conn *c = st;
+    mem_chat *ch = find_chat(c->db, chat_id);
+    if (!ch)
+        return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    cs_hint h = {.kind = CS_HINT_PART, .text = text, .text_len = len};
+    h.after = ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0;
+    char *buf = malloc(CS_PAYLOAD_MAX + 1);
+    if (!buf)
+        return CS_ENOMEM;
+    int plen = cs_payload_encode(&h, buf, CS_PAYLOAD_MAX + 1);
+    int rc = plen < 0 ? fail(c, CS_EINVAL, "part too long (chat %lld)", chat_id)
+                      : m_notify(st, chat_id, buf, (size_t)plen);
+    free(buf);
+    return rc;
+}
+
 static int m_messages_after(void *st, int64_t chat_id, int64_t after,
                             cs_msglist *out)
 {
     mem_conn *c = st;
     cs_memdb *db = c->db;
-    if (db->fail_queries > 0) {
-        db->fail_queries--;
-        return fail(c, CS_EBACKEND, "injected query failure (chat %lld)",
-                    chat_id);
-    }
+    if (injected_failure(c, chat_id))
+        return CS_EBACKEND;
     mem_chat *ch = find_chat(db, chat_id);
     if (!ch)
         return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
@@ -321,7 +691,18 @@ static int64_t m_reconnects(void *st)
 static const cs_store_ops memory_ops = {
     .name = "memory",
     .create_chat = m_create_chat,
-    .commit = m_commit,
+    .chat_get = m_chat_get,
+    .tx_begin = m_tx_begin,
+    .tx_end = m_tx_end,
+    .tx_insert = m_tx_insert,
+    .tx_update = m_tx_update,
+    .tx_tail = m_tx_tail,
+    .queue_list = m_queue_list,
+    .tx_queue_add = m_tx_queue_add,
+    .tx_queue_del = m_tx_queue_del,
+    .tx_queue_front = m_tx_queue_front,
+    .acquire = m_acquire,
+    .notify_part = m_notify_part,
     .messages_after = m_messages_after,
     .listen = m_listen,
     .unlisten = m_unlisten,

@@ -16,7 +16,7 @@
 #define CONNECT_TIMEOUT "5" /* seconds, unless the DSN sets its own */
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
-#define SQL_MAX 1024
+#define SQL_MAX 2048
 
 typedef struct pg_store {
     char *dsn;
@@ -34,6 +34,9 @@ typedef struct pg_store {
     bool resync_pending;    /* the listener came back: tell the hub */
     double retry_at, backoff;
     int64_t reconnects;
+    /* The chat whose transaction (tx_begin .. tx_end) is open on q. */
+    bool in_tx;
+    int64_t tx_chat;
     char err[512];
 } pg_store;
 
@@ -364,6 +367,16 @@ static const char *const migrations[] = {
     " created_at timestamptz NOT NULL DEFAULT now());"
     "CREATE INDEX queued_messages_chat ON %1$s.queued_messages"
     " (chat_id, created_at, id);",
+    /* 2: tool call IDs, the queue's own order, the acquire index */
+    "ALTER TABLE %1$s.messages ADD COLUMN tool text NOT NULL DEFAULT '';"
+    "ALTER TABLE %1$s.queued_messages"
+    " ADD COLUMN position bigint NOT NULL DEFAULT 0;"
+    "UPDATE %1$s.queued_messages SET position = id;"
+    "CREATE INDEX queued_messages_position ON %1$s.queued_messages"
+    " (chat_id, position, id);"
+    "DROP INDEX %1$s.queued_messages_chat;"
+    "CREATE INDEX chats_acquire ON %1$s.chats (updated_at, id)"
+    " WHERE status IN ('pending', 'running');",
 };
 
 static int p_migrate(void *st)
@@ -452,53 +465,224 @@ static int p_create_chat(void *st, const char *owner, const char *title,
     return rc;
 }
 
-/* One transaction: the chat row is locked first (invariant 1), so ids taken
- * inside it follow the chat's commit order; prev_id chains them. */
-static int p_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
+/* An integer column as a number of microseconds, in seconds (integers: no
+ * locale-dependent decimal point on either side). */
+static bool col_usec(PGresult *r, int row, int col, double *out)
+{
+    if (PQgetisnull(r, row, col))
+        return false;
+    const char *v = PQgetvalue(r, row, col);
+    char *end;
+    errno = 0;
+    long long us = strtoll(v, &end, 10);
+    if (end == v || *end || errno)
+        return false;
+    *out = (double)us / 1e6;
+    return true;
+}
+
+/* The columns every chat row is read with: id, owner, title, status,
+ * version, worker, heartbeat age (microseconds, NULL: none),
+ * last_message_id. clock_timestamp(), not now(): a transaction that waited
+ * for the row lock must not see a heartbeat written after its own start as
+ * negative (a negative age would read as "no heartbeat"). */
+#define CHAT_COLS                                                              \
+    "id, owner, title, status, version, coalesce(worker_id, ''), "             \
+    "(extract(epoch FROM clock_timestamp() - heartbeat_at) * 1000000)"         \
+    "::bigint, last_message_id"
+
+static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row)
+{
+    memset(row, 0, sizeof *row);
+    const char *status = PQgetvalue(r, i, 3);
+    int st = cs_status_parse(status, strlen(status));
+    if (!col_id(r, i, 0, &row->id) || !col_id(r, i, 4, &row->version) ||
+        !col_id(r, i, 7, &row->last_message_id) || st < 0 ||
+        PQgetisnull(r, i, 1) || PQgetisnull(r, i, 2) || PQgetisnull(r, i, 5))
+        return fail(s, CS_EBACKEND, "bad chat row", NULL);
+    row->status = (cs_status)st;
+    if (PQgetisnull(r, i, 6))
+        row->heartbeat_age = -1;
+    else if (!col_usec(r, i, 6, &row->heartbeat_age))
+        return fail(s, CS_EBACKEND, "bad chat row", NULL);
+    else if (row->heartbeat_age < 0)
+        row->heartbeat_age = 0; /* the server's clock stepped back */
+    snprintf(row->owner, sizeof row->owner, "%s", PQgetvalue(r, i, 1));
+    snprintf(row->title, sizeof row->title, "%s", PQgetvalue(r, i, 2));
+    snprintf(row->worker, sizeof row->worker, "%s", PQgetvalue(r, i, 5));
+    return CS_OK;
+}
+
+static int no_chat(pg_store *s, int64_t chat_id)
+{
+    snprintf(s->err, sizeof s->err, "no chat %" PRId64, chat_id);
+    return CS_ENOTFOUND;
+}
+
+/* A message row (columns from col: id, prev_id, role, content, tool) pushed
+ * to out. */
+static int push_msg(pg_store *s, PGresult *r, int i, int col, int64_t chat_id,
                     cs_msglist *out)
 {
+    int64_t id, prev;
+    const char *role = PQgetvalue(r, i, col + 2);
+    int ro = cs_role_parse(role, strlen(role));
+    if (!col_id(r, i, col, &id) || !col_id(r, i, col + 1, &prev) || ro < 0 ||
+        PQgetisnull(r, i, col + 3))
+        return fail(s, CS_EBACKEND, "bad message row", NULL);
+    cs_msg *m = cs_msg_new(
+        id, chat_id, prev, (cs_role)ro, PQgetvalue(r, i, col + 3),
+        (size_t)PQgetlength(r, i, col + 3), PQgetvalue(r, i, col + 4));
+    if (!m || cs_msglist_push(out, m) < 0) {
+        cs_msg_unref(m);
+        return CS_ENOMEM;
+    }
+    return CS_OK;
+}
+
+static void unpush_msgs(cs_msglist *out, size_t base)
+{
+    while (out->n > base)
+        cs_msg_unref(out->items[--out->n]);
+}
+
+/* Checks that the open transaction is on chat_id and still there: a
+ * statement on a connection reset since tx_begin would run outside it. */
+static int tx_check(pg_store *s, int64_t chat_id)
+{
+    if (!s->in_tx || s->tx_chat != chat_id) {
+        snprintf(s->err, sizeof s->err,
+                 "no transaction is open on chat %" PRId64, chat_id);
+        return CS_EINVAL;
+    }
+    PGconn *c = s->q;
+    if (!c || PQstatus(c) != CONNECTION_OK)
+        return conn_fail(s, c, "transaction lost");
+    if (PQtransactionStatus(c) == PQTRANS_IDLE)
+        return fail(s, CS_EBACKEND,
+                    "transaction lost (the connection was reset)", NULL);
+    return CS_OK;
+}
+
+/* 1 when the command changed one row, else 0. */
+static int one_row(PGresult *r)
+{
+    return strcmp(PQcmdTuples(r), "1") == 0 ? 1 : 0;
+}
+
+static int p_chat_get(void *st, int64_t chat_id, cs_chat_row *row)
+{
     pg_store *s = st;
-    PGconn *c = qconn(s);
-    if (!c)
-        return CS_EBACKEND;
-    char sql[SQL_MAX], chat[24], prev[24], last[24];
-    size_t base = out->n;
-    int rc = exec_retry(s, "BEGIN", 0, NULL);
-    c = s->q;
-    int64_t prev_id = 0;
+    char sql[SQL_MAX], chat[24];
+    snprintf(sql, sizeof sql,
+             "SELECT " CHAT_COLS " FROM %1$s.chats WHERE id = $1", s->schema);
     i64s(chat, chat_id);
+    const char *vals[1] = {chat};
+    PGresult *r = run_retry(s, sql, 1, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int rc = PQntuples(r) == 1 ? chat_row(s, r, 0, row) : no_chat(s, chat_id);
+    PQclear(r);
+    return rc;
+}
+
+/* Every write to a chat runs in a transaction that locks its row first
+ * (invariant 1): ids taken inside it follow the chat's commit order. */
+static int p_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
+{
+    pg_store *s = st;
+    if (s->in_tx) {
+        snprintf(s->err, sizeof s->err,
+                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
+        return CS_EINVAL;
+    }
+    char sql[SQL_MAX], chat[24];
+    snprintf(sql, sizeof sql,
+             "SELECT " CHAT_COLS " FROM %1$s.chats WHERE id = $1 FOR UPDATE",
+             s->schema);
+    i64s(chat, chat_id);
+    const char *vals[1] = {chat};
+    int rc = exec_retry(s, "BEGIN", 0, NULL);
     if (rc == CS_OK) {
-        snprintf(sql, sizeof sql,
-                 "SELECT last_message_id FROM %s.chats WHERE id = $1 "
-                 "FOR UPDATE",
-                 s->schema);
-        const char *vals[1] = {chat};
-        PGresult *r = run(s, c, sql, 1, vals);
+        PGresult *r = run(s, s->q, sql, 1, vals);
         if (!r)
             rc = CS_EBACKEND;
-        else if (PQntuples(r) != 1 || !col_id(r, 0, 0, &prev_id)) {
-            snprintf(s->err, sizeof s->err, "no chat %" PRId64, chat_id);
-            rc = CS_ENOTFOUND;
-        }
+        else if (PQntuples(r) != 1)
+            rc = no_chat(s, chat_id);
+        else
+            rc = chat_row(s, r, 0, row);
         PQclear(r);
     }
+    if (rc < 0) {
+        rollback(s);
+        return rc;
+    }
+    s->in_tx = true;
+    s->tx_chat = chat_id;
+    return CS_OK;
+}
+
+static int p_tx_end(void *st, bool commit)
+{
+    pg_store *s = st;
+    if (!s->in_tx) {
+        rollback(s);
+        return fail(s, CS_EINVAL, "no transaction is open", NULL);
+    }
+    /* Not a COMMIT on a connection reset since BEGIN: it would "succeed",
+     * and not on an aborted transaction: it would roll back and say OK. */
+    int rc = commit ? tx_check(s, s->tx_chat) : CS_OK;
+    s->in_tx = false;
+    s->tx_chat = 0;
+    if (!commit) {
+        rollback(s);
+        return CS_OK;
+    }
+    if (rc == CS_OK && PQtransactionStatus(s->q) != PQTRANS_INTRANS)
+        rc = fail(s, CS_EBACKEND, "transaction aborted, rolled back", NULL);
+    if (rc == CS_OK) {
+        PGresult *r = run(s, s->q, "COMMIT", 0, NULL);
+        if (!r)
+            rc = CS_EBACKEND;
+        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
+            rc = fail(s, CS_EBACKEND, "transaction rolled back", NULL);
+        PQclear(r);
+    }
+    if (rc < 0)
+        rollback(s);
+    return rc;
+}
+
+static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
+                       size_t n, cs_msglist *out)
+{
+    pg_store *s = st;
+    int rc = tx_check(s, row->id);
+    if (rc < 0 || n == 0)
+        return rc;
+    char sql[SQL_MAX], chat[24], prev[24], last[24];
+    size_t base = out->n;
+    int64_t prev_id = row->last_message_id;
+    i64s(chat, row->id);
     snprintf(sql, sizeof sql,
-             "INSERT INTO %s.messages (chat_id, role, content, prev_id) "
-             "VALUES ($1, $2, $3, $4) RETURNING id",
+             "INSERT INTO %1$s.messages (chat_id, role, content, prev_id, tool)"
+             " VALUES ($1, $2, $3, $4, $5) RETURNING id",
              s->schema);
     for (size_t i = 0; rc == CS_OK && i < n; i++) {
         i64s(prev, prev_id);
-        const char *vals[4] = {chat, cs_role_name(msgs[i].role),
-                               msgs[i].content, prev};
-        PGresult *r = run(s, c, sql, 4, vals);
+        const char *content = msgs[i].content ? msgs[i].content : "";
+        const char *tool = msgs[i].tool ? msgs[i].tool : "";
+        const char *vals[5] = {chat, cs_role_name(msgs[i].role), content, prev,
+                               tool};
+        PGresult *r = run(s, s->q, sql, 5, vals);
         int64_t id;
         if (!r) {
             rc = CS_EBACKEND;
         } else if (PQntuples(r) != 1 || !col_id(r, 0, 0, &id)) {
             rc = fail(s, CS_EBACKEND, "bad message id returned", NULL);
         } else {
-            cs_msg *m = cs_msg_new(id, chat_id, prev_id, msgs[i].role,
-                                   msgs[i].content, msgs[i].content_len);
+            cs_msg *m = cs_msg_new(id, row->id, prev_id, msgs[i].role, content,
+                                   msgs[i].content_len, tool);
             if (!m || cs_msglist_push(out, m) < 0) {
                 cs_msg_unref(m);
                 rc = CS_ENOMEM;
@@ -509,21 +693,257 @@ static int p_commit(void *st, int64_t chat_id, const cs_msg_in *msgs, size_t n,
     }
     if (rc == CS_OK) {
         snprintf(sql, sizeof sql,
-                 "UPDATE %s.chats SET last_message_id = $2, updated_at = now() "
-                 "WHERE id = $1",
+                 "UPDATE %1$s.chats SET last_message_id = $2, "
+                 "updated_at = now() WHERE id = $1",
                  s->schema);
         i64s(last, prev_id);
         const char *vals[2] = {chat, last};
-        rc = exec(s, c, sql, 2, vals);
+        rc = exec(s, s->q, sql, 2, vals);
+    }
+    if (rc < 0) {
+        unpush_msgs(out, base); /* the caller rolls back */
+        return rc;
+    }
+    row->last_message_id = prev_id;
+    return CS_OK;
+}
+
+static int p_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
+{
+    pg_store *s = st;
+    int rc = tx_check(s, row->id);
+    if (rc < 0)
+        return rc;
+    char sql[SQL_MAX], chat[24], version[24];
+    snprintf(sql, sizeof sql,
+             "UPDATE %1$s.chats SET status = $2::text, version = $3::bigint, "
+             "worker_id = nullif($4::text, ''), "
+             "heartbeat_at = CASE WHEN $4::text = '' THEN NULL "
+             "WHEN $5::boolean THEN now() ELSE heartbeat_at END, "
+             "updated_at = now() WHERE id = $1::bigint",
+             s->schema);
+    i64s(chat, row->id);
+    i64s(version, row->version);
+    const char *vals[5] = {chat, cs_status_name(row->status), version,
+                           row->worker, heartbeat ? "t" : "f"};
+    PGresult *r = run(s, s->q, sql, 5, vals);
+    if (!r)
+        return CS_EBACKEND;
+    rc = one_row(r) ? CS_OK : no_chat(s, row->id);
+    PQclear(r);
+    return rc;
+}
+
+static int p_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
+{
+    pg_store *s = st;
+    int rc = tx_check(s, chat_id);
+    if (rc < 0)
+        return rc;
+    char sql[SQL_MAX], chat[24];
+    snprintf(sql, sizeof sql,
+             "SELECT id, prev_id, role, content, tool FROM %1$s.messages "
+             "WHERE chat_id = $1 AND id >= (SELECT max(id) FROM %1$s.messages "
+             "WHERE chat_id = $1 AND role = 'assistant') ORDER BY id",
+             s->schema);
+    i64s(chat, chat_id);
+    const char *vals[1] = {chat};
+    PGresult *r = run(s, s->q, sql, 1, vals);
+    if (!r)
+        return CS_EBACKEND;
+    size_t base = out->n;
+    int rows = PQntuples(r);
+    for (int i = 0; rc == CS_OK && i < rows; i++)
+        rc = push_msg(s, r, i, 0, chat_id, out);
+    PQclear(r);
+    if (rc < 0)
+        unpush_msgs(out, base);
+    return rc;
+}
+
+static void unpush_queue(cs_queue *q, size_t base)
+{
+    while (q->n > base) {
+        q->n--;
+        free(q->items[q->n].content);
+        free(q->items[q->n].actor);
+    }
+}
+
+/* The LEFT JOIN tells an empty queue (one NULL row) from a missing chat (no
+ * row). Inside a transaction on the transaction's connection, as it is. */
+static int p_queue_list(void *st, int64_t chat_id, cs_queue *out)
+{
+    pg_store *s = st;
+    char sql[SQL_MAX], chat[24];
+    snprintf(sql, sizeof sql,
+             "SELECT q.id, q.content, coalesce(q.actor, ''), "
+             "(extract(epoch FROM q.created_at) * 1000000)::bigint "
+             "FROM %1$s.chats c LEFT JOIN %1$s.queued_messages q "
+             "ON q.chat_id = c.id WHERE c.id = $1 ORDER BY q.position, q.id",
+             s->schema);
+    i64s(chat, chat_id);
+    const char *vals[1] = {chat};
+    PGresult *r;
+    if (s->in_tx || (s->q && PQstatus(s->q) == CONNECTION_OK &&
+                     PQtransactionStatus(s->q) != PQTRANS_IDLE)) {
+        int rc = s->in_tx ? tx_check(s, s->tx_chat) : CS_OK;
+        if (rc < 0)
+            return rc;
+        r = run(s, s->q, sql, 1, vals);
+    } else {
+        r = run_retry(s, sql, 1, vals);
+    }
+    if (!r)
+        return CS_EBACKEND;
+    int rows = PQntuples(r), rc = rows == 0 ? no_chat(s, chat_id) : CS_OK;
+    size_t base = out->n;
+    for (int i = 0; rc == CS_OK && i < rows; i++) {
+        int64_t id;
+        double created;
+        if (PQgetisnull(r, i, 0))
+            continue; /* the chat exists, its queue is empty */
+        if (!col_id(r, i, 0, &id) || !col_usec(r, i, 3, &created)) {
+            rc = fail(s, CS_EBACKEND, "bad queue row", NULL);
+            break;
+        }
+        rc = cs_queue_push(out, id, PQgetvalue(r, i, 1),
+                           (size_t)PQgetlength(r, i, 1), PQgetvalue(r, i, 2),
+                           created);
+    }
+    PQclear(r);
+    if (rc < 0)
+        unpush_queue(out, base);
+    return rc;
+}
+
+static int p_tx_queue_add(void *st, int64_t chat_id, const char *actor,
+                          const char *content, size_t len, int64_t *qid)
+{
+    pg_store *s = st;
+    (void)len; /* content is NUL-terminated */
+    int rc = tx_check(s, chat_id);
+    if (rc < 0)
+        return rc;
+    char sql[SQL_MAX], chat[24];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %1$s.queued_messages "
+             "(chat_id, content, actor, position) "
+             "VALUES ($1::bigint, $2::text, nullif($3::text, ''), "
+             "(SELECT coalesce(max(position), 0) + 1 FROM %1$s.queued_messages "
+             "WHERE chat_id = $1::bigint)) RETURNING id",
+             s->schema);
+    i64s(chat, chat_id);
+    const char *vals[3] = {chat, content ? content : "", actor ? actor : ""};
+    PGresult *r = run(s, s->q, sql, 3, vals);
+    if (!r)
+        return CS_EBACKEND;
+    if (PQntuples(r) != 1 || !col_id(r, 0, 0, qid))
+        rc = fail(s, CS_EBACKEND, "bad queue id returned", NULL);
+    PQclear(r);
+    return rc;
+}
+
+/* A queue statement on one item of the chat: 1 if it changed the item, 0 if
+ * the chat has no such item. */
+static int queue_item_cmd(pg_store *s, const char *fmt, int64_t chat_id,
+                          int64_t qid)
+{
+    int rc = tx_check(s, chat_id);
+    if (rc < 0)
+        return rc;
+    char sql[SQL_MAX], chat[24], item[24];
+    snprintf(sql, sizeof sql, fmt, s->schema);
+    i64s(chat, chat_id);
+    i64s(item, qid);
+    const char *vals[2] = {chat, item};
+    PGresult *r = run(s, s->q, sql, 2, vals);
+    if (!r)
+        return CS_EBACKEND;
+    rc = one_row(r);
+    PQclear(r);
+    return rc;
+}
+
+static int p_tx_queue_del(void *st, int64_t chat_id, int64_t qid)
+{
+    return queue_item_cmd(st,
+                          "DELETE FROM %1$s.queued_messages "
+                          "WHERE id = $2 AND chat_id = $1",
+                          chat_id, qid);
+}
+
+static int p_tx_queue_front(void *st, int64_t chat_id, int64_t qid)
+{
+    return queue_item_cmd(st,
+                          "UPDATE %1$s.queued_messages SET position = "
+                          "(SELECT min(position) - 1 FROM %1$s.queued_messages "
+                          "WHERE chat_id = $1) WHERE id = $2 AND chat_id = $1",
+                          chat_id, qid);
+}
+
+/* Its own transaction. Rows another transaction holds (a chat being written,
+ * another worker's acquire) are skipped, not waited for. The rows come back
+ * in the order they were picked: by the update time before this one. */
+static int p_acquire(void *st, const char *worker, size_t limit,
+                     double stale_after, cs_chat_row *rows, size_t *n)
+{
+    pg_store *s = st;
+    *n = 0;
+    if (limit == 0)
+        return CS_OK;
+    if (s->in_tx) {
+        snprintf(s->err, sizeof s->err,
+                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
+        return CS_EINVAL;
+    }
+    /* In whole microseconds (no decimal point to localise); beyond about 31
+     * years nothing is that stale anyway. */
+    int64_t stale_us = !(stale_after >= 0) ? -1
+                       : stale_after > 1e9 ? (int64_t)1e15
+                                           : (int64_t)(stale_after * 1e6);
+    char sql[SQL_MAX], lim[24], stale[24];
+    snprintf(
+        sql, sizeof sql,
+        "WITH p AS (SELECT id, updated_at FROM %1$s.chats "
+        "WHERE status = 'pending' OR (status = 'running' AND $3::bigint >= 0 "
+        "AND (heartbeat_at IS NULL OR heartbeat_at < now() - $3::bigint * "
+        "interval '1 microsecond')) "
+        "ORDER BY updated_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED), "
+        "u AS (UPDATE %1$s.chats c SET status = 'running', "
+        "worker_id = $1::text, heartbeat_at = now(), version = c.version + 1, "
+        "updated_at = now() FROM p WHERE c.id = p.id "
+        "RETURNING c.id, c.owner, c.title, c.status, c.version, c.worker_id, "
+        "c.last_message_id, p.updated_at AS picked) "
+        "SELECT id, owner, title, status, version, worker_id, 0::bigint, "
+        "last_message_id FROM u ORDER BY picked, id",
+        s->schema);
+    i64s(lim, (int64_t)limit);
+    i64s(stale, stale_us);
+    const char *vals[3] = {worker ? worker : "", lim, stale};
+    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    size_t got = 0;
+    if (rc == CS_OK) {
+        PGresult *r = run(s, s->q, sql, 3, vals);
+        if (!r) {
+            rc = CS_EBACKEND;
+        } else if ((size_t)PQntuples(r) > limit) {
+            rc = fail(s, CS_EBACKEND, "too many chats acquired", NULL);
+        } else {
+            got = (size_t)PQntuples(r);
+            for (size_t i = 0; rc == CS_OK && i < got; i++)
+                rc = chat_row(s, r, (int)i, &rows[i]);
+        }
+        PQclear(r);
     }
     if (rc == CS_OK)
-        rc = exec(s, c, "COMMIT", 0, NULL);
+        rc = exec(s, s->q, "COMMIT", 0, NULL);
     if (rc < 0) {
         rollback(s);
-        while (out->n > base)
-            cs_msg_unref(out->items[--out->n]);
+        return rc;
     }
-    return rc;
+    *n = got;
+    return CS_OK;
 }
 
 static int p_messages_after(void *st, int64_t chat_id, int64_t after,
@@ -537,44 +957,27 @@ static int p_messages_after(void *st, int64_t chat_id, int64_t after,
     /* The LEFT JOIN tells a chat with no new messages (one NULL row) from a
      * missing chat (no row) in one round trip. */
     snprintf(sql, sizeof sql,
-             "SELECT m.id, m.prev_id, m.role, m.content FROM %s.chats c "
-             "LEFT JOIN %s.messages m ON m.chat_id = c.id AND m.id > $2 "
+             "SELECT m.id, m.prev_id, m.role, m.content, m.tool "
+             "FROM %1$s.chats c "
+             "LEFT JOIN %1$s.messages m ON m.chat_id = c.id AND m.id > $2 "
              "WHERE c.id = $1 ORDER BY m.id",
-             s->schema, s->schema);
+             s->schema);
     i64s(chat, chat_id);
     i64s(aft, after);
     const char *vals[2] = {chat, aft};
     PGresult *r = run_retry(s, sql, 2, vals);
     if (!r)
         return CS_EBACKEND;
-    int rows = PQntuples(r), rc = CS_OK;
-    if (rows == 0) {
-        snprintf(s->err, sizeof s->err, "no chat %" PRId64, chat_id);
-        rc = CS_ENOTFOUND;
-    }
+    int rows = PQntuples(r), rc = rows == 0 ? no_chat(s, chat_id) : CS_OK;
     size_t base = out->n;
     for (int i = 0; rc == CS_OK && i < rows; i++) {
-        int64_t id, prev;
         if (PQgetisnull(r, i, 0))
             continue; /* the chat exists, no message after */
-        const char *role = PQgetvalue(r, i, 2);
-        int ro = cs_role_parse(role, strlen(role));
-        if (!col_id(r, i, 0, &id) || !col_id(r, i, 1, &prev) || ro < 0) {
-            rc = fail(s, CS_EBACKEND, "bad message row", NULL);
-            break;
-        }
-        cs_msg *m =
-            cs_msg_new(id, chat_id, prev, (cs_role)ro, PQgetvalue(r, i, 3),
-                       (size_t)PQgetlength(r, i, 3));
-        if (!m || cs_msglist_push(out, m) < 0) {
-            cs_msg_unref(m);
-            rc = CS_ENOMEM;
-        }
+        rc = push_msg(s, r, i, 0, chat_id, out);
     }
     PQclear(r);
     if (rc < 0)
-        while (out->n > base)
-            cs_msg_unref(out->items[--out->n]);
+        unpush_msgs(out, base);
     return rc;
 }
 
@@ -593,6 +996,35 @@ static int p_notify(void *st, int64_t chat_id, const char *payload, size_t len)
     channel_of(s, chat_id, channel, sizeof channel);
     const char *vals[2] = {channel, payload};
     return exec_retry(s, "SELECT pg_notify($1, $2)", 2, vals);
+}
+
+/* "1:p:<last_message_id>:" takes at most 4 + 19 + 1 bytes. */
+#define PART_HEAD 24
+
+/* The chat's last message ID is read in the same statement that notifies. */
+static int p_notify_part(void *st, int64_t chat_id, const char *text,
+                         size_t len)
+{
+    pg_store *s = st;
+    if (len > CS_PAYLOAD_MAX - PART_HEAD) {
+        snprintf(s->err, sizeof s->err, "part too long (chat %" PRId64 ")",
+                 chat_id);
+        return CS_EINVAL;
+    }
+    char sql[SQL_MAX], channel[128], chat[24];
+    snprintf(sql, sizeof sql,
+             "SELECT pg_notify($1, '1:p:' || last_message_id || ':' || "
+             "$2::text) FROM %1$s.chats WHERE id = $3",
+             s->schema);
+    channel_of(s, chat_id, channel, sizeof channel);
+    i64s(chat, chat_id);
+    const char *vals[3] = {channel, text ? text : "", chat};
+    PGresult *r = run_retry(s, sql, 3, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int rc = PQntuples(r) == 1 ? CS_OK : no_chat(s, chat_id);
+    PQclear(r);
+    return rc;
 }
 
 /* LISTEN or UNLISTEN on the listener; the channel is an identifier built
@@ -842,7 +1274,18 @@ static const cs_store_ops pg_ops = {
     .name = "postgresql",
     .remote = true,
     .create_chat = p_create_chat,
-    .commit = p_commit,
+    .chat_get = p_chat_get,
+    .tx_begin = p_tx_begin,
+    .tx_end = p_tx_end,
+    .tx_insert = p_tx_insert,
+    .tx_update = p_tx_update,
+    .tx_tail = p_tx_tail,
+    .queue_list = p_queue_list,
+    .tx_queue_add = p_tx_queue_add,
+    .tx_queue_del = p_tx_queue_del,
+    .tx_queue_front = p_tx_queue_front,
+    .acquire = p_acquire,
+    .notify_part = p_notify_part,
     .messages_after = p_messages_after,
     .listen = p_listen,
     .unlisten = p_unlisten,

@@ -1,0 +1,540 @@
+/* lifecycle.c - the chat lifecycle on top of the stream: status, queue,
+ * promote, workers, parts, and the actor check in front of all of them.
+ *
+ * Every write runs as the transaction of a publish (chat.c): the chat row
+ * is locked first, the messages it inserts are published after the commit
+ * (cache, then notification), and its status and queue hints follow them. */
+#include "hub.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static bool idle(cs_status s)
+{
+    return s == CS_STATUS_WAITING || s == CS_STATUS_COMPLETED ||
+           s == CS_STATUS_ERROR;
+}
+
+static int check_name(cs_hub *hub, const char *name, const char *what)
+{
+    if (!name || !*name || strlen(name) > CS_NAME_MAX) {
+        char buf[96];
+        snprintf(buf, sizeof buf, "%s must be 1 to %d bytes", what,
+                 CS_NAME_MAX);
+        return cs_hub_fail(hub, CS_EINVAL, buf);
+    }
+    return CS_OK;
+}
+
+/* A status change: version + 1 in the same transaction, hint after. */
+static int set_status(cs_publish *p, cs_chat_row *row, cs_status st,
+                      const char *worker, bool heartbeat)
+{
+    cs_hub *hub = p->hub;
+    row->status = st;
+    row->version++;
+    if (worker != row->worker)
+        snprintf(row->worker, sizeof row->worker, "%s", worker ? worker : "");
+    int rc = hub->store.ops->tx_update(hub->store.st, row, heartbeat);
+    if (rc < 0)
+        return rc;
+    p->extras.status = true;
+    p->extras.version = row->version;
+    p->extras.st = st;
+    return CS_OK;
+}
+
+/* ---- the actor check ------------------------------------------------------
+ */
+
+int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
+                     const char *op)
+{
+    if (!actor)
+        return CS_OK; /* trusted code */
+    int rc = check_name(hub, actor, "actor");
+    if (rc < 0)
+        return rc;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    hub->stats.auth_checks++;
+    cs_chat_info *row = malloc(sizeof *row);
+    if (!row)
+        return CS_ENOMEM;
+    /* The chat's metadata only: nothing of its messages, status or queue is
+     * read before the answer. */
+    rc = hub->store.ops->chat_get(hub->store.st, chat_id, row);
+    if (rc < 0) {
+        free(row);
+        return cs_hub_fail(hub, rc, NULL);
+    }
+    char why[256] = "";
+    int ok;
+    if (hub->auth.fn) {
+        ok = hub->auth.fn(hub->auth.ud, actor, row, op, why, sizeof why);
+    } else {
+        ok = strcmp(actor, row->owner) == 0;
+        if (!ok)
+            snprintf(why, sizeof why, "not the owner of the chat");
+    }
+    free(row);
+    if (ok < 0)
+        return ok == CS_EAUTH
+                   ? cs_hub_fail(hub, ok, "refused by the authorizer")
+                   : ok;
+    if (ok == 0) {
+        char buf[512];
+        hub->stats.auth_refusals++;
+        snprintf(buf, sizeof buf, "%.*s may not %s (chat %lld)%s%s", 200, actor,
+                 op, (long long)chat_id, why[0] ? ": " : "", why);
+        return cs_hub_fail(hub, CS_EAUTH, buf);
+    }
+    return CS_OK;
+}
+
+int cs_hub_chat_info(cs_hub *hub, int64_t chat_id, const char *actor,
+                     cs_chat_info *out)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    int rc = cs_hub_authorize(hub, chat_id, actor, "chat");
+    if (rc < 0)
+        return rc;
+    rc = hub->store.ops->chat_get(hub->store.st, chat_id, out);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
+}
+
+/* Runs a publish of `run` to the end: commit, then cache and notify. */
+static int run_publish(cs_hub *hub, int64_t chat_id, pub_run_fn run, void *arg)
+{
+    cs_publish *p;
+    int rc = cs_pub_new(hub, chat_id, run, arg, &p);
+    if (rc < 0)
+        return rc;
+    rc = cs_pub_commit(p, NULL, NULL);
+    if (rc == CS_OK)
+        cs_pub_publish_all(p);
+    cs_pub_close(p);
+    return rc;
+}
+
+/* ---- send ---------------------------------------------------------------- */
+
+typedef struct send_arg {
+    const char *actor, *content;
+    size_t len;
+    int64_t id;
+    int queued;
+} send_arg;
+
+static int run_send(cs_publish *p, cs_chat_row *row)
+{
+    send_arg *a = p->arg;
+    cs_hub *hub = p->hub;
+    const cs_store_ops *ops = hub->store.ops;
+    if (idle(row->status)) {
+        cs_msg_in m = {CS_ROLE_USER, a->content, a->len, NULL};
+        int rc = ops->tx_insert(hub->store.st, row, &m, 1, &p->committed);
+        if (rc < 0)
+            return rc;
+        a->id = p->committed.items[0]->id;
+        a->queued = 0;
+        return set_status(p, row, CS_STATUS_PENDING, NULL, false);
+    }
+    int rc = ops->tx_queue_add(hub->store.st, row->id, a->actor, a->content,
+                               a->len, &a->id);
+    if (rc < 0)
+        return rc;
+    a->queued = 1;
+    p->extras.queue = true;
+    return CS_OK;
+}
+
+int cs_hub_send(cs_hub *hub, int64_t chat_id, const char *actor,
+                const char *content, size_t len, int64_t *id, int *queued)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    cs_msg_in m = {CS_ROLE_USER, content, len, NULL};
+    int rc = cs_check_msgs(hub, &m, 1);
+    if (rc < 0)
+        return rc;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    if ((rc = cs_hub_authorize(hub, chat_id, actor, "send")) < 0)
+        return rc;
+    send_arg a = {actor, content ? content : "", len, 0, 0};
+    rc = run_publish(hub, chat_id, run_send, &a);
+    if (rc < 0)
+        return rc;
+    if (id)
+        *id = a.id;
+    if (queued)
+        *queued = a.queued;
+    return CS_OK;
+}
+
+/* ---- the queue ------------------------------------------------------------
+ */
+
+int cs_hub_queued(cs_hub *hub, int64_t chat_id, const char *actor,
+                  cs_queue *out)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    int rc = cs_hub_authorize(hub, chat_id, actor, "queued");
+    if (rc < 0)
+        return rc;
+    hub->counts.queries++;
+    rc = hub->store.ops->queue_list(hub->store.st, chat_id, out);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
+}
+
+static int no_item(cs_hub *hub, cs_publish *p)
+{
+    char buf[96];
+    snprintf(buf, sizeof buf, "no queued message %lld in chat %lld",
+             (long long)p->qid, (long long)p->chat_id);
+    return cs_hub_fail(hub, CS_ENOTFOUND, buf);
+}
+
+static int run_queue_delete(cs_publish *p, cs_chat_row *row)
+{
+    cs_hub *hub = p->hub;
+    int rc = hub->store.ops->tx_queue_del(hub->store.st, row->id, p->qid);
+    if (rc <= 0)
+        return rc < 0 ? rc : no_item(hub, p);
+    p->extras.queue = true;
+    return CS_OK;
+}
+
+static int run_queue_front(cs_publish *p, cs_chat_row *row)
+{
+    cs_hub *hub = p->hub;
+    int rc = hub->store.ops->tx_queue_front(hub->store.st, row->id, p->qid);
+    if (rc <= 0)
+        return rc < 0 ? rc : no_item(hub, p);
+    p->extras.queue = true;
+    return CS_OK;
+}
+
+static int queue_op(cs_hub *hub, int64_t chat_id, const char *actor,
+                    int64_t qid, pub_run_fn run, const char *op)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1 || qid < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id or queued id");
+    int rc = cs_hub_authorize(hub, chat_id, actor, op);
+    if (rc < 0)
+        return rc;
+    cs_publish *p;
+    if ((rc = cs_pub_new(hub, chat_id, run, NULL, &p)) < 0)
+        return rc;
+    p->qid = qid;
+    rc = cs_pub_commit(p, NULL, NULL);
+    if (rc == CS_OK)
+        cs_pub_publish_all(p);
+    cs_pub_close(p);
+    return rc;
+}
+
+int cs_hub_queue_delete(cs_hub *hub, int64_t chat_id, const char *actor,
+                        int64_t queued_id)
+{
+    return queue_op(hub, chat_id, actor, queued_id, run_queue_delete,
+                    "delete_queued");
+}
+
+int cs_hub_queue_front(cs_hub *hub, int64_t chat_id, const char *actor,
+                       int64_t queued_id)
+{
+    return queue_op(hub, chat_id, actor, queued_id, run_queue_front,
+                    "move_queued");
+}
+
+/* ---- promote ----------------------------------------------------------------
+ */
+
+#define INTERRUPTED                                                            \
+    "{\"interrupted\":true,\"reason\":\"the tool call was interrupted by a "   \
+    "queued message\"}"
+
+/* Inserts, in one go: a synthetic tool result for every tool call of the
+ * chat's last assistant message that has none yet, then the item as a user
+ * message; deletes the item; sets the chat pending (no worker). */
+static int promote_item(cs_publish *p, cs_chat_row *row,
+                        const cs_queue_item *item)
+{
+    cs_hub *hub = p->hub;
+    const cs_store_ops *ops = hub->store.ops;
+    cs_msglist tail = {0};
+    cs_msg_in *in = NULL;
+    char *calls = NULL;
+    size_t n = 0;
+    int rc = ops->tx_tail(hub->store.st, row->id, &tail);
+    if (rc < 0)
+        goto out;
+    if (tail.n > 0) {
+        calls = strdup(tail.items[0]->tool);
+        if (!calls) {
+            rc = CS_ENOMEM;
+            goto out;
+        }
+    }
+    /* At most 64 calls (cs_tool_check), plus the user message. */
+    in = calloc(66, sizeof *in);
+    if (!in) {
+        rc = CS_ENOMEM;
+        goto out;
+    }
+    for (char *save = NULL, *id = calls ? strtok_r(calls, " ", &save) : NULL;
+         id && n < 64; id = strtok_r(NULL, " ", &save)) {
+        bool answered = false;
+        for (size_t i = 1; i < tail.n && !answered; i++)
+            answered = tail.items[i]->role == CS_ROLE_TOOL &&
+                       strcmp(tail.items[i]->tool, id) == 0;
+        if (!answered)
+            in[n++] = (cs_msg_in){CS_ROLE_TOOL, INTERRUPTED,
+                                  sizeof INTERRUPTED - 1, id};
+    }
+    in[n++] = (cs_msg_in){CS_ROLE_USER, item->content, item->content_len, NULL};
+    rc = ops->tx_insert(hub->store.st, row, in, n, &p->committed);
+    if (rc < 0)
+        goto out;
+    rc = ops->tx_queue_del(hub->store.st, row->id, item->id);
+    if (rc < 0)
+        goto out;
+    p->extras.queue = true;
+    rc = set_status(p, row, CS_STATUS_PENDING, NULL, false);
+out:
+    free(in);
+    free(calls);
+    cs_msglist_free(&tail);
+    return rc;
+}
+
+static bool fresh_worker(const cs_hub *hub, const cs_chat_row *row)
+{
+    return row->worker[0] && row->heartbeat_age >= 0 &&
+           row->heartbeat_age <= hub->stale_after;
+}
+
+static int run_promote(cs_publish *p, cs_chat_row *row)
+{
+    cs_hub *hub = p->hub;
+    cs_queue q = {0};
+    int rc = hub->store.ops->queue_list(hub->store.st, row->id, &q);
+    if (rc < 0)
+        return rc;
+    size_t i = 0;
+    while (i < q.n && q.items[i].id != p->qid)
+        i++;
+    if (i == q.n) {
+        rc = no_item(hub, p);
+    } else if ((row->status == CS_STATUS_RUNNING ||
+                row->status == CS_STATUS_WAITING) &&
+               fresh_worker(hub, row)) {
+        /* A live worker holds the chat: the item goes first, and the worker
+         * is told to stop (waiting); its finish promotes the head. */
+        rc = hub->store.ops->tx_queue_front(hub->store.st, row->id, p->qid);
+        p->extras.queue = true;
+        if (rc >= 0 && row->status == CS_STATUS_RUNNING)
+            rc = set_status(p, row, CS_STATUS_WAITING, row->worker, false);
+    } else {
+        rc = promote_item(p, row, &q.items[i]);
+    }
+    cs_queue_free(&q);
+    return rc < 0 ? rc : CS_OK;
+}
+
+int cs_promote_prepare(cs_hub *hub, int64_t chat_id, const char *actor,
+                       int64_t queued_id, cs_publish **out)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1 || queued_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id or queued id");
+    int rc = cs_hub_authorize(hub, chat_id, actor, "promote_queued");
+    if (rc < 0)
+        return rc;
+    if ((rc = cs_pub_new(hub, chat_id, run_promote, NULL, out)) < 0)
+        return rc;
+    (*out)->qid = queued_id;
+    return CS_OK;
+}
+
+/* ---- workers ----------------------------------------------------------------
+ */
+
+#define ACQUIRE_MAX 1024
+
+int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
+                   double stale_after, int64_t *ids, size_t *n)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    int rc = check_name(hub, worker, "worker");
+    if (rc < 0)
+        return rc;
+    if (limit < 1 || limit > ACQUIRE_MAX || stale_after != stale_after)
+        return cs_hub_fail(hub, CS_EINVAL, "limit must be 1 to 1024");
+    if (stale_after == 0)
+        stale_after = hub->stale_after;
+    cs_chat_row *rows = malloc(limit * sizeof *rows);
+    if (!rows)
+        return CS_ENOMEM;
+    size_t got = 0;
+    rc = hub->store.ops->acquire(hub->store.st, worker, limit, stale_after,
+                                 rows, &got);
+    if (rc < 0) {
+        free(rows);
+        return cs_hub_fail(hub, rc, NULL);
+    }
+    if (got)
+        hub->stats.writes++;
+    for (size_t i = 0; i < got; i++) {
+        ids[i] = rows[i].id;
+        if (cs_hub_notify_status(hub, rows[i].id, rows[i].version,
+                                 rows[i].status) < 0)
+            hub->stats.publish_errors++;
+    }
+    free(rows);
+    *n = got;
+    return CS_OK;
+}
+
+typedef struct worker_arg {
+    const char *worker;
+    int held;
+    cs_status status, final;
+} worker_arg;
+
+static int run_heartbeat(cs_publish *p, cs_chat_row *row)
+{
+    worker_arg *a = p->arg;
+    a->status = row->status;
+    a->held =
+        row->status == CS_STATUS_RUNNING && strcmp(row->worker, a->worker) == 0;
+    if (!a->held)
+        return CS_OK;
+    return p->hub->store.ops->tx_update(p->hub->store.st, row, true);
+}
+
+int cs_hub_heartbeat(cs_hub *hub, int64_t chat_id, const char *worker,
+                     cs_status *status)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    int rc = check_name(hub, worker, "worker");
+    if (rc < 0)
+        return rc;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    worker_arg a = {worker, 0, 0, 0};
+    if ((rc = run_publish(hub, chat_id, run_heartbeat, &a)) < 0)
+        return rc;
+    if (status)
+        *status = a.status;
+    return a.held;
+}
+
+static int run_finish(cs_publish *p, cs_chat_row *row)
+{
+    worker_arg *a = p->arg;
+    cs_hub *hub = p->hub;
+    char buf[160];
+    bool interrupted = row->status == CS_STATUS_WAITING && row->worker[0];
+    if (row->status != CS_STATUS_RUNNING && !interrupted) {
+        snprintf(buf, sizeof buf, "chat %lld is %s, not running",
+                 (long long)row->id, cs_status_name(row->status));
+        return cs_hub_fail(hub, CS_EINVAL, buf);
+    }
+    if (a->worker && strcmp(a->worker, row->worker) != 0) {
+        snprintf(buf, sizeof buf, "chat %lld is not held by worker %.64s",
+                 (long long)row->id, a->worker);
+        return cs_hub_fail(hub, CS_EINVAL, buf);
+    }
+    cs_queue q = {0};
+    int rc = CS_OK;
+    if (interrupted || a->status == CS_STATUS_WAITING ||
+        a->status == CS_STATUS_COMPLETED)
+        rc = hub->store.ops->queue_list(hub->store.st, row->id, &q);
+    if (rc == CS_OK && q.n > 0)
+        rc = promote_item(p, row, &q.items[0]); /* the queue's head */
+    else if (rc == CS_OK)
+        rc = set_status(p, row, a->status, NULL, false);
+    a->final = row->status;
+    cs_queue_free(&q);
+    return rc;
+}
+
+int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
+                  const char *actor, cs_status status, cs_status *final)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    if (worker && check_name(hub, worker, "worker") < 0)
+        return CS_EINVAL;
+    if (status != CS_STATUS_WAITING && status != CS_STATUS_COMPLETED &&
+        status != CS_STATUS_ERROR && status != CS_STATUS_PAUSED &&
+        status != CS_STATUS_REQUIRES_ACTION)
+        return cs_hub_fail(hub, CS_EINVAL,
+                           "a worker finishes with waiting, completed, error, "
+                           "paused or requires_action");
+    int rc = cs_hub_authorize(hub, chat_id, actor, "finish");
+    if (rc < 0)
+        return rc;
+    worker_arg a = {worker, 0, status, status};
+    if ((rc = run_publish(hub, chat_id, run_finish, &a)) < 0)
+        return rc;
+    if (final)
+        *final = a.final;
+    return CS_OK;
+}
+
+/* ---- parts --------------------------------------------------------------- */
+
+/* Room for the text in one part payload: "1:p:<after>:" takes at most 25. */
+#define PART_CHUNK (CS_PAYLOAD_MAX - 32)
+
+int cs_hub_publish_part(cs_hub *hub, int64_t chat_id, const char *actor,
+                        const char *text, size_t len)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    if (len > CS_MAX_CONTENT || (!text && len) ||
+        (len && memchr(text, '\0', len)))
+        return cs_hub_fail(hub, CS_EINVAL,
+                           "a part is text without NUL bytes, up to 64 MiB");
+    int rc = cs_hub_authorize(hub, chat_id, actor, "publish_part");
+    if (rc < 0)
+        return rc;
+    char *chunk = malloc(PART_CHUNK + 1);
+    if (!chunk)
+        return CS_ENOMEM;
+    size_t off = 0;
+    do {
+        size_t n = len - off < PART_CHUNK ? len - off : PART_CHUNK;
+        /* Never split a UTF-8 sequence: back off over continuation bytes. */
+        if (off + n < len)
+            while (n > 1 && ((unsigned char)text[off + n] & 0xC0) == 0x80)
+                n--;
+        if (n)
+            memcpy(chunk, text + off, n);
+        chunk[n] = '\0';
+        rc = hub->store.ops->notify_part(hub->store.st, chat_id, chunk, n);
+        off += n;
+    } while (rc == CS_OK && off < len);
+    free(chunk);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
+}
