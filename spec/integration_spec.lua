@@ -17,7 +17,7 @@
 -- on its own store: they share the worker's cache, so the worker's reply is
 -- cached there before the promoted messages, the seed's interleaving. There
 -- last_id must lose (proof that the spec hits the race); the others not.
--- CHATSTREAM_LIFECYCLE_ROUNDS rounds (default 20); a table goes to stderr.
+-- CHATSTREAM_LIFECYCLE_ROUNDS rounds (default 50); a table goes to stderr.
 local chatstream = require("chatstream")
 local H = require("helpers")
 local P = require("support.procs")
@@ -25,7 +25,7 @@ local P = require("support.procs")
 local HERE = debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./"
 local WORKER = HERE .. "support/worker.lua"
 
-local ROUNDS = math.tointeger(tonumber(os.getenv("CHATSTREAM_LIFECYCLE_ROUNDS") or "")) or 20
+local ROUNDS = math.tointeger(tonumber(os.getenv("CHATSTREAM_LIFECYCLE_ROUNDS") or "")) or 50
 local DELAY = { 5, 40 } -- ms between the promote's commit and its publish
 
 local READERS = {

@@ -91,8 +91,15 @@ while not exists(stopfile) do
   end
 end
 
--- Quiet for 0.3 s: every notification has come in and been merged.
-read_all(0.3)
+-- Until quiet for 0.3 s (no notification came in): then every
+-- notification has come in, and reading merges them all.
+local quiet = 0
+while quiet < 0.3 do
+  local n = assert(store:step(0.05))
+  quiet = n > 0 and 0 or quiet + 0.05
+  read_all(0)
+end
+read_all(0)
 for _, chat in ipairs(order) do
   for _, r in ipairs(READERS) do
     local st = chats[chat][r.name]
