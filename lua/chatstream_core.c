@@ -18,12 +18,14 @@ typedef struct {
 } lmemdb;
 typedef struct {
     cs_hub *hub;  /* first: the generic accessors read it */
+    int in_auth;  /* inside the authorizer: the store cannot close */
     lua_State *L; /* the thread of the call in progress (authorizer) */
     int auth_ref; /* the authorize function in the registry, or 0 */
     cs_authorizer auth;
 } lstore;
 typedef struct {
     cs_publish *pub;
+    int committed; /* a second commit is misuse (raises) */
 } lpub;
 typedef struct {
     cs_sub *sub;       /* first: the generic accessors read it */
@@ -221,14 +223,20 @@ static void push_chat_meta(lua_State *L, const cs_chat_info *c)
     lua_setfield(L, -2, "title");
 }
 
+typedef struct {
+    lstore *u;
+    const char *actor, *op;
+    const cs_chat_info *chat;
+} auth_call;
+
+/* Everything that can raise (allocations too) runs in here, protected. */
 static int call_authorize(lua_State *L)
 {
-    lstore *u = lua_touserdata(L, 1);
-    const cs_chat_info *chat = lua_touserdata(L, 4);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, u->auth_ref);
-    lua_pushvalue(L, 2);
-    push_chat_meta(L, chat);
-    lua_pushvalue(L, 3);
+    auth_call *a = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, a->u->auth_ref);
+    lua_pushstring(L, a->actor);
+    push_chat_meta(L, a->chat);
+    lua_pushstring(L, a->op);
     lua_call(L, 3, 2);
     return 2;
 }
@@ -246,12 +254,15 @@ static int lua_authorize(void *ud, const char *actor, const cs_chat_info *chat,
         snprintf(why, whylen, "the authorizer cannot run here");
         return 0;
     }
+    auth_call a = {u, actor, op, chat};
     lua_pushcfunction(L, call_authorize);
-    lua_pushlightuserdata(L, u);
-    lua_pushstring(L, actor);
-    lua_pushstring(L, op);
-    lua_pushlightuserdata(L, (void *)chat);
-    if (lua_pcall(L, 4, 2, 0) != LUA_OK) {
+    lua_pushlightuserdata(L, &a);
+    /* The store is on the caller's stack, so no collection can close it;
+     * an explicit close from the authorizer raises (see store_gc). */
+    u->in_auth++;
+    int st = lua_pcall(L, 1, 2, 0);
+    u->in_auth--;
+    if (st != LUA_OK) {
         const char *e = lua_tostring(L, -1);
         snprintf(why, whylen, "the authorizer raised: %s", e ? e : "?");
         lua_pop(L, 1);
@@ -345,6 +356,8 @@ static int l_open(lua_State *L)
 static int store_gc(lua_State *L)
 {
     lstore *u = luaL_checkudata(L, 1, STORE_MT);
+    if (u->in_auth)
+        return luaL_error(L, "attempt to close a store inside its authorizer");
     cs_hub_close(u->hub);
     u->hub = NULL;
     if (u->auth_ref) {
@@ -396,8 +409,9 @@ static const char *read_tool(lua_State *L, int idx, int argn, cs_role role)
         if (ti != LUA_TSTRING)
             luaL_argerror(L, argn, "tool_call_id must be a string");
         lua_remove(L, -2);
-        tool = lua_tostring(L, -1);
-        if (!*tool || strchr(tool, ' '))
+        size_t len;
+        tool = lua_tolstring(L, -1, &len);
+        if (!len || strchr(tool, ' ') || memchr(tool, '\0', len))
             luaL_argerror(L, argn, BAD_CALL_ID);
     } else if (tc != LUA_TNIL) {
         lua_pop(L, 1);
@@ -406,15 +420,20 @@ static const char *read_tool(lua_State *L, int idx, int argn, cs_role role)
         luaL_Buffer b;
         int t = lua_gettop(L);
         lua_Integer n = luaL_len(L, t);
+        if (n > 64)
+            luaL_argerror(L, argn, "at most 64 tool calls per message");
         luaL_buffinit(L, &b);
         for (lua_Integer i = 1; i <= n; i++) {
-            if (lua_geti(L, t, i) != LUA_TSTRING)
-                luaL_argerror(L, argn, "tool_calls must be a list of strings");
-            const char *id = lua_tostring(L, -1);
-            if (!*id || strchr(id, ' '))
-                luaL_argerror(L, argn, BAD_CALL_ID);
+            /* The separator first: the buffer may use the stack top as its
+             * storage, so nothing else may sit there while it grows. */
             if (i > 1)
                 luaL_addchar(&b, ' ');
+            if (lua_geti(L, t, i) != LUA_TSTRING)
+                luaL_argerror(L, argn, "tool_calls must be a list of strings");
+            size_t len;
+            const char *id = lua_tolstring(L, -1, &len);
+            if (!len || strchr(id, ' ') || memchr(id, '\0', len))
+                luaL_argerror(L, argn, BAD_CALL_ID);
             luaL_addvalue(&b);
         }
         luaL_pushresult(&b);
@@ -516,16 +535,36 @@ static const char *opt_actor(lua_State *L, int idx, const char *const keys[])
     return a;
 }
 
+static const char *const append_keys[] = {"actor", "worker", NULL};
+
+/* The worker of an append's options at idx (left on the stack): a worker's
+ * append commits only while the chat runs on it. */
+static const char *opt_worker(lua_State *L, int idx, const char *actor)
+{
+    if (!lua_istable(L, idx)) {
+        lua_pushnil(L);
+        return NULL;
+    }
+    const char *w = opt_str_field(L, idx, "worker");
+    if (!w)
+        lua_pushnil(L);
+    if (w && actor)
+        luaL_error(L, "options 'actor' and 'worker' exclude each other");
+    return w;
+}
+
 static int store_append(lua_State *L)
 {
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
-    const char *actor = opt_actor(L, 4, NULL);
+    const char *actor = opt_actor(L, 4, append_keys);
+    const char *worker = opt_worker(L, 4, actor);
     size_t n;
     cs_msg_in *msgs = read_msgs(L, 3, &n);
     int64_t *ids = lua_newuserdatauv(L, n * sizeof *ids, 0);
     lua_createtable(L, (int)n, 0);
-    int rc = cs_hub_append_as(hub, chat, actor, msgs, n, ids);
+    int rc = worker ? cs_hub_append_worker(hub, chat, worker, msgs, n, ids)
+                    : cs_hub_append_as(hub, chat, actor, msgs, n, ids);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     fill_ids(L, ids, n);
@@ -536,13 +575,16 @@ static int store_prepare(lua_State *L)
 {
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
-    const char *actor = opt_actor(L, 4, NULL);
+    const char *actor = opt_actor(L, 4, append_keys);
+    const char *worker = opt_worker(L, 4, actor);
     size_t n;
     cs_msg_in *msgs = read_msgs(L, 3, &n);
     lpub *u = new_handle(L, sizeof *u, PUB_MT, 1);
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1); /* the publish keeps its store alive */
     int rc = cs_pub_prepare_as(hub, chat, actor, msgs, n, &u->pub);
+    if (rc == CS_OK && worker)
+        rc = cs_pub_set_worker(u->pub, worker);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     return 1;
@@ -950,13 +992,19 @@ static int step_result(lua_State *L, cs_hub *hub, int rc)
 static int pub_commit(lua_State *L)
 {
     cs_publish *p = check_pub(L, 1);
+    lpub *u = lua_touserdata(L, 1);
     cs_hub *hub = pub_store(L);
+    if (u->committed)
+        return luaL_error(L, "already committed");
     const int64_t *ids;
     size_t n = cs_pub_size(p);
     lua_createtable(L, (int)n, 0);
     int rc = cs_pub_commit(p, &ids, &n);
+    /* A state the chat is in (EINVAL: not held by the worker) is a runtime
+     * failure of the transaction, not misuse: returned. */
     if (rc < 0)
-        return step_result(L, hub, rc);
+        return hub_fail(L, hub, rc);
+    u->committed = 1;
     fill_ids(L, ids, n);
     return 1;
 }

@@ -389,6 +389,121 @@ describe("chat lifecycle", function()
       end)
     end)
 
+    describe("interruptions and takeovers", function()
+      it("a message sent while the worker is interrupted queues behind the promoted one", function()
+        local chat = store:create_chat()
+        store:send(chat, { content = "work" })
+        store:acquire({ worker = "w1" })
+        local first = store:send(chat, { content = "first" })
+        assert.are.same({}, store:promote_queued(chat, first)) -- interrupts w1
+        local second, queued = store:send(chat, { content = "second" })
+        assert.is_true(queued)
+        assert.are.same({ first, second }, { store:queued(chat)[1].id, store:queued(chat)[2].id })
+        local _, final = assert(store:finish(chat, "waiting", { worker = "w1" }))
+        assert.are.equal("pending", final)
+        local hist = agent.history(store, chat)
+        assert.are.equal("first", hist[#hist].content)
+        assert.are.same({ second }, { store:queued(chat)[1].id })
+      end)
+
+      it("a message sent to a chat whose interrupted worker is gone promotes the head at once", function()
+        local s = inst:open({ stale_after = 0.2 })
+        local chat = s:create_chat()
+        s:send(chat, { content = "work" })
+        s:acquire({ worker = "w1" })
+        local first = s:send(chat, { content = "first" })
+        assert.are.same({}, s:promote_queued(chat, first))
+        sleep(0.4) -- w1 never comes back
+        local second, queued = s:send(chat, { content = "second" })
+        assert.is_true(queued)
+        assert.are.equal("pending", status_of(s, chat))
+        local hist = agent.history(s, chat)
+        assert.are.equal("first", hist[#hist].content)
+        assert.are.same({ second }, { s:queued(chat)[1].id })
+      end)
+
+      it("a worker that lost the chat cannot append, and its turn leaves the chat alone", function()
+        local s = inst:open({ stale_after = 0.2 })
+        local chat = s:create_chat()
+        s:send(chat, { content = "work" })
+        assert.are.same({ chat }, s:acquire({ worker = "w1" }))
+        sleep(0.4)
+        assert.are.same({ chat }, s:acquire({ worker = "w2" })) -- takeover
+        local r, err, code = s:append(chat, { role = "assistant", content = "late" }, { worker = "w1" })
+        assert.is_nil(r)
+        assert.are.equal("EINVAL", code)
+        H.contains("not running on worker w1", err)
+        assert.are.equal("running", agent.turn(s, chat, { worker = "w1", stream = false }))
+        assert.are.equal("w2", s:chat(chat).worker)
+        assert.are.equal(1, count_messages(s, chat))
+        assert(s:append(chat, { role = "assistant", content = "mine" }, { worker = "w2" }))
+        local p = assert(s:prepare(chat, { role = "assistant", content = "x" }, { worker = "w1" }))
+        r, _, code = p:commit()
+        assert.is_nil(r)
+        assert.are.equal("EINVAL", code)
+        p:close()
+        H.contains("exclude each other",
+          H.raises(s.append, s, chat, { role = "user", content = "x" }, { worker = "w2", actor = "a" }))
+      end)
+
+      it("promote answers every open tool call of the turn, once each", function()
+        local chat = store:create_chat()
+        store:send(chat, { content = "go" })
+        store:acquire({ worker = "w1" })
+        store:append(chat, {
+          { role = "assistant", content = "first", tool_calls = { "x", "y" } },
+          { role = "tool", content = "y done", tool_call_id = "y" },
+          { role = "assistant", content = "still thinking", tool_calls = { "z", "x" } },
+        })
+        assert(store:finish(chat, "requires_action", { worker = "w1" }))
+        local q = store:send(chat, { content = "stop" })
+        local ids = assert(store:promote_queued(chat, q))
+        local hist = agent.history(store, chat)
+        local added = {}
+        for _, m in ipairs(hist) do
+          if m.id >= ids[1] then
+            added[#added + 1] = m.role .. ":" .. (m.tool_call_id or m.content)
+          end
+        end
+        assert.are.same({ "tool:x", "tool:z", "user:stop" }, added)
+        assert.are.same({}, agent.unresolved(hist))
+      end)
+
+      it("a stepped promote that inserts nothing notifies its status and queue at commit", function()
+        local chat = store:create_chat()
+        store:send(chat, { content = "work" })
+        store:acquire({ worker = "w1" })
+        local q1 = store:send(chat, { content = "q1" })
+        local q2 = store:send(chat, { content = "q2" })
+        local reader = inst:open()
+        local sub <close> = assert(reader:subscribe(chat))
+        settle_events(sub, 0)
+        local p = assert(store:promote_queued(chat, q2, { prepare = true }))
+        assert.are.same({}, assert(p:commit()))
+        p:close() -- never notified by hand
+        local evs = collect(sub, function(e) return last_status(e) and #of_kind(e, "queue") > 0 end)
+        assert.are.equal("waiting", last_status(evs).status)
+        local items = of_kind(evs, "queue")[1].items
+        assert.are.same({ q2, q1 }, { items[1].id, items[2].id })
+      end)
+
+      it("long tool call lists round-trip exactly", function()
+        local chat = store:create_chat()
+        local calls = {}
+        for i = 1, 7 do
+          calls[i] = string.rep(string.char(96 + i), 128)
+        end
+        calls[8] = string.rep("h", 121)
+        for i = 9, 64 do
+          calls[i] = "call-" .. i
+        end
+        local id = store:append(chat, { role = "assistant", content = "many", tool_calls = calls })[1]
+        local hist = agent.history(store, chat)
+        assert.are.equal(id, hist[1].id)
+        assert.are.same(calls, hist[1].tool_calls)
+      end)
+    end)
+
     describe("workers", function()
       it("acquire takes pending chats only, up to limit, and sets them running", function()
         local chats = {}
@@ -629,6 +744,27 @@ describe("chat lifecycle", function()
         assert.are.equal(v, store:chat(chat).version)
         assert.are.equal(#calls, store:stats().auth_refusals)
         assert(store:queued(chat, { actor = "alice" }))
+      end)
+
+      it("does not tell an actor whether a chat exists", function()
+        local r, err, code = store:subscribe(424242, { actor = "mallory" })
+        assert.is_nil(r)
+        assert.are.equal("EAUTH", code)
+        H.contains("mallory may not subscribe (chat 424242)", err)
+        r, _, code = store:subscribe(424242)
+        assert.is_nil(r)
+        assert.are.equal("ENOTFOUND", code)
+      end)
+
+      it("an authorizer cannot close its own store", function()
+        local s
+        s = inst:open({ authorize = function() s:close() return true end })
+        local chat = s:create_chat({ owner = "alice" })
+        local r, err, code = s:send(chat, { content = "x", actor = "alice" })
+        assert.is_nil(r)
+        assert.are.equal("EAUTH", code)
+        H.contains("attempt to close a store inside its authorizer", err)
+        assert(s:send(chat, { content = "trusted" })) -- still open
       end)
 
       it("asks the authorizer given to open instead of the owner rule", function()

@@ -280,6 +280,11 @@ int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
 /* The same, with the actor checked first (NULL: trusted). */
 int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
                      const cs_msg_in *msgs, size_t n, int64_t *ids);
+/* A worker's append: committed only while the chat runs on worker (checked
+ * under the chat's lock), CS_EINVAL otherwise, so a worker that was
+ * interrupted or taken over cannot write after the fact. */
+int cs_hub_append_worker(cs_hub *hub, int64_t chat_id, const char *worker,
+                         const cs_msg_in *msgs, size_t n, int64_t *ids);
 
 /* ---- stepped publish -----------------------------------------------------
  * prepare -> commit -> cache(i) / notify(i) in any order. Index i is 0-based;
@@ -290,6 +295,9 @@ int cs_pub_prepare(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs,
 /* The same, with the actor checked first (NULL: trusted). */
 int cs_pub_prepare_as(cs_hub *hub, int64_t chat_id, const char *actor,
                       const cs_msg_in *msgs, size_t n, cs_publish **out);
+/* Before the commit: commit only while the chat runs on worker (see
+ * cs_hub_append_worker). */
+int cs_pub_set_worker(cs_publish *pub, const char *worker);
 /* The transaction. On success *ids (borrowed, valid until cs_pub_close) holds
  * n IDs. A second commit is CS_EINVAL. */
 int cs_pub_commit(cs_publish *pub, const int64_t **ids, size_t *n);

@@ -47,6 +47,7 @@ void cs_pub_close(cs_publish *p)
     pub_unlink(p);
     free_inputs(p);
     cs_msglist_free(&p->committed);
+    free(p->worker);
     free(p->ids);
     free(p->cached);
     free(p->notified);
@@ -152,6 +153,32 @@ oom:
     return CS_ENOMEM;
 }
 
+/* The status and queue hints, each sent once (a failed one is retried by
+ * the next notify step). */
+static int pub_send_extras(cs_publish *p)
+{
+    cs_hub *hub = p->hub;
+    pub_extras *x = &p->extras;
+    if (x->status) {
+        int rc = cs_hub_notify_status(hub, p->chat_id, x->version, x->st);
+        if (rc < 0)
+            return rc;
+        x->status = false;
+    }
+    if (x->queue) {
+        char buf[8];
+        cs_hint h = {.kind = CS_HINT_QUEUE};
+        int len = cs_payload_encode(&h, buf, sizeof buf);
+        int rc = len < 0 ? len
+                         : hub->store.ops->notify(hub->store.st, p->chat_id,
+                                                  buf, (size_t)len);
+        if (rc < 0)
+            return cs_hub_fail(hub, rc, NULL);
+        x->queue = false;
+    }
+    return CS_OK;
+}
+
 int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
 {
     if (!p || !p->hub)
@@ -165,10 +192,17 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
     hub->err[0] = '\0'; /* a run that fails may say why itself */
-    if (p->run)
+    if (p->run) {
         rc = p->run(p, &row);
-    else
+    } else if (p->worker && (row.status != CS_STATUS_RUNNING ||
+                             strcmp(row.worker, p->worker) != 0)) {
+        char buf[CS_NAME_MAX + 96];
+        snprintf(buf, sizeof buf, "chat %lld is %s, not running on worker %s",
+                 (long long)row.id, cs_status_name(row.status), p->worker);
+        rc = cs_hub_fail(hub, CS_EINVAL, buf);
+    } else {
         rc = ops->tx_insert(hub->store.st, &row, p->msgs, p->n, &p->committed);
+    }
     if (rc < 0) {
         /* Keep the detail of the failure, not of the rollback. */
         char keep[sizeof hub->err];
@@ -197,7 +231,9 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
         p->cached = calloc(p->n ? p->n : 1, 1);
         p->notified = calloc(p->n ? p->n : 1, 1);
         if (!p->ids || !p->cached || !p->notified) {
-            /* Committed: the readers find the messages through the DB. */
+            /* Durable already, so not a failure of the call: the messages
+             * go unpublished (readers find them through the DB, on the next
+             * notification or backstop poll), and that is counted. */
             free(p->ids);
             free(p->cached);
             free(p->notified);
@@ -205,8 +241,11 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
             p->cached = p->notified = NULL;
             p->n = 0;
             cs_msglist_clear(&p->committed);
-            return CS_ENOMEM;
+            hub->stats.publish_errors++;
         }
+        /* Nothing to notify: the status and queue hints go now. */
+        if (p->n == 0 && pub_send_extras(p) < 0)
+            hub->stats.publish_errors++;
     }
     for (size_t i = 0; i < p->n; i++)
         p->ids[i] = p->committed.items[i]->id;
@@ -284,24 +323,7 @@ int cs_pub_notify(cs_publish *p, size_t i)
         if (!p->notified[k])
             return CS_OK;
     /* Every message is notified: the status and queue hints follow. */
-    pub_extras *x = &p->extras;
-    if (!x->sent && (x->status || x->queue)) {
-        x->sent = true;
-        if (x->status &&
-            (rc = cs_hub_notify_status(hub, p->chat_id, x->version, x->st)) < 0)
-            return rc;
-        if (x->queue) {
-            char buf[8];
-            cs_hint h = {.kind = CS_HINT_QUEUE};
-            int len = cs_payload_encode(&h, buf, sizeof buf);
-            rc = len < 0 ? len
-                         : hub->store.ops->notify(hub->store.st, p->chat_id,
-                                                  buf, (size_t)len);
-            if (rc < 0)
-                return cs_hub_fail(hub, rc, NULL);
-        }
-    }
-    return CS_OK;
+    return pub_send_extras(p);
 }
 
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
@@ -344,18 +366,59 @@ int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
     return CS_OK;
 }
 
+int cs_pub_set_worker(cs_publish *p, const char *worker)
+{
+    if (!p || !p->hub)
+        return CS_ECLOSED;
+    if (p->committed_done || p->run || !worker || !*worker ||
+        strlen(worker) > CS_NAME_MAX)
+        return cs_hub_fail(
+            p->hub, CS_EINVAL,
+            "a worker (1 to 255 bytes) is set before the commit");
+    char *w = strdup(worker);
+    if (!w)
+        return CS_ENOMEM;
+    free(p->worker);
+    p->worker = w;
+    return CS_OK;
+}
+
 int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
                   int64_t *ids)
 {
     return cs_hub_append_as(hub, chat_id, NULL, msgs, n, ids);
 }
 
+static int append(cs_hub *hub, int64_t chat_id, const char *actor,
+                  const char *worker, const cs_msg_in *msgs, size_t n,
+                  int64_t *ids);
+
 int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
                      const cs_msg_in *msgs, size_t n, int64_t *ids)
+{
+    return append(hub, chat_id, actor, NULL, msgs, n, ids);
+}
+
+int cs_hub_append_worker(cs_hub *hub, int64_t chat_id, const char *worker,
+                         const cs_msg_in *msgs, size_t n, int64_t *ids)
+{
+    if (!worker)
+        return hub ? cs_hub_fail(hub, CS_EINVAL, "a worker is needed")
+                   : CS_ECLOSED;
+    return append(hub, chat_id, NULL, worker, msgs, n, ids);
+}
+
+static int append(cs_hub *hub, int64_t chat_id, const char *actor,
+                  const char *worker, const cs_msg_in *msgs, size_t n,
+                  int64_t *ids)
 {
     cs_publish *p;
     const int64_t *got;
     int rc = cs_pub_prepare_as(hub, chat_id, actor, msgs, n, &p);
+    if (rc == CS_OK && worker && (rc = cs_pub_set_worker(p, worker)) < 0) {
+        cs_pub_close(p);
+        return rc;
+    }
     if (rc < 0)
         return rc;
     rc = cs_pub_commit(p, &got, NULL);

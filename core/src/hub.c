@@ -77,17 +77,31 @@ static int ev_push(cs_sub *s, oevent e)
     return CS_OK;
 }
 
-/* Moves what the merge delivered into the event list. */
+/* Moves what the merge delivered into the event list. Out of memory, the
+ * rest stays in s->out (the merge counts it delivered already) and moves on
+ * the next call. */
 static int ev_take_merged(cs_sub *s)
 {
-    int rc = CS_OK;
-    for (size_t i = 0; i < s->out.n; i++) {
-        oevent e = {.kind = CS_EV_MESSAGE, .msg = s->out.items[i]};
-        if (ev_push(s, e) < 0)
-            rc = CS_ENOMEM; /* the message is dropped from the list */
+    size_t i = 0;
+    for (; i < s->out.n; i++) {
+        if (s->evpos > 0 && s->evpos == s->evn)
+            s->evpos = s->evn = 0;
+        if (s->evn == s->evcap) {
+            size_t cap = s->evcap ? s->evcap * 2 : 16;
+            oevent *ev = realloc(s->ev, cap * sizeof *ev);
+            if (!ev)
+                break;
+            s->ev = ev;
+            s->evcap = cap;
+        }
+        s->ev[s->evn++] =
+            (oevent){.kind = CS_EV_MESSAGE, .msg = s->out.items[i]};
     }
-    s->out.n = 0;
-    return rc;
+    if (i > 0 && i < s->out.n)
+        memmove(s->out.items, s->out.items + i,
+                (s->out.n - i) * sizeof *s->out.items);
+    s->out.n -= i;
+    return s->out.n ? CS_ENOMEM : CS_OK;
 }
 
 /* ---- hub ---------------------------------------------------------------- */
@@ -859,6 +873,7 @@ int cs_sub_next(cs_sub *s, cs_event *ev)
     if (!s || !s->hub)
         return CS_ECLOSED;
     oevent_free(&s->current);
+    ev_take_merged(s); /* what an earlier call could not move */
     if (pop_event(s, ev))
         return CS_EVENT;
     int rc = cs_hub_step(s->hub);

@@ -32,7 +32,7 @@ struct cs_hub {
 /* What a publish sends after its messages: the chat's new status and/or a
  * "the queue changed" hint. */
 typedef struct pub_extras {
-    bool status, queue, sent;
+    bool status, queue; /* still to send */
     int64_t version;
     cs_status st;
 } pub_extras;
@@ -51,6 +51,7 @@ struct cs_publish {
     pub_run_fn run; /* the transaction; NULL: append msgs */
     void *arg;      /* for run, valid until commit */
     int64_t qid;    /* promote: the queue item */
+    char *worker;   /* append: only while the chat runs on it, or NULL */
     cs_msglist committed;
     int64_t *ids;
     unsigned char *cached, *notified;

@@ -176,8 +176,8 @@ typedef struct cs_store_ops {
     /* Writes status, version and worker ("" clears the worker and its
      * heartbeat); heartbeat: the worker's heartbeat is now. */
     int (*tx_update)(void *st, const cs_chat_row *row, bool heartbeat);
-    /* The chat's last assistant message and every message after it,
-     * ascending (empty without an assistant message). */
+    /* Every message after the chat's last user message (all of them
+     * without one), ascending: the turn whose tool calls may be open. */
     int (*tx_tail)(void *st, int64_t chat_id, cs_msglist *out);
     /* The queue in order, in a transaction or not. */
     int (*queue_list)(void *st, int64_t chat_id, cs_queue *out);

@@ -10,6 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+static bool fresh_worker(const cs_hub *hub, const cs_chat_row *row);
+static int promote_item(cs_publish *p, cs_chat_row *row,
+                        const cs_queue_item *item);
+
 static bool idle(cs_status s)
 {
     return s == CS_STATUS_WAITING || s == CS_STATUS_COMPLETED ||
@@ -65,6 +69,15 @@ int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
     /* The chat's metadata only: nothing of its messages, status or queue is
      * read before the answer. */
     rc = hub->store.ops->chat_get(hub->store.st, chat_id, row);
+    if (rc == CS_ENOTFOUND) {
+        /* Said as a refusal: an actor cannot probe which chats exist. */
+        free(row);
+        char buf[300];
+        hub->stats.auth_refusals++;
+        snprintf(buf, sizeof buf, "%.*s may not %s (chat %lld)", 200, actor, op,
+                 (long long)chat_id);
+        return cs_hub_fail(hub, CS_EAUTH, buf);
+    }
     if (rc < 0) {
         free(row);
         return cs_hub_fail(hub, rc, NULL);
@@ -80,9 +93,9 @@ int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
     }
     free(row);
     if (ok < 0)
-        return ok == CS_EAUTH
-                   ? cs_hub_fail(hub, ok, "refused by the authorizer")
-                   : ok;
+        return cs_hub_fail(hub, ok,
+                           ok == CS_EAUTH ? "refused by the authorizer"
+                                          : "the authorizer failed");
     if (ok == 0) {
         char buf[512];
         hub->stats.auth_refusals++;
@@ -135,7 +148,11 @@ static int run_send(cs_publish *p, cs_chat_row *row)
     send_arg *a = p->arg;
     cs_hub *hub = p->hub;
     const cs_store_ops *ops = hub->store.ops;
-    if (idle(row->status)) {
+    /* Interrupted (waiting, a worker still on it): its queue's head goes
+     * first, so the message queues behind it; if that worker is gone, the
+     * head is promoted now instead of waiting for its finish. */
+    bool interrupted = row->status == CS_STATUS_WAITING && row->worker[0];
+    if (idle(row->status) && !interrupted) {
         cs_msg_in m = {CS_ROLE_USER, a->content, a->len, NULL};
         int rc = ops->tx_insert(hub->store.st, row, &m, 1, &p->committed);
         if (rc < 0)
@@ -150,7 +167,14 @@ static int run_send(cs_publish *p, cs_chat_row *row)
         return rc;
     a->queued = 1;
     p->extras.queue = true;
-    return CS_OK;
+    if (interrupted && !fresh_worker(hub, row)) {
+        cs_queue q = {0};
+        rc = ops->queue_list(hub->store.st, row->id, &q);
+        if (rc == CS_OK && q.n > 0)
+            rc = promote_item(p, row, &q.items[0]);
+        cs_queue_free(&q);
+    }
+    return rc;
 }
 
 int cs_hub_send(cs_hub *hub, int64_t chat_id, const char *actor,
@@ -266,8 +290,9 @@ int cs_hub_queue_front(cs_hub *hub, int64_t chat_id, const char *actor,
     "queued message\"}"
 
 /* Inserts, in one go: a synthetic tool result for every tool call of the
- * chat's last assistant message that has none yet, then the item as a user
- * message; deletes the item; sets the chat pending (no worker). */
+ * chat's last turn (the messages after its last user message) that has no
+ * result yet, then the item as a user message; deletes the item; sets the
+ * chat pending (no worker). */
 static int promote_item(cs_publish *p, cs_chat_row *row,
                         const cs_queue_item *item)
 {
@@ -276,29 +301,46 @@ static int promote_item(cs_publish *p, cs_chat_row *row,
     cs_msglist tail = {0};
     cs_msg_in *in = NULL;
     char *calls = NULL;
-    size_t n = 0;
+    size_t n = 0, len = 0, ncalls = 0;
     int rc = ops->tx_tail(hub->store.st, row->id, &tail);
     if (rc < 0)
         goto out;
-    if (tail.n > 0) {
-        calls = strdup(tail.items[0]->tool);
-        if (!calls) {
-            rc = CS_ENOMEM;
-            goto out;
-        }
+    /* Every call ID of the turn's assistant messages, in order. */
+    for (size_t i = 0; i < tail.n; i++)
+        if (tail.items[i]->role == CS_ROLE_ASSISTANT)
+            len += strlen(tail.items[i]->tool) + 1;
+    calls = malloc(len + 1);
+    if (!calls) {
+        rc = CS_ENOMEM;
+        goto out;
     }
-    /* At most 64 calls (cs_tool_check), plus the user message. */
-    in = calloc(66, sizeof *in);
+    calls[0] = '\0';
+    for (size_t i = 0, o = 0; i < tail.n; i++) {
+        const char *t = tail.items[i]->tool;
+        if (tail.items[i]->role != CS_ROLE_ASSISTANT || !*t)
+            continue;
+        o += (size_t)sprintf(calls + o, "%s%s", o ? " " : "", t);
+        ncalls++;
+    }
+    for (const char *c = calls; *c; c++)
+        ncalls += *c == ' ';
+    if (ncalls + 1 > CS_MAX_BATCH) {
+        rc = cs_hub_fail(hub, CS_EINVAL, "too many open tool calls");
+        goto out;
+    }
+    in = calloc(ncalls + 1, sizeof *in);
     if (!in) {
         rc = CS_ENOMEM;
         goto out;
     }
-    for (char *save = NULL, *id = calls ? strtok_r(calls, " ", &save) : NULL;
-         id && n < 64; id = strtok_r(NULL, " ", &save)) {
+    for (char *save = NULL, *id = strtok_r(calls, " ", &save); id;
+         id = strtok_r(NULL, " ", &save)) {
         bool answered = false;
-        for (size_t i = 1; i < tail.n && !answered; i++)
+        for (size_t i = 0; i < tail.n && !answered; i++)
             answered = tail.items[i]->role == CS_ROLE_TOOL &&
                        strcmp(tail.items[i]->tool, id) == 0;
+        for (size_t k = 0; k < n && !answered; k++)
+            answered = strcmp(in[k].tool, id) == 0; /* the same ID twice */
         if (!answered)
             in[n++] = (cs_msg_in){CS_ROLE_TOOL, INTERRUPTED,
                                   sizeof INTERRUPTED - 1, id};

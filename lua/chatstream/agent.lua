@@ -86,15 +86,17 @@ local function split_words(text)
 end
 
 --- One turn of the agent on a chat the worker holds. Returns the status the
--- turn ended with (finish's), and the IDs appended.
+-- chat ended the turn with, and the IDs appended.
 -- opts: worker (required), agent (default M.scripted), stream (publish the
 -- last assistant text as parts first, word by word; default true).
+-- A worker that lost the chat meanwhile writes nothing: interrupted (a
+-- queued message was promoted on the running chat), its reply is dropped and
+-- its finish promotes the queue's head; taken over by another worker (this
+-- one was silent too long) or finished elsewhere, it leaves the chat alone.
 function M.turn(store, chat_id, opts)
   local worker = assert(opts.worker, "worker expected")
   local agent = opts.agent or M.scripted
   local msgs = agent(M.history(store, chat_id))
-  -- Interrupted meanwhile (a queued message was promoted on the running
-  -- chat): the reply is dropped, and finish promotes the queue's head.
   local held = store:heartbeat(chat_id, worker)
   local ids = {}
   if held and #msgs > 0 then
@@ -104,10 +106,25 @@ function M.turn(store, chat_id, opts)
         assert(store:publish_part(chat_id, w))
       end
     end
-    ids = assert(store:append(chat_id, msgs))
+    -- committed only while the chat still runs on this worker
+    local got, err, code = store:append(chat_id, msgs, { worker = worker })
+    if got then
+      ids = got
+    elseif code == "EINVAL" then
+      held = false
+    else
+      error(err, 0)
+    end
   end
-  local status = held and #M.unresolved(msgs) > 0 and "requires_action" or "waiting"
-  local _, final = assert(store:finish(chat_id, status, { worker = worker }))
+  local status = "waiting"
+  if held and #M.unresolved(msgs) > 0 then
+    status = "requires_action"
+  end
+  local ok, final = store:finish(chat_id, status, { worker = worker })
+  if not ok then
+    -- not ours any more: taken over, or finished elsewhere
+    final = assert(store:chat(chat_id)).status
+  end
   return final, ids
 end
 

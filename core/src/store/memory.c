@@ -375,12 +375,10 @@ static int m_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
     if (!ch)
         return CS_EINVAL;
     size_t i = ch->msgs.n;
-    while (i > 0 && ch->msgs.items[i - 1]->role != CS_ROLE_ASSISTANT)
+    while (i > 0 && ch->msgs.items[i - 1]->role != CS_ROLE_USER)
         i--;
-    if (i == 0)
-        return CS_OK;
     size_t base = out->n;
-    for (i--; i < ch->msgs.n; i++) {
+    for (; i < ch->msgs.n; i++) {
         if (cs_msglist_push(out, cs_msg_ref(ch->msgs.items[i])) < 0) {
             cs_msg_unref(ch->msgs.items[i]);
             while (out->n > base)

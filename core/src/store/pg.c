@@ -743,8 +743,9 @@ static int p_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
              "SELECT id, prev_id, role, content, tool FROM %1$s.messages "
-             "WHERE chat_id = $1 AND id >= (SELECT max(id) FROM %1$s.messages "
-             "WHERE chat_id = $1 AND role = 'assistant') ORDER BY id",
+             "WHERE chat_id = $1 AND id > coalesce((SELECT max(id) FROM "
+             "%1$s.messages WHERE chat_id = $1 AND role = 'user'), 0) "
+             "ORDER BY id",
              s->schema);
     i64s(chat, chat_id);
     const char *vals[1] = {chat};
