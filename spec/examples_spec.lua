@@ -1,0 +1,111 @@
+-- spec/examples_spec.lua - the examples run as the README says, as their own
+-- processes: examples/agent.lua and examples/tail.lua on the embedded store,
+-- and on PostgreSQL a worker process, the client commands and a tail process
+-- following one chat through requires_action, a queued message, the promote
+-- and the reply.
+local H = require("helpers")
+local P = require("support.procs")
+
+local ROOT = (debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./") .. "../"
+
+--- Runs an example to its end; returns its stdout (raises on failure).
+local function run(script, args, env)
+  local vars = {}
+  for k, v in pairs(env or {}) do
+    vars[#vars + 1] = k .. "=" .. P.shq(v)
+  end
+  local quoted = {}
+  for i, a in ipairs(args or {}) do
+    quoted[i] = P.shq(a)
+  end
+  local cmd = string.format("env -u CHATSTREAM_DSN %s LUA_PATH=%s LUA_CPATH=%s %s %s %s 2>&1",
+    table.concat(vars, " "), P.shq(package.path), P.shq(package.cpath), P.LUA,
+    P.shq(ROOT .. "examples/" .. script), table.concat(quoted, " "))
+  local f = assert(io.popen(cmd, "r"))
+  local out = f:read("a")
+  local ok, _, code = f:close()
+  if not ok then
+    error(("%s %s failed (%s):\n%s"):format(script, table.concat(args or {}, " "), tostring(code), out), 2)
+  end
+  return out
+end
+
+describe("examples on the embedded store", function()
+  it("agent.lua plays the whole lifecycle in one process", function()
+    local out = run("agent.lua")
+    H.contains("status waiting (version 0)", out)
+    H.contains("assistant: asking the client to run client_tool [calls call-1]", out)
+    H.contains("status requires_action (version 3)", out)
+    H.contains('queue [#1 "never mind, just say hello"]', out)
+    H.contains("tool: {\"interrupted\":true", out)
+    H.contains("[answers call-1]", out)
+    H.contains("assistant: reply to: never mind, just say hello", out)
+    H.contains("chat 1 is waiting, queue: 0 item(s)", out)
+  end)
+
+  it("tail.lua prints a scripted chat live, parts included", function()
+    local out = run("tail.lua")
+    H.contains("[chat 1] message #1 user: hello", out)
+    H.contains('[chat 1] part "reply "', out)
+    H.contains("[chat 1] message #2 assistant: reply to: hello", out)
+    H.contains("message #6 assistant: the answer is 42", out)
+    H.contains("-- chat 1 is requires_action; cursor 8", out)
+  end)
+
+  it("agent.lua work refuses the embedded store with a clear message", function()
+    local ok, err = pcall(run, "agent.lua", { "work" })
+    assert.is_false(ok)
+    H.contains("the embedded store lives in this process only", err)
+  end)
+end)
+
+describe("examples on PostgreSQL", function()
+  if not H.require_pg(_ENV) then
+    return
+  end
+
+  it("a worker process, the client commands and a tail process follow one chat", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      P.with(function(procs)
+        local function start(script, args)
+          local full = { ROOT .. "examples/" .. script }
+          for _, a in ipairs(args) do
+            full[#full + 1] = a
+          end
+          -- support.procs runs `lua5.4 <first> <rest...>`: the environment
+          -- comes through a wrapper that sets it
+          return P.spawn(procs, ROOT .. "spec/support/with_env.lua",
+            { env.CHATSTREAM_DSN, env.CHATSTREAM_SCHEMA, table.unpack(full) })
+        end
+        local worker = start("agent.lua", { "work", "--worker", "ex-worker", "--idle", "3" })
+        local chat = math.tointeger(tonumber(run("agent.lua", { "new", "/tool weather" }, env):match("%d+")))
+        assert.is_truthy(chat)
+        local tail = start("tail.lua", { tostring(chat), "--idle", "2" })
+        local store = inst:open()
+        local deadline = os.time() + 15
+        while store:chat(chat).status ~= "requires_action" do
+          assert(os.time() < deadline, "the worker did not answer")
+          store:step(0.02)
+        end
+        H.contains("queued as #", run("agent.lua", { "send", tostring(chat), "never mind" }, env))
+        H.contains("promoted: messages", run("agent.lua", { "promote", tostring(chat) }, env))
+        assert(P.wait(tail, 20), "tail did not end")
+        assert(P.wait(worker, 20), "the worker did not end")
+        local tout, terr, tstatus = P.reap(tail)
+        local wout, werr, wstatus = P.reap(worker)
+        assert.are.equal(0, tstatus, terr)
+        assert.are.equal(0, wstatus, werr)
+        local t, w = table.concat(tout, "\n"), table.concat(wout, "\n")
+        H.contains(("chat %d: appended 1 message(s), now requires_action"):format(chat), w)
+        H.contains(("chat %d: appended 1 message(s), now waiting"):format(chat), w)
+        H.contains("worker ex-worker: 2 turn(s)", w)
+        H.contains('queue [#1 "never mind"]', t)
+        H.contains("user: never mind", t)
+        H.contains("assistant: reply to: never mind", t)
+        H.contains("status waiting", t)
+        H.contains("-- idle for 2 s; resume later with --after", t)
+      end)
+    end)
+  end)
+end)
