@@ -9,7 +9,7 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race agent tail test test-unit test-asan test-valgrind test-rock test-lint \
+.PHONY: all deps build demo race agent tail bench-core test test-unit test-asan test-valgrind test-rock test-lint \
         test-fuzz check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
@@ -28,6 +28,13 @@ demo: build
 
 race: build
 	@$(RUN_LUA) examples/race.lua
+
+# The merge micro-benchmark (core/bench/bench_merge.c), optimised build.
+BENCH_BUILD ?= build-bench
+bench-core: deps
+	@cmake -S . -B $(BENCH_BUILD) -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF >/dev/null
+	@cmake --build $(BENCH_BUILD) -j$(JOBS) --target bench_merge
+	@$(BENCH_BUILD)/bench_merge $(ARGS)
 
 # ARGS are passed on: make agent ARGS="work --idle 60", make tail ARGS=1
 agent: build
