@@ -9,7 +9,7 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race agent tail stress bench-core test test-unit test-asan test-valgrind test-rock test-lint \
+.PHONY: all deps build demo race agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint \
         test-fuzz check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
@@ -46,6 +46,10 @@ tail: build
 # The seed's stress experiment (needs CHATSTREAM_DSN): make stress ARGS="--procs 4 --rounds 2500"
 stress: build
 	@$(RUN_LUA) examples/stress.lua $(ARGS)
+
+# End to end on PostgreSQL, with pgbench's ceiling (needs CHATSTREAM_DSN)
+bench: build
+	@$(RUN_LUA) examples/bench.lua $(ARGS)
 
 # Every test: C unit tests and busted specs (normal build), the same under
 # ASan+UBSan, valgrind, a short fuzz run, the luarocks install check and

@@ -7,6 +7,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #define MEMDB_MT "chatstream.MemoryDB"
 #define STORE_MT "chatstream.Store"
@@ -1260,6 +1261,16 @@ static int sub_delivered_bytes(lua_State *L)
     return 1;
 }
 
+/* core.now(): the wall clock in seconds, with sub-microsecond resolution
+ * (os.time has whole seconds; os.clock is CPU time). */
+static int l_now(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+    return 1;
+}
+
 /* ---- module
  * ------------------------------------------------------------------ */
 
@@ -1320,7 +1331,7 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                      {"delivered_bytes", sub_delivered_bytes},
                                      {NULL, NULL}};
     static const luaL_Reg funcs[] = {
-        {"open", l_open}, {"memory", l_memory}, {NULL, NULL}};
+        {"open", l_open}, {"memory", l_memory}, {"now", l_now}, {NULL, NULL}};
 
     new_class(L, MEMDB_MT, memdb_m, memdb_gc, memdb_tostring);
     new_class(L, STORE_MT, store_m, store_gc, store_tostring);

@@ -68,6 +68,17 @@ end
 local LIVE = 5
 
 describe("chatstream module", function()
+  it("now() is the wall clock in seconds, finer than os.time()", function()
+    local a = chatstream.now()
+    assert.is_true(math.abs(a - os.time()) < 2)
+    local b
+    repeat
+      b = chatstream.now()
+    until b ~= a
+    assert.is_true(b > a and b - a < 0.5)
+    assert.are_not.equal(math.floor(a), a) -- has a fraction (almost surely)
+  end)
+
   it("has a string _VERSION", function()
     assert.are.equal("string", type(chatstream._VERSION))
     assert.truthy(chatstream._VERSION:match("^%d+%.%d+%.%d+"))

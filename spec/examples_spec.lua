@@ -64,6 +64,24 @@ describe("examples on PostgreSQL", function()
     return
   end
 
+  it("stress.lua and bench.lua run in their smoke sizes", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      local out = run("stress.lua", { "--procs", "2", "--rounds", "3" }, env)
+      H.contains("2 processes x 3 rounds = 6 rounds", out)
+      for _, s in ipairs({ "rescan", "watermark", "ordered" }) do
+        assert.is_truthy(out:match("\n" .. s .. " +6 +%d+ +0 %(0%.00%%%) +0 +0\n"), s .. " row:\n" .. out)
+      end
+      out = run("bench.lua", { "--smoke" }, env)
+      for _, s in ipairs({ "watermark", "rescan", "last_id" }) do
+        assert.is_truthy(out:match("\n" .. s .. " +%d+ +%d+ +[%d.]+"), s .. " row:\n" .. out)
+        H.contains(s .. " ", out:match("ceiling.*$"))
+      end
+      H.contains("ceiling: pgbench", out)
+      assert.is_nil(out:find("delivered %d+ of"), "a reader missed messages:\n" .. out)
+    end)
+  end)
+
   it("a worker process, the client commands and a tail process follow one chat", function()
     H.with_instance("postgresql", function(inst)
       local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }

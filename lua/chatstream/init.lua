@@ -39,6 +39,10 @@ end
 --- A new shared in-memory database; open{memory = db} gives it a hub.
 M.memory = core.memory
 
+--- The wall clock in seconds, sub-microsecond resolution (benchmarks,
+-- latencies across processes).
+M.now = core.now
+
 --- for ev in store:stream(chat_id, opts, timeout) do ... end
 -- Opens a subscription (opts as subscribe's) and iterates its events until
 -- it is idle for `timeout` seconds; the subscription is the loop's closing

@@ -111,8 +111,8 @@ static void quiet(void *arg, const char *message)
  * started, for PQconnectPoll to finish. */
 static PGconn *connect_db_mode(pg_store *s, bool start)
 {
-    const char *keys[] = {"dbname", "application_name", "connect_timeout",
-                          NULL};
+    const char *keys[] = {"dbname", "fallback_application_name",
+                          "connect_timeout", NULL};
     const char *vals[] = {s->dsn, "chatstream", CONNECT_TIMEOUT, NULL};
     if (s->has_timeout)
         keys[2] = NULL; /* the DSN's own connect_timeout wins */

@@ -1,0 +1,252 @@
+-- examples/bench.lua - end to end on PostgreSQL: writers in K processes,
+-- readers in M processes with S subscriptions per chat, for every strategy;
+-- and, in the same run on the same server, the ceiling: pgbench doing the
+-- same insert + pg_notify transactions.
+--
+--   CHATSTREAM_DSN=postgresql://... lua5.4 examples/bench.lua
+--       [--writers K] [--readers M] [--subs S] [--chats C] [--seconds T]
+--       [--strategies watermark,rescan,last_id] [--smoke]
+--
+-- Per strategy it prints: messages written and delivered per second (each
+-- message once per subscription counted in "deliveries/s"), publish-to-
+-- delivery latency p50/p99/max (the writer puts its wall clock in the
+-- message), DB queries per delivered message (store:stats() of the readers),
+-- and connections per reader process (pg_stat_activity). Then pgbench's
+-- transactions per second and the ratio of our write+deliver throughput to
+-- it. --smoke: a short run (CI keeps it from rotting). Internal modes:
+-- bench.lua writer|reader ... (spawned by the main process).
+local chatstream = require("chatstream")
+
+local DSN = os.getenv("CHATSTREAM_DSN")
+local SCHEMA = os.getenv("CHATSTREAM_SCHEMA") or "chatstream_bench"
+local LUA = os.getenv("CHATSTREAM_LUA") or "lua5.4"
+local SELF = debug.getinfo(1, "S").source:sub(2)
+
+local function shq(s)
+  return "'" .. (tostring(s):gsub("'", "'\\''")) .. "'"
+end
+
+--- The wall clock, shared by the processes, to the microsecond.
+local wall = chatstream.now
+
+local function dsn_with(app)
+  local sep = DSN:find("?", 1, true) and "&" or "?"
+  if DSN:match("^postgres") then
+    return DSN .. sep .. "application_name=" .. app
+  end
+  return DSN .. " application_name=" .. app
+end
+
+-- ---- writer -------------------------------------------------------------------
+
+local function writer(id, chats, seconds)
+  local store = assert(chatstream.open({ dsn = dsn_with("csbench_w" .. id), schema = SCHEMA, poll_interval = 0 }))
+  local stop = wall() + seconds
+  local n, c = 0, id
+  while wall() < stop do
+    c = c % chats + 1
+    assert(store:append(c, { role = "assistant", content = ("t=%.6f"):format(wall()) }))
+    n = n + 1
+  end
+  print("written " .. n)
+  store:close()
+end
+
+-- ---- reader -------------------------------------------------------------------
+
+local function reader(id, chats, subs, strategy, seconds, outfile)
+  local store = assert(chatstream.open({ dsn = dsn_with("csbench_r" .. id), schema = SCHEMA }))
+  local all = {}
+  for c = 1, chats do
+    -- from the chat's end: earlier runs' messages are not this run's
+    local after = assert(store:chat(c)).last_message_id
+    for _ = 1, subs do
+      local sub = assert(store:subscribe(c, { strategy = strategy, after = after }))
+      for _ in sub:events(0) do end -- the snapshot: the status only
+      all[#all + 1] = sub
+    end
+  end
+  io.stdout:write("ready\n")
+  io.stdout:flush()
+  local lat, delivered = {}, 0
+  local stop = wall() + seconds
+  while wall() < stop do
+    store:step(0.05)
+    for _, sub in ipairs(all) do
+      for ev in sub:events(0) do
+        if ev.kind == "message" then
+          delivered = delivered + 1
+          local t = tonumber(ev.content:match("^t=([%d.]+)"))
+          if t then
+            lat[#lat + 1] = wall() - t
+          end
+        end
+      end
+    end
+  end
+  local st = store:stats()
+  local out = assert(io.open(outfile, "w"))
+  out:write(("delivered %d queries %d\n"):format(delivered, st.queries))
+  -- a sample of latencies is enough for percentiles
+  local step = math.max(1, #lat // 20000)
+  for i = 1, #lat, step do
+    out:write(("lat %.6f\n"):format(lat[i]))
+  end
+  out:close()
+  for _, sub in ipairs(all) do
+    sub:close()
+  end
+  store:close()
+end
+
+-- ---- main ---------------------------------------------------------------------
+
+local function spawn(args)
+  local q = {}
+  for i, a in ipairs(args) do
+    q[i] = shq(a)
+  end
+  return assert(io.popen(("LUA_PATH=%s LUA_CPATH=%s %s %s %s"):format(
+    shq(package.path), shq(package.cpath), LUA, shq(SELF), table.concat(q, " ")), "r"))
+end
+
+local function psql(sql)
+  local f = assert(io.popen(("env -u LD_PRELOAD psql -X -tA %s -c %s 2>&1"):format(shq(DSN), shq(sql))))
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function percentile(sorted, p)
+  if #sorted == 0 then
+    return 0
+  end
+  return sorted[math.max(1, math.ceil(#sorted * p))]
+end
+
+local function pgbench(writers, chats, seconds)
+  local script = os.tmpname()
+  local f = assert(io.open(script, "w"))
+  -- the same transaction as store:append (lock the chat, insert, update the
+  -- chat) and the same autocommit pg_notify after it (its strings are built
+  -- with chr(58): pgbench would take ":chat" inside a literal for a variable)
+  f:write(([[
+\set chat random(1, %d)
+BEGIN;
+SELECT last_message_id FROM %s.chats WHERE id = :chat FOR UPDATE;
+INSERT INTO %s.messages (chat_id, role, content, prev_id) VALUES (:chat, 'assistant', 't=0', 0) RETURNING id;
+UPDATE %s.chats SET last_message_id = last_message_id + 1, updated_at = now() WHERE id = :chat;
+COMMIT;
+SELECT pg_notify(concat_ws(chr(58), '%s', 'chat', CAST(:chat AS text)), concat_ws(chr(58), '1', 'm', '0', '1'));
+]]):format(chats, SCHEMA, SCHEMA, SCHEMA, SCHEMA))
+  f:close()
+  local p = assert(io.popen(("env -u LD_PRELOAD pgbench -n -f %s -c %d -j %d -T %d -M prepared %s 2>&1")
+    :format(shq(script), writers, writers, math.max(1, math.floor(seconds)), shq(DSN))))
+  local out = p:read("a")
+  p:close()
+  os.remove(script)
+  local tps = tonumber(out:match("tps = ([%d.]+)"))
+  if not tps then
+    error("pgbench failed:\n" .. out)
+  end
+  return tps
+end
+
+local function main()
+  if not DSN then
+    io.stderr:write("bench.lua: set CHATSTREAM_DSN (a PostgreSQL server)\n")
+    os.exit(2)
+  end
+  local o = { writers = 2, readers = 2, subs = 1, chats = 10, seconds = 5,
+    strategies = "watermark,rescan,last_id" }
+  local i = 1
+  while arg[i] do
+    local k, v = arg[i]:match("^%-%-(%w+)$"), arg[i + 1]
+    if k == "smoke" then
+      o.seconds, o.chats, o.smoke = 1, 3, true
+      i = i + 1
+    elseif k and o[k] ~= nil and v then
+      o[k] = k == "strategies" and v or math.tointeger(tonumber(v)) or error("bad --" .. k)
+      i = i + 2
+    else
+      io.stderr:write("usage: bench.lua [--writers K] [--readers M] [--subs S] [--chats C] "
+        .. "[--seconds T] [--strategies a,b] [--smoke]\n")
+      os.exit(2)
+    end
+  end
+  local store = assert(chatstream.open({ dsn = DSN, schema = SCHEMA, poll_interval = 0 }))
+  assert(store:migrate())
+  -- chats 1..C in a fresh schema: empty it first
+  psql(("TRUNCATE %s.chats, %s.messages, %s.queued_messages RESTART IDENTITY CASCADE"):format(SCHEMA, SCHEMA, SCHEMA))
+  for _ = 1, o.chats do
+    assert(store:create_chat({ owner = "bench" }))
+  end
+  print(("end-to-end: %d writer and %d reader processes, %d chats, %d subscription(s) per chat per reader, %d s each")
+    :format(o.writers, o.readers, o.chats, o.subs, o.seconds))
+  print(("%-10s %9s %12s %9s %9s %9s %11s %9s"):format("strategy", "msgs/s", "deliveries/s", "p50 ms",
+    "p99 ms", "max ms", "queries/msg", "conns/proc"))
+  local rows = {}
+  for strategy in o.strategies:gmatch("[^,]+") do
+    local readers, files = {}, {}
+    for r = 1, o.readers do
+      files[r] = os.tmpname()
+      readers[r] = spawn({ "reader", tostring(r), tostring(o.chats), tostring(o.subs), strategy,
+        tostring(o.seconds + 1.5), files[r] })
+    end
+    for r = 1, o.readers do
+      assert(readers[r]:read("l") == "ready", "a reader did not start")
+    end
+    local conns = tonumber(psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'csbench_r%'"))
+    local writers = {}
+    for w = 1, o.writers do
+      writers[w] = spawn({ "writer", tostring(w), tostring(o.chats), tostring(o.seconds) })
+    end
+    local written = 0
+    for w = 1, o.writers do
+      written = written + (tonumber(writers[w]:read("a"):match("written (%d+)")) or 0)
+      writers[w]:close()
+    end
+    local delivered, queries, lat = 0, 0, {}
+    for r = 1, o.readers do
+      readers[r]:close()
+      for l in io.lines(files[r]) do
+        local d, q = l:match("^delivered (%d+) queries (%d+)")
+        if d then
+          delivered, queries = delivered + tonumber(d), queries + tonumber(q)
+        end
+        local t = l:match("^lat ([%d.%-]+)")
+        if t then
+          lat[#lat + 1] = tonumber(t)
+        end
+      end
+      os.remove(files[r])
+    end
+    table.sort(lat)
+    local msgs = written / o.seconds
+    local row = {
+      strategy = strategy, msgs = msgs, deliveries = delivered / o.seconds,
+      p50 = percentile(lat, 0.5) * 1000, p99 = percentile(lat, 0.99) * 1000, max = (lat[#lat] or 0) * 1000,
+      qpm = delivered > 0 and queries / delivered or 0, conns = conns / o.readers,
+      complete = delivered == written * o.subs * o.readers,
+    }
+    rows[#rows + 1] = row
+    print(("%-10s %9.0f %12.0f %9.2f %9.2f %9.2f %11.3f %9.1f%s"):format(row.strategy, row.msgs, row.deliveries,
+      row.p50, row.p99, row.max, row.qpm, row.conns,
+      row.complete and "" or (" (delivered %d of %d)"):format(delivered, written * o.subs * o.readers)))
+  end
+  local tps = pgbench(o.writers, o.chats, o.seconds)
+  print(("ceiling: pgbench, the same insert + pg_notify transactions, %d clients: %.0f tps"):format(o.writers, tps))
+  for _, r in ipairs(rows) do
+    print(("  %-10s %5.1f%% of the ceiling"):format(r.strategy, 100 * r.msgs / tps))
+  end
+  store:close()
+end
+
+local mode = arg[1]
+if mode == "writer" then
+  writer(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]))
+elseif mode == "reader" then
+  reader(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5], tonumber(arg[6]), arg[7])
+else
+  main()
+end
