@@ -9,7 +9,7 @@ local STAT_KEYS = {
   "notifications", "malformed", "queries", "query_errors", "writes",
   "publish_errors", "cache_hits", "cache_misses", "db_passes", "delivered",
   "resyncs", "reconnects", "polls", "cached_chats",
-  "parts", "parts_dropped", "auth_checks", "auth_refusals",
+  "parts", "parts_dropped", "auth_checks", "auth_refusals", "shared_passes",
 }
 
 local raises, contains = H.raises, H.contains
@@ -386,6 +386,41 @@ describe("Store", function()
         n = n + 1
       end
       assert.are.equal(#STAT_KEYS, n)
+    end)
+
+    it("watermark subscriptions of one chat share one DB pass per notification", function()
+      local writer = ctx.inst:open() -- another hub: its cache is not this one's
+      local chat = store:create_chat()
+      local subs = {}
+      for i = 1, 10 do
+        subs[i] = { sub = assert(store:subscribe(chat, { ordered = i % 2 == 0 })), got = {} }
+        H.drain(subs[i].sub)
+      end
+      local rescan = assert(store:subscribe(chat, { strategy = "rescan" }))
+      H.drain(rescan)
+      local before = store:stats()
+      local ids = {}
+      for i = 1, 5 do
+        ids[i] = writer:append(chat, { role = "user", content = "m" .. i })[1]
+        H.settle(store, before.notifications + i)
+        for _, r in ipairs(subs) do
+          H.drain(r.sub, r.got)
+        end
+        assert.are.same({ ids[i] }, H.drain(rescan))
+      end
+      for _, r in ipairs(subs) do
+        assert.are.same(ids, r.got)
+      end
+      local st = store:stats()
+      -- per notification: one query for the ten watermark readers, one for
+      -- the rescan reader (the reference's rule: its own DB pass, always)
+      assert.are.equal(5 + 5, st.queries - before.queries)
+      assert.are.equal(5 * 9, st.shared_passes - before.shared_passes)
+      assert.are.equal(10, st.db_passes - before.db_passes)
+      for _, r in ipairs(subs) do
+        r.sub:close()
+      end
+      rescan:close()
     end)
 
     it("stats() counts one write per append transaction", function()

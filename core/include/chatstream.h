@@ -130,6 +130,9 @@ typedef struct cs_stats {
     int64_t parts_dropped;  /* parts a slow reader lost (queue full) */
     int64_t auth_checks;    /* actor checks run (owner lookups) */
     int64_t auth_refusals;  /* actor checks refused */
+    int64_t shared_passes;  /* merge DB passes answered by another
+                               subscription's pass of the same chat (not
+                               counted in db_passes or queries) */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 

@@ -39,6 +39,8 @@ struct cs_sub {
     bool resync;
     int64_t resync_after, resync_id;
     bool status_dirty, queue_dirty; /* re-read them from the store */
+    bool memo_ok;                   /* the next DB pass may use the memo */
+    int64_t need;                   /* ... if the memo reaches this id */
     int64_t status_version;         /* of the last status delivered; -1 */
     uint64_t queue_sig;             /* of the last queue delivered */
     cs_msglist out;                 /* the merge's output */
@@ -212,6 +214,7 @@ void cs_hub_close(cs_hub *hub)
         hub_chat *c = hub->chats[i];
         if (c) {
             cs_cache_free(&c->cache);
+            cs_msglist_free(&c->memo);
             free(c);
         }
     }
@@ -242,6 +245,7 @@ void cs_hub_stats(const cs_hub *hub, cs_stats *out)
     out->cache_misses += hub->counts.cache_misses;
     out->db_passes += hub->counts.db_passes;
     out->reconnects = hub->store.ops->reconnects(hub->store.st);
+    out->db_passes -= hub->stats.shared_passes; /* not queried: shared */
     out->cached_chats = (int64_t)hub->nchats;
 }
 
@@ -327,6 +331,7 @@ static void chats_evict(cs_hub *hub)
     hub_chat *c = hub->chats[victim];
     chats_remove_slot(hub, victim);
     cs_cache_free(&c->cache);
+    cs_msglist_free(&c->memo);
     free(c);
 }
 
@@ -534,13 +539,54 @@ int cs_hub_wait(cs_hub *hub, double timeout)
 
 /* ---- subscriptions ---------------------------------------------------- */
 
+/* The merge's DB pass. A watermark pass for a notification of message
+ * `need` is answered by the chat's memo when the memo starts at or below
+ * `after` and reaches `need`: its rows above `after` are then exactly what a
+ * query would have returned when the memo was read (every message up to its
+ * end had committed by then), and they include the notified message. So the
+ * subscriptions of a chat in one hub share one query per batch of
+ * notifications. Resyncs (notifications may have been missed) always ask
+ * the store. */
 static int sub_query(void *ud, int64_t after, cs_msglist *out)
 {
     cs_sub *s = ud;
-    int rc = s->hub->store.ops->messages_after(s->hub->store.st, s->chat_id,
-                                               after, out);
+    cs_hub *hub = s->hub;
+    hub_chat *c = s->chat;
+    cs_msglist *memo = &c->memo;
+    if (s->memo_ok && memo->n > 0 && c->memo_after <= after &&
+        memo->items[memo->n - 1]->id >= s->need) {
+        size_t base = out->n;
+        for (size_t i = 0; i < memo->n; i++) {
+            if (memo->items[i]->id <= after)
+                continue;
+            if (cs_msglist_push(out, cs_msg_ref(memo->items[i])) < 0) {
+                cs_msg_unref(memo->items[i]);
+                while (out->n > base)
+                    cs_msg_unref(out->items[--out->n]);
+                return CS_ENOMEM;
+            }
+        }
+        hub->counts.queries--; /* the merge counted one; none was sent */
+        hub->stats.shared_passes++;
+        return CS_OK;
+    }
+    size_t base = out->n;
+    int rc =
+        hub->store.ops->messages_after(hub->store.st, s->chat_id, after, out);
     if (rc < 0)
-        cs_hub_fail(s->hub, rc, NULL);
+        return cs_hub_fail(hub, rc, NULL);
+    /* Kept when small (at most a cache's worth): the memo is an
+     * optimisation, its memory stays bounded. */
+    cs_msglist_clear(memo);
+    if (out->n - base <= hub->cache_size) {
+        for (size_t i = base; i < out->n; i++)
+            if (cs_msglist_push(memo, cs_msg_ref(out->items[i])) < 0) {
+                cs_msg_unref(out->items[i]);
+                cs_msglist_clear(memo);
+                break;
+            }
+        c->memo_after = after;
+    }
     return rc;
 }
 
@@ -741,6 +787,7 @@ static void sub_process(cs_sub *s)
 {
     cs_merge_source src = {&s->chat->cache, sub_query, s};
     if (s->resync) {
+        s->memo_ok = false; /* a resync reads what is there now */
         int rc = cs_merge_notify(&s->merge, &src, s->resync_after, s->resync_id,
                                  true, &s->out);
         ev_take_merged(s);
@@ -781,6 +828,8 @@ static void sub_process(cs_sub *s)
                 s->q[s->qhead] = m;
                 take = 1;
             }
+            s->memo_ok = s->merge.strategy == CS_STRATEGY_WATERMARK;
+            s->need = m.b;
             rc = cs_merge_notify(&s->merge, &src, m.a, m.b, false, &s->out);
             ev_take_merged(s);
         } else if (h->kind == CS_HINT_STATUS) {

@@ -11,6 +11,12 @@ typedef struct hub_chat {
     size_t nsubs;
     bool listening;
     uint64_t used; /* the hub's tick when last used (eviction order) */
+    /* The last DB pass of the chat in this hub: every message in
+     * (memo_after, last row] as of that pass, a consistent prefix
+     * (invariant 1). Watermark subscriptions of the chat reuse it instead of
+     * querying again when it reaches what they were notified of. */
+    cs_msglist memo;
+    int64_t memo_after;
 } hub_chat;
 
 struct cs_hub {
