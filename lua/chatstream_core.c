@@ -301,9 +301,10 @@ static int l_open(lua_State *L)
         }
         lua_pop(L, 1);
         if (lua_getfield(L, 1, "query_timeout") != LUA_TNIL) {
-            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
-                return luaL_error(
-                    L, "option 'query_timeout' must be a number > 0");
+            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0) ||
+                !(lua_tonumber(L, -1) <= 86400))
+                return luaL_error(L, "option 'query_timeout' must be a number "
+                                     "> 0 and <= 86400 (seconds)");
             o.query_timeout = (double)lua_tonumber(L, -1);
         }
         lua_pop(L, 1);

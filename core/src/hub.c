@@ -138,7 +138,8 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
         errbuf[0] = '\0';
     if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE ||
         o.max_chats > CS_MAX_CACHE_SIZE || (o.dsn && o.memory) ||
-        o.poll_interval != o.poll_interval || !(o.query_timeout >= 0) ||
+        o.poll_interval != o.poll_interval ||
+        !(o.query_timeout >= 0 && o.query_timeout <= 86400) ||
         !(o.stale_after >= 0)) {
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "bad hub options");

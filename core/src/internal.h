@@ -193,6 +193,11 @@ typedef struct cs_store_ops {
      * with version + 1 and a fresh heartbeat. rows receives them. */
     int (*acquire)(void *st, const char *worker, size_t limit,
                    double stale_after, cs_chat_row *rows, size_t *n);
+    /* Up to limit chats interrupted (waiting, a worker still on them) whose
+     * worker's heartbeat is older than stale_after seconds: read only; the
+     * caller revives each under its lock. */
+    int (*stale_interrupted)(void *st, double stale_after, size_t limit,
+                             int64_t *ids, size_t *n);
     /* Notifies "1:p:<last_message_id>:<text>" on the chat's channel, the
      * chat's last message ID read by the store. CS_ENOTFOUND if no chat. */
     int (*notify_part)(void *st, int64_t chat_id, const char *text, size_t len);

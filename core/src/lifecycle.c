@@ -190,8 +190,17 @@ int cs_hub_send(cs_hub *hub, int64_t chat_id, const char *actor,
         return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
     if ((rc = cs_hub_authorize(hub, chat_id, actor, "send")) < 0)
         return rc;
-    send_arg a = {actor, content ? content : "", len, 0, 0};
+    /* The stores take the content as a C string: it gets its terminator
+     * here (a caller's buffer need not have one). */
+    char *copy = malloc(len + 1);
+    if (!copy)
+        return CS_ENOMEM;
+    if (len)
+        memcpy(copy, content, len);
+    copy[len] = '\0';
+    send_arg a = {actor, copy, len, 0, 0};
     rc = run_publish(hub, chat_id, run_send, &a);
+    free(copy);
     if (rc < 0)
         return rc;
     if (id)
@@ -416,6 +425,25 @@ int cs_promote_prepare(cs_hub *hub, int64_t chat_id, const char *actor,
 
 #define ACQUIRE_MAX 1024
 
+/* An interrupted chat whose worker went silent: under the chat's lock, if
+ * it still is, its queue's head is promoted, or it is released (waiting, no
+ * worker) when the queue is empty. */
+static int run_revive(cs_publish *p, cs_chat_row *row)
+{
+    cs_hub *hub = p->hub;
+    if (!(row->status == CS_STATUS_WAITING && row->worker[0] &&
+          !fresh_worker(hub, row)))
+        return CS_OK; /* moved on meanwhile */
+    cs_queue q = {0};
+    int rc = hub->store.ops->queue_list(hub->store.st, row->id, &q);
+    if (rc == CS_OK && q.n > 0)
+        rc = promote_item(p, row, &q.items[0]);
+    else if (rc == CS_OK)
+        rc = set_status(p, row, CS_STATUS_WAITING, NULL, false);
+    cs_queue_free(&q);
+    return rc;
+}
+
 int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
                    double stale_after, int64_t *ids, size_t *n)
 {
@@ -428,6 +456,25 @@ int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
         return cs_hub_fail(hub, CS_EINVAL, "limit must be 1 to 1024");
     if (stale_after == 0)
         stale_after = hub->stale_after;
+    /* First the chats whose worker was interrupted and then went silent:
+     * their queue's head is promoted (they become pending), or they are
+     * released, so they cannot stay stuck. */
+    int64_t *stuck = malloc(limit * sizeof *stuck);
+    size_t nstuck = 0;
+    if (!stuck)
+        return CS_ENOMEM;
+    rc = hub->store.ops->stale_interrupted(hub->store.st, stale_after, limit,
+                                           stuck, &nstuck);
+    for (size_t i = 0; rc == CS_OK && i < nstuck; i++) {
+        double keep = hub->stale_after;
+        hub->stale_after = stale_after;
+        if (run_publish(hub, stuck[i], run_revive, NULL) < 0)
+            hub->stats.publish_errors++; /* another worker's turn: fine */
+        hub->stale_after = keep;
+    }
+    free(stuck);
+    if (rc < 0)
+        return cs_hub_fail(hub, rc, NULL);
     cs_chat_row *rows = malloc(limit * sizeof *rows);
     if (!rows)
         return CS_ENOMEM;

@@ -519,6 +519,22 @@ static int m_acquire(void *st, const char *worker, size_t limit,
     return CS_OK;
 }
 
+static int m_stale_interrupted(void *st, double stale_after, size_t limit,
+                               int64_t *ids, size_t *n)
+{
+    mem_conn *c = st;
+    cs_memdb *db = c->db;
+    double t = wall_now();
+    *n = 0;
+    for (size_t i = 0; i < db->nchats && *n < limit && stale_after >= 0; i++) {
+        mem_chat *ch = db->chats[i];
+        if (ch->status == CS_STATUS_WAITING && ch->worker[0] &&
+            (ch->heartbeat_at <= 0 || t - ch->heartbeat_at > stale_after))
+            ids[(*n)++] = ch->id;
+    }
+    return CS_OK;
+}
+
 static int m_notify(void *st, int64_t chat_id, const char *payload, size_t len);
 
 static int m_notify_part(void *st, int64_t chat_id, const char *text,
@@ -701,6 +717,7 @@ static const cs_store_ops memory_ops = {
     .tx_queue_front = m_tx_queue_front,
     .acquire = m_acquire,
     .notify_part = m_notify_part,
+    .stale_interrupted = m_stale_interrupted,
     .messages_after = m_messages_after,
     .listen = m_listen,
     .unlisten = m_unlisten,

@@ -371,12 +371,16 @@ static const char *const migrations[] = {
     "ALTER TABLE %1$s.messages ADD COLUMN tool text NOT NULL DEFAULT '';"
     "ALTER TABLE %1$s.queued_messages"
     " ADD COLUMN position bigint NOT NULL DEFAULT 0;"
-    "UPDATE %1$s.queued_messages SET position = id;"
+    "UPDATE %1$s.queued_messages q SET position = o.n FROM (SELECT id,"
+    " row_number() OVER (PARTITION BY chat_id ORDER BY created_at, id) AS n"
+    " FROM %1$s.queued_messages) o WHERE q.id = o.id;"
     "CREATE INDEX queued_messages_position ON %1$s.queued_messages"
     " (chat_id, position, id);"
-    "DROP INDEX %1$s.queued_messages_chat;"
+    "DROP INDEX IF EXISTS %1$s.queued_messages_chat;"
     "CREATE INDEX chats_acquire ON %1$s.chats (updated_at, id)"
-    " WHERE status IN ('pending', 'running');",
+    " WHERE status IN ('pending', 'running');"
+    "CREATE INDEX chats_interrupted ON %1$s.chats (updated_at, id)"
+    " WHERE status = 'waiting' AND worker_id IS NOT NULL;",
 };
 
 static int p_migrate(void *st)
@@ -498,7 +502,11 @@ static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row)
     int st = cs_status_parse(status, strlen(status));
     if (!col_id(r, i, 0, &row->id) || !col_id(r, i, 4, &row->version) ||
         !col_id(r, i, 7, &row->last_message_id) || st < 0 ||
-        PQgetisnull(r, i, 1) || PQgetisnull(r, i, 2) || PQgetisnull(r, i, 5))
+        PQgetisnull(r, i, 1) || PQgetisnull(r, i, 2) || PQgetisnull(r, i, 5) ||
+        PQgetlength(r, i, 1) > CS_NAME_MAX ||
+        PQgetlength(r, i, 2) > CS_TITLE_MAX ||
+        PQgetlength(r, i, 5) > CS_NAME_MAX)
+        /* Never cut a name short: a prefix of the owner is not the owner. */
         return fail(s, CS_EBACKEND, "bad chat row", NULL);
     row->status = (cs_status)st;
     if (PQgetisnull(r, i, 6))
@@ -602,6 +610,11 @@ static int p_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
              s->schema);
     i64s(chat, chat_id);
     const char *vals[1] = {chat};
+    /* Never inside a transaction left open: BEGIN would only warn, and the
+     * work would join it. */
+    if (s->q && PQstatus(s->q) == CONNECTION_OK &&
+        PQtransactionStatus(s->q) != PQTRANS_IDLE)
+        rollback(s);
     int rc = exec_retry(s, "BEGIN", 0, NULL);
     if (rc == CS_OK) {
         PGresult *r = run(s, s->q, sql, 1, vals);
@@ -719,7 +732,7 @@ static int p_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
              "UPDATE %1$s.chats SET status = $2::text, version = $3::bigint, "
              "worker_id = nullif($4::text, ''), "
              "heartbeat_at = CASE WHEN $4::text = '' THEN NULL "
-             "WHEN $5::boolean THEN now() ELSE heartbeat_at END, "
+             "WHEN $5::boolean THEN clock_timestamp() ELSE heartbeat_at END, "
              "updated_at = now() WHERE id = $1::bigint",
              s->schema);
     i64s(chat, row->id);
@@ -886,6 +899,50 @@ static int p_tx_queue_front(void *st, int64_t chat_id, int64_t qid)
 /* Its own transaction. Rows another transaction holds (a chat being written,
  * another worker's acquire) are skipped, not waited for. The rows come back
  * in the order they were picked: by the update time before this one. */
+/* Seconds as whole microseconds (no decimal point to localise); beyond
+ * about 31 years nothing is that stale anyway; < 0 (never): -1. */
+static int64_t stale_usec(double stale_after)
+{
+    return !(stale_after >= 0) ? -1
+           : stale_after > 1e9 ? (int64_t)1e15
+                               : (int64_t)(stale_after * 1e6);
+}
+
+static int p_stale_interrupted(void *st, double stale_after, size_t limit,
+                               int64_t *ids, size_t *n)
+{
+    pg_store *s = st;
+    *n = 0;
+    if (limit == 0 || !(stale_after >= 0))
+        return CS_OK;
+    char sql[SQL_MAX], lim[24], stale[24];
+    snprintf(sql, sizeof sql,
+             "SELECT id FROM %1$s.chats WHERE status = 'waiting' AND "
+             "worker_id IS NOT NULL AND (heartbeat_at IS NULL OR heartbeat_at "
+             "< clock_timestamp() - $2::bigint * interval '1 microsecond') "
+             "ORDER BY updated_at, id LIMIT $1::bigint",
+             s->schema);
+    i64s(lim, (int64_t)limit);
+    i64s(stale, stale_usec(stale_after));
+    const char *vals[2] = {lim, stale};
+    PGresult *r = s->in_tx ? NULL : run_retry(s, sql, 2, vals);
+    if (!r)
+        return s->in_tx ? fail(s, CS_EINVAL, "a transaction is open", NULL)
+                        : CS_EBACKEND;
+    int rows = PQntuples(r), rc = CS_OK;
+    for (int i = 0; i < rows && (size_t)i < limit; i++) {
+        if (!col_id(r, i, 0, &ids[i])) {
+            rc = fail(s, CS_EBACKEND, "bad chat id", NULL);
+            break;
+        }
+        *n = (size_t)i + 1;
+    }
+    PQclear(r);
+    if (rc < 0)
+        *n = 0;
+    return rc;
+}
+
 static int p_acquire(void *st, const char *worker, size_t limit,
                      double stale_after, cs_chat_row *rows, size_t *n)
 {
@@ -900,19 +957,19 @@ static int p_acquire(void *st, const char *worker, size_t limit,
     }
     /* In whole microseconds (no decimal point to localise); beyond about 31
      * years nothing is that stale anyway. */
-    int64_t stale_us = !(stale_after >= 0) ? -1
-                       : stale_after > 1e9 ? (int64_t)1e15
-                                           : (int64_t)(stale_after * 1e6);
+    int64_t stale_us = stale_usec(stale_after);
     char sql[SQL_MAX], lim[24], stale[24];
     snprintf(
         sql, sizeof sql,
         "WITH p AS (SELECT id, updated_at FROM %1$s.chats "
         "WHERE status = 'pending' OR (status = 'running' AND $3::bigint >= 0 "
-        "AND (heartbeat_at IS NULL OR heartbeat_at < now() - $3::bigint * "
+        "AND (heartbeat_at IS NULL OR heartbeat_at < clock_timestamp() - "
+        "$3::bigint * "
         "interval '1 microsecond')) "
         "ORDER BY updated_at, id LIMIT $2::bigint FOR UPDATE SKIP LOCKED), "
         "u AS (UPDATE %1$s.chats c SET status = 'running', "
-        "worker_id = $1::text, heartbeat_at = now(), version = c.version + 1, "
+        "worker_id = $1::text, heartbeat_at = clock_timestamp(), version = "
+        "c.version + 1, "
         "updated_at = now() FROM p WHERE c.id = p.id "
         "RETURNING c.id, c.owner, c.title, c.status, c.version, c.worker_id, "
         "c.last_message_id, p.updated_at AS picked) "
@@ -1020,7 +1077,10 @@ static int p_notify_part(void *st, int64_t chat_id, const char *text,
     channel_of(s, chat_id, channel, sizeof channel);
     i64s(chat, chat_id);
     const char *vals[3] = {channel, text ? text : "", chat};
-    PGresult *r = run_retry(s, sql, 3, vals);
+    /* Not retried: a part that went out before the connection broke would
+     * go out twice (a lost part is acceptable, a repeated one is not). */
+    PGconn *c = qconn(s);
+    PGresult *r = c ? run(s, c, sql, 3, vals) : NULL;
     if (!r)
         return CS_EBACKEND;
     int rc = PQntuples(r) == 1 ? CS_OK : no_chat(s, chat_id);
@@ -1287,6 +1347,7 @@ static const cs_store_ops pg_ops = {
     .tx_queue_front = p_tx_queue_front,
     .acquire = p_acquire,
     .notify_part = p_notify_part,
+    .stale_interrupted = p_stale_interrupted,
     .messages_after = p_messages_after,
     .listen = p_listen,
     .unlisten = p_unlisten,
