@@ -187,6 +187,34 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     if (p->committed_done)
         return cs_hub_fail(hub, CS_EINVAL, "already committed");
     const cs_store_ops *ops = hub->store.ops;
+    if (!p->run && !p->worker && p->n == 1 && ops->append1) {
+        /* One plain message: the store's short path. */
+        int rc =
+            ops->append1(hub->store.st, p->chat_id, p->msgs, &p->committed);
+        if (rc == CS_ENOMEM && p->committed.n == 0) {
+            hub->stats.writes++; /* committed, not published */
+            hub->stats.publish_errors++;
+            p->committed_done = true;
+            free_inputs(p);
+            p->n = 0;
+            if (ids)
+                *ids = p->ids;
+            if (n)
+                *n = 0;
+            return CS_OK;
+        }
+        if (rc < 0)
+            return cs_hub_fail(hub, rc, NULL);
+        hub->stats.writes++;
+        p->committed_done = true;
+        free_inputs(p);
+        p->ids[0] = p->committed.items[0]->id;
+        if (ids)
+            *ids = p->ids;
+        if (n)
+            *n = 1;
+        return CS_OK;
+    }
     cs_chat_row row;
     int rc = ops->tx_begin(hub->store.st, p->chat_id, &row);
     if (rc < 0)

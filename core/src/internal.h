@@ -193,6 +193,11 @@ typedef struct cs_store_ops {
      * with version + 1 and a fresh heartbeat. rows receives them. */
     int (*acquire)(void *st, const char *worker, size_t limit,
                    double stale_after, cs_chat_row *rows, size_t *n);
+    /* Optional (NULL: tx_begin + tx_insert + tx_end): one message in one
+     * transaction, as few round trips as the store can (the same lock, the
+     * same rule). CS_ENOTFOUND if no chat. */
+    int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg,
+                   cs_msglist *out);
     /* Up to limit chats interrupted (waiting, a worker still on them) whose
      * worker's heartbeat is older than stale_after seconds: read only; the
      * caller revives each under its lock. */

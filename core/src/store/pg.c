@@ -721,6 +721,72 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
     return CS_OK;
 }
 
+/* One message: BEGIN (the statement that may be resent on a fresh
+ * connection), then one statement that locks the chat row, takes the id
+ * under that lock (invariant 1), inserts and moves the chat's last message,
+ * then COMMIT: three round trips where the general path takes five. */
+static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
+                     cs_msglist *out)
+{
+    pg_store *s = st;
+    if (s->in_tx) {
+        snprintf(s->err, sizeof s->err,
+                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
+        return CS_EINVAL;
+    }
+    char sql[SQL_MAX], chat[24];
+    snprintf(sql, sizeof sql,
+             "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
+             "WHERE id = $1 FOR UPDATE), "
+             "m AS (INSERT INTO %1$s.messages (chat_id, role, content, "
+             "prev_id, tool) SELECT c.id, $2, $3, c.last_message_id, $4 "
+             "FROM c RETURNING id, prev_id), "
+             "u AS (UPDATE %1$s.chats SET last_message_id = m.id, "
+             "updated_at = now() FROM m WHERE %1$s.chats.id = $1) "
+             "SELECT id, prev_id FROM m",
+             s->schema);
+    i64s(chat, chat_id);
+    const char *content = msg->content ? msg->content : "";
+    const char *tool = msg->tool ? msg->tool : "";
+    const char *vals[4] = {chat, cs_role_name(msg->role), content, tool};
+    if (s->q && PQstatus(s->q) == CONNECTION_OK &&
+        PQtransactionStatus(s->q) != PQTRANS_IDLE)
+        rollback(s);
+    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    if (rc < 0)
+        return rc;
+    PGresult *r = run(s, s->q, sql, 4, vals);
+    int64_t id = 0, prev = 0;
+    if (!r)
+        rc = CS_EBACKEND;
+    else if (PQntuples(r) != 1)
+        rc = no_chat(s, chat_id);
+    else if (!col_id(r, 0, 0, &id) || !col_id(r, 0, 1, &prev))
+        rc = fail(s, CS_EBACKEND, "bad message id returned", NULL);
+    PQclear(r);
+    if (rc == CS_OK && (!s->q || PQtransactionStatus(s->q) != PQTRANS_INTRANS))
+        rc = fail(s, CS_EBACKEND, "transaction aborted, rolled back", NULL);
+    if (rc == CS_OK) {
+        r = run(s, s->q, "COMMIT", 0, NULL);
+        if (!r)
+            rc = CS_EBACKEND;
+        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
+            rc = fail(s, CS_EBACKEND, "transaction rolled back", NULL);
+        PQclear(r);
+    }
+    if (rc < 0) {
+        rollback(s);
+        return rc;
+    }
+    cs_msg *m = cs_msg_new(id, chat_id, prev, msg->role, content,
+                           msg->content_len, tool);
+    if (!m || cs_msglist_push(out, m) < 0) {
+        cs_msg_unref(m);
+        return CS_ENOMEM; /* committed: see cs_pub_commit */
+    }
+    return CS_OK;
+}
+
 static int p_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
 {
     pg_store *s = st;
@@ -1348,6 +1414,7 @@ static const cs_store_ops pg_ops = {
     .acquire = p_acquire,
     .notify_part = p_notify_part,
     .stale_interrupted = p_stale_interrupted,
+    .append1 = p_append1,
     .messages_after = p_messages_after,
     .listen = p_listen,
     .unlisten = p_unlisten,
