@@ -105,7 +105,8 @@ typedef struct result {
 } result;
 
 /* One run: returns its figures (and checks delivery: every message once). */
-static result run(db *d, const size_t *order, const kind *k, size_t cache_cap)
+__attribute__((noinline)) static result run(db *d, const size_t *order,
+                                            const kind *k, size_t cache_cap)
 {
     result r = {0};
     cs_cache cache;
