@@ -167,6 +167,20 @@ static int notify_watermark(cs_merge *m, const cs_merge_source *src, int64_t id,
             bool chain = c->prev_id == w;
             if (!chain && m->ordered)
                 break; /* held until W reaches it */
+            if (chain && m->delivered.n == 0) {
+                /* The common case: the next message of the chain with
+                 * nothing out of order held. W moves onto it directly; the
+                 * set has nothing to add and nothing to drop. */
+                int rc = cs_msglist_push(out, c);
+                if (rc < 0)
+                    return rc; /* W is already where the chain reached */
+                cs_msg_ref(c);
+                if (c->id > m->last)
+                    m->last = c->id;
+                w = c->id;
+                cs_idset_advance(&m->delivered, w);
+                continue;
+            }
             if (!cs_idset_has(&m->delivered, c->id)) {
                 int rc = deliver(m, c, out);
                 if (rc < 0) {
