@@ -5,7 +5,7 @@
 --
 --   CHATSTREAM_DSN=postgresql://... lua5.4 examples/bench.lua
 --       [--writers K] [--readers M] [--subs S] [--chats C] [--seconds T]
---       [--strategies watermark,rescan,last_id] [--smoke]
+--       [--strategies watermark,rescan,last_id] [--batch MS] [--smoke]
 --
 -- Per strategy it prints: messages written and delivered per second (each
 -- message once per subscription counted in "deliveries/s"), publish-to-
@@ -13,7 +13,9 @@
 -- message), DB queries per delivered message (store:stats() of the readers),
 -- and connections per reader process (pg_stat_activity). Then pgbench's
 -- transactions per second and the ratio of our write+deliver throughput to
--- it. --smoke: a short run (CI keeps it from rotting). Internal modes:
+-- it. --batch MS: readers let notifications gather MS milliseconds after
+-- the first (one DB pass per chat per batch; latency for throughput).
+-- --smoke: a short run (CI keeps it from rotting). Internal modes:
 -- bench.lua writer|reader ... (spawned by the main process).
 local chatstream = require("chatstream")
 
@@ -54,7 +56,7 @@ end
 
 -- ---- reader -------------------------------------------------------------------
 
-local function reader(id, chats, subs, strategy, seconds, outfile)
+local function reader(id, chats, subs, strategy, seconds, outfile, batch)
   local store = assert(chatstream.open({ dsn = dsn_with("csbench_r" .. id), schema = SCHEMA }))
   local all = {}
   for c = 1, chats do
@@ -71,7 +73,12 @@ local function reader(id, chats, subs, strategy, seconds, outfile)
   local lat, delivered = {}, 0
   local stop = wall() + seconds
   while wall() < stop do
-    store:step(0.05)
+    -- With a batch time, notifications gather for that long after the first
+    -- arrives: one DB pass per chat then covers them all (latency for
+    -- throughput).
+    if assert(store:step(0.05)) > 0 and batch > 0 then
+      chatstream.sleep(batch)
+    end
     for _, sub in ipairs(all) do
       for ev in sub:events(0) do
         if ev.kind == "message" then
@@ -158,7 +165,7 @@ local function main()
     os.exit(2)
   end
   local o = { writers = 2, readers = 2, subs = 1, chats = 10, seconds = 5,
-    strategies = "watermark,rescan,last_id" }
+    strategies = "watermark,rescan,last_id", batch = 0 }
   local i = 1
   while arg[i] do
     local k, v = arg[i]:match("^%-%-(%w+)$"), arg[i + 1]
@@ -167,6 +174,9 @@ local function main()
       i = i + 1
     elseif k and o[k] ~= nil and v then
       o[k] = k == "strategies" and v or math.tointeger(tonumber(v)) or error("bad --" .. k)
+      if k == "batch" then
+        o.batch = o.batch / 1000 -- given in milliseconds
+      end
       i = i + 2
     else
       io.stderr:write("usage: bench.lua [--writers K] [--readers M] [--subs S] [--chats C] "
@@ -191,7 +201,7 @@ local function main()
     for r = 1, o.readers do
       files[r] = os.tmpname()
       readers[r] = spawn({ "reader", tostring(r), tostring(o.chats), tostring(o.subs), strategy,
-        tostring(o.seconds + 1.5), files[r] })
+        tostring(o.seconds + 1.5), files[r], tostring(o.batch) })
     end
     for r = 1, o.readers do
       assert(readers[r]:read("l") == "ready", "a reader did not start")
@@ -246,7 +256,8 @@ local mode = arg[1]
 if mode == "writer" then
   writer(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]))
 elseif mode == "reader" then
-  reader(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5], tonumber(arg[6]), arg[7])
+  reader(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5], tonumber(arg[6]), arg[7],
+    tonumber(arg[8]) or 0)
 else
   main()
 end

@@ -1273,6 +1273,17 @@ static int l_now(lua_State *L)
     return 1;
 }
 
+/* core.sleep(seconds): sleeps (nanosleep), whatever the stores have. */
+static int l_sleep(lua_State *L)
+{
+    lua_Number t = luaL_checknumber(L, 1);
+    luaL_argcheck(L, t >= 0 && t <= 86400, 1, "seconds must be 0 to 86400");
+    struct timespec ts = {(time_t)t, (long)((t - (lua_Number)(time_t)t) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0)
+        ; /* interrupted: sleep the rest */
+    return 0;
+}
+
 /* ---- module
  * ------------------------------------------------------------------ */
 
@@ -1332,8 +1343,11 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                      {"cursor", sub_cursor},
                                      {"delivered_bytes", sub_delivered_bytes},
                                      {NULL, NULL}};
-    static const luaL_Reg funcs[] = {
-        {"open", l_open}, {"memory", l_memory}, {"now", l_now}, {NULL, NULL}};
+    static const luaL_Reg funcs[] = {{"open", l_open},
+                                     {"memory", l_memory},
+                                     {"now", l_now},
+                                     {"sleep", l_sleep},
+                                     {NULL, NULL}};
 
     new_class(L, MEMDB_MT, memdb_m, memdb_gc, memdb_tostring);
     new_class(L, STORE_MT, store_m, store_gc, store_tostring);

@@ -68,6 +68,15 @@ end
 local LIVE = 5
 
 describe("chatstream module", function()
+  it("sleep(s) sleeps that long, and refuses nonsense", function()
+    local t = chatstream.now()
+    chatstream.sleep(0.05)
+    local dt = chatstream.now() - t
+    assert.is_true(dt >= 0.049 and dt < 1, tostring(dt))
+    H.contains("seconds must be 0 to 86400", H.raises(chatstream.sleep, -1))
+    H.contains("number expected", H.raises(chatstream.sleep, "x"))
+  end)
+
   it("now() is the wall clock in seconds, finer than os.time()", function()
     local a = chatstream.now()
     assert.is_true(math.abs(a - os.time()) < 2)

@@ -43,6 +43,9 @@ M.memory = core.memory
 -- latencies across processes).
 M.now = core.now
 
+--- Sleeps `seconds` (0 to 86400), with sub-millisecond resolution.
+M.sleep = core.sleep
+
 --- for ev in store:stream(chat_id, opts, timeout) do ... end
 -- Opens a subscription (opts as subscribe's) and iterates its events until
 -- it is idle for `timeout` seconds; the subscription is the loop's closing
