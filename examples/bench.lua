@@ -5,7 +5,7 @@
 --
 --   CHATSTREAM_DSN=postgresql://... lua5.4 examples/bench.lua
 --       [--writers K] [--readers M] [--subs S] [--chats C] [--seconds T]
---       [--strategies watermark,rescan,last_id] [--batch MS] [--smoke]
+--       [--strategies watermark,rescan,last_id] [--batch MS] [--shared] [--smoke]
 --
 -- Per strategy it prints: messages written and delivered per second (each
 -- message once per subscription counted in "deliveries/s"), publish-to-
@@ -15,6 +15,8 @@
 -- transactions per second and the ratio of our write+deliver throughput to
 -- it. --batch MS: readers let notifications gather MS milliseconds after
 -- the first (one DB pass per chat per batch; latency for throughput).
+-- --shared: no writer processes; each reader process writes too, so writer
+-- and readers share a hub (its cache).
 -- --smoke: a short run (CI keeps it from rotting). Internal modes:
 -- bench.lua writer|reader ... (spawned by the main process).
 local chatstream = require("chatstream")
@@ -56,7 +58,7 @@ end
 
 -- ---- reader -------------------------------------------------------------------
 
-local function reader(id, chats, subs, strategy, seconds, outfile, batch)
+local function reader(id, chats, subs, strategy, seconds, outfile, batch, shared)
   local store = assert(chatstream.open({ dsn = dsn_with("csbench_r" .. id), schema = SCHEMA }))
   local all = {}
   for c = 1, chats do
@@ -70,13 +72,22 @@ local function reader(id, chats, subs, strategy, seconds, outfile, batch)
   end
   io.stdout:write("ready\n")
   io.stdout:flush()
-  local lat, delivered = {}, 0
+  local lat, delivered, written = {}, 0, 0
   local stop = wall() + seconds
+  -- --shared: this process is the writer too (its hub's cache holds what it
+  -- writes), for the seconds the writers of the other mode would write
+  local write_stop = stop - 1.5
+  local c = id
   while wall() < stop do
+    if shared and wall() < write_stop then
+      c = c % chats + 1
+      assert(store:append(c, { role = "assistant", content = ("t=%.6f"):format(wall()) }))
+      written = written + 1
+      store:step(0)
     -- With a batch time, notifications gather for that long after the first
     -- arrives: one DB pass per chat then covers them all (latency for
     -- throughput).
-    if assert(store:step(0.05)) > 0 and batch > 0 then
+    elseif assert(store:step(0.05)) > 0 and batch > 0 then
       chatstream.sleep(batch)
     end
     for _, sub in ipairs(all) do
@@ -93,7 +104,7 @@ local function reader(id, chats, subs, strategy, seconds, outfile, batch)
   end
   local st = store:stats()
   local out = assert(io.open(outfile, "w"))
-  out:write(("delivered %d queries %d\n"):format(delivered, st.queries))
+  out:write(("delivered %d queries %d written %d\n"):format(delivered, st.queries, written))
   -- a sample of latencies is enough for percentiles
   local step = math.max(1, #lat // 20000)
   for i = 1, #lat, step do
@@ -165,12 +176,15 @@ local function main()
     os.exit(2)
   end
   local o = { writers = 2, readers = 2, subs = 1, chats = 10, seconds = 5,
-    strategies = "watermark,rescan,last_id", batch = 0 }
+    strategies = "watermark,rescan,last_id", batch = 0, shared = false }
   local i = 1
   while arg[i] do
     local k, v = arg[i]:match("^%-%-(%w+)$"), arg[i + 1]
     if k == "smoke" then
       o.seconds, o.chats, o.smoke = 1, 3, true
+      i = i + 1
+    elseif k == "shared" then
+      o.shared = true
       i = i + 1
     elseif k and o[k] ~= nil and v then
       o[k] = k == "strategies" and v or math.tointeger(tonumber(v)) or error("bad --" .. k)
@@ -180,7 +194,7 @@ local function main()
       i = i + 2
     else
       io.stderr:write("usage: bench.lua [--writers K] [--readers M] [--subs S] [--chats C] "
-        .. "[--seconds T] [--strategies a,b] [--smoke]\n")
+        .. "[--seconds T] [--strategies a,b] [--batch MS] [--shared] [--smoke]\n")
       os.exit(2)
     end
   end
@@ -191,8 +205,9 @@ local function main()
   for _ = 1, o.chats do
     assert(store:create_chat({ owner = "bench" }))
   end
-  print(("end-to-end: %d writer and %d reader processes, %d chats, %d subscription(s) per chat per reader, %d s each")
-    :format(o.writers, o.readers, o.chats, o.subs, o.seconds))
+  print(("end-to-end: %s, %d chats, %d subscription(s) per chat per reader, %d s each")
+    :format(o.shared and ("%d processes writing and reading (shared hub)"):format(o.readers)
+      or ("%d writer and %d reader processes"):format(o.writers, o.readers), o.chats, o.subs, o.seconds))
   print(("%-10s %9s %12s %9s %9s %9s %11s %9s"):format("strategy", "msgs/s", "deliveries/s", "p50 ms",
     "p99 ms", "max ms", "queries/msg", "conns/proc"))
   local rows = {}
@@ -201,18 +216,18 @@ local function main()
     for r = 1, o.readers do
       files[r] = os.tmpname()
       readers[r] = spawn({ "reader", tostring(r), tostring(o.chats), tostring(o.subs), strategy,
-        tostring(o.seconds + 1.5), files[r], tostring(o.batch) })
+        tostring(o.seconds + 1.5), files[r], tostring(o.batch), o.shared and "shared" or "" })
     end
     for r = 1, o.readers do
       assert(readers[r]:read("l") == "ready", "a reader did not start")
     end
     local conns = tonumber(psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'csbench_r%'"))
     local writers = {}
-    for w = 1, o.writers do
+    for w = 1, o.shared and 0 or o.writers do
       writers[w] = spawn({ "writer", tostring(w), tostring(o.chats), tostring(o.seconds) })
     end
     local written = 0
-    for w = 1, o.writers do
+    for w = 1, #writers do
       written = written + (tonumber(writers[w]:read("a"):match("written (%d+)")) or 0)
       writers[w]:close()
     end
@@ -220,9 +235,10 @@ local function main()
     for r = 1, o.readers do
       readers[r]:close()
       for l in io.lines(files[r]) do
-        local d, q = l:match("^delivered (%d+) queries (%d+)")
+        local d, q, wr = l:match("^delivered (%d+) queries (%d+) written (%d+)")
         if d then
           delivered, queries = delivered + tonumber(d), queries + tonumber(q)
+          written = written + tonumber(wr)
         end
         local t = l:match("^lat ([%d.%-]+)")
         if t then
@@ -257,7 +273,7 @@ if mode == "writer" then
   writer(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]))
 elseif mode == "reader" then
   reader(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5], tonumber(arg[6]), arg[7],
-    tonumber(arg[8]) or 0)
+    tonumber(arg[8]) or 0, arg[9] == "shared")
 else
   main()
 end

@@ -79,6 +79,13 @@ describe("examples on PostgreSQL", function()
       end
       H.contains("ceiling: pgbench", out)
       assert.is_nil(out:find("delivered %d+ of"), "a reader missed messages:\n" .. out)
+      -- writer and reader in one hub: the cache proves the chain, so the
+      -- watermark reader hardly queries (rescan: one query per message)
+      out = run("bench.lua", { "--smoke", "--shared", "--readers", "1", "--strategies", "watermark,rescan" }, env)
+      local wq = tonumber(out:match("\nwatermark +%d+ +%d+ +[%d.]+ +[%d.]+ +[%d.]+ +([%d.]+)"))
+      local rq = tonumber(out:match("\nrescan +%d+ +%d+ +[%d.]+ +[%d.]+ +[%d.]+ +([%d.]+)"))
+      assert(wq and rq, out)
+      assert.is_true(wq < 0.5 and rq > 0.9, out)
     end)
   end)
 
