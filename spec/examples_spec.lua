@@ -31,6 +31,23 @@ local function run(script, args, env)
 end
 
 describe("examples on the embedded store", function()
+  it("demo.lua (make demo) shows last_id losing a message and the others none", function()
+    local out = run("demo.lua")
+    H.contains("#4 user      Actually, deploy main instead.", out)
+    H.contains("The chat holds 5 messages (memory store). Per strategy:", out)
+    H.contains("watermark          got 5, lost 0, twice 0", out)
+    H.contains("rescan             got 5, lost 0, twice 0", out)
+    H.contains("last_id            got 4, lost 1, twice 0  (missing #4)", out)
+    H.contains("watermark, ordered got 5, lost 0, twice 0", out)
+  end)
+
+  it("race.lua (make race) narrates the seed's trace", function()
+    local out = run("race.lua")
+    H.contains("last_id   got [5, 7]  LOST 6", out)
+    H.contains("rescan    got [5, 7, 6]  complete", out)
+    H.contains("watermark got [5, 7, 6]  complete", out)
+  end)
+
   it("agent.lua plays the whole lifecycle in one process", function()
     local out = run("agent.lua")
     H.contains("status waiting (version 0)", out)
