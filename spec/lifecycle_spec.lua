@@ -688,21 +688,28 @@ describe("chat lifecycle", function()
         assert.are.same({ id }, ids_of(evs2))
       end)
 
-      it("a part arriving after its message is dropped", function()
+      it("a part of a message the reader already has is dropped", function()
         local chat = store:create_chat()
         local reader = inst:open()
-        local sub <close> = assert(reader:subscribe(chat))
-        settle_events(sub, 0)
-        local id = store:append(chat, { role = "assistant", content = "done" })[1]
-        H.settle(reader, reader:stats().notifications + 1)
-        assert.are.same({ id }, ids_of(collect(sub, function(e) return #ids_of(e) == 1 end)))
-        -- a part sent before the message, routed after it: stale
-        local part_after_id = id - 1
-        assert.is_true(part_after_id >= 0)
-        assert(store:publish_part(chat, "fresh"))
-        local evs = collect(sub, function(e) return #of_kind(e, "part") >= 1 end)
-        assert.are.equal("fresh", of_kind(evs, "part")[1].text)
-        assert.are.equal(id, of_kind(evs, "part")[1].after)
+        local early <close> = assert(reader:subscribe(chat))
+        settle_events(early, 0)
+        local before = reader:stats().notifications
+        assert(store:publish_part(chat, "draft")) -- after = 0: for the next message
+        local id = store:append(chat, { role = "assistant", content = "draft" })[1]
+        chatstream.sleep(0.3) -- both notifications reach the reader's connection
+        -- nothing has routed them yet: the next subscription exists when they are
+        assert.are.equal(before, reader:stats().notifications)
+        local late <close> = assert(reader:subscribe(chat)) -- its snapshot has the message
+        local late_evs = settle_events(late, 0.2)
+        assert.are.equal(before + 2, reader:stats().notifications)
+        assert.are.same({ id }, ids_of(late_evs))
+        assert.are.same({}, of_kind(late_evs, "part")) -- stale for it: dropped
+        local early_evs = collect(early, function(e) return #ids_of(e) == 1 end)
+        local parts = of_kind(early_evs, "part")
+        assert.are.equal(1, #parts) -- the early reader gets it, before the message
+        assert.are.same({ "draft", 0 }, { parts[1].text, parts[1].after })
+        assert.are.equal("part", early_evs[1].kind)
+        assert.are.equal(1, reader:stats().parts)
       end)
 
       it("a slow reader loses parts (counted), never messages", function()
