@@ -670,8 +670,8 @@ static int sub_read_status(cs_sub *s)
     return rc;
 }
 
-/* Reads the queue; delivers it if it differs from the last delivered (or,
- * with always, if it is not empty: the snapshot). */
+/* Reads the queue; delivers it if it differs from the last delivered, or,
+ * for the snapshot, if it is not empty. */
 static int sub_read_queue(cs_sub *s, bool snapshot)
 {
     cs_hub *hub = s->hub;

@@ -11,8 +11,7 @@
 #include <string.h>
 
 static bool fresh_worker(const cs_hub *hub, const cs_chat_row *row);
-static int promote_item(cs_publish *p, cs_chat_row *row,
-                        const cs_queue_item *item);
+static int promote_head(cs_publish *p, cs_chat_row *row, int otherwise);
 
 static bool idle(cs_status s)
 {
@@ -167,13 +166,8 @@ static int run_send(cs_publish *p, cs_chat_row *row)
         return rc;
     a->queued = 1;
     p->extras.queue = true;
-    if (interrupted && !fresh_worker(hub, row)) {
-        cs_queue q = {0};
-        rc = ops->queue_list(hub->store.st, row->id, &q);
-        if (rc == CS_OK && q.n > 0)
-            rc = promote_item(p, row, &q.items[0]);
-        cs_queue_free(&q);
-    }
+    if (interrupted && !fresh_worker(hub, row))
+        rc = promote_head(p, row, -1);
     return rc;
 }
 
@@ -370,6 +364,20 @@ out:
     return rc;
 }
 
+/* Promotes the head of the chat's queue; with an empty queue, sets the
+ * status `otherwise` (no worker), or leaves the chat as it is (-1). */
+static int promote_head(cs_publish *p, cs_chat_row *row, int otherwise)
+{
+    cs_queue q = {0};
+    int rc = p->hub->store.ops->queue_list(p->hub->store.st, row->id, &q);
+    if (rc == CS_OK && q.n > 0)
+        rc = promote_item(p, row, &q.items[0]);
+    else if (rc == CS_OK && otherwise >= 0)
+        rc = set_status(p, row, (cs_status)otherwise, NULL, false);
+    cs_queue_free(&q);
+    return rc;
+}
+
 static bool fresh_worker(const cs_hub *hub, const cs_chat_row *row)
 {
     return row->worker[0] && row->heartbeat_age >= 0 &&
@@ -434,14 +442,7 @@ static int run_revive(cs_publish *p, cs_chat_row *row)
     if (!(row->status == CS_STATUS_WAITING && row->worker[0] &&
           !fresh_worker(hub, row)))
         return CS_OK; /* moved on meanwhile */
-    cs_queue q = {0};
-    int rc = hub->store.ops->queue_list(hub->store.st, row->id, &q);
-    if (rc == CS_OK && q.n > 0)
-        rc = promote_item(p, row, &q.items[0]);
-    else if (rc == CS_OK)
-        rc = set_status(p, row, CS_STATUS_WAITING, NULL, false);
-    cs_queue_free(&q);
-    return rc;
+    return promote_head(p, row, CS_STATUS_WAITING);
 }
 
 int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
@@ -549,17 +550,13 @@ static int run_finish(cs_publish *p, cs_chat_row *row)
                  (long long)row->id, a->worker);
         return cs_hub_fail(hub, CS_EINVAL, buf);
     }
-    cs_queue q = {0};
-    int rc = CS_OK;
+    int rc;
     if (interrupted || a->status == CS_STATUS_WAITING ||
         a->status == CS_STATUS_COMPLETED)
-        rc = hub->store.ops->queue_list(hub->store.st, row->id, &q);
-    if (rc == CS_OK && q.n > 0)
-        rc = promote_item(p, row, &q.items[0]); /* the queue's head */
-    else if (rc == CS_OK)
+        rc = promote_head(p, row, (int)a->status);
+    else
         rc = set_status(p, row, a->status, NULL, false);
     a->final = row->status;
-    cs_queue_free(&q);
     return rc;
 }
 

@@ -316,6 +316,43 @@ static void rollback(pg_store *s)
     }
 }
 
+/* Opens a transaction on the query connection: refused while the store's
+ * own one is open; never on top of a transaction left open on the
+ * connection (BEGIN would only warn, and the work would join it). BEGIN is
+ * the statement that may be resent on a fresh connection. */
+static int begin_tx(pg_store *s)
+{
+    if (s->in_tx) {
+        snprintf(s->err, sizeof s->err,
+                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
+        return CS_EINVAL;
+    }
+    if (s->q && PQstatus(s->q) == CONNECTION_OK &&
+        PQtransactionStatus(s->q) != PQTRANS_IDLE)
+        rollback(s);
+    return exec_retry(s, "BEGIN", 0, NULL);
+}
+
+/* COMMIT, reporting a transaction the server rolled back instead (an aborted
+ * one answers COMMIT with ROLLBACK and no error). Rolls back on failure. */
+static int commit_tx(pg_store *s)
+{
+    int rc = CS_OK;
+    if (!s->q || PQtransactionStatus(s->q) != PQTRANS_INTRANS)
+        rc = fail(s, CS_EBACKEND, "transaction aborted, rolled back", NULL);
+    if (rc == CS_OK) {
+        PGresult *r = run(s, s->q, "COMMIT", 0, NULL);
+        if (!r)
+            rc = CS_EBACKEND;
+        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
+            rc = fail(s, CS_EBACKEND, "transaction rolled back", NULL);
+        PQclear(r);
+    }
+    if (rc < 0)
+        rollback(s);
+    return rc;
+}
+
 static void i64s(char *buf, int64_t v)
 {
     snprintf(buf, 24, "%" PRId64, v);
@@ -599,23 +636,15 @@ static int p_chat_get(void *st, int64_t chat_id, cs_chat_row *row)
 static int p_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
 {
     pg_store *s = st;
-    if (s->in_tx) {
-        snprintf(s->err, sizeof s->err,
-                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
-        return CS_EINVAL;
-    }
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
              "SELECT " CHAT_COLS " FROM %1$s.chats WHERE id = $1 FOR UPDATE",
              s->schema);
     i64s(chat, chat_id);
     const char *vals[1] = {chat};
-    /* Never inside a transaction left open: BEGIN would only warn, and the
-     * work would join it. */
-    if (s->q && PQstatus(s->q) == CONNECTION_OK &&
-        PQtransactionStatus(s->q) != PQTRANS_IDLE)
-        rollback(s);
-    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    int rc = begin_tx(s);
+    if (rc == CS_EINVAL)
+        return rc;
     if (rc == CS_OK) {
         PGresult *r = run(s, s->q, sql, 1, vals);
         if (!r)
@@ -651,19 +680,11 @@ static int p_tx_end(void *st, bool commit)
         rollback(s);
         return CS_OK;
     }
-    if (rc == CS_OK && PQtransactionStatus(s->q) != PQTRANS_INTRANS)
-        rc = fail(s, CS_EBACKEND, "transaction aborted, rolled back", NULL);
-    if (rc == CS_OK) {
-        PGresult *r = run(s, s->q, "COMMIT", 0, NULL);
-        if (!r)
-            rc = CS_EBACKEND;
-        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
-            rc = fail(s, CS_EBACKEND, "transaction rolled back", NULL);
-        PQclear(r);
-    }
-    if (rc < 0)
+    if (rc < 0) {
         rollback(s);
-    return rc;
+        return rc;
+    }
+    return commit_tx(s);
 }
 
 static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
@@ -729,11 +750,6 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
                      cs_msglist *out)
 {
     pg_store *s = st;
-    if (s->in_tx) {
-        snprintf(s->err, sizeof s->err,
-                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
-        return CS_EINVAL;
-    }
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
              "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
@@ -749,10 +765,7 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
     const char *content = msg->content ? msg->content : "";
     const char *tool = msg->tool ? msg->tool : "";
     const char *vals[4] = {chat, cs_role_name(msg->role), content, tool};
-    if (s->q && PQstatus(s->q) == CONNECTION_OK &&
-        PQtransactionStatus(s->q) != PQTRANS_IDLE)
-        rollback(s);
-    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    int rc = begin_tx(s);
     if (rc < 0)
         return rc;
     PGresult *r = run(s, s->q, sql, 4, vals);
@@ -764,16 +777,7 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
     else if (!col_id(r, 0, 0, &id) || !col_id(r, 0, 1, &prev))
         rc = fail(s, CS_EBACKEND, "bad message id returned", NULL);
     PQclear(r);
-    if (rc == CS_OK && (!s->q || PQtransactionStatus(s->q) != PQTRANS_INTRANS))
-        rc = fail(s, CS_EBACKEND, "transaction aborted, rolled back", NULL);
-    if (rc == CS_OK) {
-        r = run(s, s->q, "COMMIT", 0, NULL);
-        if (!r)
-            rc = CS_EBACKEND;
-        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
-            rc = fail(s, CS_EBACKEND, "transaction rolled back", NULL);
-        PQclear(r);
-    }
+    rc = rc == CS_OK ? commit_tx(s) : rc;
     if (rc < 0) {
         rollback(s);
         return rc;
@@ -991,10 +995,11 @@ static int p_stale_interrupted(void *st, double stale_after, size_t limit,
     i64s(lim, (int64_t)limit);
     i64s(stale, stale_usec(stale_after));
     const char *vals[2] = {lim, stale};
-    PGresult *r = s->in_tx ? NULL : run_retry(s, sql, 2, vals);
+    if (s->in_tx)
+        return fail(s, CS_EINVAL, "a transaction is open", NULL);
+    PGresult *r = run_retry(s, sql, 2, vals);
     if (!r)
-        return s->in_tx ? fail(s, CS_EINVAL, "a transaction is open", NULL)
-                        : CS_EBACKEND;
+        return CS_EBACKEND;
     int rows = PQntuples(r), rc = CS_OK;
     for (int i = 0; i < rows && (size_t)i < limit; i++) {
         if (!col_id(r, i, 0, &ids[i])) {
@@ -1016,11 +1021,6 @@ static int p_acquire(void *st, const char *worker, size_t limit,
     *n = 0;
     if (limit == 0)
         return CS_OK;
-    if (s->in_tx) {
-        snprintf(s->err, sizeof s->err,
-                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
-        return CS_EINVAL;
-    }
     /* In whole microseconds (no decimal point to localise); beyond about 31
      * years nothing is that stale anyway. */
     int64_t stale_us = stale_usec(stale_after);
@@ -1045,7 +1045,9 @@ static int p_acquire(void *st, const char *worker, size_t limit,
     i64s(lim, (int64_t)limit);
     i64s(stale, stale_us);
     const char *vals[3] = {worker ? worker : "", lim, stale};
-    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    int rc = begin_tx(s);
+    if (rc == CS_EINVAL)
+        return rc;
     size_t got = 0;
     if (rc == CS_OK) {
         PGresult *r = run(s, s->q, sql, 3, vals);
@@ -1060,8 +1062,7 @@ static int p_acquire(void *st, const char *worker, size_t limit,
         }
         PQclear(r);
     }
-    if (rc == CS_OK)
-        rc = exec(s, s->q, "COMMIT", 0, NULL);
+    rc = rc == CS_OK ? commit_tx(s) : rc;
     if (rc < 0) {
         rollback(s);
         return rc;
