@@ -145,18 +145,19 @@ end
 local function pgbench(writers, chats, seconds)
   local script = os.tmpname()
   local f = assert(io.open(script, "w"))
-  -- the same transaction as store:append (lock the chat, insert, update the
-  -- chat) and the same autocommit pg_notify after it (its strings are built
-  -- with chr(58): pgbench would take ":chat" inside a literal for a variable)
-  f:write(([[
-\set chat random(1, %d)
-BEGIN;
-SELECT last_message_id FROM %s.chats WHERE id = :chat FOR UPDATE;
-INSERT INTO %s.messages (chat_id, role, content, prev_id) VALUES (:chat, 'assistant', 't=0', 0) RETURNING id;
-UPDATE %s.chats SET last_message_id = last_message_id + 1, updated_at = now() WHERE id = :chat;
-COMMIT;
-SELECT pg_notify(concat_ws(chr(58), '%s', 'chat', CAST(:chat AS text)), concat_ws(chr(58), '1', 'm', '0', '1'));
-]]):format(chats, SCHEMA, SCHEMA, SCHEMA, SCHEMA))
+  -- the same statement as store:append, prepared and in autocommit as ours:
+  -- lock the chat, insert with the chat's last message as prev_id, move it,
+  -- and queue the notification for the commit (strings built with chr(58):
+  -- pgbench would take ":chat" inside a literal for a variable)
+  local stmt = table.concat({
+    "WITH c AS (SELECT id, last_message_id FROM S.chats WHERE id = :chat FOR UPDATE),",
+    "m AS (INSERT INTO S.messages (chat_id, role, content, prev_id, tool)",
+    "SELECT c.id, 'assistant', 't=1764000000.000000', c.last_message_id, '' FROM c RETURNING id, prev_id),",
+    "u AS (UPDATE S.chats SET last_message_id = m.id, updated_at = now() FROM m WHERE S.chats.id = :chat)",
+    "SELECT id, prev_id, pg_notify(concat_ws(chr(58), 'S', 'chat', CAST(:chat AS text)),",
+    "concat_ws(chr(58), '1', 'm', prev_id, id)) FROM m;",
+  }, " "):gsub("S%.", SCHEMA .. "."):gsub("'S'", "'" .. SCHEMA .. "'")
+  f:write(("\\set chat random(1, %d)\n%s\n"):format(chats, stmt))
   f:close()
   local p = assert(io.popen(("env -u LD_PRELOAD pgbench -n -f %s -c %d -j %d -T %d -M prepared %s 2>&1")
     :format(shq(script), writers, writers, math.max(1, math.floor(seconds)), shq(DSN))))

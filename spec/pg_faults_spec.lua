@@ -642,6 +642,40 @@ describe("the PostgreSQL store under faults", function()
     end)
   end)
 
+  it("appends again after its query connection's backend is terminated (statements prepared anew)", function()
+    H.with_instance("postgresql", function(inst)
+      local writer, reader = inst:open(), inst:open()
+      local chat = assert(writer:create_chat({ owner = "alice", title = "terminated" }))
+      local sub = assert(reader:subscribe(chat))
+      local first = assert(writer:append(chat, { role = "user", content = "one" }))
+      -- The writer's query backend: the one whose last statement is the
+      -- prepared append of this schema.
+      local pid = psql_value("SELECT pid FROM pg_stat_activity WHERE query LIKE 'WITH c AS (SELECT id, "
+        .. "last_message_id FROM " .. inst.schema .. ".chats%' AND pid <> " .. reader:listener_pid())
+      assert.truthy(pid:match("^%d+$"), "no query backend found: " .. pid)
+      assert.are.equal("t", psql_value("SELECT pg_terminate_backend(" .. pid .. ")"))
+      local deadline = now() + 5
+      while psql_value("SELECT count(*) FROM pg_stat_activity WHERE pid = " .. pid) ~= "0" do
+        assert(now() < deadline, "the backend did not go")
+        sleep(0.02)
+      end
+      -- The first append after it finds the connection dead before sending
+      -- (the statement is never sent twice), reconnects and prepares again.
+      local second, err = writer:append(chat, { role = "user", content = "two" })
+      assert.is_table(second, tostring(err))
+      local third = assert(writer:append(chat, { role = "user", content = "three" }))
+      assert.are.equal(1, writer:stats().reconnects)
+      H.settle(reader, 3, 5)
+      assert.are.same({ first[1], second[1], third[1] }, H.drain(sub))
+      -- Each committed once, notified once (with its commit).
+      local count = psql_value("SELECT count(*) FROM " .. inst.schema .. ".messages WHERE chat_id = " .. chat)
+      assert.are.equal("3", count)
+      reader:step(0.2)
+      assert.are.equal(3, reader:stats().notifications)
+      sub:close()
+    end)
+  end)
+
   it("cancels a statement that runs past query_timeout, and the store goes on", function()
     H.with_instance("postgresql", function(inst)
       local store = inst:open({ query_timeout = 0.3 })

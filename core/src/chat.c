@@ -189,8 +189,8 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     const cs_store_ops *ops = hub->store.ops;
     if (!p->run && !p->worker && p->n == 1 && ops->append1) {
         /* One plain message: the store's short path. */
-        int rc =
-            ops->append1(hub->store.st, p->chat_id, p->msgs, &p->committed);
+        int rc = ops->append1(hub->store.st, p->chat_id, p->msgs, p->oneshot,
+                              &p->committed);
         if (rc == CS_ENOMEM && p->committed.n == 0) {
             hub->stats.writes++; /* committed, not published */
             hub->stats.publish_errors++;
@@ -209,6 +209,9 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
         p->committed_done = true;
         free_inputs(p);
         p->ids[0] = p->committed.items[0]->id;
+        /* The store sent the notification with the commit; the cache step
+         * still runs (before this hub reads its own notification). */
+        p->notified[0] = p->oneshot;
         if (ids)
             *ids = p->ids;
         if (n)
@@ -449,6 +452,7 @@ static int append(cs_hub *hub, int64_t chat_id, const char *actor,
     }
     if (rc < 0)
         return rc;
+    p->oneshot = true;
     rc = cs_pub_commit(p, &got, NULL);
     if (rc == CS_OK) {
         if (ids)

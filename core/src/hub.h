@@ -58,6 +58,7 @@ struct cs_publish {
     void *arg;      /* for run, valid until commit */
     int64_t qid;    /* promote: the queue item */
     char *worker;   /* append: only while the chat runs on it, or NULL */
+    bool oneshot;   /* committed and published in one go (not stepped) */
     cs_msglist committed;
     int64_t *ids;
     unsigned char *cached, *notified;

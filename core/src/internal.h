@@ -195,8 +195,10 @@ typedef struct cs_store_ops {
                    double stale_after, cs_chat_row *rows, size_t *n);
     /* Optional (NULL: tx_begin + tx_insert + tx_end): one message in one
      * transaction, as few round trips as the store can (the same lock, the
-     * same rule). CS_ENOTFOUND if no chat. */
-    int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg,
+     * same rule). With notify, the message's notification goes out with the
+     * commit (only if it commits) and needs no notify step. CS_ENOTFOUND if
+     * no chat. */
+    int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg, bool notify,
                    cs_msglist *out);
     /* Up to limit chats interrupted (waiting, a worker still on them) whose
      * worker's heartbeat is older than stale_after seconds: read only; the

@@ -37,8 +37,17 @@ typedef struct pg_store {
     /* The chat whose transaction (tx_begin .. tx_end) is open on q. */
     bool in_tx;
     int64_t tx_chat;
+    /* Statements prepared on q: a bit per PREP_* for connection q_gen (a
+     * reconnect or reset starts a new generation with none prepared). */
+    uint64_t q_gen, prep_gen;
+    unsigned prepared;
     char err[512];
 } pg_store;
+
+/* Statements prepared once per query connection (the hot paths). */
+enum { PREP_APPEND, PREP_APPEND_NOTIFY, PREP_AFTER, PREP_COUNT };
+static const char *const prep_name[PREP_COUNT] = {
+    "cs_append", "cs_append_notify", "cs_after"};
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -144,6 +153,8 @@ static int wait_io(PGconn *c, bool write, double deadline)
 
 /* Runs one statement (parameters as text) with a timeout; returns the last
  * result, or NULL with s->err set. Works in blocking and non-blocking mode. */
+static PGresult *collect(pg_store *s, PGconn *c);
+
 static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
                      const char *const *vals)
 {
@@ -159,6 +170,46 @@ static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
         conn_fail(s, c, "cannot send a query");
         return NULL;
     }
+    return collect(s, c);
+}
+
+/* Runs statement k of PREP_* (text sql) on c, preparing it first when this
+ * connection has not seen it yet. */
+static PGresult *run_prepared(pg_store *s, PGconn *c, int k, const char *sql,
+                              int n, const char *const *vals)
+{
+    if (!c || PQstatus(c) != CONNECTION_OK) {
+        conn_fail(s, c, "not connected");
+        return NULL;
+    }
+    if (s->prep_gen != s->q_gen || c != s->q) {
+        s->prepared = 0;
+        s->prep_gen = s->q_gen;
+    }
+    if (!(s->prepared & (1u << k))) {
+        if (!PQsendPrepare(c, prep_name[k], sql, n, NULL)) {
+            conn_fail(s, c, "cannot send a query");
+            return NULL;
+        }
+        PGresult *r = collect(s, c);
+        if (!r)
+            return NULL;
+        PQclear(r);
+        if (c != s->q || s->prep_gen != s->q_gen)
+            return NULL; /* dropped meanwhile (a timeout): not prepared */
+        s->prepared |= 1u << k;
+    }
+    if (!PQsendQueryPrepared(c, prep_name[k], n, vals, NULL, NULL, 0)) {
+        conn_fail(s, c, "cannot send a query");
+        return NULL;
+    }
+    return collect(s, c);
+}
+
+/* Waits for the statement sent on c and returns its last result (the first
+ * error wins), or NULL with s->err set; cancels it past query_timeout. */
+static PGresult *collect(pg_store *s, PGconn *c)
+{
     double deadline = now() + s->query_timeout;
     int f;
     while ((f = PQflush(c)) == 1)
@@ -221,6 +272,7 @@ timeout : {
         if (c == s->q) {
             PQfinish(s->q);
             s->q = NULL;
+            s->q_gen++;
         } else if (c == s->l) {
             PQfinish(s->l);
             s->l = NULL;
@@ -250,6 +302,7 @@ static PGconn *qconn(pg_store *s)
     if (!s->q) {
         /* Dropped after a statement that could not be cancelled. */
         s->q = connect_db(s);
+        s->q_gen++;
         if (s->q && PQstatus(s->q) == CONNECTION_OK) {
             s->reconnects++;
             return s->q;
@@ -261,6 +314,7 @@ static PGconn *qconn(pg_store *s)
     }
     if (s->q) {
         PQreset(s->q);
+        s->q_gen++;
         if (PQstatus(s->q) == CONNECTION_OK) {
             s->reconnects++;
             return s->q;
@@ -276,20 +330,56 @@ static PGconn *qconn(pg_store *s)
  * to be dead (the server restarted since the last statement), reconnect and
  * try once more, instead of failing the caller for a connection that was
  * already gone. */
-static PGresult *run_retry(pg_store *s, const char *sql, int n,
-                           const char *const *vals)
+static PGresult *run_on(pg_store *s, PGconn *c, int k, const char *sql, int n,
+                        const char *const *vals)
+{
+    return k < 0 ? run(s, c, sql, n, vals)
+                 : run_prepared(s, c, k, sql, n, vals);
+}
+
+/* k: a PREP_* statement, or -1 for one run unprepared. */
+static PGresult *run_retry_k(pg_store *s, int k, const char *sql, int n,
+                             const char *const *vals)
 {
     PGconn *c = qconn(s);
     if (!c)
         return NULL;
     bool idle = PQtransactionStatus(c) == PQTRANS_IDLE;
-    PGresult *r = run(s, c, sql, n, vals);
+    PGresult *r = run_on(s, c, k, sql, n, vals);
     /* Not after a timeout that dropped the connection (s->q is no longer
      * c, and c is freed): that statement took too long, it is not retried. */
     if (!r && idle && s->q == c && PQstatus(c) == CONNECTION_BAD &&
         (c = qconn(s)))
-        r = run(s, c, sql, n, vals);
+        r = run_on(s, c, k, sql, n, vals);
     return r;
+}
+
+static PGresult *run_retry(pg_store *s, const char *sql, int n,
+                           const char *const *vals)
+{
+    return run_retry_k(s, -1, sql, n, vals);
+}
+
+/* The query connection for a statement that must not be sent twice (it
+ * writes and commits on its own): a connection the server closed while it
+ * sat idle (a restart) shows as readable EOF, so it is read first without
+ * blocking and replaced if dead. What breaks after the send is reported,
+ * not retried: the statement may have committed. */
+static PGconn *live_qconn(pg_store *s)
+{
+    PGconn *c = qconn(s);
+    if (!c || PQtransactionStatus(c) != PQTRANS_IDLE)
+        return c;
+    /* Idle, the server has nothing to say unless it is going away (a FATAL
+     * message, then EOF: read until both are seen or nothing is left). */
+    for (int i = 0; i < 8 && PQstatus(c) == CONNECTION_OK; i++) {
+        struct pollfd p = {.fd = PQsocket(c), .events = POLLIN};
+        if (poll(&p, 1, 0) <= 0)
+            break;
+        if (!PQconsumeInput(c))
+            break;
+    }
+    return PQstatus(c) == CONNECTION_OK ? c : qconn(s);
 }
 
 static int exec_retry(pg_store *s, const char *sql, int n,
@@ -742,15 +832,21 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
     return CS_OK;
 }
 
-/* One message: BEGIN (the statement that may be resent on a fresh
- * connection), then one statement that locks the chat row, takes the id
- * under that lock (invariant 1), inserts and moves the chat's last message,
- * then COMMIT: three round trips where the general path takes five. */
+/* One message in one round trip: one autocommit statement, prepared, that
+ * locks the chat row, takes the id under that lock (invariant 1), inserts,
+ * moves the chat's last message and, with notify, queues the message's
+ * notification, which PostgreSQL sends at the commit: never for a message
+ * that did not commit, and the commit is the statement's own end. */
 static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
-                     cs_msglist *out)
+                     bool notify, cs_msglist *out)
 {
     pg_store *s = st;
-    char sql[SQL_MAX], chat[24];
+    if (s->in_tx) {
+        snprintf(s->err, sizeof s->err,
+                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
+        return CS_EINVAL;
+    }
+    char sql[SQL_MAX], chat[24], channel[128], head[16];
     snprintf(sql, sizeof sql,
              "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
              "WHERE id = $1 FOR UPDATE), "
@@ -759,17 +855,27 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
              "FROM c RETURNING id, prev_id), "
              "u AS (UPDATE %1$s.chats SET last_message_id = m.id, "
              "updated_at = now() FROM m WHERE %1$s.chats.id = $1) "
-             "SELECT id, prev_id FROM m",
-             s->schema);
+             "SELECT id, prev_id%2$s FROM m",
+             s->schema,
+             notify ? ", pg_notify($5::text, $6::text || prev_id || ':' || id)"
+                    : "");
     i64s(chat, chat_id);
+    channel_of(s, chat_id, channel, sizeof channel);
+    /* the message hint's head, as cs_payload_encode writes it */
+    snprintf(head, sizeof head, "%d:m:", CS_PAYLOAD_VERSION);
     const char *content = msg->content ? msg->content : "";
     const char *tool = msg->tool ? msg->tool : "";
-    const char *vals[4] = {chat, cs_role_name(msg->role), content, tool};
-    int rc = begin_tx(s);
-    if (rc < 0)
-        return rc;
-    PGresult *r = run(s, s->q, sql, 4, vals);
+    const char *vals[6] = {
+        chat, cs_role_name(msg->role), content, tool, channel, head};
+    PGconn *c = live_qconn(s);
+    if (!c)
+        return CS_EBACKEND;
+    if (PQtransactionStatus(c) != PQTRANS_IDLE)
+        rollback(s); /* never join a transaction left open on q */
+    int k = notify ? PREP_APPEND_NOTIFY : PREP_APPEND;
+    PGresult *r = run_prepared(s, c, k, sql, notify ? 6 : 4, vals);
     int64_t id = 0, prev = 0;
+    int rc = CS_OK;
     if (!r)
         rc = CS_EBACKEND;
     else if (PQntuples(r) != 1)
@@ -777,11 +883,8 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
     else if (!col_id(r, 0, 0, &id) || !col_id(r, 0, 1, &prev))
         rc = fail(s, CS_EBACKEND, "bad message id returned", NULL);
     PQclear(r);
-    rc = rc == CS_OK ? commit_tx(s) : rc;
-    if (rc < 0) {
-        rollback(s);
+    if (rc < 0)
         return rc;
-    }
     cs_msg *m = cs_msg_new(id, chat_id, prev, msg->role, content,
                            msg->content_len, tool);
     if (!m || cs_msglist_push(out, m) < 0) {
@@ -1090,7 +1193,7 @@ static int p_messages_after(void *st, int64_t chat_id, int64_t after,
     i64s(chat, chat_id);
     i64s(aft, after);
     const char *vals[2] = {chat, aft};
-    PGresult *r = run_retry(s, sql, 2, vals);
+    PGresult *r = run_retry_k(s, PREP_AFTER, sql, 2, vals);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r), rc = rows == 0 ? no_chat(s, chat_id) : CS_OK;
