@@ -147,15 +147,16 @@ local function pgbench(writers, chats, seconds)
   local f = assert(io.open(script, "w"))
   -- the same statement as store:append, prepared and in autocommit as ours:
   -- lock the chat, insert with the chat's last message as prev_id, move it,
-  -- and queue the notification for the commit (strings built with chr(58):
-  -- pgbench would take ":chat" inside a literal for a variable)
+  -- and queue the notification, which carries the message, for the commit
+  -- (strings built with chr(58): pgbench would take ":chat" inside a literal
+  -- for a variable)
   local stmt = table.concat({
     "WITH c AS (SELECT id, last_message_id FROM S.chats WHERE id = :chat FOR UPDATE),",
     "m AS (INSERT INTO S.messages (chat_id, role, content, prev_id, tool)",
     "SELECT c.id, 'assistant', 't=1764000000.000000', c.last_message_id, '' FROM c RETURNING id, prev_id),",
     "u AS (UPDATE S.chats SET last_message_id = m.id, updated_at = now() FROM m WHERE S.chats.id = :chat)",
     "SELECT id, prev_id, pg_notify(concat_ws(chr(58), 'S', 'chat', CAST(:chat AS text)),",
-    "concat_ws(chr(58), '1', 'm', prev_id, id)) FROM m;",
+    "concat_ws(chr(58), '1', 'M', prev_id, id, 'assistant', '0', 't=1764000000.000000')) FROM m;",
   }, " "):gsub("S%.", SCHEMA .. "."):gsub("'S'", "'" .. SCHEMA .. "'")
   f:write(("\\set chat random(1, %d)\n%s\n"):format(chats, stmt))
   f:close()

@@ -1,7 +1,7 @@
 -- spec/property_spec.lua - random publish interleavings checked against the database.
 -- Each seed builds replicas (hubs on one memory database), chats, readers of
 -- every strategy, and writers whose steps (commit, then cache and notify of
--- each message in turn) interleave at random with reads, evictions (small
+-- each message in turn; or one plain append) interleave at random with reads, evictions (small
 -- caches), queue overflows (small queues), dropped notifications and failing
 -- queries. An oracle compares what every reader got with the database.
 -- On PostgreSQL the same runs go through real LISTEN/NOTIFY, without the
@@ -91,12 +91,19 @@ local function run_seed(inst, seed)
       msgs[i] = { role = ({ "user", "assistant", "tool" })[R(1, 3)], content = "w" .. started .. "." .. i }
     end
     local chat = chats[R(1, #chats)]
+    local rep = reps[R(1, #reps)]
+    if n == 1 and R(1, 3) == 1 then
+      -- A plain append: commit, cache and notify in one call (on
+      -- PostgreSQL one statement whose notification carries the message).
+      writers[#writers + 1] = { rep = rep, msg = msgs[1], chat = chat, steps = { "append" }, pos = 1 }
+      return
+    end
     local steps = { "commit" }
     for i = 1, n do
       steps[#steps + 1] = { "cache", i }
       steps[#steps + 1] = { "notify", i }
     end
-    writers[#writers + 1] = { pub = reps[R(1, #reps)]:prepare(chat, msgs), chat = chat, steps = steps, pos = 1 }
+    writers[#writers + 1] = { pub = rep:prepare(chat, msgs), chat = chat, steps = steps, pos = 1 }
   end
 
   local lose_next = false -- PostgreSQL: the next notify step is skipped
@@ -107,7 +114,13 @@ local function run_seed(inst, seed)
       lose_next = false
       return -- never sent, as if the publisher died before it
     end
-    if s == "commit" then
+    if s == "append" then
+      local id = assert(w.rep:append(w.chat, w.msg))[1]
+      local list = committed[w.chat]
+      list[#list + 1] = id
+      maxid[w.chat] = id
+      sent[w.chat] = sent[w.chat] + 1
+    elseif s == "commit" then
       for _, id in ipairs(w.pub:commit()) do
         local list = committed[w.chat]
         list[#list + 1] = id
@@ -201,7 +214,9 @@ local function run_seed(inst, seed)
     r.sub:close()
   end
   for _, w in ipairs(writers) do
-    w.pub:close()
+    if w.pub then
+      w.pub:close()
+    end
   end
   for _, rep in ipairs(reps) do
     rep:close()

@@ -20,15 +20,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         char buf[CS_PAYLOAD_MAX + 1];
         int n = cs_payload_encode(&h, buf, sizeof buf);
         if (n < 0) {
-            /* Only a part carrying a NUL byte cannot be re-encoded. */
-            if (!(h.kind == CS_HINT_PART && memchr(h.text, '\0', h.text_len)))
+            /* Only a part or a message body carrying a NUL byte cannot be
+             * re-encoded. */
+            bool nul = (h.text_len && memchr(h.text, '\0', h.text_len)) ||
+                       (h.tool_len && memchr(h.tool, '\0', h.tool_len));
+            if (!((h.kind == CS_HINT_PART || h.body) && nul))
                 abort();
         } else {
             cs_hint h2;
             if (cs_payload_parse(buf, (size_t)n, &h2) != CS_OK ||
                 h2.kind != h.kind || h2.after != h.after || h2.id != h.id ||
                 h2.version != h.version || h2.text_len != h.text_len ||
-                (h.text_len && memcmp(h.text, h2.text, h.text_len) != 0))
+                (h.text_len && memcmp(h.text, h2.text, h.text_len) != 0) ||
+                h2.body != h.body || h2.role != h.role ||
+                h2.tool_len != h.tool_len ||
+                (h.tool_len && memcmp(h.tool, h2.tool, h.tool_len) != 0))
                 abort();
         }
     }

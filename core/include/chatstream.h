@@ -133,6 +133,8 @@ typedef struct cs_stats {
     int64_t shared_passes;  /* merge DB passes answered by another
                                subscription's pass of the same chat (not
                                counted in db_passes or queries) */
+    int64_t bodies;         /* messages cached from notifications that carried
+                               them (PostgreSQL store, plain appends) */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 

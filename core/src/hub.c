@@ -469,6 +469,17 @@ static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
     hub_chat *c = cs_hub_chat_find(hub, chat_id);
     if (!c)
         return;
+    if (h.kind == CS_HINT_MESSAGE && h.body) {
+        /* The message itself, as its committing statement wrote it: into the
+         * cache, where the merge finds it as it would a message this hub
+         * wrote (continuity still proven through prev_id, never assumed). */
+        cs_msg *m = cs_msg_new_n(h.id, chat_id, h.after, h.role, h.text,
+                                 h.text_len, h.tool, h.tool_len);
+        if (m) {
+            hub->stats.bodies += cs_cache_append(&c->cache, m);
+            cs_msg_unref(m);
+        }
+    }
     for (cs_sub *s = c->subs; s; s = s->next)
         sub_enqueue(s, &h);
 }

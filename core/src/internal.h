@@ -21,6 +21,10 @@ typedef struct cs_msg {
 /* tool may be NULL (none). */
 cs_msg *cs_msg_new(int64_t id, int64_t chat_id, int64_t prev_id, cs_role role,
                    const char *content, size_t len, const char *tool);
+/* The same with the tool field's length given (tool need not end in NUL). */
+cs_msg *cs_msg_new_n(int64_t id, int64_t chat_id, int64_t prev_id, cs_role role,
+                     const char *content, size_t len, const char *tool,
+                     size_t tlen);
 
 cs_msg *cs_msg_ref(cs_msg *m);
 void cs_msg_unref(cs_msg *m); /* NULL ok */
@@ -83,7 +87,9 @@ bool cs_cache_after(const cs_cache *c, int64_t after, size_t *first,
 #define CS_PAYLOAD_VERSION 1
 
 typedef enum cs_hint_kind {
-    CS_HINT_MESSAGE = 1, /* "1:m:<after>:<id>" */
+    CS_HINT_MESSAGE = 1, /* "1:m:<after>:<id>", or with the message itself:
+                            "1:M:<after>:<id>:<role>:<tool bytes>:<tool>"
+                            then the content to the end */
     CS_HINT_STATUS,      /* "1:s:<version>:<status>" */
     CS_HINT_QUEUE,       /* "1:q" */
     CS_HINT_PART         /* "1:p:<after>:<text>" */
@@ -94,9 +100,18 @@ typedef struct cs_hint {
     int64_t after, id; /* message: after = prev_id of id; part: after = the
                           chat's last message when the part was sent */
     int64_t version;   /* status */
-    const char *text;  /* status name or part text: points into the payload */
+    const char *text;  /* status name, part text or message content: points
+                          into the payload */
     size_t text_len;
+    bool body;        /* message: role, tool and content (text) are carried */
+    cs_role role;     /* message body */
+    const char *tool; /* message body: tool_len bytes, not NUL-terminated */
+    size_t tool_len;
 } cs_hint;
+
+/* The longest header of a message hint with its body ("1:M:" two ids, role,
+ * tool length): with tool_len + content_len it must stay <= CS_PAYLOAD_MAX. */
+#define CS_BODY_HEAD (4 + 20 + 20 + 10 + 6)
 
 /* Writes a NUL-terminated payload into buf; returns its length or CS_EINVAL
  * (bad hint, or it does not fit cap / CS_PAYLOAD_MAX). */

@@ -7,7 +7,14 @@
 cs_msg *cs_msg_new(int64_t id, int64_t chat_id, int64_t prev_id, cs_role role,
                    const char *content, size_t len, const char *tool)
 {
-    size_t tlen = tool ? strlen(tool) : 0;
+    return cs_msg_new_n(id, chat_id, prev_id, role, content, len, tool,
+                        tool ? strlen(tool) : 0);
+}
+
+cs_msg *cs_msg_new_n(int64_t id, int64_t chat_id, int64_t prev_id, cs_role role,
+                     const char *content, size_t len, const char *tool,
+                     size_t tlen)
+{
     cs_msg *m = malloc(sizeof *m + len + 1 + tlen + 1);
     if (!m)
         return NULL;

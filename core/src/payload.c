@@ -35,8 +35,29 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
     case CS_HINT_MESSAGE:
         if (h->after < 0 || h->id <= h->after)
             return CS_EINVAL;
-        n = snprintf(buf, cap, "%d:m:%lld:%lld", CS_PAYLOAD_VERSION,
-                     (long long)h->after, (long long)h->id);
+        if (!h->body) {
+            n = snprintf(buf, cap, "%d:m:%lld:%lld", CS_PAYLOAD_VERSION,
+                         (long long)h->after, (long long)h->id);
+            break;
+        }
+        /* The payload is NUL-terminated text: no NUL in tool or content. */
+        if ((unsigned)h->role > CS_ROLE_TOOL || (h->tool_len && !h->tool) ||
+            (h->text_len && !h->text) ||
+            (h->tool_len && memchr(h->tool, '\0', h->tool_len)) ||
+            (h->text_len && memchr(h->text, '\0', h->text_len)))
+            return CS_EINVAL;
+        n = snprintf(buf, cap, "%d:M:%lld:%lld:%s:%zu:", CS_PAYLOAD_VERSION,
+                     (long long)h->after, (long long)h->id,
+                     cs_role_name(h->role), h->tool_len);
+        if (n < 0 || (size_t)n + h->tool_len + h->text_len >= cap)
+            return CS_EINVAL;
+        if (h->tool_len)
+            memcpy(buf + n, h->tool, h->tool_len);
+        n += (int)h->tool_len;
+        if (h->text_len)
+            memcpy(buf + n, h->text, h->text_len);
+        n += (int)h->text_len;
+        buf[n] = '\0';
         break;
     case CS_HINT_STATUS:
         if (h->version < 0 || !h->text || !known_status(h->text, h->text_len))
@@ -111,6 +132,33 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
         h.after = a;
         h.id = b;
         break;
+    case 'M': {
+        int64_t tlen;
+        int role;
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
+            return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &b))
+            return CS_EPROTO;
+        if (b <= a)
+            return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, false) ||
+            (role = cs_role_parse(f, flen)) < 0)
+            return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, false) ||
+            !cs_parse_id(f, flen, &tlen) || tlen > CS_MAX_TOOL ||
+            tlen > end - cur)
+            return CS_EPROTO;
+        h.kind = CS_HINT_MESSAGE;
+        h.after = a;
+        h.id = b;
+        h.body = true;
+        h.role = (cs_role)role;
+        h.tool = cur;
+        h.tool_len = (size_t)tlen;
+        h.text = cur + tlen;
+        h.text_len = (size_t)(end - cur - tlen);
+        break;
+    }
     case 's':
         if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
             return CS_EPROTO;

@@ -10,7 +10,8 @@ typedef struct parsed {
     int rc;
     cs_hint h;
     char text[CS_PAYLOAD_MAX + 1];
-    int in_bounds; /* h.text lay inside the input */
+    char tool[CS_PAYLOAD_MAX + 1];
+    int in_bounds; /* h.text (and h.tool) lay inside the input */
 } parsed;
 
 /* Parses len bytes of s from an exactly-sized heap copy, no terminator, so
@@ -30,6 +31,14 @@ static void parse_exact(const void *s, size_t len, parsed *out)
             memcpy(out->text, out->h.text, out->h.text_len);
         out->h.text = out->text;
     }
+    if (out->rc == CS_OK && out->h.tool) {
+        bool in = out->h.tool >= buf && out->h.tool_len <= len &&
+                  (size_t)(out->h.tool - buf) <= len - out->h.tool_len;
+        if (in && out->h.tool_len <= CS_PAYLOAD_MAX)
+            memcpy(out->tool, out->h.tool, out->h.tool_len);
+        out->in_bounds = out->in_bounds && in;
+        out->h.tool = out->tool;
+    }
     free(buf);
 }
 
@@ -38,6 +47,20 @@ static int parse_rc(const char *s)
     parsed p;
     parse_exact(s, strlen(s), &p);
     return p.rc;
+}
+
+/* How many of the n payloads parse (each should be refused); names them. */
+static int accepted(const char *const *bad, size_t n)
+{
+    int wrong = 0;
+    for (size_t i = 0; i < n; i++) {
+        int rc = parse_rc(bad[i]);
+        if (rc != CS_EPROTO) {
+            wrong++;
+            fprintf(stderr, "accepted: \"%s\" (rc %d)\n", bad[i], rc);
+        }
+    }
+    return wrong;
 }
 
 static bool id_exact(const char *s, size_t len, int64_t *out)
@@ -338,15 +361,7 @@ static void test_reject(void)
         "1:m:1.0:2",
         "1:m:1e3:2000",
     };
-    int wrong = 0;
-    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        int rc = parse_rc(bad[i]);
-        if (rc != CS_EPROTO) {
-            wrong++;
-            fprintf(stderr, "accepted: \"%s\" (rc %d)\n", bad[i], rc);
-        }
-    }
-    CHECK_EQ_I64(wrong, 0);
+    CHECK_EQ_I64(accepted(bad, sizeof bad / sizeof *bad), 0);
     /* a few individually, so a failure names the input */
     CHECK_EQ_I64(parse_rc("2:m:1:2"), CS_EPROTO);
     CHECK_EQ_I64(parse_rc("1:m:1:2:3"), CS_EPROTO);
@@ -564,12 +579,145 @@ static void test_fuzz(void)
     CHECK(accepted < total);
 }
 
+/* Message hints that carry the message ("1:M"). */
+static void body_roundtrip(int64_t after, int64_t id, cs_role role,
+                           const char *tool, const char *content,
+                           const char *want)
+{
+    char buf[CS_PAYLOAD_MAX + 1];
+    cs_hint h = {.kind = CS_HINT_MESSAGE,
+                 .after = after,
+                 .id = id,
+                 .body = true,
+                 .role = role,
+                 .tool = tool,
+                 .tool_len = strlen(tool),
+                 .text = content,
+                 .text_len = strlen(content)};
+    int n = cs_payload_encode(&h, buf, sizeof buf);
+    CHECK_EQ_I64(n, (int64_t)strlen(want));
+    CHECK_EQ_STR(buf, want);
+    parsed p;
+    parse_exact(buf, (size_t)(n > 0 ? n : 0), &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK_EQ_I64(p.h.kind, CS_HINT_MESSAGE);
+    CHECK(p.h.body);
+    CHECK_EQ_I64(p.h.after, after);
+    CHECK_EQ_I64(p.h.id, id);
+    CHECK_EQ_I64(p.h.role, role);
+    CHECK_EQ_MEM(p.h.tool, p.h.tool_len, tool);
+    CHECK_EQ_MEM(p.h.text, p.h.text_len, content);
+    CHECK(p.in_bounds);
+}
+
+static void test_body(void)
+{
+    body_roundtrip(4, 5, CS_ROLE_USER, "", "hello", "1:M:4:5:user:0:hello");
+    body_roundtrip(0, 1, CS_ROLE_SYSTEM, "", "", "1:M:0:1:system:0:");
+    /* colons in the tool field and the content: the tool is length-prefixed,
+     * the content runs to the end */
+    body_roundtrip(41, 1000, CS_ROLE_ASSISTANT, "call_1:call_2",
+                   "a:b\n1:m:4:5 \xc3\xbc",
+                   "1:M:41:1000:assistant:13:call_1:call_2a:b\n1:m:4:5 "
+                   "\xc3\xbc");
+    body_roundtrip(7, 9, CS_ROLE_TOOL, "c", "42", "1:M:7:9:tool:1:c42");
+    /* a plain hint parses as no body */
+    parsed p;
+    parse_exact("1:m:4:5", 7, &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK(!p.h.body);
+
+    /* CS_BODY_HEAD bounds the longest header */
+    char head[128];
+    int hn = snprintf(head, sizeof head,
+                      "1:M:%lld:%lld:%s:%d:", (long long)INT64_MAX - 1,
+                      (long long)INT64_MAX, "assistant", CS_MAX_TOOL);
+    CHECK(hn > 0 && hn <= CS_BODY_HEAD);
+
+    /* the largest content that fits, and one byte more */
+    char buf[CS_PAYLOAD_MAX + 1];
+    size_t big = CS_PAYLOAD_MAX - strlen("1:M:4:5:user:0:");
+    char *text = malloc(big + 2);
+    memset(text, 'z', big + 1);
+    text[big] = '\0';
+    cs_hint h = {.kind = CS_HINT_MESSAGE,
+                 .after = 4,
+                 .id = 5,
+                 .body = true,
+                 .role = CS_ROLE_USER,
+                 .tool = "",
+                 .text = text,
+                 .text_len = big};
+    int n = cs_payload_encode(&h, buf, sizeof buf);
+    CHECK_EQ_I64(n, CS_PAYLOAD_MAX);
+    parse_exact(buf, (size_t)(n > 0 ? n : 0), &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK_EQ_SIZE(p.h.text_len, big);
+    h.text_len = big + 1;
+    CHECK_EQ_I64(cs_payload_encode(&h, buf, sizeof buf), CS_EINVAL);
+    free(text);
+
+    /* refused by the encoder: NUL in content or tool, an unknown role, a
+     * missing pointer, ids out of order */
+    cs_hint e = h;
+    e.text = "a\0b";
+    e.text_len = 3;
+    CHECK_EQ_I64(cs_payload_encode(&e, buf, sizeof buf), CS_EINVAL);
+    e = h;
+    e.text = "ok";
+    e.text_len = 2;
+    e.tool = "x\0y";
+    e.tool_len = 3;
+    CHECK_EQ_I64(cs_payload_encode(&e, buf, sizeof buf), CS_EINVAL);
+    e.tool = NULL;
+    CHECK_EQ_I64(cs_payload_encode(&e, buf, sizeof buf), CS_EINVAL);
+    e.tool_len = 0;
+    CHECK_EQ_I64(cs_payload_encode(&e, buf, sizeof buf), 17);
+    e.role = (cs_role)4;
+    CHECK_EQ_I64(cs_payload_encode(&e, buf, sizeof buf), CS_EINVAL);
+    e.role = CS_ROLE_USER;
+    e.text = NULL;
+    CHECK_EQ_I64(cs_payload_encode(&e, buf, sizeof buf), CS_EINVAL);
+    e.text = "ok";
+    e.after = 5;
+    CHECK_EQ_I64(cs_payload_encode(&e, buf, sizeof buf), CS_EINVAL);
+
+    /* refused by the parser */
+    static const char *const bad[] = {
+        "1:M:1:2",
+        "1:M:1:2:",
+        "1:M:1:2:user",
+        "1:M:1:2:user:",
+        "1:M:1:2:user:0",
+        "1:M:1:2:bogus:0:x",
+        "1:M:1:2:User:0:x",
+        "1:M:1:2::0:x",
+        "1:M:2:2:user:0:x",
+        "1:M:3:2:user:0:x",
+        "1:M:01:2:user:0:x",
+        "1:M:1:2:user:01:ax",
+        "1:M:1:2:user:-1:x",
+        "1:M:1:2:user:4:abc",
+        "1:M:1:2:user:x:abc",
+        "1:M:1:2:user:9999:abc",
+        "1:M:1:2:user:99999999999999999999:abc",
+    };
+    CHECK_EQ_I64(accepted(bad, sizeof bad / sizeof *bad), 0);
+    /* the tool exactly to the end: an empty content */
+    parse_exact("1:M:1:2:assistant:3:abc", 23, &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK_EQ_MEM(p.h.tool, p.h.tool_len, "abc");
+    CHECK_EQ_SIZE(p.h.text_len, 0);
+    CHECK(p.in_bounds);
+}
+
 int main(void)
 {
     test_parse_id();
     test_roundtrip();
     test_encode_errors();
     test_reject();
+    test_body();
     test_truncation();
     test_fuzz();
     return check_done("test_payload");

@@ -45,9 +45,15 @@ typedef struct pg_store {
 } pg_store;
 
 /* Statements prepared once per query connection (the hot paths). */
-enum { PREP_APPEND, PREP_APPEND_NOTIFY, PREP_AFTER, PREP_COUNT };
+enum {
+    PREP_APPEND,
+    PREP_APPEND_NOTIFY,
+    PREP_APPEND_BODY,
+    PREP_AFTER,
+    PREP_COUNT
+};
 static const char *const prep_name[PREP_COUNT] = {
-    "cs_append", "cs_append_notify", "cs_after"};
+    "cs_append", "cs_append_notify", "cs_append_body", "cs_after"};
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -836,7 +842,10 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
  * locks the chat row, takes the id under that lock (invariant 1), inserts,
  * moves the chat's last message and, with notify, queues the message's
  * notification, which PostgreSQL sends at the commit: never for a message
- * that did not commit, and the commit is the statement's own end. */
+ * that did not commit, and the commit is the statement's own end. When the
+ * message fits in a notification, the notification carries it (a "1:M"
+ * hint, built by the statement from the row it inserted): readers in other
+ * processes then cache it and need no query for it. */
 static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
                      bool notify, cs_msglist *out)
 {
@@ -846,7 +855,22 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
                  "a transaction is open (chat %" PRId64 ")", s->tx_chat);
         return CS_EINVAL;
     }
-    char sql[SQL_MAX], chat[24], channel[128], head[16];
+    const char *content = msg->content ? msg->content : "";
+    const char *tool = msg->tool ? msg->tool : "";
+    size_t tool_len = strlen(tool);
+    bool body =
+        notify && CS_BODY_HEAD + tool_len + msg->content_len <= CS_PAYLOAD_MAX;
+    int k = !notify ? PREP_APPEND
+            : body  ? PREP_APPEND_BODY
+                    : PREP_APPEND_NOTIFY;
+    static const char *const select[PREP_COUNT] = {
+        [PREP_APPEND] = "",
+        [PREP_APPEND_NOTIFY] =
+            ", pg_notify($5::text, $6::text || prev_id || ':' || id)",
+        [PREP_APPEND_BODY] = ", pg_notify($5::text, $6::text || prev_id || "
+                             "':' || id || ':' || $7::text || $3::text)",
+    };
+    char sql[SQL_MAX], chat[24], channel[128], head[16], rest[40 + CS_MAX_TOOL];
     snprintf(sql, sizeof sql,
              "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
              "WHERE id = $1 FOR UPDATE), "
@@ -856,24 +880,22 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
              "u AS (UPDATE %1$s.chats SET last_message_id = m.id, "
              "updated_at = now() FROM m WHERE %1$s.chats.id = $1) "
              "SELECT id, prev_id%2$s FROM m",
-             s->schema,
-             notify ? ", pg_notify($5::text, $6::text || prev_id || ':' || id)"
-                    : "");
+             s->schema, select[k]);
     i64s(chat, chat_id);
     channel_of(s, chat_id, channel, sizeof channel);
-    /* the message hint's head, as cs_payload_encode writes it */
-    snprintf(head, sizeof head, "%d:m:", CS_PAYLOAD_VERSION);
-    const char *content = msg->content ? msg->content : "";
-    const char *tool = msg->tool ? msg->tool : "";
-    const char *vals[6] = {
-        chat, cs_role_name(msg->role), content, tool, channel, head};
+    /* The hint's head and, for a body, what follows the ids, exactly as
+     * cs_payload_encode writes them (a spec compares the two). */
+    snprintf(head, sizeof head, "%d:%c:", CS_PAYLOAD_VERSION, body ? 'M' : 'm');
+    snprintf(rest, sizeof rest, "%s:%zu:%s", cs_role_name(msg->role), tool_len,
+             tool);
+    const char *vals[7] = {
+        chat, cs_role_name(msg->role), content, tool, channel, head, rest};
     PGconn *c = live_qconn(s);
     if (!c)
         return CS_EBACKEND;
     if (PQtransactionStatus(c) != PQTRANS_IDLE)
         rollback(s); /* never join a transaction left open on q */
-    int k = notify ? PREP_APPEND_NOTIFY : PREP_APPEND;
-    PGresult *r = run_prepared(s, c, k, sql, notify ? 6 : 4, vals);
+    PGresult *r = run_prepared(s, c, k, sql, !notify ? 4 : body ? 7 : 6, vals);
     int64_t id = 0, prev = 0;
     int rc = CS_OK;
     if (!r)
