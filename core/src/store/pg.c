@@ -18,6 +18,15 @@
 #define BACKOFF_MAX 5.0
 #define SQL_MAX 2048
 
+/* Statements prepared once per query connection (the hot paths). */
+enum {
+    PREP_APPEND,
+    PREP_APPEND_NOTIFY,
+    PREP_APPEND_BODY,
+    PREP_AFTER,
+    PREP_COUNT
+};
+
 typedef struct pg_store {
     char *dsn;
     char *password; /* scrubbed from every message, or NULL */
@@ -41,19 +50,54 @@ typedef struct pg_store {
      * reconnect or reset starts a new generation with none prepared). */
     uint64_t q_gen, prep_gen;
     unsigned prepared;
+    char *prep_sql[PREP_COUNT]; /* their texts, built at open */
     char err[512];
 } pg_store;
 
-/* Statements prepared once per query connection (the hot paths). */
-enum {
-    PREP_APPEND,
-    PREP_APPEND_NOTIFY,
-    PREP_APPEND_BODY,
-    PREP_AFTER,
-    PREP_COUNT
-};
 static const char *const prep_name[PREP_COUNT] = {
     "cs_append", "cs_append_notify", "cs_append_body", "cs_after"};
+
+/* The texts of the PREP_* statements for the store's schema (one call at
+ * open): false on ENOMEM. */
+static bool build_prepared(pg_store *s)
+{
+    /* One message: lock the chat row, take the id under that lock
+     * (invariant 1), insert, move the chat's last message; then, by
+     * variant, nothing, the plain hint, or the hint with the message. */
+    static const char *const notify[3] = {
+        [PREP_APPEND] = "",
+        [PREP_APPEND_NOTIFY] =
+            ", pg_notify($5::text, $6::text || prev_id || ':' || id)",
+        [PREP_APPEND_BODY] = (", pg_notify($5::text, $6::text || prev_id || "
+                              "':' || id || ':' || $7::text || $3::text)"),
+    };
+    char sql[SQL_MAX];
+    for (int k = 0; k < PREP_COUNT; k++) {
+        if (k == PREP_AFTER)
+            /* The LEFT JOIN tells a chat with no new messages (one NULL row)
+             * from a missing chat (no row) in one round trip. */
+            snprintf(sql, sizeof sql,
+                     "SELECT m.id, m.prev_id, m.role, m.content, m.tool "
+                     "FROM %1$s.chats c "
+                     "LEFT JOIN %1$s.messages m ON m.chat_id = c.id AND "
+                     "m.id > $2 WHERE c.id = $1 ORDER BY m.id",
+                     s->schema);
+        else
+            snprintf(sql, sizeof sql,
+                     "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
+                     "WHERE id = $1 FOR UPDATE), "
+                     "m AS (INSERT INTO %1$s.messages (chat_id, role, "
+                     "content, prev_id, tool) SELECT c.id, $2, $3, "
+                     "c.last_message_id, $4 FROM c RETURNING id, prev_id), "
+                     "u AS (UPDATE %1$s.chats SET last_message_id = m.id, "
+                     "updated_at = now() FROM m WHERE %1$s.chats.id = $1) "
+                     "SELECT id, prev_id%2$s FROM m",
+                     s->schema, notify[k]);
+        if (!(s->prep_sql[k] = strdup(sql)))
+            return false;
+    }
+    return true;
+}
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -179,10 +223,10 @@ static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
     return collect(s, c);
 }
 
-/* Runs statement k of PREP_* (text sql) on c, preparing it first when this
- * connection has not seen it yet. */
-static PGresult *run_prepared(pg_store *s, PGconn *c, int k, const char *sql,
-                              int n, const char *const *vals)
+/* Runs statement k of PREP_* on c, preparing it first when this connection
+ * has not seen it yet. */
+static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
+                              const char *const *vals)
 {
     if (!c || PQstatus(c) != CONNECTION_OK) {
         conn_fail(s, c, "not connected");
@@ -193,7 +237,7 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, const char *sql,
         s->prep_gen = s->q_gen;
     }
     if (!(s->prepared & (1u << k))) {
-        if (!PQsendPrepare(c, prep_name[k], sql, n, NULL)) {
+        if (!PQsendPrepare(c, prep_name[k], s->prep_sql[k], n, NULL)) {
             conn_fail(s, c, "cannot send a query");
             return NULL;
         }
@@ -339,11 +383,10 @@ static PGconn *qconn(pg_store *s)
 static PGresult *run_on(pg_store *s, PGconn *c, int k, const char *sql, int n,
                         const char *const *vals)
 {
-    return k < 0 ? run(s, c, sql, n, vals)
-                 : run_prepared(s, c, k, sql, n, vals);
+    return k < 0 ? run(s, c, sql, n, vals) : run_prepared(s, c, k, n, vals);
 }
 
-/* k: a PREP_* statement, or -1 for one run unprepared. */
+/* k: a PREP_* statement (sql unused), or -1 for sql run unprepared. */
 static PGresult *run_retry_k(pg_store *s, int k, const char *sql, int n,
                              const char *const *vals)
 {
@@ -863,24 +906,7 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
     int k = !notify ? PREP_APPEND
             : body  ? PREP_APPEND_BODY
                     : PREP_APPEND_NOTIFY;
-    static const char *const select[PREP_COUNT] = {
-        [PREP_APPEND] = "",
-        [PREP_APPEND_NOTIFY] =
-            ", pg_notify($5::text, $6::text || prev_id || ':' || id)",
-        [PREP_APPEND_BODY] = ", pg_notify($5::text, $6::text || prev_id || "
-                             "':' || id || ':' || $7::text || $3::text)",
-    };
-    char sql[SQL_MAX], chat[24], channel[128], head[16], rest[40 + CS_MAX_TOOL];
-    snprintf(sql, sizeof sql,
-             "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
-             "WHERE id = $1 FOR UPDATE), "
-             "m AS (INSERT INTO %1$s.messages (chat_id, role, content, "
-             "prev_id, tool) SELECT c.id, $2, $3, c.last_message_id, $4 "
-             "FROM c RETURNING id, prev_id), "
-             "u AS (UPDATE %1$s.chats SET last_message_id = m.id, "
-             "updated_at = now() FROM m WHERE %1$s.chats.id = $1) "
-             "SELECT id, prev_id%2$s FROM m",
-             s->schema, select[k]);
+    char chat[24], channel[128], head[16], rest[40 + CS_MAX_TOOL];
     i64s(chat, chat_id);
     channel_of(s, chat_id, channel, sizeof channel);
     /* The hint's head and, for a body, what follows the ids, exactly as
@@ -895,7 +921,7 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
         return CS_EBACKEND;
     if (PQtransactionStatus(c) != PQTRANS_IDLE)
         rollback(s); /* never join a transaction left open on q */
-    PGresult *r = run_prepared(s, c, k, sql, !notify ? 4 : body ? 7 : 6, vals);
+    PGresult *r = run_prepared(s, c, k, !notify ? 4 : body ? 7 : 6, vals);
     int64_t id = 0, prev = 0;
     int rc = CS_OK;
     if (!r)
@@ -1203,19 +1229,11 @@ static int p_messages_after(void *st, int64_t chat_id, int64_t after,
     PGconn *c = qconn(s);
     if (!c)
         return CS_EBACKEND;
-    char sql[SQL_MAX], chat[24], aft[24];
-    /* The LEFT JOIN tells a chat with no new messages (one NULL row) from a
-     * missing chat (no row) in one round trip. */
-    snprintf(sql, sizeof sql,
-             "SELECT m.id, m.prev_id, m.role, m.content, m.tool "
-             "FROM %1$s.chats c "
-             "LEFT JOIN %1$s.messages m ON m.chat_id = c.id AND m.id > $2 "
-             "WHERE c.id = $1 ORDER BY m.id",
-             s->schema);
+    char chat[24], aft[24];
     i64s(chat, chat_id);
     i64s(aft, after);
     const char *vals[2] = {chat, aft};
-    PGresult *r = run_retry_k(s, PREP_AFTER, sql, 2, vals);
+    PGresult *r = run_retry_k(s, PREP_AFTER, NULL, 2, vals);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r), rc = rows == 0 ? no_chat(s, chat_id) : CS_OK;
@@ -1512,6 +1530,8 @@ static void p_close(void *st)
     PQfinish(s->l);
     PQfinish(s->lc);
     cs_idset_free(&s->listening);
+    for (int k = 0; k < PREP_COUNT; k++)
+        free(s->prep_sql[k]);
     if (s->password) {
         memset(s->password, 0, strlen(s->password));
         free(s->password);
@@ -1602,7 +1622,7 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         snprintf(s->prefix, sizeof s->prefix, "chat:");
     else
         snprintf(s->prefix, sizeof s->prefix, "%s:chat:", schema);
-    if (!s->dsn) {
+    if (!s->dsn || !build_prepared(s)) {
         p_close(s);
         return CS_ENOMEM;
     }
