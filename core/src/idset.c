@@ -76,7 +76,7 @@ int cs_idset_remove(cs_idset *s, int64_t id)
     return 1;
 }
 
-void cs_idset_advance(cs_idset *s, int64_t w)
+void cs_idset_advance_slow(cs_idset *s, int64_t w)
 {
     if (w <= s->watermark)
         return;

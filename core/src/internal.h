@@ -35,7 +35,9 @@ typedef struct cs_msglist {
     size_t n, cap;
 } cs_msglist;
 int cs_msglist_push(cs_msglist *l, cs_msg *m); /* takes a reference */
-void cs_msglist_clear(cs_msglist *l);          /* unrefs, keeps capacity */
+/* Room for extra more items (pushes up to that many cannot fail). */
+int cs_msglist_reserve(cs_msglist *l, size_t extra);
+void cs_msglist_clear(cs_msglist *l); /* unrefs, keeps capacity */
 void cs_msglist_free(cs_msglist *l);
 
 /* ---- delivered set: watermark + sorted array above it ------------------ */
@@ -53,7 +55,15 @@ bool cs_idset_has(const cs_idset *s, int64_t id);
 /* Removes id if held above the watermark; 1 removed, 0 not there. */
 int cs_idset_remove(cs_idset *s, int64_t id);
 /* Raises the watermark to w (never lowers it) and drops ids <= w. */
-void cs_idset_advance(cs_idset *s, int64_t w);
+void cs_idset_advance_slow(cs_idset *s, int64_t w);
+static inline void cs_idset_advance(cs_idset *s, int64_t w)
+{
+    /* The common case, inline: nothing held above W, little memory. */
+    if (w > s->watermark && s->n == 0 && s->cap <= 64)
+        s->watermark = w;
+    else
+        cs_idset_advance_slow(s, w);
+}
 size_t cs_idset_count(const cs_idset *s); /* ids held above the watermark */
 size_t cs_idset_bytes(const cs_idset *s); /* heap bytes held */
 

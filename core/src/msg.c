@@ -47,6 +47,23 @@ void cs_msg_unref(cs_msg *m)
         free(m);
 }
 
+int cs_msglist_reserve(cs_msglist *l, size_t extra)
+{
+    if (extra <= l->cap - l->n)
+        return CS_OK;
+    if (extra > SIZE_MAX / sizeof *l->items - l->n)
+        return CS_ENOMEM;
+    size_t cap = l->cap ? l->cap : 16;
+    while (cap < l->n + extra)
+        cap = cap > SIZE_MAX / 2 / sizeof *l->items ? l->n + extra : cap * 2;
+    cs_msg **items = realloc(l->items, cap * sizeof *items);
+    if (!items)
+        return CS_ENOMEM;
+    l->items = items;
+    l->cap = cap;
+    return CS_OK;
+}
+
 int cs_msglist_push(cs_msglist *l, cs_msg *m)
 {
     if (l->n == l->cap) {
