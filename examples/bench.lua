@@ -13,8 +13,12 @@
 -- message), DB queries per delivered message (store:stats() of the readers),
 -- and connections per reader process (pg_stat_activity). Then pgbench's
 -- transactions per second and the ratio of our write+deliver throughput to
--- it. --batch MS: readers let notifications gather MS milliseconds after
--- the first (one DB pass per chat per batch; latency for throughput).
+-- it, and where the CPU goes: microseconds per message by role (the
+-- server's backends, found in pg_stat_activity, read from /proc when the
+-- server runs on this machine; "-" where a role has no process), beside
+-- pgbench's per transaction. --batch MS: readers let notifications gather
+-- MS milliseconds after the first (one DB pass per chat per batch; latency
+-- for throughput).
 -- --shared: no writer processes; each reader process writes too, so writer
 -- and readers share a hub (its cache).
 -- --smoke: a short run (CI keeps it from rotting). Internal modes:
@@ -33,6 +37,52 @@ end
 --- The wall clock, shared by the processes, to the microsecond.
 local wall = chatstream.now
 
+-- ---- CPU by role (Linux /proc; the server's backends when it is local) -----
+
+local TICK = 100 -- USER_HZ: /proc/<pid>/stat counts CPU time in 1/100 s
+
+local function my_pid()
+  local f = io.open("/proc/self/stat")
+  local pid = f and f:read("n")
+  if f then
+    f:close()
+  end
+  return pid
+end
+
+--- CPU seconds (user + system) a process has used, or nil if it is gone or
+-- not on this machine.
+local function proc_cpu(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then
+    return nil
+  end
+  local line = f:read("l")
+  f:close()
+  -- after the command name in parentheses: state and 10 fields, then utime stime
+  local rest = line and line:match("%) (.*)$")
+  if not rest then
+    return nil
+  end
+  local fields = {}
+  for v in rest:gmatch("%S+") do
+    fields[#fields + 1] = v
+  end
+  return (tonumber(fields[12]) + tonumber(fields[13])) / TICK
+end
+
+--- CPU seconds the whole machine has used (all but idle and iowait).
+local function machine_cpu()
+  local f = assert(io.open("/proc/stat"))
+  local line = f:read("l")
+  f:close()
+  local v = {}
+  for n in line:gmatch("%d+") do
+    v[#v + 1] = tonumber(n)
+  end
+  return (v[1] + v[2] + v[3] + v[6] + v[7] + v[8]) / TICK
+end
+
 local function dsn_with(app)
   local sep = DSN:find("?", 1, true) and "&" or "?"
   if DSN:match("^postgres") then
@@ -45,6 +95,8 @@ end
 
 local function writer(id, chats, seconds)
   local store = assert(chatstream.open({ dsn = dsn_with("csbench_w" .. id), schema = SCHEMA, poll_interval = 0 }))
+  io.stdout:write(("pid %d\n"):format(my_pid() or -1))
+  io.stdout:flush()
   local stop = wall() + seconds
   local n, c = 0, id
   while wall() < stop do
@@ -70,7 +122,7 @@ local function reader(id, chats, subs, strategy, seconds, outfile, batch, shared
       all[#all + 1] = sub
     end
   end
-  io.stdout:write("ready\n")
+  io.stdout:write(("ready %d\n"):format(my_pid() or -1))
   io.stdout:flush()
   local lat, delivered, written = {}, 0, 0
   local stop = wall() + seconds
@@ -142,6 +194,48 @@ local function percentile(sorted, p)
   return sorted[math.max(1, math.ceil(#sorted * p))]
 end
 
+--- The chatstream processes and server backends of a run, by role:
+-- roles = { name = { pids } }. Backends are found in pg_stat_activity by
+-- application_name (csbench_w*, csbench_r*: a reader's listener is the one
+-- whose last statement is a LISTEN).
+local function backend_roles(roles, app_like)
+  local out = psql(("SELECT pid, application_name, left(query, 9) FROM pg_stat_activity "
+    .. "WHERE application_name LIKE '%s'"):format(app_like))
+  for pid, app, q in out:gmatch("(%d+)|([^|\n]*)|([^\n]*)") do
+    local role = app:match("^csbench_w") and "writer backends"
+      or app:match("^csbench_r") and (q:match("LISTEN") and "listener backends" or "reader query backends")
+      or "pgbench backends"
+    roles[role] = roles[role] or {}
+    table.insert(roles[role], tonumber(pid))
+  end
+end
+
+--- CPU seconds per role now, and the machine's.
+local function sample_cpu(roles)
+  local t = { machine = machine_cpu() }
+  for role, pids in pairs(roles) do
+    local sum = 0
+    for _, pid in ipairs(pids) do
+      sum = sum + (proc_cpu(pid) or 0)
+    end
+    t[role] = sum
+  end
+  return t
+end
+
+--- CPU per role between two samples: { role = seconds }, "other" the rest.
+local function cpu_between(a, b)
+  local d, known = {}, 0
+  for role, v in pairs(b) do
+    if role ~= "machine" then
+      d[role] = v - (a[role] or v)
+      known = known + d[role]
+    end
+  end
+  d.other = math.max(0, (b.machine - a.machine) - known)
+  return d
+end
+
 local function pgbench(writers, chats, seconds)
   local script = os.tmpname()
   local f = assert(io.open(script, "w"))
@@ -160,8 +254,22 @@ local function pgbench(writers, chats, seconds)
   }, " "):gsub("S%.", SCHEMA .. "."):gsub("'S'", "'" .. SCHEMA .. "'")
   f:write(("\\set chat random(1, %d)\n%s\n"):format(chats, stmt))
   f:close()
+  local secs = math.max(1, math.floor(seconds))
   local p = assert(io.popen(("env -u LD_PRELOAD pgbench -n -f %s -c %d -j %d -T %d -M prepared %s 2>&1")
-    :format(shq(script), writers, writers, math.max(1, math.floor(seconds)), shq(DSN))))
+    :format(shq(script), writers, writers, secs, shq(DSN))))
+  -- CPU by role over the middle of the run
+  chatstream.sleep(math.min(0.5, secs / 4))
+  local roles = {}
+  backend_roles(roles, "pgbench")
+  local procs = io.popen("pgrep -x pgbench")
+  roles["pgbench process"] = {}
+  for pid in procs:read("a"):gmatch("%d+") do
+    table.insert(roles["pgbench process"], tonumber(pid))
+  end
+  procs:close()
+  local t0, c0 = wall(), sample_cpu(roles)
+  chatstream.sleep(math.max(0.2, secs - 1))
+  local window, cpu = wall() - t0, cpu_between(c0, sample_cpu(roles))
   local out = p:read("a")
   p:close()
   os.remove(script)
@@ -169,7 +277,7 @@ local function pgbench(writers, chats, seconds)
   if not tps then
     error("pgbench failed:\n" .. out)
   end
-  return tps
+  return tps, cpu, window
 end
 
 local function main()
@@ -220,14 +328,26 @@ local function main()
       readers[r] = spawn({ "reader", tostring(r), tostring(o.chats), tostring(o.subs), strategy,
         tostring(o.seconds + 1.5), files[r], tostring(o.batch), o.shared and "shared" or "" })
     end
+    local roles = { ["reader processes"] = {}, ["writer processes"] = {} }
     for r = 1, o.readers do
-      assert(readers[r]:read("l") == "ready", "a reader did not start")
+      local pid = tonumber((readers[r]:read("l") or ""):match("^ready (%-?%d+)$"))
+      assert(pid, "a reader did not start")
+      table.insert(roles["reader processes"], pid)
     end
     local conns = tonumber(psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'csbench_r%'"))
     local writers = {}
+    local started = wall()
     for w = 1, o.shared and 0 or o.writers do
       writers[w] = spawn({ "writer", tostring(w), tostring(o.chats), tostring(o.seconds) })
+      local pid = tonumber((writers[w]:read("l") or ""):match("^pid (%-?%d+)$"))
+      assert(pid, "a writer did not start")
+      table.insert(roles["writer processes"], pid)
     end
+    -- CPU by role over the run's middle (every process and backend alive)
+    backend_roles(roles, "csbench_%")
+    local t0, c0 = wall(), sample_cpu(roles)
+    chatstream.sleep(math.max(0.1, started + o.seconds - 0.3 - wall()))
+    local window, cpu = wall() - t0, cpu_between(c0, sample_cpu(roles))
     local written = 0
     for w = 1, #writers do
       written = written + (tonumber(writers[w]:read("a"):match("written (%d+)")) or 0)
@@ -256,17 +376,52 @@ local function main()
       p50 = percentile(lat, 0.5) * 1000, p99 = percentile(lat, 0.99) * 1000, max = (lat[#lat] or 0) * 1000,
       qpm = delivered > 0 and queries / delivered or 0, conns = conns / o.readers,
       complete = delivered == written * o.subs * o.readers,
+      cpu = cpu, window = window,
     }
     rows[#rows + 1] = row
     print(("%-10s %9.0f %12.0f %9.2f %9.2f %9.2f %11.3f %9.1f%s"):format(row.strategy, row.msgs, row.deliveries,
       row.p50, row.p99, row.max, row.qpm, row.conns,
       row.complete and "" or (" (delivered %d of %d)"):format(delivered, written * o.subs * o.readers)))
   end
-  local tps = pgbench(o.writers, o.chats, o.seconds)
+  local tps, pcpu, pwindow = pgbench(o.writers, o.chats, o.seconds)
   print(("ceiling: pgbench, the same insert + pg_notify transactions, %d clients: %.0f tps"):format(o.writers, tps))
   for _, r in ipairs(rows) do
     print(("  %-10s %5.1f%% of the ceiling"):format(r.strategy, 100 * r.msgs / tps))
   end
+  -- Where the CPU goes: microseconds per message written (per transaction
+  -- for pgbench), measured over the middle of each run.
+  local cols = {}
+  for _, r in ipairs(rows) do
+    cols[#cols + 1] = { name = r.strategy, cpu = r.cpu, n = r.msgs * r.window }
+  end
+  cols[#cols + 1] = { name = "pgbench", cpu = pcpu, n = tps * pwindow }
+  local order = { "writer backends", "listener backends", "reader query backends", "writer processes",
+    "reader processes", "pgbench backends", "pgbench process", "other" }
+  local head = { ("%-22s"):format("CPU us per message") }
+  for _, c in ipairs(cols) do
+    head[#head + 1] = ("%10s"):format(c.name)
+  end
+  print(table.concat(head, " "))
+  local totals = {}
+  for _, role in ipairs(order) do
+    local line, any = { ("%-22s"):format(role) }, false
+    for k, c in ipairs(cols) do
+      local v = c.cpu[role]
+      any = any or v ~= nil
+      line[#line + 1] = v and c.n > 0 and ("%10.1f"):format(v * 1e6 / c.n) or ("%10s"):format("-")
+      totals[k] = (totals[k] or 0) + (v or 0)
+    end
+    if any then
+      print(table.concat(line, " "))
+    end
+  end
+  local line = { ("%-22s"):format("total") }
+  for k, c in ipairs(cols) do
+    line[#line + 1] = c.n > 0 and ("%10.1f"):format(totals[k] * 1e6 / c.n) or ("%10s"):format("-")
+  end
+  print(table.concat(line, " "))
+  print("(other: the rest of the machine's CPU in the same window: server processes such as the WAL writer, "
+    .. "the kernel's own work, anything else running)")
   store:close()
 end
 

@@ -96,6 +96,12 @@ describe("examples on PostgreSQL", function()
       end
       H.contains("ceiling: pgbench", out)
       assert.is_nil(out:find("delivered %d+ of"), "a reader missed messages:\n" .. out)
+      -- the CPU table: the server is local here, so every role has figures
+      for _, role in ipairs({ "writer backends", "listener backends", "writer processes", "reader processes",
+        "pgbench backends", "pgbench process" }) do
+        local cells = out:match("\n" .. role .. " +([%d.%- ]+)\n")
+        assert.is_truthy(cells and cells:match("%d%.%d"), role .. " row:\n" .. out)
+      end
       -- writer and reader in one hub: the cache proves the chain, so the
       -- watermark reader hardly queries (rescan: one query per message)
       out = run("bench.lua", { "--smoke", "--shared", "--readers", "1", "--strategies", "watermark,rescan" }, env)
