@@ -36,7 +36,11 @@ typedef struct cs_msglist {
 } cs_msglist;
 int cs_msglist_push(cs_msglist *l, cs_msg *m); /* takes a reference */
 /* Room for extra more items (pushes up to that many cannot fail). */
-int cs_msglist_reserve(cs_msglist *l, size_t extra);
+int cs_msglist_grow(cs_msglist *l, size_t extra);
+static inline int cs_msglist_reserve(cs_msglist *l, size_t extra)
+{
+    return extra <= l->cap - l->n ? CS_OK : cs_msglist_grow(l, extra);
+}
 void cs_msglist_clear(cs_msglist *l); /* unrefs, keeps capacity */
 void cs_msglist_free(cs_msglist *l);
 

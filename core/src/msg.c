@@ -47,7 +47,7 @@ void cs_msg_unref(cs_msg *m)
         free(m);
 }
 
-int cs_msglist_reserve(cs_msglist *l, size_t extra)
+int cs_msglist_grow(cs_msglist *l, size_t extra)
 {
     if (extra <= l->cap - l->n)
         return CS_OK;
