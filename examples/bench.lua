@@ -13,7 +13,9 @@
 -- message), DB queries per delivered message (store:stats() of the readers),
 -- and connections per reader process (pg_stat_activity). Then pgbench's
 -- transactions per second and the ratio of our write+deliver throughput to
--- it, and where the CPU goes: microseconds per message by role (the
+-- it; the ceiling again while M watermark reader processes deliver what
+-- pgbench writes (PostgreSQL's own cost of delivering notifications then on
+-- both sides), and our ratio to that; and where the CPU goes: microseconds per message by role (the
 -- server's backends, found in pg_stat_activity, read from /proc when the
 -- server runs on this machine; "-" where a role has no process), beside
 -- pgbench's per transaction. --batch MS: readers let notifications gather
@@ -236,7 +238,7 @@ local function cpu_between(a, b)
   return d
 end
 
-local function pgbench(writers, chats, seconds)
+local function pgbench(writers, chats, seconds, roles)
   local script = os.tmpname()
   local f = assert(io.open(script, "w"))
   -- the same statement as store:append, prepared and in autocommit as ours:
@@ -259,7 +261,7 @@ local function pgbench(writers, chats, seconds)
     :format(shq(script), writers, writers, secs, shq(DSN))))
   -- CPU by role over the middle of the run
   chatstream.sleep(math.min(0.5, secs / 4))
-  local roles = {}
+  roles = roles or {}
   backend_roles(roles, "pgbench")
   local procs = io.popen("pgrep -x pgbench")
   roles["pgbench process"] = {}
@@ -278,6 +280,24 @@ local function pgbench(writers, chats, seconds)
     error("pgbench failed:\n" .. out)
   end
   return tps, cpu, window
+end
+
+--- M reader processes of `strategy`, subscribed and ready: their pipes,
+-- result files, and roles for the CPU table.
+local function start_readers(o, strategy)
+  local readers, files = {}, {}
+  for r = 1, o.readers do
+    files[r] = os.tmpname()
+    readers[r] = spawn({ "reader", tostring(r), tostring(o.chats), tostring(o.subs), strategy,
+      tostring(o.seconds + 1.5), files[r], tostring(o.batch), o.shared and "shared" or "" })
+  end
+  local roles = { ["reader processes"] = {} }
+  for r = 1, o.readers do
+    local pid = tonumber((readers[r]:read("l") or ""):match("^ready (%-?%d+)$"))
+    assert(pid, "a reader did not start")
+    table.insert(roles["reader processes"], pid)
+  end
+  return readers, files, roles
 end
 
 local function main()
@@ -322,18 +342,8 @@ local function main()
     "p99 ms", "max ms", "queries/msg", "conns/proc"))
   local rows = {}
   for strategy in o.strategies:gmatch("[^,]+") do
-    local readers, files = {}, {}
-    for r = 1, o.readers do
-      files[r] = os.tmpname()
-      readers[r] = spawn({ "reader", tostring(r), tostring(o.chats), tostring(o.subs), strategy,
-        tostring(o.seconds + 1.5), files[r], tostring(o.batch), o.shared and "shared" or "" })
-    end
-    local roles = { ["reader processes"] = {}, ["writer processes"] = {} }
-    for r = 1, o.readers do
-      local pid = tonumber((readers[r]:read("l") or ""):match("^ready (%-?%d+)$"))
-      assert(pid, "a reader did not start")
-      table.insert(roles["reader processes"], pid)
-    end
+    local readers, files, roles = start_readers(o, strategy)
+    roles["writer processes"] = {}
     local conns = tonumber(psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'csbench_r%'"))
     local writers = {}
     local started = wall()
@@ -388,6 +398,24 @@ local function main()
   for _, r in ipairs(rows) do
     print(("  %-10s %5.1f%% of the ceiling"):format(r.strategy, 100 * r.msgs / tps))
   end
+  -- The same again while M watermark reader processes listen and deliver
+  -- what pgbench writes: PostgreSQL's cost of delivering notifications
+  -- (listener backends, waking them) is then on both sides.
+  local dtps, dcpu, dwindow
+  if not o.shared and o.readers > 0 then
+    local readers, files, roles = start_readers(o, "watermark")
+    backend_roles(roles, "csbench_r%")
+    dtps, dcpu, dwindow = pgbench(o.writers, o.chats, o.seconds, roles)
+    for r = 1, o.readers do
+      readers[r]:close()
+      os.remove(files[r])
+    end
+    print(("ceiling with delivery: pgbench while %d watermark reader processes deliver: %.0f tps")
+      :format(o.readers, dtps))
+    for _, r in ipairs(rows) do
+      print(("  %-10s %5.1f%% of it"):format(r.strategy, 100 * r.msgs / dtps))
+    end
+  end
   -- Where the CPU goes: microseconds per message written (per transaction
   -- for pgbench), measured over the middle of each run.
   local cols = {}
@@ -395,11 +423,14 @@ local function main()
     cols[#cols + 1] = { name = r.strategy, cpu = r.cpu, n = r.msgs * r.window }
   end
   cols[#cols + 1] = { name = "pgbench", cpu = pcpu, n = tps * pwindow }
+  if dtps then
+    cols[#cols + 1] = { name = "pgb+readers", cpu = dcpu, n = dtps * dwindow }
+  end
   local order = { "writer backends", "listener backends", "reader query backends", "writer processes",
     "reader processes", "pgbench backends", "pgbench process", "other" }
   local head = { ("%-22s"):format("CPU us per message") }
   for _, c in ipairs(cols) do
-    head[#head + 1] = ("%10s"):format(c.name)
+    head[#head + 1] = ("%11s"):format(c.name)
   end
   print(table.concat(head, " "))
   local totals = {}
@@ -408,7 +439,7 @@ local function main()
     for k, c in ipairs(cols) do
       local v = c.cpu[role]
       any = any or v ~= nil
-      line[#line + 1] = v and c.n > 0 and ("%10.1f"):format(v * 1e6 / c.n) or ("%10s"):format("-")
+      line[#line + 1] = v and c.n > 0 and ("%11.1f"):format(v * 1e6 / c.n) or ("%11s"):format("-")
       totals[k] = (totals[k] or 0) + (v or 0)
     end
     if any then
@@ -417,7 +448,7 @@ local function main()
   end
   local line = { ("%-22s"):format("total") }
   for k, c in ipairs(cols) do
-    line[#line + 1] = c.n > 0 and ("%10.1f"):format(totals[k] * 1e6 / c.n) or ("%10s"):format("-")
+    line[#line + 1] = c.n > 0 and ("%11.1f"):format(totals[k] * 1e6 / c.n) or ("%11s"):format("-")
   end
   print(table.concat(line, " "))
   print("(other: the rest of the machine's CPU in the same window: server processes such as the WAL writer, "

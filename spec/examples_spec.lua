@@ -95,6 +95,7 @@ describe("examples on PostgreSQL", function()
         H.contains(s .. " ", out:match("ceiling.*$"))
       end
       H.contains("ceiling: pgbench", out)
+      H.contains("ceiling with delivery: pgbench while 2 watermark reader processes deliver", out)
       assert.is_nil(out:find("delivered %d+ of"), "a reader missed messages:\n" .. out)
       -- the CPU table: the server is local here, so every role has figures
       for _, role in ipairs({ "writer backends", "listener backends", "writer processes", "reader processes",
