@@ -5,7 +5,8 @@
 --
 --   CHATSTREAM_DSN=postgresql://... lua5.4 examples/bench.lua
 --       [--writers K] [--readers M] [--subs S] [--chats C] [--seconds T]
---       [--strategies watermark,rescan,last_id] [--batch MS] [--shared] [--smoke]
+--       [--strategies watermark,rescan,last_id] [--batch MS] [--shared] [--plain]
+--       [--smoke]
 --
 -- Per strategy it prints: messages written and delivered per second (each
 -- message once per subscription counted in "deliveries/s"), publish-to-
@@ -21,6 +22,8 @@
 -- pgbench's per transaction. --batch MS: readers let notifications gather
 -- MS milliseconds after the first (one DB pass per chat per batch; latency
 -- for throughput).
+-- --plain: writers publish step by step (commit, then pg_notify on its own):
+-- plain hints without the message, so readers query for every one.
 -- --shared: no writer processes; each reader process writes too, so writer
 -- and readers share a hub (its cache).
 -- --smoke: a short run (CI keeps it from rotting). Internal modes:
@@ -95,7 +98,7 @@ end
 
 -- ---- writer -------------------------------------------------------------------
 
-local function writer(id, chats, seconds)
+local function writer(id, chats, seconds, plain)
   local store = assert(chatstream.open({ dsn = dsn_with("csbench_w" .. id), schema = SCHEMA, poll_interval = 0 }))
   io.stdout:write(("pid %d\n"):format(my_pid() or -1))
   io.stdout:flush()
@@ -103,7 +106,17 @@ local function writer(id, chats, seconds)
   local n, c = 0, id
   while wall() < stop do
     c = c % chats + 1
-    assert(store:append(c, { role = "assistant", content = ("t=%.6f"):format(wall()) }))
+    local msg = { role = "assistant", content = ("t=%.6f"):format(wall()) }
+    if plain then
+      -- commit, then the notification as its own statement: a plain hint,
+      -- so readers query (one DB pass per chat per hub)
+      local p = assert(store:prepare(c, msg))
+      assert(p:commit())
+      assert(p:publish())
+      p:close()
+    else
+      assert(store:append(c, msg))
+    end
     n = n + 1
   end
   print("written " .. n)
@@ -306,15 +319,15 @@ local function main()
     os.exit(2)
   end
   local o = { writers = 2, readers = 2, subs = 1, chats = 10, seconds = 5,
-    strategies = "watermark,rescan,last_id", batch = 0, shared = false }
+    strategies = "watermark,rescan,last_id", batch = 0, shared = false, plain = false }
   local i = 1
   while arg[i] do
     local k, v = arg[i]:match("^%-%-(%w+)$"), arg[i + 1]
     if k == "smoke" then
       o.seconds, o.chats, o.smoke = 1, 3, true
       i = i + 1
-    elseif k == "shared" then
-      o.shared = true
+    elseif k == "shared" or k == "plain" then
+      o[k] = true
       i = i + 1
     elseif k and o[k] ~= nil and v then
       o[k] = k == "strategies" and v or math.tointeger(tonumber(v)) or error("bad --" .. k)
@@ -324,7 +337,7 @@ local function main()
       i = i + 2
     else
       io.stderr:write("usage: bench.lua [--writers K] [--readers M] [--subs S] [--chats C] "
-        .. "[--seconds T] [--strategies a,b] [--batch MS] [--shared] [--smoke]\n")
+        .. "[--seconds T] [--strategies a,b] [--batch MS] [--shared] [--plain] [--smoke]\n")
       os.exit(2)
     end
   end
@@ -348,7 +361,7 @@ local function main()
     local writers = {}
     local started = wall()
     for w = 1, o.shared and 0 or o.writers do
-      writers[w] = spawn({ "writer", tostring(w), tostring(o.chats), tostring(o.seconds) })
+      writers[w] = spawn({ "writer", tostring(w), tostring(o.chats), tostring(o.seconds), o.plain and "plain" or "" })
       local pid = tonumber((writers[w]:read("l") or ""):match("^pid (%-?%d+)$"))
       assert(pid, "a writer did not start")
       table.insert(roles["writer processes"], pid)
@@ -458,7 +471,7 @@ end
 
 local mode = arg[1]
 if mode == "writer" then
-  writer(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]))
+  writer(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5] == "plain")
 elseif mode == "reader" then
   reader(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5], tonumber(arg[6]), arg[7],
     tonumber(arg[8]) or 0, arg[9] == "shared")
