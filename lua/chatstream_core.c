@@ -208,9 +208,9 @@ static int memdb_tostring(lua_State *L)
  */
 
 static const char *const open_keys[] = {
-    "memory",        "dsn",           "schema",    "cache_size",
-    "queue_size",    "poll_interval", "authorize", "max_chats",
-    "query_timeout", "stale_after",   NULL};
+    "memory",        "dsn",           "schema",        "cache_size",
+    "queue_size",    "poll_interval", "authorize",     "max_chats",
+    "query_timeout", "stale_after",   "notify_bodies", NULL};
 
 /* The chat as the authorizer sees it: metadata only. */
 static void push_chat_meta(lua_State *L, const cs_chat_info *c)
@@ -321,6 +321,13 @@ static int l_open(lua_State *L)
                 return luaL_error(L,
                                   "option 'stale_after' must be a number > 0");
             o.stale_after = (double)lua_tonumber(L, -1);
+        }
+        lua_pop(L, 1);
+        if (lua_getfield(L, 1, "notify_bodies") != LUA_TNIL) {
+            if (lua_type(L, -1) != LUA_TBOOLEAN)
+                return luaL_error(L,
+                                  "option 'notify_bodies' must be a boolean");
+            o.plain_notifications = !lua_toboolean(L, -1);
         }
         lua_pop(L, 1);
         if (lua_getfield(L, 1, "memory") != LUA_TNIL) {

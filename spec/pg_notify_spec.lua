@@ -147,6 +147,30 @@ describe("notifications that carry their message (PostgreSQL)", function()
     end)
   end)
 
+  it("sends plain hints from a store opened with notify_bodies = false", function()
+    H.with_instance("postgresql", function(inst)
+      local writer, reader = inst:open({ notify_bodies = false }), inst:open()
+      local chat = assert(writer:create_chat({ owner = "alice", title = "plain" }))
+      local sub = assert(reader:subscribe(chat))
+      H.drain(sub)
+      local q0 = reader:stats().queries
+      local ids = {}
+      for i = 1, 3 do
+        ids[i] = assert(writer:append(chat, { role = "user", content = "secret " .. i }))[1]
+      end
+      local got = {}
+      for i, ev in ipairs(read_messages(sub, 3)) do
+        got[i] = ev.id
+      end
+      assert.are.same(ids, got)
+      local st = reader:stats()
+      assert.are.equal(0, st.bodies)
+      assert.is_true(st.queries > q0)
+      assert.are.equal(3, st.notifications)
+      sub:close()
+    end)
+  end)
+
   it("keeps a stepped publish's notification separate (its own step, a plain hint)", function()
     H.with_instance("postgresql", function(inst)
       local writer, reader = inst:open(), inst:open()

@@ -107,6 +107,21 @@ describe("the query_timeout option", function()
   end)
 end)
 
+describe("the notify_bodies option", function()
+  it("must be a boolean", function()
+    for _, bad in ipairs({ 0, 1, "false", {} }) do
+      local ok, err = pcall(chatstream.open, { notify_bodies = bad })
+      assert.is_false(ok)
+      assert.truthy(err:find("option 'notify_bodies' must be a boolean", 1, true), err)
+    end
+    -- accepted on the memory store too (where notifications never carry it)
+    local store = chatstream.open({ notify_bodies = false })
+    local chat = assert(store:create_chat())
+    assert(store:append(chat, { role = "user", content = "x" }))
+    store:close()
+  end)
+end)
+
 describe("a subscription closed from Lua code run inside its own next", function()
   -- A finalizer run by an allocation inside next can close the subscription
   -- whose event is being built. A call hook reaches the same point every

@@ -68,6 +68,12 @@ typedef struct cs_hub_options {
     /* Seconds after which a worker's heartbeat is stale: acquire may take
      * its chat over, and promote no longer waits for it. 0: 30. */
     double stale_after;
+    /* pg: a plain append's notification carries only the message's ids, not
+     * the message (readers then query for it). By default it carries the
+     * message when it fits; any role that can connect to the database can
+     * LISTEN and read notifications, so a database shared with untrusted
+     * roles wants this set. */
+    int plain_notifications; /* 0 or 1 */
 } cs_hub_options;
 
 #define CS_DEFAULT_STALE_AFTER 30.0

@@ -189,7 +189,10 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     const cs_store_ops *ops = hub->store.ops;
     if (!p->run && !p->worker && p->n == 1 && ops->append1) {
         /* One plain message: the store's short path. */
-        int rc = ops->append1(hub->store.st, p->chat_id, p->msgs, p->oneshot,
+        int notify = !p->oneshot                ? CS_APPEND_SILENT
+                     : hub->plain_notifications ? CS_APPEND_PLAIN
+                                                : CS_APPEND_BODY;
+        int rc = ops->append1(hub->store.st, p->chat_id, p->msgs, notify,
                               &p->committed);
         if (rc == CS_ENOMEM && p->committed.n == 0) {
             hub->stats.writes++; /* committed, not published */

@@ -153,6 +153,7 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     hub->max_chats = o.max_chats ? o.max_chats : CS_DEFAULT_MAX_CHATS;
     hub->stale_after =
         o.stale_after > 0 ? o.stale_after : CS_DEFAULT_STALE_AFTER;
+    hub->plain_notifications = o.plain_notifications;
     if (o.authorizer)
         hub->auth = *o.authorizer;
     int rc = CS_OK;

@@ -29,9 +29,10 @@ struct cs_hub {
     cs_publish *pubs;                /* open stepped publishes, for detaching */
     double poll_interval, next_poll; /* backstop poll; 0: off */
     cs_stats stats;
-    cs_merge_counts counts; /* merge counters, folded into stats */
-    cs_authorizer auth;     /* fn NULL: the actor must be the owner */
-    double stale_after;     /* a worker's heartbeat older than this is dead */
+    cs_merge_counts counts;   /* merge counters, folded into stats */
+    cs_authorizer auth;       /* fn NULL: the actor must be the owner */
+    double stale_after;       /* a worker's heartbeat older than this is dead */
+    bool plain_notifications; /* appends never carry the message */
     char err[512];
 };
 

@@ -184,6 +184,10 @@ void cs_queue_clear(cs_queue *q); /* frees the items, keeps capacity */
 int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
                   const char *actor, double created_at);
 
+/* append1's notify: none (a notify step follows), the plain hint, or the
+ * hint with the message when it fits. */
+enum { CS_APPEND_SILENT, CS_APPEND_PLAIN, CS_APPEND_BODY };
+
 typedef struct cs_store_ops {
     const char *name;
     bool remote; /* notifications come from elsewhere (fd -1: reconnecting) */
@@ -224,10 +228,11 @@ typedef struct cs_store_ops {
                    double stale_after, cs_chat_row *rows, size_t *n);
     /* Optional (NULL: tx_begin + tx_insert + tx_end): one message in one
      * transaction, as few round trips as the store can (the same lock, the
-     * same rule). With notify, the message's notification goes out with the
-     * commit (only if it commits) and needs no notify step. CS_ENOTFOUND if
-     * no chat. */
-    int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg, bool notify,
+     * same rule). Unless notify is CS_APPEND_SILENT, the message's
+     * notification goes out with the commit (only if it commits) and needs
+     * no notify step; with CS_APPEND_BODY it carries the message when it
+     * fits. CS_ENOTFOUND if no chat. */
+    int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg, int notify,
                    cs_msglist *out);
     /* Up to limit chats interrupted (waiting, a worker still on them) whose
      * worker's heartbeat is older than stale_after seconds: read only; the

@@ -889,8 +889,8 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
  * message fits in a notification, the notification carries it (a "1:M"
  * hint, built by the statement from the row it inserted): readers in other
  * processes then cache it and need no query for it. */
-static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
-                     bool notify, cs_msglist *out)
+static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
+                     cs_msglist *out)
 {
     pg_store *s = st;
     if (s->in_tx) {
@@ -901,8 +901,9 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg,
     const char *content = msg->content ? msg->content : "";
     const char *tool = msg->tool ? msg->tool : "";
     size_t tool_len = strlen(tool);
-    bool body =
-        notify && CS_BODY_HEAD + tool_len + msg->content_len <= CS_PAYLOAD_MAX;
+    bool notify = mode != CS_APPEND_SILENT;
+    bool body = mode == CS_APPEND_BODY &&
+                CS_BODY_HEAD + tool_len + msg->content_len <= CS_PAYLOAD_MAX;
     int k = !notify ? PREP_APPEND
             : body  ? PREP_APPEND_BODY
                     : PREP_APPEND_NOTIFY;
