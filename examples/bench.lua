@@ -276,7 +276,7 @@ local function pgbench(writers, chats, seconds, roles)
   chatstream.sleep(math.min(0.5, secs / 4))
   roles = roles or {}
   backend_roles(roles, "pgbench")
-  local procs = io.popen("pgrep -x pgbench")
+  local procs = io.popen("env -u LD_PRELOAD pgrep -x pgbench")
   roles["pgbench process"] = {}
   for pid in procs:read("a"):gmatch("%d+") do
     table.insert(roles["pgbench process"], tonumber(pid))
