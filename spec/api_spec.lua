@@ -10,7 +10,7 @@ local STAT_KEYS = {
   "publish_errors", "cache_hits", "cache_misses", "db_passes", "delivered",
   "resyncs", "reconnects", "polls", "cached_chats",
   "parts", "parts_dropped", "auth_checks", "auth_refusals", "shared_passes",
-  "bodies",
+  "bodies", "steps",
 }
 
 local raises, contains = H.raises, H.contains

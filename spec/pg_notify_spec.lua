@@ -6,6 +6,7 @@
 -- lifecycle writes send the plain hint, and readers query for them.
 -- PostgreSQL only (CHATSTREAM_TEST_DSN).
 local H = require("helpers")
+local chatstream = require("chatstream")
 
 -- Content and tool bytes that still fit a notification with the message
 -- (CS_PAYLOAD_MAX 7999 minus CS_BODY_HEAD 60, core/src/internal.h).
@@ -163,11 +164,59 @@ describe("notifications that carry their message (PostgreSQL)", function()
         got[i] = ev.id
       end
       assert.are.same(ids, got)
-      local st = reader:stats()
+      -- (a DB pass may have found a message before its own notification came)
+      local st = H.settle(reader, 3)
       assert.are.equal(0, st.bodies)
       assert.is_true(st.queries > q0)
       assert.are.equal(3, st.notifications)
       sub:close()
+    end)
+  end)
+
+  it("reads the listener once for a loop over many subscriptions, and always when a call may wait", function()
+    H.with_instance("postgresql", function(inst)
+      local writer, reader = inst:open(), inst:open()
+      local chat = assert(writer:create_chat({ owner = "alice", title = "many" }))
+      local subs = {}
+      for i = 1, 50 do
+        subs[i] = assert(reader:subscribe(chat))
+        H.drain(subs[i])
+      end
+      -- 50 non-waiting calls in a row: the listener is read at most once
+      -- per millisecond, not once per call
+      local s0 = reader:stats().steps
+      local t0 = chatstream.now()
+      for _, sub in ipairs(subs) do
+        assert.is_nil(sub:next(0))
+      end
+      local took_ms = (chatstream.now() - t0) * 1000
+      local reads = reader:stats().steps - s0
+      assert.is_true(reads <= math.ceil(took_ms) + 1, reads .. " reads in " .. took_ms .. " ms")
+      assert.is_true(reads < 50, reads .. " reads for 50 calls")
+      -- A call that may wait reads it at once, however recent the last read:
+      -- the message arrives within the call.
+      local id = assert(writer:append(chat, { role = "user", content = "now" }))[1]
+      local ev = H.next_message(subs[1], 3)
+      assert.are.equal(id, ev and ev.id)
+      -- and a non-waiting call after the gap reads it too
+      chatstream.sleep(0.05)
+      local id2 = assert(writer:append(chat, { role = "user", content = "later" }))[1]
+      local got
+      for _ = 1, 200 do
+        chatstream.sleep(0.005)
+        local e = subs[2]:next(0)
+        while e and e.kind ~= "message" do
+          e = subs[2]:next(0)
+        end
+        if e and e.id == id2 then
+          got = e
+          break
+        end
+      end
+      assert.is_table(got, "a non-waiting call never read the listener")
+      for _, sub in ipairs(subs) do
+        sub:close()
+      end
     end)
   end)
 

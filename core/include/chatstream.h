@@ -141,6 +141,7 @@ typedef struct cs_stats {
                                counted in db_passes or queries) */
     int64_t bodies;         /* messages cached from notifications that carried
                                them (PostgreSQL store, plain appends) */
+    int64_t steps;          /* times the hub read its store's notifications */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 

@@ -489,6 +489,8 @@ int cs_hub_step(cs_hub *hub)
 {
     if (!hub)
         return CS_ECLOSED;
+    hub->last_step = now();
+    hub->stats.steps++;
     int rc = hub->store.ops->poll(hub->store.st, route, hub);
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
@@ -930,7 +932,12 @@ static bool pop_event(cs_sub *s, cs_event *ev)
     return true;
 }
 
-int cs_sub_next(cs_sub *s, cs_event *ev)
+/* A remote store's listener is read at most this often by calls that do
+ * not wait (a loop polling many subscriptions reads it once, not once per
+ * subscription); a call that may wait always reads it. */
+#define STEP_GAP 0.001
+
+static int sub_next(cs_sub *s, cs_event *ev, bool force_step)
 {
     if (!s || !s->hub)
         return CS_ECLOSED;
@@ -938,18 +945,30 @@ int cs_sub_next(cs_sub *s, cs_event *ev)
     ev_take_merged(s); /* what an earlier call could not move */
     if (pop_event(s, ev))
         return CS_EVENT;
-    int rc = cs_hub_step(s->hub);
-    if (rc < 0)
-        return rc;
+    cs_hub *hub = s->hub;
+    if (force_step || !hub->store.ops->remote ||
+        now() - hub->last_step >= STEP_GAP) {
+        int rc = cs_hub_step(hub);
+        if (rc < 0)
+            return rc;
+    }
     sub_process(s);
     return pop_event(s, ev) ? CS_EVENT : CS_IDLE;
+}
+
+int cs_sub_next(cs_sub *s, cs_event *ev)
+{
+    return sub_next(s, ev, false);
 }
 
 int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
 {
     double deadline = now() + (timeout > 0 ? timeout : 0);
+    /* A call that may wait reads the store each time: libpq may hold
+     * notifications it read while the listener ran a LISTEN, and then its
+     * socket is not readable. */
     for (;;) {
-        int rc = cs_sub_next(s, ev);
+        int rc = sub_next(s, ev, timeout > 0);
         if (rc != CS_IDLE)
             return rc;
         double left = deadline - now();

@@ -28,6 +28,7 @@ struct cs_hub {
     size_t nchats, capchats;
     cs_publish *pubs;                /* open stepped publishes, for detaching */
     double poll_interval, next_poll; /* backstop poll; 0: off */
+    double last_step; /* when the store was last read (monotonic seconds) */
     cs_stats stats;
     cs_merge_counts counts;   /* merge counters, folded into stats */
     cs_authorizer auth;       /* fn NULL: the actor must be the owner */
