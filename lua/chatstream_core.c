@@ -659,6 +659,7 @@ static int store_stats(lua_State *L)
     set_int(L, "shared_passes", s.shared_passes);
     set_int(L, "bodies", s.bodies);
     set_int(L, "steps", s.steps);
+    set_int(L, "cached_messages", s.cached_messages);
     set_int(L, "queries", s.queries);
     set_int(L, "query_errors", s.query_errors);
     set_int(L, "writes", s.writes);

@@ -115,6 +115,40 @@ describe("notifications that carry their message (PostgreSQL)", function()
     end)
   end)
 
+  it("keeps in a reader's cache only what one of its subscriptions has not read yet", function()
+    H.with_instance("postgresql", function(inst)
+      local writer, reader = inst:open(), inst:open()
+      local chat = assert(writer:create_chat({ owner = "alice", title = "window" }))
+      local fast, slow = assert(reader:subscribe(chat)), assert(reader:subscribe(chat))
+      H.drain(fast)
+      H.drain(slow)
+      local q0 = reader:stats().queries
+      local ids = {}
+      for i = 1, 30 do
+        ids[i] = assert(writer:append(chat, { role = "user", content = "m" .. i }))[1]
+        local ev = H.next_message(fast, 3)
+        assert.are.equal(ids[i], ev and ev.id)
+      end
+      -- slow has read nothing: every message stays cached for it
+      assert.are.equal(30, reader:stats().cached_messages)
+      local got = {}
+      for i = 1, 30 do
+        local ev = H.next_message(slow, 3)
+        got[i] = ev and ev.id
+      end
+      assert.are.same(ids, got)
+      assert.are.equal(q0, reader:stats().queries) -- all from the cache
+      -- both have read everything: the next carried message evicts the rest
+      local last = assert(writer:append(chat, { role = "user", content = "last" }))[1]
+      assert.are.equal(last, H.next_message(fast, 3).id)
+      assert.are.equal(last, H.next_message(slow, 3).id)
+      assert.is_true(reader:stats().cached_messages <= 1, reader:stats().cached_messages .. " cached")
+      assert.are.equal(q0, reader:stats().queries)
+      fast:close()
+      slow:close()
+    end)
+  end)
+
   it("sends a plain hint for a message too big to carry, and readers query for it", function()
     H.with_instance("postgresql", function(inst)
       local writer, reader = inst:open(), inst:open()

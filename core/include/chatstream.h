@@ -117,31 +117,32 @@ int cs_hub_wait(cs_hub *hub, double timeout);
 int cs_hub_fd(const cs_hub *hub);
 
 typedef struct cs_stats {
-    int64_t notifications;  /* notifications received and parsed */
-    int64_t malformed;      /* notifications ignored as malformed */
-    int64_t queries;        /* read queries sent to the store */
-    int64_t query_errors;   /* queries that failed */
-    int64_t writes;         /* write transactions committed */
-    int64_t publish_errors; /* publish steps of cs_hub_append that failed */
-    int64_t cache_hits;     /* cache lookups answered by the cache */
-    int64_t cache_misses;   /* cache lookups below the eviction mark */
-    int64_t db_passes;      /* merge DB passes (snapshots not counted) */
-    int64_t delivered;      /* message events handed to readers */
-    int64_t resyncs;        /* subscription resyncs (queue overflow, reconnect,
-                               backstop poll) */
-    int64_t reconnects;     /* store reconnections */
-    int64_t polls;          /* backstop polls run */
-    int64_t cached_chats;   /* chats the hub holds a cache for now */
-    int64_t parts;          /* part events handed to readers */
-    int64_t parts_dropped;  /* parts a slow reader lost (queue full) */
-    int64_t auth_checks;    /* actor checks run (owner lookups) */
-    int64_t auth_refusals;  /* actor checks refused */
-    int64_t shared_passes;  /* merge DB passes answered by another
-                               subscription's pass of the same chat (not
-                               counted in db_passes or queries) */
-    int64_t bodies;         /* messages cached from notifications that carried
-                               them (PostgreSQL store, plain appends) */
-    int64_t steps;          /* times the hub read its store's notifications */
+    int64_t notifications;   /* notifications received and parsed */
+    int64_t malformed;       /* notifications ignored as malformed */
+    int64_t queries;         /* read queries sent to the store */
+    int64_t query_errors;    /* queries that failed */
+    int64_t writes;          /* write transactions committed */
+    int64_t publish_errors;  /* publish steps of cs_hub_append that failed */
+    int64_t cache_hits;      /* cache lookups answered by the cache */
+    int64_t cache_misses;    /* cache lookups below the eviction mark */
+    int64_t db_passes;       /* merge DB passes (snapshots not counted) */
+    int64_t delivered;       /* message events handed to readers */
+    int64_t resyncs;         /* subscription resyncs (queue overflow, reconnect,
+                                backstop poll) */
+    int64_t reconnects;      /* store reconnections */
+    int64_t polls;           /* backstop polls run */
+    int64_t cached_chats;    /* chats the hub holds a cache for now */
+    int64_t parts;           /* part events handed to readers */
+    int64_t parts_dropped;   /* parts a slow reader lost (queue full) */
+    int64_t auth_checks;     /* actor checks run (owner lookups) */
+    int64_t auth_refusals;   /* actor checks refused */
+    int64_t shared_passes;   /* merge DB passes answered by another
+                                subscription's pass of the same chat (not
+                                counted in db_passes or queries) */
+    int64_t bodies;          /* messages cached from notifications that carried
+                                them (PostgreSQL store, plain appends) */
+    int64_t steps;           /* times the hub read its store's notifications */
+    int64_t cached_messages; /* messages in the hub's chat caches now */
 } cs_stats;
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 

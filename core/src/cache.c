@@ -63,6 +63,21 @@ int cs_cache_append(cs_cache *c, cs_msg *m)
     return 1;
 }
 
+size_t cs_cache_trim(cs_cache *c, int64_t upto)
+{
+    size_t k = 0;
+    while (c->n > 0 && cs_cache_at(c, 0)->id <= upto) {
+        cs_msg *old = cs_cache_at(c, 0);
+        if (old->id > c->max_evicted_id)
+            c->max_evicted_id = old->id;
+        cs_msg_unref(old);
+        c->head = (c->head + 1) % c->cap;
+        c->n--;
+        k++;
+    }
+    return k;
+}
+
 bool cs_cache_after(const cs_cache *c, int64_t after, size_t *first,
                     size_t *count)
 {

@@ -249,6 +249,10 @@ void cs_hub_stats(const cs_hub *hub, cs_stats *out)
     out->reconnects = hub->store.ops->reconnects(hub->store.st);
     out->db_passes -= hub->stats.shared_passes; /* not queried: shared */
     out->cached_chats = (int64_t)hub->nchats;
+    out->cached_messages = 0;
+    for (size_t i = 0; i < hub->capchats; i++)
+        if (hub->chats[i])
+            out->cached_messages += (int64_t)hub->chats[i]->cache.n;
 }
 
 int cs_hub_fd(const cs_hub *hub)
@@ -470,12 +474,23 @@ static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
     hub_chat *c = cs_hub_chat_find(hub, chat_id);
     if (!c)
         return;
-    if (h.kind == CS_HINT_MESSAGE && h.body) {
+    if (h.kind == CS_HINT_MESSAGE && h.body && c->subs) {
         /* The message itself, as its committing statement wrote it: into the
          * cache, where the merge finds it as it would a message this hub
-         * wrote (continuity still proven through prev_id, never assumed). */
-        cs_msg *m = cs_msg_new_n(h.id, chat_id, h.after, h.role, h.text,
-                                 h.text_len, h.tool, h.tool_len);
+         * wrote (continuity still proven through prev_id, never assumed).
+         * What every subscription of the chat here has passed goes first:
+         * no lookup starts below the lowest position, so it costs no query,
+         * and a reader's cache holds only the window not yet read. */
+        int64_t low = INT64_MAX;
+        for (cs_sub *s = c->subs; s; s = s->next) {
+            int64_t at = cs_merge_cursor(&s->merge);
+            low = at < low ? at : low;
+        }
+        cs_cache_trim(&c->cache, low);
+        cs_msg *m = h.id > low
+                        ? cs_msg_new_n(h.id, chat_id, h.after, h.role, h.text,
+                                       h.text_len, h.tool, h.tool_len)
+                        : NULL;
         if (m) {
             hub->stats.bodies += cs_cache_append(&c->cache, m);
             cs_msg_unref(m);

@@ -95,6 +95,9 @@ int cs_cache_append(cs_cache *c, cs_msg *m);
  * entries in (after, max_evicted_id] may be gone. */
 bool cs_cache_after(const cs_cache *c, int64_t after, size_t *first,
                     size_t *count);
+/* Evicts every entry with id <= upto (raising max_evicted_id to the highest
+ * one evicted); returns how many. */
+size_t cs_cache_trim(cs_cache *c, int64_t upto);
 
 /* ---- notification payloads ------------------------------------------- */
 #define CS_PAYLOAD_MAX 7999 /* PostgreSQL's limit is 8000 bytes */

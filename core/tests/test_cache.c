@@ -299,6 +299,38 @@ static void test_refcounts(void)
     cs_cache_free(&c);
 }
 
+static void test_trim(void)
+{
+    cs_cache c;
+    CHECK_EQ_I64(cs_cache_init(&c, 4), CS_OK);
+    CHECK_EQ_SIZE(cs_cache_trim(&c, 10), 0); /* empty */
+    CHECK_EQ_I64(c.max_evicted_id, 0);
+    /* wrap the ring first: 1..6 into 4 slots keeps 3..6 */
+    for (int64_t id = 1; id <= 6; id++)
+        app(&c, id);
+    CHECK_EQ_I64(c.max_evicted_id, 2);
+    CHECK_EQ_SIZE(cs_cache_trim(&c, 2), 0); /* nothing at or below 2 left */
+    CHECK_EQ_SIZE(cs_cache_trim(&c, 4), 2);
+    static const int64_t left[] = {5, 6};
+    CHECK(holds(&c, left, 2));
+    CHECK_EQ_I64(c.max_evicted_id, 4);
+    size_t first, count;
+    CHECK(!cs_cache_after(&c, 3, &first, &count)); /* below the mark: a miss */
+    CHECK(cs_cache_after(&c, 4, &first, &count));
+    CHECK_EQ_SIZE(count, 2);
+    /* appends after a trim go on in order; at or below the mark they are
+     * refused */
+    CHECK_EQ_I64(app(&c, 4), 0);
+    CHECK_EQ_I64(app(&c, 7), 1);
+    CHECK_EQ_SIZE(cs_cache_trim(&c, 100), 3);
+    CHECK_EQ_SIZE(c.n, 0);
+    CHECK_EQ_I64(c.max_evicted_id, 7);
+    CHECK_EQ_I64(app(&c, 8), 1);
+    static const int64_t last[] = {8};
+    CHECK(holds(&c, last, 1));
+    cs_cache_free(&c);
+}
+
 int main(void)
 {
     test_in_order();
@@ -306,5 +338,6 @@ int main(void)
     test_eviction();
     test_wrap_model();
     test_refcounts();
+    test_trim();
     return check_done("test_cache");
 }
