@@ -187,13 +187,13 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     if (p->committed_done)
         return cs_hub_fail(hub, CS_EINVAL, "already committed");
     const cs_store_ops *ops = hub->store.ops;
-    if (!p->run && !p->worker && p->n == 1 && ops->append1) {
-        /* One plain message: the store's short path. */
+    if (!p->run && p->n == 1 && ops->append1) {
+        /* One message (a worker's too): the store's short path. */
         int notify = !p->oneshot                ? CS_APPEND_SILENT
                      : hub->plain_notifications ? CS_APPEND_PLAIN
                                                 : CS_APPEND_BODY;
         int rc = ops->append1(hub->store.st, p->chat_id, p->msgs, notify,
-                              &p->committed);
+                              p->worker, &p->committed);
         if (rc == CS_ENOMEM && p->committed.n == 0) {
             hub->stats.writes++; /* committed, not published */
             hub->stats.publish_errors++;

@@ -234,9 +234,10 @@ typedef struct cs_store_ops {
      * same rule). Unless notify is CS_APPEND_SILENT, the message's
      * notification goes out with the commit (only if it commits) and needs
      * no notify step; with CS_APPEND_BODY it carries the message when it
-     * fits. CS_ENOTFOUND if no chat. */
+     * fits. worker (or NULL): only while the chat runs on that worker, else
+     * CS_EINVAL. CS_ENOTFOUND if no chat. */
     int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg, int notify,
-                   cs_msglist *out);
+                   const char *worker, cs_msglist *out);
     /* Up to limit chats interrupted (waiting, a worker still on them) whose
      * worker's heartbeat is older than stale_after seconds: read only; the
      * caller revives each under its lock. */

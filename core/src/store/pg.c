@@ -67,9 +67,9 @@ static bool build_prepared(pg_store *s)
     static const char *const notify[3] = {
         [PREP_APPEND] = "",
         [PREP_APPEND_NOTIFY] =
-            ", pg_notify($5::text, $6::text || prev_id || ':' || id)",
-        [PREP_APPEND_BODY] = (", pg_notify($5::text, $6::text || prev_id || "
-                              "':' || id || ':' || $7::text || $3::text)"),
+            ", pg_notify($6::text, $7::text || prev_id || ':' || id)",
+        [PREP_APPEND_BODY] = (", pg_notify($6::text, $7::text || prev_id || "
+                              "':' || id || ':' || $8::text || $3::text)"),
     };
     char sql[SQL_MAX];
     for (int k = 0; k < PREP_COUNT; k++) {
@@ -85,7 +85,8 @@ static bool build_prepared(pg_store *s)
         else
             snprintf(sql, sizeof sql,
                      "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
-                     "WHERE id = $1 FOR UPDATE), "
+                     "WHERE id = $1 AND ($5::text = '' OR (status = "
+                     "'running' AND worker_id = $5::text)) FOR UPDATE), "
                      "m AS (INSERT INTO %1$s.messages (chat_id, role, "
                      "content, prev_id, tool) SELECT c.id, $2, $3, "
                      "c.last_message_id, $4 FROM c RETURNING id, prev_id), "
@@ -881,16 +882,32 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
     return CS_OK;
 }
 
+/* Why a worker's append found no chat running on it: CS_ENOTFOUND, or
+ * CS_EINVAL naming the chat's status (nothing was written). */
+static int not_on_worker(pg_store *s, int64_t chat_id, const char *worker)
+{
+    cs_chat_row row;
+    int rc = p_chat_get(s, chat_id, &row);
+    if (rc < 0)
+        return rc;
+    snprintf(s->err, sizeof s->err,
+             "chat %" PRId64 " is %s, not running on "
+             "worker %s",
+             chat_id, cs_status_name(row.status), worker);
+    return CS_EINVAL;
+}
+
 /* One message in one round trip: one autocommit statement, prepared, that
- * locks the chat row, takes the id under that lock (invariant 1), inserts,
- * moves the chat's last message and, with notify, queues the message's
- * notification, which PostgreSQL sends at the commit: never for a message
- * that did not commit, and the commit is the statement's own end. When the
- * message fits in a notification, the notification carries it (a "1:M"
- * hint, built by the statement from the row it inserted): readers in other
- * processes then cache it and need no query for it. */
+ * locks the chat row (with a worker: only while the chat runs on it), takes the
+ * id under that lock (invariant 1), inserts, moves the chat's last message and,
+ * with notify, queues the message's notification, which PostgreSQL sends at the
+ * commit: never for a message that did not commit, and the commit is the
+ * statement's own end. When the message fits in a notification, the
+ * notification carries it (a "1:M" hint, built by the statement from the row it
+ * inserted): readers in other processes then cache it and need no query for it.
+ */
 static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
-                     cs_msglist *out)
+                     const char *worker, cs_msglist *out)
 {
     pg_store *s = st;
     if (s->in_tx) {
@@ -915,18 +932,26 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
     snprintf(head, sizeof head, "%d:%c:", CS_PAYLOAD_VERSION, body ? 'M' : 'm');
     snprintf(rest, sizeof rest, "%s:%zu:%s", cs_role_name(msg->role), tool_len,
              tool);
-    const char *vals[7] = {
-        chat, cs_role_name(msg->role), content, tool, channel, head, rest};
+    const char *vals[8] = {chat,
+                           cs_role_name(msg->role),
+                           content,
+                           tool,
+                           worker ? worker : "",
+                           channel,
+                           head,
+                           rest};
     PGconn *c = live_qconn(s);
     if (!c)
         return CS_EBACKEND;
     if (PQtransactionStatus(c) != PQTRANS_IDLE)
         rollback(s); /* never join a transaction left open on q */
-    PGresult *r = run_prepared(s, c, k, !notify ? 4 : body ? 7 : 6, vals);
+    PGresult *r = run_prepared(s, c, k, !notify ? 5 : body ? 8 : 7, vals);
     int64_t id = 0, prev = 0;
     int rc = CS_OK;
     if (!r)
         rc = CS_EBACKEND;
+    else if (PQntuples(r) != 1 && worker && *worker)
+        rc = not_on_worker(s, chat_id, worker);
     else if (PQntuples(r) != 1)
         rc = no_chat(s, chat_id);
     else if (!col_id(r, 0, 0, &id) || !col_id(r, 0, 1, &prev))
