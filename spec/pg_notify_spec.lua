@@ -12,17 +12,15 @@ local chatstream = require("chatstream")
 -- (CS_PAYLOAD_MAX 7999 minus CS_BODY_HEAD 60, core/src/internal.h).
 local BODY_MAX = 7939
 
--- Every message event of sub until it has `want` of them (bounded).
+-- The next `want` message events of sub (each waited for up to `limit` s).
 local function read_messages(sub, want, limit)
   local got = {}
-  local deadline = os.time() + (limit or 5) + 1
-  while #got < want and os.time() <= deadline do
-    local ev, err = sub:next(0.1)
-    if ev and ev.kind == "message" then
-      got[#got + 1] = ev
-    elseif not ev then
-      assert.are.equal("timeout", err)
+  for _ = 1, want do
+    local ev = H.next_message(sub, limit or 5)
+    if not ev then
+      break
     end
+    got[#got + 1] = ev
   end
   return got
 end

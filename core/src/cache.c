@@ -30,6 +30,17 @@ static cs_msg **slot(cs_cache *c, size_t i)
     return &c->ring[(c->head + i) % c->cap];
 }
 
+/* Drops the lowest entry, raising the eviction mark to it. */
+static void evict_first(cs_cache *c)
+{
+    cs_msg *old = cs_cache_at(c, 0);
+    if (old->id > c->max_evicted_id)
+        c->max_evicted_id = old->id;
+    cs_msg_unref(old);
+    c->head = (c->head + 1) % c->cap;
+    c->n--;
+}
+
 int cs_cache_append(cs_cache *c, cs_msg *m)
 {
     if (m->id <= c->max_evicted_id)
@@ -48,12 +59,7 @@ int cs_cache_append(cs_cache *c, cs_msg *m)
                 c->max_evicted_id = m->id;
             return 0;
         }
-        cs_msg *old = cs_cache_at(c, 0);
-        if (old->id > c->max_evicted_id)
-            c->max_evicted_id = old->id;
-        cs_msg_unref(old);
-        c->head = (c->head + 1) % c->cap;
-        c->n--;
+        evict_first(c);
         pos--;
     }
     for (size_t i = c->n; i > pos; i--)
@@ -66,15 +72,8 @@ int cs_cache_append(cs_cache *c, cs_msg *m)
 size_t cs_cache_trim(cs_cache *c, int64_t upto)
 {
     size_t k = 0;
-    while (c->n > 0 && cs_cache_at(c, 0)->id <= upto) {
-        cs_msg *old = cs_cache_at(c, 0);
-        if (old->id > c->max_evicted_id)
-            c->max_evicted_id = old->id;
-        cs_msg_unref(old);
-        c->head = (c->head + 1) % c->cap;
-        c->n--;
-        k++;
-    }
+    for (; c->n > 0 && cs_cache_at(c, 0)->id <= upto; k++)
+        evict_first(c);
     return k;
 }
 

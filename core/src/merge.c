@@ -178,8 +178,8 @@ static int notify_watermark(cs_merge *m, const cs_merge_source *src, int64_t id,
                 if (c->id > m->last)
                     m->last = c->id;
                 w = c->id;
-                cs_idset_advance(&m->delivered,
-                                 w); /* inline: the set is empty */
+                /* inline: the set is empty */
+                cs_idset_advance(&m->delivered, w);
                 continue;
             }
             if (!cs_idset_has(&m->delivered, c->id)) {
@@ -201,30 +201,21 @@ static int notify_watermark(cs_merge *m, const cs_merge_source *src, int64_t id,
         return rc;
     /* A consistent prefix of the chat (invariant 1): W moves to its end,
      * so the rows handed over here are not added to the set (W covers
-     * them). Room for all of them first: a pass is handed over whole or
-     * not at all (and were a push to fail, W would stop at the row before
-     * it, every row up to there delivered). */
+     * them). Room for all of them first, so the pass is handed over whole
+     * or, on ENOMEM, not at all (W unchanged: the next pass reads again). */
     rc = cs_msglist_reserve(out, m->scratch.n);
     if (rc < 0)
-        return rc; /* W unchanged: the next pass reads again */
-    int64_t done = w;
+        return rc;
     for (size_t i = 0; i < m->scratch.n; i++) {
         cs_msg *r = m->scratch.items[i];
-        if (r->id <= w)
+        if (r->id <= w || cs_idset_has(&m->delivered, r->id))
             continue;
-        if (!cs_idset_has(&m->delivered, r->id)) {
-            rc = cs_msglist_push(out, r);
-            if (rc < 0) {
-                cs_idset_advance(&m->delivered, done);
-                return rc;
-            }
-            cs_msg_ref(r);
-            if (r->id > m->last)
-                m->last = r->id;
-        }
-        done = r->id;
+        out->items[out->n++] = cs_msg_ref(r); /* reserved above */
+        if (r->id > m->last)
+            m->last = r->id;
     }
-    cs_idset_advance(&m->delivered, done);
+    if (m->scratch.n > 0)
+        cs_idset_advance(&m->delivered, m->scratch.items[m->scratch.n - 1]->id);
     return CS_OK;
 }
 

@@ -66,14 +66,9 @@ int cs_msglist_grow(cs_msglist *l, size_t extra)
 
 int cs_msglist_push(cs_msglist *l, cs_msg *m)
 {
-    if (l->n == l->cap) {
-        size_t cap = l->cap ? l->cap * 2 : 16;
-        cs_msg **items = realloc(l->items, cap * sizeof *items);
-        if (!items)
-            return CS_ENOMEM;
-        l->items = items;
-        l->cap = cap;
-    }
+    int rc = cs_msglist_reserve(l, 1);
+    if (rc < 0)
+        return rc;
     l->items[l->n++] = m;
     return CS_OK;
 }

@@ -122,25 +122,23 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
     const char *cur = p + 4;
     switch (kind) {
     case 'm':
+    case 'M': {
+        /* "m": after and id, the end; "M": then role, tool length, tool
+         * and the content to the end. */
+        bool body = kind == 'M';
         if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
             return CS_EPROTO;
-        if (!field(&cur, end, &f, &flen, true) || !cs_parse_id(f, flen, &b))
+        if (!field(&cur, end, &f, &flen, !body) || !cs_parse_id(f, flen, &b))
             return CS_EPROTO;
         if (b <= a)
             return CS_EPROTO;
         h.kind = CS_HINT_MESSAGE;
         h.after = a;
         h.id = b;
-        break;
-    case 'M': {
+        if (!body)
+            break;
         int64_t tlen;
         int role;
-        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
-            return CS_EPROTO;
-        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &b))
-            return CS_EPROTO;
-        if (b <= a)
-            return CS_EPROTO;
         if (!field(&cur, end, &f, &flen, false) ||
             (role = cs_role_parse(f, flen)) < 0)
             return CS_EPROTO;
@@ -148,9 +146,6 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
             !cs_parse_id(f, flen, &tlen) || tlen > CS_MAX_TOOL ||
             tlen > end - cur)
             return CS_EPROTO;
-        h.kind = CS_HINT_MESSAGE;
-        h.after = a;
-        h.id = b;
         h.body = true;
         h.role = (cs_role)role;
         h.tool = cur;

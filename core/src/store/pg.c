@@ -456,11 +456,10 @@ static void rollback(pg_store *s)
     }
 }
 
-/* Opens a transaction on the query connection: refused while the store's
- * own one is open; never on top of a transaction left open on the
- * connection (BEGIN would only warn, and the work would join it). BEGIN is
- * the statement that may be resent on a fresh connection. */
-static int begin_tx(pg_store *s)
+/* The query connection for a statement of its own: refused while the
+ * store's transaction is open; a transaction left open on it (never by the
+ * store: a statement that failed inside one) is rolled back first. */
+static int claim_q(pg_store *s)
 {
     if (s->in_tx) {
         snprintf(s->err, sizeof s->err,
@@ -470,7 +469,17 @@ static int begin_tx(pg_store *s)
     if (s->q && PQstatus(s->q) == CONNECTION_OK &&
         PQtransactionStatus(s->q) != PQTRANS_IDLE)
         rollback(s);
-    return exec_retry(s, "BEGIN", 0, NULL);
+    return CS_OK;
+}
+
+/* Opens a transaction on the query connection: refused while the store's
+ * own one is open; never on top of a transaction left open on the
+ * connection (BEGIN would only warn, and the work would join it). BEGIN is
+ * the statement that may be resent on a fresh connection. */
+static int begin_tx(pg_store *s)
+{
+    int rc = claim_q(s);
+    return rc < 0 ? rc : exec_retry(s, "BEGIN", 0, NULL);
 }
 
 /* COMMIT, reporting a transaction the server rolled back instead (an aborted
@@ -910,11 +919,9 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
                      const char *worker, cs_msglist *out)
 {
     pg_store *s = st;
-    if (s->in_tx) {
-        snprintf(s->err, sizeof s->err,
-                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
-        return CS_EINVAL;
-    }
+    int rc = claim_q(s);
+    if (rc < 0)
+        return rc;
     const char *content = msg->content ? msg->content : "";
     const char *tool = msg->tool ? msg->tool : "";
     size_t tool_len = strlen(tool);
@@ -930,8 +937,10 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
     /* The hint's head and, for a body, what follows the ids, exactly as
      * cs_payload_encode writes them (a spec compares the two). */
     snprintf(head, sizeof head, "%d:%c:", CS_PAYLOAD_VERSION, body ? 'M' : 'm');
-    snprintf(rest, sizeof rest, "%s:%zu:%s", cs_role_name(msg->role), tool_len,
-             tool);
+    rest[0] = '\0';
+    if (body)
+        snprintf(rest, sizeof rest, "%s:%zu:%s", cs_role_name(msg->role),
+                 tool_len, tool);
     const char *vals[8] = {chat,
                            cs_role_name(msg->role),
                            content,
@@ -943,11 +952,8 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
     PGconn *c = live_qconn(s);
     if (!c)
         return CS_EBACKEND;
-    if (PQtransactionStatus(c) != PQTRANS_IDLE)
-        rollback(s); /* never join a transaction left open on q */
     PGresult *r = run_prepared(s, c, k, !notify ? 5 : body ? 8 : 7, vals);
     int64_t id = 0, prev = 0;
-    int rc = CS_OK;
     if (!r)
         rc = CS_EBACKEND;
     else if (PQntuples(r) != 1 && worker && *worker)
