@@ -620,14 +620,17 @@ static int store_subscribe(lua_State *L)
                     s);
             o.strategy = (cs_strategy)st;
         }
+        /* ordered: the watermark's default; other strategies never are. */
         int t = lua_getfield(L, 3, "ordered");
         if (t != LUA_TNIL && t != LUA_TBOOLEAN)
             return luaL_error(L, "option 'ordered' must be a boolean");
-        o.ordered = lua_toboolean(L, -1);
+        int ordered = t == LUA_TNIL ? o.strategy == CS_STRATEGY_WATERMARK
+                                    : lua_toboolean(L, -1);
         lua_pop(L, 1);
-        if (o.ordered && o.strategy != CS_STRATEGY_WATERMARK)
+        if (ordered && o.strategy != CS_STRATEGY_WATERMARK)
             return luaL_error(L,
                               "option 'ordered' needs the watermark strategy");
+        o.unordered = !ordered;
         o.actor = opt_str_field(L, 3, "actor");
     }
     lsub *u = new_handle(L, sizeof *u, SUB_MT, 1);
@@ -1145,6 +1148,7 @@ static void push_event(lua_State *L, const cs_event *ev)
         lua_setfield(L, -2, "content");
         if (ev->tool && *ev->tool)
             push_tool(L, ev->role, ev->tool);
+        set_int(L, "cursor", ev->cursor);
         break;
     case CS_EV_STATUS:
         lua_pushliteral(L, "status");

@@ -117,7 +117,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             x->chat = arg % 2;
             x->strategy = (cs_strategy)((arg / 2) % 3);
             x->ordered = x->strategy == CS_STRATEGY_WATERMARK && (arg / 8) % 2;
-            cs_sub_options so = {0, x->strategy, x->ordered, NULL};
+            cs_sub_options so = {0, x->strategy, !x->ordered, NULL};
             if (cs_sub_open(hubs[(arg / 16) % nhubs], chats[x->chat], &so,
                             &x->sub) < 0)
                 continue; /* an injected query failure */

@@ -332,7 +332,11 @@ const char *cs_strategy_name(cs_strategy s);
 typedef struct cs_sub_options {
     int64_t after; /* deliver messages with id > after */
     cs_strategy strategy;
-    int ordered;       /* watermark only: deliver in ascending ID order */
+    /* watermark: 0 (the default) hands messages over in ascending ID order,
+     * holding one back until every earlier message was handed over; 1 hands
+     * them over as they are found (the reader sorts). Other strategies are
+     * never ordered. */
+    int unordered;
     const char *actor; /* checked before anything is read; NULL: trusted */
 } cs_sub_options;
 
@@ -356,6 +360,10 @@ typedef struct cs_event {
     int64_t version;       /* status */
     cs_status status;      /* status */
     const cs_queue *queue; /* queue: the whole queue, in order */
+    /* The resume point just after this event: every message of the chat
+     * with id <= cursor has been returned, this one included (see
+     * cs_sub_cursor). */
+    int64_t cursor;
 } cs_event;
 
 /* Checks the actor, registers the subscription on the hub (listening
@@ -373,9 +381,11 @@ int cs_sub_wait(cs_sub *sub, double timeout, cs_event *ev);
 /* Puts back the event last returned by cs_sub_next, so the next call returns
  * it again (for a caller that could not hand it over, e.g. out of memory). */
 void cs_sub_unread(cs_sub *sub);
-/* The watermark W: every message of the chat with id <= W was delivered.
- * Reopening with after = W loses nothing. For rescan and last_id, the
- * highest delivered ID (their own resume rule). */
+/* The resume cursor: every message of the chat with id <= cursor has been
+ * returned by cs_sub_next (events still waiting inside the subscription do
+ * not count). Reopening with after = cursor loses nothing; when the
+ * subscription was ordered it also repeats nothing. last_id: the highest
+ * returned ID (its own, lossy, rule). */
 int64_t cs_sub_cursor(const cs_sub *sub);
 /* Bytes held by the delivered set (for benchmarks). */
 size_t cs_sub_delivered_bytes(const cs_sub *sub);

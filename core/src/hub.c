@@ -48,6 +48,18 @@ struct cs_sub {
     oevent *ev;
     size_t evpos, evn, evcap;
     oevent current; /* the event last returned; released on the next call */
+    /* What the reader was handed (a message counts once next returned it):
+     * every message of the chat with id <= rw was returned (last_id: the
+     * highest returned, its own rule). Messages returned above rw wait in
+     * ret, sorted by id, until the prev_id chain reaches them; entries at or
+     * below rw are stale and dropped on the next return. */
+    int64_t rw;
+    struct retd {
+        int64_t id, prev;
+    } * ret;
+    size_t nret, capret;
+    int64_t undo_rw; /* rw before the last return (cs_sub_unread) */
+    bool undo_ret;   /* the last return added its message to ret */
 };
 
 static void oevent_free(oevent *e)
@@ -106,6 +118,68 @@ static int ev_take_merged(cs_sub *s)
     return s->out.n ? CS_ENOMEM : CS_OK;
 }
 
+/* ---- what the reader was handed ------------------------------------------ */
+
+static void ret_remove(cs_sub *s, int64_t id)
+{
+    for (size_t i = 0; i < s->nret; i++)
+        if (s->ret[i].id == id) {
+            memmove(s->ret + i, s->ret + i + 1,
+                    (s->nret - i - 1) * sizeof *s->ret);
+            s->nret--;
+            return;
+        }
+}
+
+/* Records that message m was returned to the reader and moves rw: onto m
+ * when m follows it (its prev_id at or below rw), then along the returned
+ * messages that continue the chain. CS_ENOMEM leaves everything as it was
+ * (the caller does not hand m over). */
+static int ret_record(cs_sub *s, const cs_msg *m)
+{
+    s->undo_rw = s->rw;
+    s->undo_ret = false;
+    if (s->merge.strategy == CS_STRATEGY_LAST_ID) {
+        s->rw = m->id > s->rw ? m->id : s->rw;
+        return CS_OK;
+    }
+    size_t stale = 0;
+    while (stale < s->nret && s->ret[stale].id <= s->rw)
+        stale++;
+    if (stale) {
+        memmove(s->ret, s->ret + stale, (s->nret - stale) * sizeof *s->ret);
+        s->nret -= stale;
+    }
+    if (m->id <= s->rw)
+        return CS_OK;
+    if (m->prev_id <= s->rw) {
+        s->rw = m->id;
+        /* Entries consumed here stay until the next return (for unread). */
+        for (size_t i = 0; i < s->nret && s->ret[i].prev <= s->rw; i++)
+            if (s->ret[i].id > s->rw)
+                s->rw = s->ret[i].id;
+        return CS_OK;
+    }
+    if (s->nret == s->capret) {
+        size_t cap = s->capret ? s->capret * 2 : 8;
+        struct retd *r = realloc(s->ret, cap * sizeof *r);
+        if (!r)
+            return CS_ENOMEM;
+        s->ret = r;
+        s->capret = cap;
+    }
+    size_t i = s->nret;
+    while (i > 0 && s->ret[i - 1].id > m->id)
+        i--;
+    if (i > 0 && s->ret[i - 1].id == m->id)
+        return CS_OK; /* returned twice: the merge never does this */
+    memmove(s->ret + i + 1, s->ret + i, (s->nret - i) * sizeof *s->ret);
+    s->ret[i] = (struct retd){m->id, m->prev_id};
+    s->nret++;
+    s->undo_ret = true;
+    return CS_OK;
+}
+
 /* ---- hub ---------------------------------------------------------------- */
 
 void cs_sub_unread(cs_sub *s)
@@ -115,6 +189,11 @@ void cs_sub_unread(cs_sub *s)
     /* pop_event left the slot as it was: the event goes back there. */
     if (s->evpos > 0) {
         s->evpos--;
+        if (s->current.kind == CS_EV_MESSAGE) {
+            s->rw = s->undo_rw;
+            if (s->undo_ret)
+                ret_remove(s, s->current.msg->id);
+        }
         if (s->hub && s->current.kind == CS_EV_MESSAGE)
             s->hub->stats.delivered--;
         if (s->hub && s->current.kind == CS_EV_PART)
@@ -656,6 +735,7 @@ static void sub_free(cs_sub *s)
         oevent_free(&s->ev[i]);
     free(s->ev);
     oevent_free(&s->current);
+    free(s->ret);
     free(s);
 }
 
@@ -755,7 +835,8 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     s->status_version = -1;
     s->hub = hub;
     s->chat_id = chat_id;
-    cs_merge_init(&s->merge, o.strategy, o.ordered != 0, o.after, &hub->counts);
+    s->rw = o.after;
+    cs_merge_init(&s->merge, o.strategy, !o.unordered, o.after, &hub->counts);
 
     hub_chat *c = cs_hub_chat(hub, chat_id);
     if (!c) {
@@ -932,19 +1013,26 @@ static void fill_event(cs_sub *s, const oevent *e, cs_event *ev)
     }
 }
 
-static bool pop_event(cs_sub *s, cs_event *ev)
+/* Hands the next ready event over: 1, 0 when there is none, or CS_ENOMEM
+ * (nothing handed over). */
+static int pop_event(cs_sub *s, cs_event *ev)
 {
     if (s->evpos >= s->evn) {
         s->evpos = s->evn = 0;
-        return false;
+        return 0;
     }
-    s->current = s->ev[s->evpos++]; /* ownership moves to current */
+    oevent *e = &s->ev[s->evpos];
+    if (e->kind == CS_EV_MESSAGE && ret_record(s, e->msg) < 0)
+        return CS_ENOMEM;
+    s->current = *e; /* ownership moves to current */
+    s->evpos++;
     fill_event(s, &s->current, ev);
+    ev->cursor = s->rw;
     if (s->current.kind == CS_EV_MESSAGE)
         s->hub->stats.delivered++;
     else if (s->current.kind == CS_EV_PART)
         s->hub->stats.parts++;
-    return true;
+    return 1;
 }
 
 /* A remote store's listener is read at most this often by calls that do
@@ -958,8 +1046,9 @@ static int sub_next(cs_sub *s, cs_event *ev, bool force_step)
         return CS_ECLOSED;
     oevent_free(&s->current);
     ev_take_merged(s); /* what an earlier call could not move */
-    if (pop_event(s, ev))
-        return CS_EVENT;
+    int got = pop_event(s, ev);
+    if (got != 0)
+        return got > 0 ? CS_EVENT : got;
     cs_hub *hub = s->hub;
     if (force_step || !hub->store.ops->remote ||
         now() - hub->last_step >= STEP_GAP) {
@@ -968,7 +1057,8 @@ static int sub_next(cs_sub *s, cs_event *ev, bool force_step)
             return rc;
     }
     sub_process(s);
-    return pop_event(s, ev) ? CS_EVENT : CS_IDLE;
+    got = pop_event(s, ev);
+    return got > 0 ? CS_EVENT : got == 0 ? CS_IDLE : got;
 }
 
 int cs_sub_next(cs_sub *s, cs_event *ev)
@@ -997,7 +1087,7 @@ int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
 
 int64_t cs_sub_cursor(const cs_sub *s)
 {
-    return cs_merge_cursor(&s->merge);
+    return s->rw;
 }
 
 size_t cs_sub_delivered_bytes(const cs_sub *s)

@@ -151,7 +151,18 @@ static int run_send(cs_publish *p, cs_chat_row *row)
      * first, so the message queues behind it; if that worker is gone, the
      * head is promoted now instead of waiting for its finish. */
     bool interrupted = row->status == CS_STATUS_WAITING && row->worker[0];
+    /* An idle chat with a backlog (left by a finish with error, say): the
+     * message queues behind it and the head goes first (FIFO). */
+    bool backlog = false;
     if (idle(row->status) && !interrupted) {
+        cs_queue q = {0};
+        int rc = ops->queue_list(hub->store.st, row->id, &q);
+        backlog = q.n > 0;
+        cs_queue_free(&q);
+        if (rc < 0)
+            return rc;
+    }
+    if (idle(row->status) && !interrupted && !backlog) {
         cs_msg_in m = {CS_ROLE_USER, a->content, a->len, NULL};
         int rc = ops->tx_insert(hub->store.st, row, &m, 1, &p->committed);
         if (rc < 0)
@@ -166,7 +177,7 @@ static int run_send(cs_publish *p, cs_chat_row *row)
         return rc;
     a->queued = 1;
     p->extras.queue = true;
-    if (interrupted && !fresh_worker(hub, row))
+    if (backlog || (interrupted && !fresh_worker(hub, row)))
         rc = promote_head(p, row, -1);
     return rc;
 }
