@@ -67,7 +67,9 @@ test-asan: deps
 	@cd $(ASAN_BUILD) && ctest --output-on-failure
 
 test-valgrind: build
+	@# test_pg_oom replaces malloc, which valgrind's allocator replaces in turn
 	@for t in $(BUILD)/test_*; do \
+	    case $$t in *test_pg_oom) continue;; esac; \
 	    echo "valgrind $$t"; $(VALGRIND) $$t >/dev/null || exit 1; done
 	@echo "valgrind: busted specs (api, conventions, race, lifecycle, 200 property seeds)"
 	@CHATSTREAM_PROPERTY_SEEDS=200 $(VALGRIND) $(LUA) /usr/bin/busted \

@@ -44,11 +44,11 @@ if store:kind() == "postgresql" and chat then
   local sub <close> = assert(store:subscribe(chat, opts))
   local quiet = 0
   while not idle or quiet < idle do
-    local ev, err = sub:next(0.5)
+    local ev, err, code = sub:next(0.5)
     if ev then
       quiet = 0
       print_event(ev)
-    elseif err == "timeout" then
+    elseif code == "ETIMEDOUT" then
       quiet = quiet + 0.5
     else
       error(err)

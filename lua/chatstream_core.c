@@ -1016,7 +1016,7 @@ static int pub_commit(lua_State *L)
     size_t n = cs_pub_size(p);
     lua_createtable(L, (int)n, 0);
     int rc = cs_pub_commit(p, &ids, &n);
-    /* A state the chat is in (EINVAL: not held by the worker) is a runtime
+    /* A state the chat is in (ESTATE: not held by the worker) is a runtime
      * failure of the transaction, not misuse: returned. */
     if (rc < 0)
         return hub_fail(L, hub, rc);
@@ -1193,7 +1193,8 @@ static int push_event_protected(lua_State *L)
     return 1;
 }
 
-/* Pushes the next event, or nil, "timeout", or nil, msg, code. The event is
+/* Pushes the next event, or nil, "timeout", "ETIMEDOUT", or nil, msg, code.
+ * The event is
  * consumed only once its table exists: if building it raises (out of
  * memory), the event is put back and the next call returns it. */
 static int sub_next_impl(lua_State *L, lsub *u, double timeout)
@@ -1217,7 +1218,8 @@ static int sub_next_impl(lua_State *L, lsub *u, double timeout)
     if (rc == CS_IDLE) {
         lua_pushnil(L);
         lua_pushliteral(L, "timeout");
-        return 2;
+        lua_pushliteral(L, "ETIMEDOUT");
+        return 3;
     }
     if (rc == CS_ECLOSED)
         return luaL_error(L, "attempt to use a subscription of a closed store");
@@ -1249,7 +1251,7 @@ static int sub_iter(lua_State *L)
     int n = sub_next_impl(L, u, timeout);
     if (n == 1)
         return 1;
-    if (n == 2)
+    if (strcmp(lua_tostring(L, -1), "ETIMEDOUT") == 0)
         return 0; /* idle for the whole timeout: the loop ends */
     return luaL_error(L, "%s", lua_tostring(L, -2)); /* raised in a for */
 }

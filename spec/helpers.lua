@@ -40,7 +40,7 @@ end
 --- The next message event of sub: sub:next(timeout), skipping the other
 -- kinds (the snapshot's status and queue events; live status, queue and part
 -- events) as H.drain does. Returns what sub:next returns when nothing comes
--- (nil, "timeout" or nil, err, code). Each skipped event restarts the wait.
+-- (nil, "timeout", "ETIMEDOUT" or nil, err, code). Each skipped event restarts the wait.
 function H.next_message(sub, timeout)
   while true do
     local ev, err, code = sub:next(timeout)

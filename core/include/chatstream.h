@@ -17,12 +17,20 @@ extern "C" {
 enum {
     CS_OK = 0,
     CS_ENOMEM = -1,   /* out of memory; the object is left as it was */
-    CS_EINVAL = -2,   /* bad argument or operation not valid in this state */
+    CS_EINVAL = -2,   /* bad argument (the caller's mistake) */
     CS_ECLOSED = -3,  /* the handle (or its hub) is closed */
     CS_EBACKEND = -4, /* the store failed (query error, connection lost) */
     CS_EPROTO = -5,   /* malformed notification payload */
     CS_EAUTH = -6,    /* the actor may not do this */
-    CS_ENOTFOUND = -7 /* no such chat */
+    CS_ENOTFOUND = -7, /* no such chat */
+    CS_ESTATE = -8,    /* the chat's state does not allow it (not running on
+                          this worker, an invalid transition): nothing was
+                          written */
+    CS_ETIMEDOUT = -9, /* nothing arrived within the timeout */
+    CS_EUNKNOWN = -10  /* a write was sent but its outcome is unknown (the
+                          connection broke or the deadline passed after the
+                          send): it may have committed. Retry with the same
+                          idempotency key. */
 };
 enum { CS_EVENT = 1, CS_IDLE = 2 };
 
@@ -294,7 +302,7 @@ int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
 int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
                      const cs_msg_in *msgs, size_t n, int64_t *ids);
 /* A worker's append: committed only while the chat runs on worker (checked
- * under the chat's lock), CS_EINVAL otherwise, so a worker that was
+ * under the chat's lock), CS_ESTATE otherwise, so a worker that was
  * interrupted or taken over cannot write after the fact. */
 int cs_hub_append_worker(cs_hub *hub, int64_t chat_id, const char *worker,
                          const cs_msg_in *msgs, size_t n, int64_t *ids);

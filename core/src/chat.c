@@ -65,12 +65,16 @@ int cs_check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n)
         if (msgs[i].content_len > CS_MAX_CONTENT ||
             (!msgs[i].content && msgs[i].content_len))
             return cs_hub_fail(hub, CS_EINVAL, "message content too large");
-        /* Content is text (PostgreSQL's text type cannot hold a NUL byte):
-         * both stores refuse it alike. */
+        /* Content is text (PostgreSQL's text type holds UTF-8 without NUL
+         * bytes): both stores refuse anything else alike, as a bad
+         * argument. */
         if (msgs[i].content_len &&
             memchr(msgs[i].content, '\0', msgs[i].content_len))
             return cs_hub_fail(hub, CS_EINVAL,
                                "message content contains a NUL byte");
+        if (!cs_utf8_text(msgs[i].content, msgs[i].content_len))
+            return cs_hub_fail(hub, CS_EINVAL,
+                               "message content is not valid UTF-8");
         const char *why;
         if (cs_tool_check(msgs[i].role, msgs[i].tool, &why) < 0)
             return cs_hub_fail(hub, CS_EINVAL, why);
@@ -192,18 +196,24 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
         int notify = !p->oneshot                ? CS_APPEND_SILENT
                      : hub->plain_notifications ? CS_APPEND_PLAIN
                                                 : CS_APPEND_BODY;
+        int64_t id = 0;
         int rc = ops->append1(hub->store.st, p->chat_id, p->msgs, notify,
-                              p->worker, &p->committed);
-        if (rc == CS_ENOMEM && p->committed.n == 0) {
-            hub->stats.writes++; /* committed, not published */
+                              p->worker, &p->committed, &id);
+        if (rc == CS_ENOMEM && id > 0) {
+            /* Committed, but no copy for the cache: the call succeeded and
+             * reports the real id. Nothing is left to publish (readers find
+             * the message through its notification, sent with the commit,
+             * or the next DB pass): counted. */
+            hub->stats.writes++;
             hub->stats.publish_errors++;
             p->committed_done = true;
             free_inputs(p);
-            p->n = 0;
+            p->ids[0] = id;
+            p->cached[0] = p->notified[0] = 1;
             if (ids)
                 *ids = p->ids;
             if (n)
-                *n = 0;
+                *n = 1;
             return CS_OK;
         }
         if (rc < 0)
@@ -233,9 +243,25 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
         char buf[CS_NAME_MAX + 96];
         snprintf(buf, sizeof buf, "chat %lld is %s, not running on worker %s",
                  (long long)row.id, cs_status_name(row.status), p->worker);
-        rc = cs_hub_fail(hub, CS_EINVAL, buf);
+        rc = cs_hub_fail(hub, CS_ESTATE, buf);
     } else {
         rc = ops->tx_insert(hub->store.st, &row, p->msgs, p->n, &p->committed);
+    }
+    if (rc == CS_OK && p->run) {
+        /* Room for what the commit reports, before it: a committed write
+         * always reports its real ids. */
+        size_t k = p->committed.n ? p->committed.n : 1;
+        p->ids = calloc(k, sizeof *p->ids);
+        p->cached = calloc(k, 1);
+        p->notified = calloc(k, 1);
+        if (!p->ids || !p->cached || !p->notified) {
+            free(p->ids);
+            free(p->cached);
+            free(p->notified);
+            p->ids = NULL;
+            p->cached = p->notified = NULL;
+            rc = CS_ENOMEM;
+        }
     }
     if (rc < 0) {
         /* Keep the detail of the failure, not of the rollback. */
@@ -251,6 +277,13 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     }
     rc = ops->tx_end(hub->store.st, true);
     if (rc < 0) {
+        if (p->run) {
+            free(p->ids);
+            free(p->cached);
+            free(p->notified);
+            p->ids = NULL;
+            p->cached = p->notified = NULL;
+        }
         cs_msglist_clear(&p->committed);
         p->extras = (pub_extras){0};
         return cs_hub_fail(hub, rc, NULL);
@@ -261,22 +294,6 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     free_inputs(p);
     if (p->run) {
         p->n = p->committed.n;
-        p->ids = calloc(p->n ? p->n : 1, sizeof *p->ids);
-        p->cached = calloc(p->n ? p->n : 1, 1);
-        p->notified = calloc(p->n ? p->n : 1, 1);
-        if (!p->ids || !p->cached || !p->notified) {
-            /* Durable already, so not a failure of the call: the messages
-             * go unpublished (readers find them through the DB, on the next
-             * notification or backstop poll), and that is counted. */
-            free(p->ids);
-            free(p->cached);
-            free(p->notified);
-            p->ids = NULL;
-            p->cached = p->notified = NULL;
-            p->n = 0;
-            cs_msglist_clear(&p->committed);
-            hub->stats.publish_errors++;
-        }
         /* Nothing to notify: the status and queue hints go now. */
         if (p->n == 0 && pub_send_extras(p) < 0)
             hub->stats.publish_errors++;
@@ -391,6 +408,10 @@ int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
         (title && strlen(title) > CS_TITLE_MAX))
         return cs_hub_fail(hub, CS_EINVAL,
                            "owner (255 bytes) or title (1023 bytes) too long");
+    if ((owner && !cs_utf8_text(owner, strlen(owner))) ||
+        (title && !cs_utf8_text(title, strlen(title))))
+        return cs_hub_fail(hub, CS_EINVAL,
+                           "owner or title is not valid UTF-8");
     int64_t id;
     int rc = hub->store.ops->create_chat(hub->store.st, owner, title, &id);
     if (rc < 0)
@@ -405,7 +426,7 @@ int cs_pub_set_worker(cs_publish *p, const char *worker)
     if (!p || !p->hub)
         return CS_ECLOSED;
     if (p->committed_done || p->run || !worker || !*worker ||
-        strlen(worker) > CS_NAME_MAX)
+        strlen(worker) > CS_NAME_MAX || !cs_utf8_text(worker, strlen(worker)))
         return cs_hub_fail(
             p->hub, CS_EINVAL,
             "a worker (1 to 255 bytes) is set before the commit");

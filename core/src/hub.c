@@ -311,7 +311,8 @@ const char *cs_hub_errmsg(const cs_hub *hub)
 
 int cs_hub_fail(cs_hub *hub, int rc, const char *msg)
 {
-    if (!msg && (rc == CS_EBACKEND || rc == CS_ENOTFOUND || rc == CS_EINVAL))
+    if (!msg && (rc == CS_EBACKEND || rc == CS_ENOTFOUND || rc == CS_EINVAL ||
+                 rc == CS_ESTATE || rc == CS_EUNKNOWN))
         msg = hub->store.ops->errmsg(hub->store.st);
     snprintf(hub->err, sizeof hub->err, "%s", msg ? msg : cs_strerror(rc));
     return rc;
@@ -754,8 +755,9 @@ static uint64_t queue_sig(const cs_queue *q)
     return h ^ q->n;
 }
 
-/* Reads the status; delivers it if newer than the last delivered. */
-static int sub_read_status(cs_sub *s)
+/* Reads the status; delivers it if newer than the last delivered. last
+ * (may be NULL) receives the chat's last message ID. */
+static int sub_read_status(cs_sub *s, int64_t *last)
 {
     cs_hub *hub = s->hub;
     cs_chat_row *row = malloc(sizeof *row);
@@ -769,6 +771,8 @@ static int sub_read_status(cs_sub *s)
         free(row);
         return cs_hub_fail(hub, rc, NULL);
     }
+    if (last)
+        *last = row->last_message_id;
     if (row->version > s->status_version) {
         oevent e = {.kind = CS_EV_STATUS, .a = row->version, .b = row->status};
         rc = ev_push(s, e);
@@ -861,7 +865,17 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
         hub->busy_chats++;
 
     /* The snapshot: status, queue (when not empty), messages. */
-    rc = sub_read_status(s);
+    int64_t last = 0;
+    rc = sub_read_status(s, &last);
+    if (rc == CS_OK && o.after > last) {
+        /* A cursor is never past what was committed: this one comes from
+         * another database or chat, or a typo. */
+        char buf[160];
+        snprintf(buf, sizeof buf,
+                 "after = %lld is beyond the last message of chat %lld (%lld)",
+                 (long long)o.after, (long long)chat_id, (long long)last);
+        rc = cs_hub_fail(hub, CS_EINVAL, buf);
+    }
     if (rc == CS_OK)
         rc = sub_read_queue(s, true);
     cs_msglist rows = {0};
@@ -907,7 +921,7 @@ static void sub_process(cs_sub *s)
         s->resync = false;
     }
     if (s->status_dirty) {
-        if (sub_read_status(s) < 0)
+        if (sub_read_status(s, NULL) < 0)
             return;
         s->status_dirty = false;
     }

@@ -137,6 +137,11 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap);
  * unknown version or over CS_PAYLOAD_MAX. Never reads past p[len-1]. */
 int cs_payload_parse(const char *p, size_t len, cs_hint *out);
 
+/* Well-formed UTF-8 (no overlong forms, no surrogates, nothing past
+ * U+10FFFF) without NUL bytes: what PostgreSQL's text accepts, so both
+ * stores refuse the same input. */
+bool cs_utf8_text(const char *p, size_t len);
+
 /* Canonical decimal int64 >= 0 (no sign, no leading zero, no overflow). */
 bool cs_parse_id(const char *p, size_t len, int64_t *out);
 
@@ -235,9 +240,11 @@ typedef struct cs_store_ops {
      * notification goes out with the commit (only if it commits) and needs
      * no notify step; with CS_APPEND_BODY it carries the message when it
      * fits. worker (or NULL): only while the chat runs on that worker, else
-     * CS_EINVAL. CS_ENOTFOUND if no chat. */
+     * CS_ESTATE. CS_ENOTFOUND if no chat. *id receives the message's id
+     * once it committed, even when the call then fails (CS_ENOMEM: the
+     * message could not be copied into out), and 0 otherwise. */
     int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg, int notify,
-                   const char *worker, cs_msglist *out);
+                   const char *worker, cs_msglist *out, int64_t *id);
     /* Up to limit chats interrupted (waiting, a worker still on them) whose
      * worker's heartbeat is older than stale_after seconds: read only; the
      * caller revives each under its lock. */

@@ -27,6 +27,11 @@ static int check_name(cs_hub *hub, const char *name, const char *what)
                  CS_NAME_MAX);
         return cs_hub_fail(hub, CS_EINVAL, buf);
     }
+    if (!cs_utf8_text(name, strlen(name))) {
+        char buf[96];
+        snprintf(buf, sizeof buf, "%s is not valid UTF-8", what);
+        return cs_hub_fail(hub, CS_EINVAL, buf);
+    }
     return CS_OK;
 }
 
@@ -554,12 +559,12 @@ static int run_finish(cs_publish *p, cs_chat_row *row)
     if (row->status != CS_STATUS_RUNNING && !interrupted) {
         snprintf(buf, sizeof buf, "chat %lld is %s, not running",
                  (long long)row->id, cs_status_name(row->status));
-        return cs_hub_fail(hub, CS_EINVAL, buf);
+        return cs_hub_fail(hub, CS_ESTATE, buf);
     }
     if (a->worker && strcmp(a->worker, row->worker) != 0) {
         snprintf(buf, sizeof buf, "chat %lld is not held by worker %.64s",
                  (long long)row->id, a->worker);
-        return cs_hub_fail(hub, CS_EINVAL, buf);
+        return cs_hub_fail(hub, CS_ESTATE, buf);
     }
     int rc;
     if (interrupted || a->status == CS_STATUS_WAITING ||
@@ -613,6 +618,8 @@ int cs_hub_publish_part(cs_hub *hub, int64_t chat_id, const char *actor,
         (len && memchr(text, '\0', len)))
         return cs_hub_fail(hub, CS_EINVAL,
                            "a part is text without NUL bytes, up to 64 MiB");
+    if (!cs_utf8_text(text, len))
+        return cs_hub_fail(hub, CS_EINVAL, "a part is not valid UTF-8");
     int rc = cs_hub_authorize(hub, chat_id, actor, "publish_part");
     if (rc < 0)
         return rc;

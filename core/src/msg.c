@@ -35,6 +35,45 @@ cs_msg *cs_msg_new_n(int64_t id, int64_t chat_id, int64_t prev_id, cs_role role,
     return m;
 }
 
+bool cs_utf8_text(const char *p, size_t len)
+{
+    const unsigned char *s = (const unsigned char *)p, *e = s + len;
+    while (s < e) {
+        unsigned c = *s;
+        if (c < 0x80) {
+            if (c == 0)
+                return false;
+            s++;
+            continue;
+        }
+        size_t n;
+        unsigned lo = 0x80, hi = 0xBF; /* the second byte's range */
+        if (c >= 0xC2 && c <= 0xDF)
+            n = 1;
+        else if (c >= 0xE0 && c <= 0xEF) {
+            n = 2;
+            if (c == 0xE0)
+                lo = 0xA0; /* overlong */
+            else if (c == 0xED)
+                hi = 0x9F; /* surrogates */
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 3;
+            if (c == 0xF0)
+                lo = 0x90; /* overlong */
+            else if (c == 0xF4)
+                hi = 0x8F; /* past U+10FFFF */
+        } else
+            return false;
+        if ((size_t)(e - s) <= n || s[1] < lo || s[1] > hi)
+            return false;
+        for (size_t i = 2; i <= n; i++)
+            if ((s[i] & 0xC0) != 0x80)
+                return false;
+        s += n + 1;
+    }
+    return true;
+}
+
 cs_msg *cs_msg_ref(cs_msg *m)
 {
     m->refs++;
@@ -236,9 +275,12 @@ const char *cs_errname(int rc)
     case CS_EPROTO: return "EPROTO";
     case CS_EAUTH: return "EAUTH";
     case CS_ENOTFOUND: return "ENOTFOUND";
+    case CS_ESTATE: return "ESTATE";
+    case CS_ETIMEDOUT: return "ETIMEDOUT";
+    case CS_EUNKNOWN: return "EUNKNOWN";
     case CS_EVENT: return "EVENT";
     case CS_IDLE: return "IDLE";
-    default: return "EUNKNOWN";
+    default: return "E?";
     }
 }
 
@@ -253,6 +295,9 @@ const char *cs_strerror(int rc)
     case CS_EPROTO: return "malformed notification";
     case CS_EAUTH: return "not authorized";
     case CS_ENOTFOUND: return "no such chat";
+    case CS_ESTATE: return "not allowed in the chat's state";
+    case CS_ETIMEDOUT: return "timeout";
+    case CS_EUNKNOWN: return "outcome unknown: it may have committed";
     case CS_EVENT: return "event";
     case CS_IDLE: return "idle";
     default: return "unknown error";

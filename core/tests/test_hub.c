@@ -97,6 +97,9 @@ static void test_errors(void)
         {CS_EPROTO, "EPROTO", "malformed notification"},
         {CS_EAUTH, "EAUTH", "not authorized"},
         {CS_ENOTFOUND, "ENOTFOUND", "no such chat"},
+        {CS_ESTATE, "ESTATE", "not allowed in the chat's state"},
+        {CS_ETIMEDOUT, "ETIMEDOUT", "timeout"},
+        {CS_EUNKNOWN, "EUNKNOWN", "outcome unknown: it may have committed"},
         {CS_EVENT, "EVENT", "event"},
         {CS_IDLE, "IDLE", "idle"},
     };
@@ -107,8 +110,8 @@ static void test_errors(void)
         for (size_t j = 0; j < i; j++)
             CHECK(strcmp(cs_strerror(codes[i].rc), cs_strerror(codes[j].rc)));
     }
-    CHECK_EQ_STR(cs_errname(-99), "EUNKNOWN");
-    CHECK_EQ_STR(cs_errname(99), "EUNKNOWN");
+    CHECK_EQ_STR(cs_errname(-99), "E?");
+    CHECK_EQ_STR(cs_errname(99), "E?");
     CHECK_EQ_STR(cs_strerror(-99), "unknown error");
     CHECK(cs_strerror(INT32_MIN) != NULL);
     CHECK(cs_errname(INT32_MAX) != NULL);

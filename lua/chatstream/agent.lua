@@ -110,7 +110,7 @@ function M.turn(store, chat_id, opts)
     local got, err, code = store:append(chat_id, msgs, { worker = worker })
     if got then
       ids = got
-    elseif code == "EINVAL" then
+    elseif code == "ESTATE" then
       held = false
     else
       error(err, 0)

@@ -892,7 +892,7 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
 }
 
 /* Why a worker's append found no chat running on it: CS_ENOTFOUND, or
- * CS_EINVAL naming the chat's status (nothing was written). */
+ * CS_ESTATE naming the chat's status (nothing was written). */
 static int not_on_worker(pg_store *s, int64_t chat_id, const char *worker)
 {
     cs_chat_row row;
@@ -903,7 +903,7 @@ static int not_on_worker(pg_store *s, int64_t chat_id, const char *worker)
              "chat %" PRId64 " is %s, not running on "
              "worker %s",
              chat_id, cs_status_name(row.status), worker);
-    return CS_EINVAL;
+    return CS_ESTATE;
 }
 
 /* One message in one round trip: one autocommit statement, prepared, that
@@ -916,9 +916,10 @@ static int not_on_worker(pg_store *s, int64_t chat_id, const char *worker)
  * inserted): readers in other processes then cache it and need no query for it.
  */
 static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
-                     const char *worker, cs_msglist *out)
+                     const char *worker, cs_msglist *out, int64_t *committed)
 {
     pg_store *s = st;
+    *committed = 0;
     int rc = claim_q(s);
     if (rc < 0)
         return rc;
@@ -965,6 +966,7 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
     PQclear(r);
     if (rc < 0)
         return rc;
+    *committed = id;
     cs_msg *m = cs_msg_new(id, chat_id, prev, msg->role, content,
                            msg->content_len, tool);
     if (!m || cs_msglist_push(out, m) < 0) {
