@@ -384,16 +384,18 @@ static int store_tostring(lua_State *L)
 static int store_create_chat(lua_State *L)
 {
     cs_hub *hub = check_store(L, 1);
-    const char *owner = NULL, *title = NULL;
+    const char *owner = NULL, *title = NULL, *key = NULL;
     if (!lua_isnoneornil(L, 2)) {
-        static const char *const keys[] = {"owner", "title", NULL};
+        static const char *const keys[] = {"owner", "title", "idempotency_key",
+                                           NULL};
         luaL_checktype(L, 2, LUA_TTABLE);
         check_keys(L, 2, keys);
         owner = opt_str_field(L, 2, "owner");
         title = opt_str_field(L, 2, "title");
+        key = opt_str_field(L, 2, "idempotency_key");
     }
     int64_t id;
-    int rc = cs_hub_create_chat(hub, owner, title, &id);
+    int rc = cs_hub_create_chat_key(hub, owner, title, key, &id);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     lua_pushinteger(L, (lua_Integer)id);
@@ -544,7 +546,9 @@ static const char *opt_actor(lua_State *L, int idx, const char *const keys[])
     return a;
 }
 
-static const char *const append_keys[] = {"actor", "worker", NULL};
+static const char *const append_keys[] = {"actor", "worker", "idempotency_key",
+                                          NULL};
+static const char *const prepare_keys[] = {"actor", "worker", NULL};
 
 /* The worker of an append's options at idx (left on the stack): a worker's
  * append commits only while the chat runs on it. */
@@ -568,12 +572,16 @@ static int store_append(lua_State *L)
     int64_t chat = check_id(L, 2, "chat id");
     const char *actor = opt_actor(L, 4, append_keys);
     const char *worker = opt_worker(L, 4, actor);
+    const char *key =
+        lua_istable(L, 4) ? opt_str_field(L, 4, "idempotency_key") : NULL;
+    if (!key)
+        lua_pushnil(L); /* the stack keeps the same shape */
     size_t n;
     cs_msg_in *msgs = read_msgs(L, 3, &n);
     int64_t *ids = lua_newuserdatauv(L, n * sizeof *ids, 0);
     lua_createtable(L, (int)n, 0);
-    int rc = worker ? cs_hub_append_worker(hub, chat, worker, msgs, n, ids)
-                    : cs_hub_append_as(hub, chat, actor, msgs, n, ids);
+    cs_append_options o = {actor, worker, key};
+    int rc = cs_hub_append_opts(hub, chat, &o, msgs, n, ids);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     fill_ids(L, ids, n);
@@ -584,7 +592,7 @@ static int store_prepare(lua_State *L)
 {
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
-    const char *actor = opt_actor(L, 4, append_keys);
+    const char *actor = opt_actor(L, 4, prepare_keys);
     const char *worker = opt_worker(L, 4, actor);
     size_t n;
     cs_msg_in *msgs = read_msgs(L, 3, &n);
@@ -763,7 +771,8 @@ static int store_chat(lua_State *L)
  * id, queued */
 static int store_send(lua_State *L)
 {
-    static const char *const keys[] = {"role", "content", "actor", NULL};
+    static const char *const keys[] = {"role", "content", "actor",
+                                       "idempotency_key", NULL};
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
     luaL_checktype(L, 3, LUA_TTABLE);
@@ -776,9 +785,13 @@ static int store_send(lua_State *L)
         return luaL_argerror(L, 3, "message content must be a string");
     const char *content = lua_tolstring(L, -1, &len);
     const char *actor = opt_str_field(L, 3, "actor");
+    if (!actor)
+        lua_pushnil(L);
+    const char *key = opt_str_field(L, 3, "idempotency_key");
     int64_t id;
     int queued;
-    int rc = cs_hub_send(hub, chat, actor, content, len, &id, &queued);
+    int rc =
+        cs_hub_send_key(hub, chat, actor, key, content, len, &id, &queued);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     lua_pushinteger(L, (lua_Integer)id);

@@ -307,6 +307,32 @@ int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
 int cs_hub_append_worker(cs_hub *hub, int64_t chat_id, const char *worker,
                          const cs_msg_in *msgs, size_t n, int64_t *ids);
 
+/* Idempotency: a write with a key (1 to CS_KEY_MAX bytes of UTF-8) records
+ * its result under it, per chat (per owner for create_chat), as long as the
+ * chat lives. A retry with the same key returns the first call's result and
+ * writes nothing: so a call that failed with CS_EUNKNOWN (or any failure)
+ * can be retried safely. */
+#define CS_KEY_MAX 255
+
+typedef struct cs_append_options {
+    const char *actor;           /* checked first; NULL: trusted */
+    const char *worker;          /* see cs_hub_append_worker; NULL: none */
+    const char *idempotency_key; /* NULL: none */
+} cs_append_options;
+/* cs_hub_append with options. A key used before on the chat by another
+ * kind of write or another number of messages is CS_EINVAL. */
+int cs_hub_append_opts(cs_hub *hub, int64_t chat_id,
+                       const cs_append_options *opts, const cs_msg_in *msgs,
+                       size_t n, int64_t *ids);
+/* cs_hub_create_chat with a key: the owner's chat made with it, if any. */
+int cs_hub_create_chat_key(cs_hub *hub, const char *owner, const char *title,
+                           const char *key, int64_t *chat_id);
+/* cs_hub_send with a key (NULL: none): a retry returns the first call's id
+ * and queued flag. */
+int cs_hub_send_key(cs_hub *hub, int64_t chat_id, const char *actor,
+                    const char *key, const char *content, size_t len,
+                    int64_t *id, int *queued);
+
 /* ---- stepped publish -----------------------------------------------------
  * prepare -> commit -> cache(i) / notify(i) in any order. Index i is 0-based;
  * CS_ALL means every message not yet done, in order. */
@@ -319,6 +345,8 @@ int cs_pub_prepare_as(cs_hub *hub, int64_t chat_id, const char *actor,
 /* Before the commit: commit only while the chat runs on worker (see
  * cs_hub_append_worker). */
 int cs_pub_set_worker(cs_publish *pub, const char *worker);
+/* Before the commit: the append's idempotency key. */
+int cs_pub_set_key(cs_publish *pub, const char *key);
 /* The transaction. On success *ids (borrowed, valid until cs_pub_close) holds
  * n IDs. A second commit is CS_EINVAL. */
 int cs_pub_commit(cs_publish *pub, const int64_t **ids, size_t *n);

@@ -48,6 +48,7 @@ void cs_pub_close(cs_publish *p)
     free_inputs(p);
     cs_msglist_free(&p->committed);
     free(p->worker);
+    free(p->key);
     free(p->ids);
     free(p->cached);
     free(p->notified);
@@ -183,6 +184,37 @@ static int pub_send_extras(cs_publish *p)
     return CS_OK;
 }
 
+/* An append with an idempotency key, under the chat's lock: 1 when the key
+ * has a result already (p->ids holds it; nothing written), else the insert
+ * and the key's record, CS_OK. */
+static int keyed_insert(cs_publish *p, cs_chat_row *row)
+{
+    cs_hub *hub = p->hub;
+    const cs_store_ops *ops = hub->store.ops;
+    cs_keyed k;
+    int rc = ops->tx_key_get(hub->store.st, row->id, p->key, &k);
+    if (rc < 0)
+        return rc;
+    if (rc == 1) {
+        if (k.n != p->n || k.queued) {
+            free(k.ids);
+            return cs_hub_fail(hub, CS_EINVAL,
+                               "idempotency key used before by another "
+                               "write to this chat");
+        }
+        memcpy(p->ids, k.ids, p->n * sizeof *p->ids);
+        free(k.ids);
+        return 1;
+    }
+    rc = ops->tx_insert(hub->store.st, row, p->msgs, p->n, &p->committed);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < p->n; i++)
+        p->ids[i] = p->committed.items[i]->id;
+    k = (cs_keyed){p->ids, p->n, false};
+    return ops->tx_key_put(hub->store.st, row->id, p->key, &k);
+}
+
 int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
 {
     if (!p || !p->hub)
@@ -191,7 +223,7 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     if (p->committed_done)
         return cs_hub_fail(hub, CS_EINVAL, "already committed");
     const cs_store_ops *ops = hub->store.ops;
-    if (!p->run && p->n == 1 && ops->append1) {
+    if (!p->run && p->n == 1 && ops->append1 && !p->key) {
         /* One message (a worker's too): the store's short path. */
         int notify = !p->oneshot                ? CS_APPEND_SILENT
                      : hub->plain_notifications ? CS_APPEND_PLAIN
@@ -244,6 +276,21 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
         snprintf(buf, sizeof buf, "chat %lld is %s, not running on worker %s",
                  (long long)row.id, cs_status_name(row.status), p->worker);
         rc = cs_hub_fail(hub, CS_ESTATE, buf);
+    } else if (p->key) {
+        rc = keyed_insert(p, &row);
+        if (rc == 1) {
+            /* A retry: the first call's result, nothing written. */
+            ops->tx_end(hub->store.st, false);
+            p->committed_done = true;
+            free_inputs(p);
+            memset(p->cached, 1, p->n);
+            memset(p->notified, 1, p->n);
+            if (ids)
+                *ids = p->ids;
+            if (n)
+                *n = p->n;
+            return CS_OK;
+        }
     } else {
         rc = ops->tx_insert(hub->store.st, &row, p->msgs, p->n, &p->committed);
     }
@@ -402,8 +449,16 @@ void cs_pub_publish_all(cs_publish *p)
 int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
                        int64_t *chat_id)
 {
+    return cs_hub_create_chat_key(hub, owner, title, NULL, chat_id);
+}
+
+int cs_hub_create_chat_key(cs_hub *hub, const char *owner, const char *title,
+                           const char *key, int64_t *chat_id)
+{
     if (!hub)
         return CS_ECLOSED;
+    if (key && cs_check_key(hub, key) < 0)
+        return CS_EINVAL;
     if ((owner && strlen(owner) > CS_NAME_MAX) ||
         (title && strlen(title) > CS_TITLE_MAX))
         return cs_hub_fail(hub, CS_EINVAL,
@@ -413,11 +468,40 @@ int cs_hub_create_chat(cs_hub *hub, const char *owner, const char *title,
         return cs_hub_fail(hub, CS_EINVAL,
                            "owner or title is not valid UTF-8");
     int64_t id;
-    int rc = hub->store.ops->create_chat(hub->store.st, owner, title, &id);
+    int rc = hub->store.ops->create_chat(hub->store.st, owner, title, key, &id);
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
     hub->stats.writes++;
     *chat_id = id;
+    return CS_OK;
+}
+
+int cs_check_key(cs_hub *hub, const char *key)
+{
+    size_t len = key ? strlen(key) : 0;
+    if (!key || len < 1 || len > CS_KEY_MAX || !cs_utf8_text(key, len))
+        return cs_hub_fail(hub, CS_EINVAL,
+                           "an idempotency key is 1 to 255 bytes of UTF-8");
+    return CS_OK;
+}
+
+int cs_pub_set_key(cs_publish *p, const char *key)
+{
+    if (!p || !p->hub)
+        return CS_ECLOSED;
+    if (p->committed_done || p->run)
+        return cs_hub_fail(p->hub, CS_EINVAL,
+                           "an idempotency key goes on an append before its "
+                           "commit");
+    int rc = cs_check_key(p->hub, key);
+    if (rc < 0)
+        return rc;
+    char *k = malloc(strlen(key) + 1);
+    if (!k)
+        return CS_ENOMEM;
+    strcpy(k, key);
+    free(p->key);
+    p->key = k;
     return CS_OK;
 }
 
@@ -445,13 +529,24 @@ int cs_hub_append(cs_hub *hub, int64_t chat_id, const cs_msg_in *msgs, size_t n,
 }
 
 static int append(cs_hub *hub, int64_t chat_id, const char *actor,
-                  const char *worker, const cs_msg_in *msgs, size_t n,
-                  int64_t *ids);
+                  const char *worker, const char *key, const cs_msg_in *msgs,
+                  size_t n, int64_t *ids);
 
 int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
                      const cs_msg_in *msgs, size_t n, int64_t *ids)
 {
-    return append(hub, chat_id, actor, NULL, msgs, n, ids);
+    return append(hub, chat_id, actor, NULL, NULL, msgs, n, ids);
+}
+
+int cs_hub_append_opts(cs_hub *hub, int64_t chat_id,
+                       const cs_append_options *o, const cs_msg_in *msgs,
+                       size_t n, int64_t *ids)
+{
+    cs_append_options d = o ? *o : (cs_append_options){0};
+    if (hub && d.actor && d.worker)
+        return cs_hub_fail(hub, CS_EINVAL, "an actor or a worker, not both");
+    return append(hub, chat_id, d.actor, d.worker, d.idempotency_key, msgs, n,
+                  ids);
 }
 
 int cs_hub_append_worker(cs_hub *hub, int64_t chat_id, const char *worker,
@@ -460,17 +555,21 @@ int cs_hub_append_worker(cs_hub *hub, int64_t chat_id, const char *worker,
     if (!worker)
         return hub ? cs_hub_fail(hub, CS_EINVAL, "a worker is needed")
                    : CS_ECLOSED;
-    return append(hub, chat_id, NULL, worker, msgs, n, ids);
+    return append(hub, chat_id, NULL, worker, NULL, msgs, n, ids);
 }
 
 static int append(cs_hub *hub, int64_t chat_id, const char *actor,
-                  const char *worker, const cs_msg_in *msgs, size_t n,
-                  int64_t *ids)
+                  const char *worker, const char *key, const cs_msg_in *msgs,
+                  size_t n, int64_t *ids)
 {
     cs_publish *p;
     const int64_t *got;
     int rc = cs_pub_prepare_as(hub, chat_id, actor, msgs, n, &p);
     if (rc == CS_OK && worker && (rc = cs_pub_set_worker(p, worker)) < 0) {
+        cs_pub_close(p);
+        return rc;
+    }
+    if (rc == CS_OK && key && (rc = cs_pub_set_key(p, key)) < 0) {
         cs_pub_close(p);
         return rc;
     }

@@ -60,6 +60,7 @@ struct cs_publish {
     void *arg;      /* for run, valid until commit */
     int64_t qid;    /* promote: the queue item */
     char *worker;   /* append: only while the chat runs on it, or NULL */
+    char *key;      /* append: its idempotency key, or NULL */
     bool oneshot;   /* committed and published in one go (not stepped) */
     cs_msglist committed;
     int64_t *ids;
@@ -80,6 +81,8 @@ int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
 /* Sends a status hint for the chat (counted in publish_errors on failure). */
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
                          cs_status st);
+/* An idempotency key: 1 to CS_KEY_MAX bytes of UTF-8; CS_EINVAL. */
+int cs_check_key(cs_hub *hub, const char *key);
 /* Checks a message list (count, roles, content, tool fields). */
 int cs_check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n);
 

@@ -196,11 +196,20 @@ int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
  * hint with the message when it fits. */
 enum { CS_APPEND_SILENT, CS_APPEND_PLAIN, CS_APPEND_BODY };
 
+/* What a write recorded under its idempotency key. */
+typedef struct cs_keyed {
+    int64_t *ids; /* malloc'd */
+    size_t n;
+    bool queued; /* send: the id is a queue item's */
+} cs_keyed;
+
 typedef struct cs_store_ops {
     const char *name;
     bool remote; /* notifications come from elsewhere (fd -1: reconnecting) */
+    /* key (NULL or ""): the owner's chat made with that key, if there is
+     * one, is the answer and nothing is written. */
     int (*create_chat)(void *st, const char *owner, const char *title,
-                       int64_t *chat_id);
+                       const char *key, int64_t *chat_id);
     /* The chat's row, outside any transaction: CS_ENOTFOUND if none. */
     int (*chat_get)(void *st, int64_t chat_id, cs_chat_row *row);
     /* Begins a transaction and locks the chat's row (FOR UPDATE): every
@@ -220,6 +229,13 @@ typedef struct cs_store_ops {
     /* Every message after the chat's last user message (all of them
      * without one), ascending: the turn whose tool calls may be open. */
     int (*tx_tail)(void *st, int64_t chat_id, cs_msglist *out);
+    /* Idempotency keys, in the chat's transaction: the result recorded
+     * under key (1, *out filled, out->ids malloc'd; 0: none), and recording
+     * one. */
+    int (*tx_key_get)(void *st, int64_t chat_id, const char *key,
+                      cs_keyed *out);
+    int (*tx_key_put)(void *st, int64_t chat_id, const char *key,
+                      const cs_keyed *res);
     /* The queue in order, in a transaction or not. */
     int (*queue_list)(void *st, int64_t chat_id, cs_queue *out);
     /* At the end of the queue. */

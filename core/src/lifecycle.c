@@ -143,11 +143,43 @@ static int run_publish(cs_hub *hub, int64_t chat_id, pub_run_fn run, void *arg)
 typedef struct send_arg {
     const char *actor, *content;
     size_t len;
+    const char *key; /* idempotency key, or NULL */
     int64_t id;
     int queued;
 } send_arg;
 
+static int send_unkeyed(cs_publish *p, cs_chat_row *row);
+
+/* A send with a key: the first call's result if the key has one (nothing
+ * written), else the send and the key's record, in one transaction. */
 static int run_send(cs_publish *p, cs_chat_row *row)
+{
+    send_arg *a = p->arg;
+    cs_hub *hub = p->hub;
+    const cs_store_ops *ops = hub->store.ops;
+    if (!a->key)
+        return send_unkeyed(p, row);
+    cs_keyed k;
+    int rc = ops->tx_key_get(hub->store.st, row->id, a->key, &k);
+    if (rc < 0)
+        return rc;
+    if (rc == 1) {
+        bool one = k.n == 1;
+        a->id = one ? k.ids[0] : 0;
+        a->queued = k.queued;
+        free(k.ids);
+        return one ? CS_OK
+                   : cs_hub_fail(hub, CS_EINVAL,
+                                 "idempotency key used before by another "
+                                 "write to this chat");
+    }
+    if ((rc = send_unkeyed(p, row)) < 0)
+        return rc;
+    k = (cs_keyed){&a->id, 1, a->queued != 0};
+    return ops->tx_key_put(hub->store.st, row->id, a->key, &k);
+}
+
+static int send_unkeyed(cs_publish *p, cs_chat_row *row)
 {
     send_arg *a = p->arg;
     cs_hub *hub = p->hub;
@@ -190,8 +222,18 @@ static int run_send(cs_publish *p, cs_chat_row *row)
 int cs_hub_send(cs_hub *hub, int64_t chat_id, const char *actor,
                 const char *content, size_t len, int64_t *id, int *queued)
 {
+    return cs_hub_send_key(hub, chat_id, actor, NULL, content, len, id,
+                           queued);
+}
+
+int cs_hub_send_key(cs_hub *hub, int64_t chat_id, const char *actor,
+                    const char *key, const char *content, size_t len,
+                    int64_t *id, int *queued)
+{
     if (!hub)
         return CS_ECLOSED;
+    if (key && cs_check_key(hub, key) < 0)
+        return CS_EINVAL;
     cs_msg_in m = {CS_ROLE_USER, content, len, NULL};
     int rc = cs_check_msgs(hub, &m, 1);
     if (rc < 0)
@@ -208,7 +250,7 @@ int cs_hub_send(cs_hub *hub, int64_t chat_id, const char *actor,
     if (len)
         memcpy(copy, content, len);
     copy[len] = '\0';
-    send_arg a = {actor, copy, len, 0, 0};
+    send_arg a = {actor, copy, len, key, 0, 0};
     rc = run_publish(hub, chat_id, run_send, &a);
     free(copy);
     if (rc < 0)

@@ -30,6 +30,12 @@ typedef struct mem_chat {
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at; /* wall clock seconds; 0: none */
     mem_queue queue;
+    char *key; /* the idempotency key it was made with, or NULL */
+    struct mem_key {
+        char *key;
+        cs_keyed res;
+    } * keys; /* results of keyed writes, as long as the chat */
+    size_t nkeys, capkeys;
 } mem_chat;
 
 /* The open transaction of a database (the memory store runs one call at a
@@ -43,6 +49,7 @@ typedef struct mem_tx {
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at;
     mem_queue queue; /* a copy of the item pointers */
+    size_t nkeys;
 } mem_tx;
 
 typedef struct mem_note {
@@ -110,6 +117,12 @@ static void memdb_unref(cs_memdb *db)
         mem_chat *c = db->chats[i];
         free(c->owner);
         free(c->title);
+        free(c->key);
+        for (size_t k = 0; k < c->nkeys; k++) {
+            free(c->keys[k].key);
+            free(c->keys[k].res.ids);
+        }
+        free(c->keys);
         cs_msglist_free(&c->msgs);
         for (size_t k = 0; k < c->queue.n; k++)
             qitem_free(c->queue.items[k]);
@@ -160,10 +173,19 @@ static int fail(mem_conn *c, int rc, const char *msg, int64_t chat_id)
 }
 
 static int m_create_chat(void *st, const char *owner, const char *title,
-                         int64_t *chat_id)
+                         const char *key, int64_t *chat_id)
 {
     mem_conn *c = st;
     cs_memdb *db = c->db;
+    if (key && *key)
+        for (size_t i = 0; i < db->nchats; i++) {
+            mem_chat *o = db->chats[i];
+            if (o->key && strcmp(o->key, key) == 0 &&
+                strcmp(o->owner, owner ? owner : "") == 0) {
+                *chat_id = o->id; /* made with this key already */
+                return CS_OK;
+            }
+        }
     if (db->nchats == db->capchats) {
         size_t cap = db->capchats ? db->capchats * 2 : 16;
         mem_chat **chats = realloc(db->chats, cap * sizeof *chats);
@@ -177,9 +199,11 @@ static int m_create_chat(void *st, const char *owner, const char *title,
         return CS_ENOMEM;
     ch->owner = dupstr(owner);
     ch->title = dupstr(title);
-    if (!ch->owner || !ch->title) {
+    ch->key = key && *key ? dupstr(key) : NULL;
+    if (!ch->owner || !ch->title || (key && *key && !ch->key)) {
         free(ch->owner);
         free(ch->title);
+        free(ch->key);
         free(ch);
         return CS_ENOMEM;
     }
@@ -264,6 +288,7 @@ static int m_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     tx->version = ch->version;
     memcpy(tx->worker, ch->worker, sizeof tx->worker);
     tx->heartbeat_at = ch->heartbeat_at;
+    tx->nkeys = ch->nkeys;
     db->tx = tx;
     row_of(ch, row);
     return CS_OK;
@@ -290,6 +315,11 @@ static int m_tx_end(void *st, bool commit)
         ch->version = tx->version;
         memcpy(ch->worker, tx->worker, sizeof ch->worker);
         ch->heartbeat_at = tx->heartbeat_at;
+        while (ch->nkeys > tx->nkeys) {
+            ch->nkeys--;
+            free(ch->keys[ch->nkeys].key);
+            free(ch->keys[ch->nkeys].res.ids);
+        }
         /* Items added inside the transaction go; the saved order returns. */
         for (size_t i = 0; i < ch->queue.n; i++)
             if (!queue_has(&tx->queue, ch->queue.items[i]))
@@ -313,6 +343,53 @@ static mem_chat *tx_chat(mem_conn *c, int64_t chat_id)
         return NULL;
     }
     return tx->chat;
+}
+
+static int m_tx_key_get(void *st, int64_t chat_id, const char *key,
+                        cs_keyed *out)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, chat_id);
+    if (!ch)
+        return CS_EINVAL;
+    for (size_t i = 0; i < ch->nkeys; i++)
+        if (strcmp(ch->keys[i].key, key) == 0) {
+            const cs_keyed *r = &ch->keys[i].res;
+            *out = *r;
+            out->ids = malloc((r->n ? r->n : 1) * sizeof *out->ids);
+            if (!out->ids)
+                return CS_ENOMEM;
+            memcpy(out->ids, r->ids, r->n * sizeof *r->ids);
+            return 1;
+        }
+    return 0;
+}
+
+static int m_tx_key_put(void *st, int64_t chat_id, const char *key,
+                        const cs_keyed *res)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, chat_id);
+    if (!ch)
+        return CS_EINVAL;
+    if (ch->nkeys == ch->capkeys) {
+        size_t cap = ch->capkeys ? ch->capkeys * 2 : 8;
+        struct mem_key *k = realloc(ch->keys, cap * sizeof *k);
+        if (!k)
+            return CS_ENOMEM;
+        ch->keys = k;
+        ch->capkeys = cap;
+    }
+    char *kc = dupstr(key);
+    int64_t *ids = malloc((res->n ? res->n : 1) * sizeof *ids);
+    if (!kc || !ids) {
+        free(kc);
+        free(ids);
+        return CS_ENOMEM;
+    }
+    memcpy(ids, res->ids, res->n * sizeof *ids);
+    ch->keys[ch->nkeys++] = (struct mem_key){kc, {ids, res->n, res->queued}};
+    return CS_OK;
 }
 
 /* Ids are taken under the chat's transaction, so the chat's commit order is
@@ -712,6 +789,8 @@ static const cs_store_ops memory_ops = {
     .tx_update = m_tx_update,
     .tx_tail = m_tx_tail,
     .queue_list = m_queue_list,
+    .tx_key_get = m_tx_key_get,
+    .tx_key_put = m_tx_key_put,
     .tx_queue_add = m_tx_queue_add,
     .tx_queue_del = m_tx_queue_del,
     .tx_queue_front = m_tx_queue_front,

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,9 @@ typedef struct pg_store {
     uint64_t q_gen, prep_gen;
     unsigned prepared;
     char *prep_sql[PREP_COUNT]; /* their texts, built at open */
+    /* The last statement failed after it was sent, with no answer: it may
+     * have run (see collect). */
+    bool unknown;
     char err[512];
 } pg_store;
 
@@ -160,6 +164,21 @@ static int conn_fail(pg_store *s, PGconn *c, const char *what)
                 c ? PQerrorMessage(c) : "cannot allocate a connection");
 }
 
+/* A write statement (an autocommit write, a COMMIT) got no answer: its
+ * outcome is unknown, said as such, never as rolled back. */
+static int write_failed(pg_store *s)
+{
+    if (!s->unknown)
+        return CS_EBACKEND;
+    char keep[sizeof s->err];
+    memcpy(keep, s->err, sizeof keep);
+    snprintf(s->err, sizeof s->err,
+             "sent, no answer (it may have committed; retry with the same "
+             "idempotency key): %.400s",
+             keep);
+    return CS_EUNKNOWN;
+}
+
 static void quiet(void *arg, const char *message)
 {
     (void)arg;
@@ -171,11 +190,22 @@ static void quiet(void *arg, const char *message)
  * started, for PQconnectPoll to finish. */
 static PGconn *connect_db_mode(pg_store *s, bool start)
 {
-    const char *keys[] = {"dbname", "fallback_application_name",
-                          "connect_timeout", NULL};
-    const char *vals[] = {s->dsn, "chatstream", CONNECT_TIMEOUT, NULL};
+    /* A dead peer is found by the kernel, not only by a statement that
+     * waits: keepalives, and unacknowledged data given up after 10 s. They
+     * come before the DSN, whose own settings override them. */
+    const char *keys[] = {"keepalives",
+                          "keepalives_idle",
+                          "keepalives_interval",
+                          "keepalives_count",
+                          "tcp_user_timeout",
+                          "dbname",
+                          "fallback_application_name",
+                          "connect_timeout",
+                          NULL};
+    const char *vals[] = {"1",    "10",         "5",           "3", "10000",
+                          s->dsn, "chatstream", CONNECT_TIMEOUT, NULL};
     if (s->has_timeout)
-        keys[2] = NULL; /* the DSN's own connect_timeout wins */
+        keys[7] = NULL; /* the DSN's own connect_timeout wins */
     PGconn *c = start ? PQconnectStartParams(keys, vals, 1)
                       : PQconnectdbParams(keys, vals, 1);
     if (c)
@@ -209,6 +239,7 @@ static PGresult *collect(pg_store *s, PGconn *c);
 static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
                      const char *const *vals)
 {
+    s->unknown = false;
     if (!c || PQstatus(c) != CONNECTION_OK) {
         conn_fail(s, c, "not connected");
         return NULL;
@@ -229,6 +260,7 @@ static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
 static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
                               const char *const *vals)
 {
+    s->unknown = false;
     if (!c || PQstatus(c) != CONNECTION_OK) {
         conn_fail(s, c, "not connected");
         return NULL;
@@ -243,6 +275,7 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
             return NULL;
         }
         PGresult *r = collect(s, c);
+        s->unknown = false; /* the statement itself was not sent */
         if (!r)
             return NULL;
         PQclear(r);
@@ -257,41 +290,129 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
     return collect(s, c);
 }
 
+/* How long a cancelled statement may take to answer before its connection
+ * is given up: a call overruns query_timeout by about this much at most. */
+#define CANCEL_GRACE 1.0
+
+/* The cancel request, on a thread of its own: PQcancel connects to the
+ * server and may block as long as the network does; the caller never waits
+ * for it. It touches nothing but its own PGcancel. */
+static void *cancel_main(void *arg)
+{
+    char buf[256];
+    PQcancel(arg, buf, sizeof buf);
+    PQfreeCancel(arg);
+    return NULL;
+}
+
+static void send_cancel(PGconn *c)
+{
+    PGcancel *cancel = PQgetCancel(c);
+    if (!cancel)
+        return;
+    pthread_t t;
+    pthread_attr_t a;
+    bool started = false;
+    if (pthread_attr_init(&a) == 0) {
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        started = pthread_create(&t, &a, cancel_main, cancel) == 0;
+        pthread_attr_destroy(&a);
+    }
+    if (!started)
+        PQfreeCancel(cancel); /* no cancel: the connection is given up */
+}
+
+/* Reads the results of the statement on c until it is done (1), the
+ * deadline passes (0) or the connection breaks (-1). *last keeps the first
+ * error, else the last result. */
+static int read_results(PGconn *c, double deadline, PGresult **last)
+{
+    PGresult *r;
+    for (;;) {
+        while (PQisBusy(c)) {
+            if (wait_io(c, false, deadline) == 0)
+                return 0;
+            if (!PQconsumeInput(c))
+                return -1;
+        }
+        if (!(r = PQgetResult(c)))
+            return 1;
+        if (*last && PQresultStatus(*last) == PGRES_FATAL_ERROR)
+            PQclear(r); /* keep the first error */
+        else {
+            PQclear(*last);
+            *last = r;
+        }
+    }
+}
+
+/* Drops the connection c of the store (it cannot take another statement). */
+static void drop_conn(pg_store *s, PGconn *c)
+{
+    if (c == s->q) {
+        PQfinish(s->q);
+        s->q = NULL;
+        s->q_gen++;
+    } else if (c == s->l) {
+        PQfinish(s->l);
+        s->l = NULL;
+    }
+}
+
 /* Waits for the statement sent on c and returns its last result (the first
- * error wins), or NULL with s->err set; cancels it past query_timeout. */
+ * error wins), or NULL with s->err set. Past query_timeout the statement is
+ * cancelled (without blocking: see send_cancel) and given CANCEL_GRACE to
+ * answer: a statement that completes anyway (a COMMIT waiting on a
+ * synchronous standby commits locally when cancelled) returns its result, a
+ * cancelled one fails (it rolled back), and one that does not answer has its
+ * connection given up. s->unknown tells the caller whether a failure leaves
+ * the statement's outcome unknown (it was sent, and no answer came). */
 static PGresult *collect(pg_store *s, PGconn *c)
 {
     double deadline = now() + s->query_timeout;
-    int f;
+    PGresult *last = NULL;
+    int f, done;
+    s->unknown = true; /* from the first byte sent on */
     while ((f = PQflush(c)) == 1)
         if (wait_io(c, true, deadline) == 0)
-            goto timeout;
+            break;
     if (f < 0) {
-        conn_fail(s, c, "cannot send a query");
+        conn_fail(s, c, "connection lost");
         return NULL;
     }
-    PGresult *last = NULL, *r;
-    for (;;) {
-        while (PQisBusy(c)) {
-            int w = wait_io(c, false, deadline);
-            if (w == 0)
-                goto timeout;
-            if (!PQconsumeInput(c)) {
-                PQclear(last);
-                conn_fail(s, c, "connection lost");
-                return NULL;
-            }
-        }
-        r = PQgetResult(c);
-        if (!r)
-            break;
-        if (last && PQresultStatus(last) == PGRES_FATAL_ERROR)
-            PQclear(r); /* keep the first error */
-        else {
+    done = f == 0 ? read_results(c, deadline, &last) : 0;
+    if (done == 0) {
+        send_cancel(c);
+        done = read_results(c, now() + CANCEL_GRACE, &last);
+        if (done == 1 && last &&
+            PQresultStatus(last) == PGRES_FATAL_ERROR) {
+            const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
+            bool cancelled = code && strcmp(code, "57014") == 0;
+            s->unknown = false;
+            fail(s, CS_EBACKEND,
+                 cancelled ? "query timed out (cancelled; not done)"
+                           : "query timed out, then failed",
+                 cancelled ? NULL : PQresultErrorMessage(last));
             PQclear(last);
-            last = r;
+            return NULL;
         }
+        if (done != 1) {
+            /* No answer within the grace: give the connection up. */
+            PQclear(last);
+            drop_conn(s, c);
+            fail(s, CS_EBACKEND,
+                 "query timed out; no answer, the connection was given up",
+                 NULL);
+            return NULL;
+        }
+        /* It completed after all, late: its result stands. */
     }
+    if (done < 0) {
+        PQclear(last);
+        conn_fail(s, c, "connection lost");
+        return NULL;
+    }
+    s->unknown = false;
     if (!last) {
         conn_fail(s, c, "no result");
         return NULL;
@@ -303,35 +424,6 @@ static PGresult *collect(pg_store *s, PGconn *c)
         return NULL;
     }
     return last;
-timeout : {
-    PGcancel *cancel = PQgetCancel(c);
-    char buf[256];
-    if (cancel) {
-        PQcancel(cancel, buf, sizeof buf);
-        PQfreeCancel(cancel);
-    }
-    /* Drain what the cancelled statement returns (bounded by a new deadline).
-     */
-    deadline = now() + 5.0;
-    while (PQisBusy(c) && wait_io(c, false, deadline) > 0 && PQconsumeInput(c))
-        ;
-    while (!PQisBusy(c) && (r = PQgetResult(c)))
-        PQclear(r);
-    if (PQisBusy(c)) {
-        /* The cancelled statement never finished: the connection cannot take
-         * another one. Drop it; the next call connects anew. */
-        if (c == s->q) {
-            PQfinish(s->q);
-            s->q = NULL;
-            s->q_gen++;
-        } else if (c == s->l) {
-            PQfinish(s->l);
-            s->l = NULL;
-        }
-    }
-    fail(s, CS_EBACKEND, "query timed out", NULL);
-    return NULL;
-}
 }
 
 /* Runs a statement whose result is not needed. */
@@ -492,7 +584,7 @@ static int commit_tx(pg_store *s)
     if (rc == CS_OK) {
         PGresult *r = run(s, s->q, "COMMIT", 0, NULL);
         if (!r)
-            rc = CS_EBACKEND;
+            rc = write_failed(s);
         else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
             rc = fail(s, CS_EBACKEND, "transaction rolled back", NULL);
         PQclear(r);
@@ -567,6 +659,18 @@ static const char *const migrations[] = {
     " WHERE status IN ('pending', 'running');"
     "CREATE INDEX chats_interrupted ON %1$s.chats (updated_at, id)"
     " WHERE status = 'waiting' AND worker_id IS NOT NULL;",
+    /* 3: idempotency keys: a write's result per chat and key (kept as long
+     * as the chat), a chat per owner and key */
+    "CREATE TABLE %1$s.idempotency_keys ("
+    " chat_id bigint NOT NULL REFERENCES %1$s.chats (id) ON DELETE CASCADE,"
+    " key text NOT NULL,"
+    " ids bigint[] NOT NULL,"
+    " queued boolean NOT NULL DEFAULT false,"
+    " created_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (chat_id, key));"
+    "ALTER TABLE %1$s.chats ADD COLUMN idempotency_key text;"
+    "CREATE UNIQUE INDEX chats_owner_key ON %1$s.chats (owner, idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL;",
 };
 
 static int p_migrate(void *st)
@@ -631,25 +735,33 @@ static int p_migrate(void *st)
  */
 
 static int p_create_chat(void *st, const char *owner, const char *title,
-                         int64_t *chat_id)
+                         const char *key, int64_t *chat_id)
 {
     pg_store *s = st;
     char sql[SQL_MAX];
+    /* With a key, a chat the owner made with it already is the answer (the
+     * unique index makes a concurrent twin wait, then find it). */
     snprintf(sql, sizeof sql,
-             "INSERT INTO %s.chats (owner, title) VALUES ($1, $2) RETURNING id",
+             "WITH n AS (INSERT INTO %1$s.chats (owner, title, idempotency_key)"
+             " VALUES ($1, $2, nullif($3, '')) ON CONFLICT (owner,"
+             " idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+             " RETURNING id) SELECT id FROM n UNION ALL SELECT id FROM"
+             " %1$s.chats WHERE $3 <> '' AND owner = $1 AND"
+             " idempotency_key = $3 AND NOT EXISTS (SELECT 1 FROM n)",
              s->schema);
-    const char *vals[2] = {owner ? owner : "", title ? title : ""};
+    const char *vals[3] = {owner ? owner : "", title ? title : "",
+                           key ? key : ""};
     /* In a transaction whose BEGIN may be retried on a fresh connection: an
      * INSERT alone could not be sent twice safely. */
     int rc = exec_retry(s, "BEGIN", 0, NULL);
-    PGresult *r = rc == CS_OK ? run(s, s->q, sql, 2, vals) : NULL;
+    PGresult *r = rc == CS_OK ? run(s, s->q, sql, 3, vals) : NULL;
     if (rc == CS_OK && !r)
         rc = CS_EBACKEND;
     if (rc == CS_OK && !(PQntuples(r) == 1 && col_id(r, 0, 0, chat_id)))
         rc = fail(s, CS_EBACKEND, "bad chat id returned", NULL);
     PQclear(r);
     if (rc == CS_OK)
-        rc = exec(s, s->q, "COMMIT", 0, NULL);
+        rc = commit_tx(s);
     if (rc < 0)
         rollback(s);
     return rc;
@@ -891,6 +1003,74 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
     return CS_OK;
 }
 
+/* The result recorded under key for the chat (in its transaction): 1 and
+ * *out filled (out->ids malloc'd), or 0 when there is none. */
+static int p_tx_key_get(void *st, int64_t chat_id, const char *key,
+                        cs_keyed *out)
+{
+    pg_store *s = st;
+    int rc = tx_check(s, chat_id);
+    if (rc < 0)
+        return rc;
+    char sql[SQL_MAX], chat[24];
+    snprintf(sql, sizeof sql,
+             "SELECT unnest(ids), queued FROM %s.idempotency_keys "
+             "WHERE chat_id = $1 AND key = $2",
+             s->schema);
+    i64s(chat, chat_id);
+    const char *vals[2] = {chat, key};
+    PGresult *r = run(s, s->q, sql, 2, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int n = PQntuples(r);
+    *out = (cs_keyed){0};
+    if (n > 0 && !(out->ids = malloc((size_t)n * sizeof *out->ids)))
+        rc = CS_ENOMEM;
+    for (int i = 0; rc == CS_OK && i < n; i++)
+        if (!col_id(r, i, 0, &out->ids[i]))
+            rc = fail(s, CS_EBACKEND, "bad idempotency row", NULL);
+    out->n = (size_t)n;
+    out->queued = n > 0 && PQgetvalue(r, 0, 1)[0] == 't';
+    PQclear(r);
+    if (rc < 0) {
+        free(out->ids);
+        *out = (cs_keyed){0};
+        return rc;
+    }
+    return n > 0;
+}
+
+/* Records the result under key (in the chat's transaction). */
+static int p_tx_key_put(void *st, int64_t chat_id, const char *key,
+                        const cs_keyed *res)
+{
+    pg_store *s = st;
+    int rc = tx_check(s, chat_id);
+    if (rc < 0)
+        return rc;
+    char sql[SQL_MAX], chat[24];
+    size_t cap = res->n * 21 + 3;
+    char *arr = malloc(cap);
+    if (!arr)
+        return CS_ENOMEM;
+    size_t o = 0;
+    arr[o++] = '{';
+    for (size_t i = 0; i < res->n; i++)
+        o += (size_t)snprintf(arr + o, cap - o, "%s%" PRId64, i ? "," : "",
+                              res->ids[i]);
+    arr[o++] = '}';
+    arr[o] = '\0';
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %s.idempotency_keys (chat_id, key, ids, queued) "
+             "VALUES ($1, $2, $3::bigint[], $4::boolean)",
+             s->schema);
+    i64s(chat, chat_id);
+    const char *vals[4] = {chat, key, arr, res->queued ? "true" : "false"};
+    rc = exec(s, s->q, sql, 4, vals);
+    free(arr);
+    return rc;
+}
+
 /* Why a worker's append found no chat running on it: CS_ENOTFOUND, or
  * CS_ESTATE naming the chat's status (nothing was written). */
 static int not_on_worker(pg_store *s, int64_t chat_id, const char *worker)
@@ -956,7 +1136,7 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
     PGresult *r = run_prepared(s, c, k, !notify ? 5 : body ? 8 : 7, vals);
     int64_t id = 0, prev = 0;
     if (!r)
-        rc = CS_EBACKEND;
+        rc = write_failed(s);
     else if (PQntuples(r) != 1 && worker && *worker)
         rc = not_on_worker(s, chat_id, worker);
     else if (PQntuples(r) != 1)
@@ -1588,6 +1768,8 @@ static const cs_store_ops pg_ops = {
     .tx_update = p_tx_update,
     .tx_tail = p_tx_tail,
     .queue_list = p_queue_list,
+    .tx_key_get = p_tx_key_get,
+    .tx_key_put = p_tx_key_put,
     .tx_queue_add = p_tx_queue_add,
     .tx_queue_del = p_tx_queue_del,
     .tx_queue_front = p_tx_queue_front,
