@@ -5,7 +5,8 @@
 --
 --   CHATSTREAM_DSN=postgresql://... lua5.4 examples/bench.lua
 --       [--writers K] [--readers M] [--subs S] [--chats C] [--seconds T]
---       [--strategies watermark,rescan,last_id] [--batch MS] [--shared] [--plain]
+--       [--strategies watermark,unordered,rescan,last_id] [--batch MS] [--shared] [--plain]
+--       (watermark is ordered, its default; unordered is watermark with ordered = false)
 --       [--smoke]
 --
 -- Per strategy it prints: messages written and delivered per second (each
@@ -132,7 +133,10 @@ local function reader(id, chats, subs, strategy, seconds, outfile, batch, shared
     -- from the chat's end: earlier runs' messages are not this run's
     local after = assert(store:chat(c)).last_message_id
     for _ = 1, subs do
-      local sub = assert(store:subscribe(c, { strategy = strategy, after = after }))
+      -- "unordered": the watermark with ordered = false (the default is ordered)
+      local sub = assert(store:subscribe(c, strategy == "unordered"
+        and { strategy = "watermark", ordered = false, after = after }
+        or { strategy = strategy, after = after }))
       for _ in sub:events(0) do end -- the snapshot: the status only
       all[#all + 1] = sub
     end
@@ -319,7 +323,7 @@ local function main()
     os.exit(2)
   end
   local o = { writers = 2, readers = 2, subs = 1, chats = 10, seconds = 5,
-    strategies = "watermark,rescan,last_id", batch = 0, shared = false, plain = false }
+    strategies = "watermark,unordered,rescan,last_id", batch = 0, shared = false, plain = false }
   local i = 1
   while arg[i] do
     local k, v = arg[i]:match("^%-%-(%w+)$"), arg[i + 1]
