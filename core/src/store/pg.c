@@ -17,6 +17,7 @@
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
 #define SQL_MAX 2048
+#define PREP_NAME_MAX 40 /* "cs_append_notify_" and 16 hex digits */
 
 /* Statements prepared once per query connection (the hot paths). */
 enum {
@@ -51,11 +52,28 @@ typedef struct pg_store {
     uint64_t q_gen, prep_gen;
     unsigned prepared;
     char *prep_sql[PREP_COUNT]; /* their texts, built at open */
+    /* Their names: the kind and a hash of the text, which names the schema,
+     * so that stores of different schemas (or versions) that meet on one
+     * server session through a pooler never run each other's statement. */
+    char prep_name[PREP_COUNT][PREP_NAME_MAX];
+    int l_pid; /* the listener's server process, as the server reports it */
     char err[512];
 } pg_store;
 
-static const char *const prep_name[PREP_COUNT] = {
+static const char *const prep_kind[PREP_COUNT] = {
     "cs_append", "cs_append_notify", "cs_append_body", "cs_after"};
+
+#define FNV_OFFSET UINT64_C(14695981039346656037)
+#define FNV_PRIME UINT64_C(1099511628211)
+
+/* 64-bit FNV-1a of n bytes, continuing from h (FNV_OFFSET to start). */
+static uint64_t fnv1a(const void *p, size_t n, uint64_t h)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * FNV_PRIME;
+    return h;
+}
 
 /* The texts of the PREP_* statements for the store's schema (one call at
  * open): false on ENOMEM. */
@@ -96,6 +114,8 @@ static bool build_prepared(pg_store *s)
                      s->schema, notify[k]);
         if (!(s->prep_sql[k] = strdup(sql)))
             return false;
+        snprintf(s->prep_name[k], sizeof s->prep_name[k], "%s_%016" PRIx64,
+                 prep_kind[k], fnv1a(sql, strlen(sql), FNV_OFFSET));
     }
     return true;
 }
@@ -238,7 +258,7 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
         s->prep_gen = s->q_gen;
     }
     if (!(s->prepared & (1u << k))) {
-        if (!PQsendPrepare(c, prep_name[k], s->prep_sql[k], n, NULL)) {
+        if (!PQsendPrepare(c, s->prep_name[k], s->prep_sql[k], n, NULL)) {
             conn_fail(s, c, "cannot send a query");
             return NULL;
         }
@@ -250,7 +270,7 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
             return NULL; /* dropped meanwhile (a timeout): not prepared */
         s->prepared |= 1u << k;
     }
-    if (!PQsendQueryPrepared(c, prep_name[k], n, vals, NULL, NULL, 0)) {
+    if (!PQsendQueryPrepared(c, s->prep_name[k], n, vals, NULL, NULL, 0)) {
         conn_fail(s, c, "cannot send a query");
         return NULL;
     }
