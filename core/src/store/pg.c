@@ -16,7 +16,7 @@
 #define CONNECT_TIMEOUT "5" /* seconds, unless the DSN sets its own */
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
-#define PROBE_TIMEOUT_MAX 5.0 /* seconds, when the connect timeout is longer */
+#define PROBE_TIMEOUT_MAX 5.0 /* seconds: the longest wait of the probe */
 #define SQL_MAX 2048
 #define PREP_NAME_MAX 40 /* "cs_append_notify_" and 16 hex digits */
 
@@ -58,6 +58,7 @@ typedef struct pg_store {
      * server session through a pooler never run each other's statement. */
     char prep_name[PREP_COUNT][PREP_NAME_MAX];
     int l_pid; /* the listener's server process, as the server reports it */
+    char sqlstate[6]; /* of the last statement that failed on the server */
     char err[512];
 } pg_store;
 
@@ -264,7 +265,15 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
             return NULL;
         }
         PGresult *r = collect(s, c);
-        if (!r)
+        /* The name is the hash of the text: a statement of that name on
+         * this session is this one, left by an earlier store of the schema
+         * (a pooler that hands sessions on without DISCARD ALL). Outside a
+         * transaction the failed PREPARE changed nothing else; inside one
+         * it aborted it, and fails as before. */
+        bool ours = !r && strcmp(s->sqlstate, "42P05") == 0 &&
+                    PQstatus(c) == CONNECTION_OK &&
+                    PQtransactionStatus(c) == PQTRANS_IDLE;
+        if (!r && !ours)
             return NULL;
         PQclear(r);
         if (c != s->q || s->prep_gen != s->q_gen)
@@ -283,6 +292,7 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
 static PGresult *collect(pg_store *s, PGconn *c)
 {
     double deadline = now() + s->query_timeout;
+    s->sqlstate[0] = '\0';
     int f;
     while ((f = PQflush(c)) == 1)
         if (wait_io(c, true, deadline) == 0)
@@ -319,6 +329,8 @@ static PGresult *collect(pg_store *s, PGconn *c)
     }
     ExecStatusType st = PQresultStatus(last);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
+        snprintf(s->sqlstate, sizeof s->sqlstate, "%s", code ? code : "");
         fail(s, CS_EBACKEND, "query failed", PQresultErrorMessage(last));
         PQclear(last);
         return NULL;
