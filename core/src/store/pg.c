@@ -17,7 +17,9 @@
 #define CONNECT_TIMEOUT "5" /* seconds, unless the DSN sets its own */
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
+#define PROBE_TIMEOUT_MAX 5.0 /* seconds: the longest wait of the probe */
 #define SQL_MAX 2048
+#define PREP_NAME_MAX 40 /* "cs_append_notify_" and 16 hex digits */
 
 /* Statements prepared once per query connection (the hot paths). */
 enum {
@@ -55,11 +57,29 @@ typedef struct pg_store {
     /* The last statement failed after it was sent, with no answer: it may
      * have run (see collect). */
     bool unknown;
+    /* Their names: the kind and a hash of the text, which names the schema,
+     * so that stores of different schemas (or versions) that meet on one
+     * server session through a pooler never run each other's statement. */
+    char prep_name[PREP_COUNT][PREP_NAME_MAX];
+    int l_pid; /* the listener's server process, as the server reports it */
+    char sqlstate[6]; /* of the last statement that failed on the server */
     char err[512];
 } pg_store;
 
-static const char *const prep_name[PREP_COUNT] = {
+static const char *const prep_kind[PREP_COUNT] = {
     "cs_append", "cs_append_notify", "cs_append_body", "cs_after"};
+
+#define FNV_OFFSET UINT64_C(14695981039346656037)
+#define FNV_PRIME UINT64_C(1099511628211)
+
+/* 64-bit FNV-1a of n bytes, continuing from h (FNV_OFFSET to start). */
+static uint64_t fnv1a(const void *p, size_t n, uint64_t h)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * FNV_PRIME;
+    return h;
+}
 
 /* The texts of the PREP_* statements for the store's schema (one call at
  * open): false on ENOMEM. */
@@ -100,6 +120,8 @@ static bool build_prepared(pg_store *s)
                      s->schema, notify[k]);
         if (!(s->prep_sql[k] = strdup(sql)))
             return false;
+        snprintf(s->prep_name[k], sizeof s->prep_name[k], "%s_%016" PRIx64,
+                 prep_kind[k], fnv1a(sql, strlen(sql), FNV_OFFSET));
     }
     return true;
 }
@@ -270,20 +292,28 @@ static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
         s->prep_gen = s->q_gen;
     }
     if (!(s->prepared & (1u << k))) {
-        if (!PQsendPrepare(c, prep_name[k], s->prep_sql[k], n, NULL)) {
+        if (!PQsendPrepare(c, s->prep_name[k], s->prep_sql[k], n, NULL)) {
             conn_fail(s, c, "cannot send a query");
             return NULL;
         }
         PGresult *r = collect(s, c);
         s->unknown = false; /* the statement itself was not sent */
-        if (!r)
+        /* The name is the hash of the text: a statement of that name on
+         * this session is this one, left by an earlier store of the schema
+         * (a pooler that hands sessions on without DISCARD ALL). Outside a
+         * transaction the failed PREPARE changed nothing else; inside one
+         * it aborted it, and fails as before. */
+        bool ours = !r && strcmp(s->sqlstate, "42P05") == 0 &&
+                    PQstatus(c) == CONNECTION_OK &&
+                    PQtransactionStatus(c) == PQTRANS_IDLE;
+        if (!r && !ours)
             return NULL;
         PQclear(r);
         if (c != s->q || s->prep_gen != s->q_gen)
             return NULL; /* dropped meanwhile (a timeout): not prepared */
         s->prepared |= 1u << k;
     }
-    if (!PQsendQueryPrepared(c, prep_name[k], n, vals, NULL, NULL, 0)) {
+    if (!PQsendQueryPrepared(c, s->prep_name[k], n, vals, NULL, NULL, 0)) {
         conn_fail(s, c, "cannot send a query");
         return NULL;
     }
@@ -373,6 +403,7 @@ static PGresult *collect(pg_store *s, PGconn *c)
     PGresult *last = NULL;
     int f, done;
     s->unknown = true; /* from the first byte sent on */
+    s->sqlstate[0] = '\0';
     while ((f = PQflush(c)) == 1)
         if (wait_io(c, true, deadline) == 0)
             break;
@@ -419,6 +450,8 @@ static PGresult *collect(pg_store *s, PGconn *c)
     }
     ExecStatusType st = PQresultStatus(last);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
+        snprintf(s->sqlstate, sizeof s->sqlstate, "%s", code ? code : "");
         fail(s, CS_EBACKEND, "query failed", PQresultErrorMessage(last));
         PQclear(last);
         return NULL;
@@ -1544,12 +1577,43 @@ static int listener_failed(pg_store *s, PGconn *l, const char *what)
     return CS_EBACKEND;
 }
 
+/* The one integer column of the one row of a result, as an int. */
+static bool col_int(PGresult *r, int *out)
+{
+    int64_t v;
+    if (PQntuples(r) != 1 || PQnfields(r) < 1 || !col_id(r, 0, 0, &v) ||
+        v > INT32_MAX)
+        return false;
+    *out = (int)v;
+    return true;
+}
+
+/* The listener's server process as the server reports it: through a pooler
+ * the process id of the connection's start-up message is the pooler's own
+ * key, not a server process. */
+static int listener_identify(pg_store *s)
+{
+    PGresult *r = run(s, s->l, "SELECT pg_backend_pid()", 0, NULL);
+    if (!r)
+        return CS_EBACKEND;
+    int rc = col_int(r, &s->l_pid)
+                 ? CS_OK
+                 : fail(s, CS_EBACKEND, "bad backend pid returned", NULL);
+    PQclear(r);
+    return rc;
+}
+
 /* A connected listener: LISTEN on every chat; after a reconnect every
- * subscription must resync, since notifications sent meanwhile are gone. */
+ * subscription must resync, since notifications sent meanwhile are gone. At
+ * open the probe (probe_listener) names the server process instead. */
 static int listener_ready(pg_store *s, PGconn *l, bool initial)
 {
     PQsetnonblocking(l, 1);
     s->l = l;
+    if (!initial && listener_identify(s) < 0) {
+        listener_drop(s);
+        return CS_EBACKEND;
+    }
     for (size_t i = 0; i < s->listening.n; i++) {
         if (listen_cmd(s, "LISTEN", s->listening.ids[i]) < 0) {
             listener_drop(s);
@@ -1729,7 +1793,7 @@ static const char *p_errmsg(void *st)
 static int p_listener_pid(void *st)
 {
     pg_store *s = st;
-    return s->l && PQstatus(s->l) == CONNECTION_OK ? PQbackendPID(s->l) : -1;
+    return s->l && PQstatus(s->l) == CONNECTION_OK ? s->l_pid : -1;
 }
 
 static int64_t p_reconnects(void *st)
@@ -1755,6 +1819,118 @@ static void p_close(void *st)
         free(s->dsn);
     }
     free(s);
+}
+
+/* ---- the probe at open ----------------------------------------------------
+ */
+
+/* A channel name no other open shares: a hash of the clock, both
+ * connections' keys and the store's address, in hex. */
+static void probe_token(pg_store *s, char *buf, size_t cap)
+{
+    static unsigned counter;
+    struct timespec ts[2];
+    clock_gettime(CLOCK_REALTIME, &ts[0]);
+    clock_gettime(CLOCK_MONOTONIC, &ts[1]);
+    int keys[2] = {PQbackendPID(s->q), PQbackendPID(s->l)};
+    uintptr_t at = (uintptr_t)s;
+    unsigned n = ++counter;
+    uint64_t h = fnv1a(ts, sizeof ts, FNV_OFFSET);
+    h = fnv1a(keys, sizeof keys, h);
+    h = fnv1a(&at, sizeof at, h);
+    h = fnv1a(&n, sizeof n, h);
+    snprintf(buf, cap, "%016" PRIx64, h);
+}
+
+/* Refuses, before anything is written, a connection where notifications
+ * cannot reach the listener: a pooler in transaction (or statement) mode,
+ * where LISTEN "succeeds" but the server session that ran it goes back to
+ * the pool at the end of its transaction, so notifications would reach
+ * nobody and messages would wait for the backstop poll. The listener
+ * LISTENs on a private channel ("<schema>:probe:<token>", never a chat
+ * channel) and names its server process; the query connection NOTIFYs the
+ * channel and names its own. One server process for both connections is a
+ * pooler sharing it; otherwise the notification must arrive within the
+ * connect timeout. It is consumed here, and UNLISTENed. On a direct
+ * connection: one round trip on each connection, the delivery, and the
+ * UNLISTEN. */
+static int probe_listener(pg_store *s)
+{
+    char token[24], channel[sizeof s->schema + 32], sql[sizeof channel + 40];
+    probe_token(s, token, sizeof token);
+    snprintf(channel, sizeof channel, "%s:probe:%s", s->schema, token);
+    snprintf(sql, sizeof sql, "LISTEN \"%s\"; SELECT pg_backend_pid()",
+             channel);
+    PGresult *r = run(s, s->l, sql, 0, NULL);
+    int rc = r && col_int(r, &s->l_pid) ? CS_OK : CS_EBACKEND;
+    PQclear(r);
+    int q_pid = -1;
+    if (rc == CS_OK) {
+        const char *vals[2] = {channel, token};
+        r = run(s, s->q, "SELECT pg_backend_pid(), pg_notify($1, $2)", 2, vals);
+        rc = r && col_int(r, &q_pid) ? CS_OK : CS_EBACKEND;
+        PQclear(r);
+    }
+    if (rc < 0) {
+        char detail[sizeof s->err - 32];
+        memcpy(detail, s->err, sizeof detail - 1);
+        detail[sizeof detail - 1] = '\0';
+        snprintf(s->err, sizeof s->err, "cannot probe the listener: %s",
+                 *detail ? detail : "bad backend pid returned");
+        return CS_EBACKEND;
+    }
+    /* Two sessions on one server process: only a pooler does that. */
+    bool shared = q_pid == s->l_pid, arrived = false;
+    double bound = s->connect_timeout < PROBE_TIMEOUT_MAX ? s->connect_timeout
+                                                          : PROBE_TIMEOUT_MAX;
+    double deadline = now() + bound;
+    bool lost = false;
+    while (!shared && !arrived && !lost) {
+        PGnotify *n;
+        while ((n = PQnotifies(s->l))) {
+            if (strcmp(n->relname, channel) == 0 &&
+                strcmp(n->extra, token) == 0)
+                arrived = true;
+            PQfreemem(n);
+        }
+        if (arrived)
+            break;
+        int w = wait_io(s->l, false, deadline);
+        if (w == 0)
+            break;
+        lost = w < 0 || !PQconsumeInput(s->l);
+    }
+    if (lost)
+        return conn_fail(s, s->l, "cannot probe the listener");
+    /* Also after a refusal: through a pooler it may reach the session that
+     * listens, which otherwise goes on listening for whoever gets it. */
+    snprintf(sql, sizeof sql, "UNLISTEN \"%s\"", channel);
+    rc = exec(s, s->l, sql, 0, NULL);
+    if (!arrived) {
+        char why[96];
+        if (shared)
+            snprintf(why, sizeof why,
+                     "the query connection and the listener ran on one "
+                     "server process (pid %d)",
+                     q_pid);
+        else
+            snprintf(why, sizeof why,
+                     "a probe notification did not arrive within %.0f s",
+                     bound);
+        snprintf(s->err, sizeof s->err,
+                 "notifications do not reach the listener (a pooler in "
+                 "transaction mode?): %s; connect directly or through a "
+                 "pooler in session mode",
+                 why);
+        return CS_EBACKEND;
+    }
+    if (rc < 0)
+        return rc;
+    /* Nothing else was listened to yet: whatever came is the probe's. */
+    PGnotify *n;
+    while ((n = PQnotifies(s->l)))
+        PQfreemem(n);
+    return CS_OK;
 }
 
 static const cs_store_ops pg_ops = {
@@ -1850,7 +2026,7 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         p_close(s);
         return CS_EBACKEND;
     }
-    if (listener_connect(s, true) < 0) {
+    if (listener_connect(s, true) < 0 || probe_listener(s) < 0) {
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "%s", s->err);
         p_close(s);
