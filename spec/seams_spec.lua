@@ -2,6 +2,7 @@
 -- refused the same way by both stores, state conflicts and timeouts have codes
 -- of their own.
 local H = require("helpers")
+local _ -- for ignored results
 
 local bad_utf8 = {
   ["a lone continuation byte"] = "abc\x80",
