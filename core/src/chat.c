@@ -184,6 +184,31 @@ static int pub_send_extras(cs_publish *p)
     return CS_OK;
 }
 
+int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,
+                cs_msglist *out)
+{
+    cs_msglist rows = {0};
+    int rc = n ? hub->store.ops->messages_after(hub->store.st, chat_id,
+                                                ids[0] - 1, &rows)
+               : CS_OK;
+    size_t base = out->n, k = 0;
+    for (size_t i = 0; rc == CS_OK && i < rows.n && k < n; i++) {
+        if (rows.items[i]->id != ids[k])
+            continue;
+        rc = cs_msglist_push(out, cs_msg_ref(rows.items[i]));
+        if (rc < 0)
+            cs_msg_unref(rows.items[i]);
+        k++;
+    }
+    if (rc == CS_OK && k < n)
+        rc = CS_ENOTFOUND;
+    if (rc < 0)
+        while (out->n > base)
+            cs_msg_unref(out->items[--out->n]);
+    cs_msglist_free(&rows);
+    return rc;
+}
+
 /* An append with an idempotency key, under the chat's lock: 1 when the key
  * has a result already (p->ids holds it; nothing written), else the insert
  * and the key's record, CS_OK. */
@@ -279,12 +304,20 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     } else if (p->key) {
         rc = keyed_insert(p, &row);
         if (rc == 1) {
-            /* A retry: the first call's result, nothing written. */
+            /* A retry: the first call's result, nothing written. Its
+             * messages are published again (the first call may have
+             * failed before its notifications went out; readers drop
+             * what they have), or, if they cannot be read, not at all
+             * (counted: readers find them on the next pass). */
             ops->tx_end(hub->store.st, false);
             p->committed_done = true;
             free_inputs(p);
-            memset(p->cached, 1, p->n);
-            memset(p->notified, 1, p->n);
+            if (cs_pub_load(hub, p->chat_id, p->ids, p->n, &p->committed) <
+                0) {
+                hub->stats.publish_errors++;
+                memset(p->cached, 1, p->n);
+                memset(p->notified, 1, p->n);
+            }
             if (ids)
                 *ids = p->ids;
             if (n)

@@ -81,6 +81,10 @@ int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
 /* Sends a status hint for the chat (counted in publish_errors on failure). */
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
                          cs_status st);
+/* The chat's messages of ids (n, ascending), read from the store into out
+ * (a retry's replay publishes them again). CS_ENOTFOUND if one is gone. */
+int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,
+                cs_msglist *out);
 /* An idempotency key: 1 to CS_KEY_MAX bytes of UTF-8; CS_EINVAL. */
 int cs_check_key(cs_hub *hub, const char *key);
 /* Checks a message list (count, roles, content, tool fields). */

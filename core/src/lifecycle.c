@@ -168,10 +168,20 @@ static int run_send(cs_publish *p, cs_chat_row *row)
         a->id = one ? k.ids[0] : 0;
         a->queued = k.queued;
         free(k.ids);
-        return one ? CS_OK
-                   : cs_hub_fail(hub, CS_EINVAL,
-                                 "idempotency key used before by another "
-                                 "write to this chat");
+        if (!one)
+            return cs_hub_fail(hub, CS_EINVAL,
+                               "idempotency key used before by another "
+                               "write to this chat");
+        /* A retry: nothing written; what the first call should have told
+         * readers goes out again (they drop what they have): the chat's
+         * status, its queue, and the message if it was appended. */
+        p->extras.status = p->extras.queue = true;
+        p->extras.version = row->version;
+        p->extras.st = row->status;
+        if (!a->queued &&
+            cs_pub_load(hub, row->id, &a->id, 1, &p->committed) < 0)
+            hub->stats.publish_errors++;
+        return CS_OK;
     }
     if ((rc = send_unkeyed(p, row)) < 0)
         return rc;

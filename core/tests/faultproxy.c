@@ -27,7 +27,9 @@
  *   SIGUSR2  stall / resume (toggle): nothing is forwarded while stalled
  *   SIGHUP   drop every open connection, keep listening
  *   SIGTERM, SIGINT  close everything, remove PIDFILE, exit 0
- * It exits by itself after FAULTPROXY_LIFETIME seconds (default 600).
+ * It exits by itself after FAULTPROXY_LIFETIME seconds (default 600). With
+ * FAULTPROXY_CUT_MATCH set, only bytes to the target that contain that text
+ * (e.g. "COMMIT": the reply to a commit is the one cut) arm the cut.
  */
 
 #define BUFSZ 65536
@@ -65,6 +67,7 @@ static int cut_epoch;  /* arm_epoch already used by a cut */
 static int seen_arm;   /* arm_epoch already logged */
 static int seen_stall; /* stall_count already logged */
 static int hup_done;   /* hup_count already acted on */
+static const char *cut_match; /* FAULTPROXY_CUT_MATCH, or NULL */
 static struct sockaddr_storage target;
 static socklen_t target_len;
 
@@ -305,6 +308,16 @@ static int fill(int fd, struct buf *b, int *eof)
 }
 
 /* Writes what b holds to fd; returns the bytes written, or -1 with errno. */
+/* Whether the n bytes at p contain the text t. */
+static int contains(const char *p, size_t n, const char *t)
+{
+    size_t k = strlen(t);
+    for (size_t i = 0; k && i + k <= n; i++)
+        if (memcmp(p + i, t, k) == 0)
+            return 1;
+    return 0;
+}
+
 static ssize_t drain(int fd, struct buf *b)
 {
     ssize_t total = 0;
@@ -382,12 +395,14 @@ static void service(struct pair *p, short crev, short srev)
         return;
     if (p->c2s.len > 0 && !p->s_shut) {
         int epoch = arm_epoch;
+        size_t from = p->c2s.off;
         ssize_t n = drain(p->sfd, &p->c2s);
         if (n < 0) {
             fail_pair(p, "write to target", errno);
             return;
         }
-        if (n > 0)
+        if (n > 0 && (!cut_match || contains(p->c2s.data + from, (size_t)n,
+                                             cut_match)))
             p->sent_epoch = epoch;
     }
     /* target -> client */
@@ -419,7 +434,7 @@ static void service(struct pair *p, short crev, short srev)
         p->c_shut = 1;
     }
     if (p->c_shut && p->s_shut)
-        close_pair(p, p->c_eof ? "client EOF" : "target EOF");
+        close_pair(p, "EOF both ways");
 }
 
 static short client_events(const struct pair *p)
@@ -542,6 +557,9 @@ int main(int argc, char **argv)
     long lport;
     int lfd, bound;
     double lifetime = DEFAULT_LIFETIME, deadline;
+    cut_match = getenv("FAULTPROXY_CUT_MATCH");
+    if (cut_match && !*cut_match)
+        cut_match = NULL;
     const char *env = getenv("FAULTPROXY_LIFETIME");
     struct pollfd *pfds = NULL;
     size_t cap_pfds = 0;

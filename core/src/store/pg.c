@@ -471,33 +471,47 @@ static int exec(pg_store *s, PGconn *c, const char *sql, int n,
 }
 
 /* The query connection, reconnected when it was lost. */
+/* A new connection within a call: bounded by connect_timeout and by the
+ * call's own deadline (query_timeout), whichever is sooner, so that a call
+ * that must reconnect during a network stall still returns in time. */
+static PGconn *connect_in_call(pg_store *s)
+{
+    double bound = s->query_timeout < s->connect_timeout ? s->query_timeout
+                                                         : s->connect_timeout;
+    double deadline = now() + bound;
+    PGconn *c = connect_db_mode(s, true);
+    if (!c || PQstatus(c) == CONNECTION_BAD)
+        return c;
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
+        if (wait_io(c, st == PGRES_POLLING_WRITING, deadline) == 0) {
+            PQfinish(c);
+            return NULL; /* the caller says: cannot reconnect */
+        }
+        st = PQconnectPoll(c);
+    }
+    return c;
+}
+
 static PGconn *qconn(pg_store *s)
 {
     if (s->q && PQstatus(s->q) == CONNECTION_OK)
         return s->q;
-    if (!s->q) {
-        /* Dropped after a statement that could not be cancelled. */
-        s->q = connect_db(s);
-        s->q_gen++;
-        if (s->q && PQstatus(s->q) == CONNECTION_OK) {
-            s->reconnects++;
-            return s->q;
-        }
-        conn_fail(s, s->q, "cannot reconnect");
-        PQfinish(s->q);
-        s->q = NULL;
-        return NULL;
+    /* Dropped after a statement that did not answer its cancel, or found
+     * dead: a fresh connection. */
+    PQfinish(s->q);
+    s->q = connect_in_call(s);
+    s->q_gen++;
+    if (s->q && PQstatus(s->q) == CONNECTION_OK) {
+        s->reconnects++;
+        return s->q;
     }
-    if (s->q) {
-        PQreset(s->q);
-        s->q_gen++;
-        if (PQstatus(s->q) == CONNECTION_OK) {
-            s->reconnects++;
-            return s->q;
-        }
+    if (s->q)
         conn_fail(s, s->q, "cannot reconnect");
-        return NULL;
-    }
+    else
+        fail(s, CS_EBACKEND, "cannot reconnect: timed out", NULL);
+    PQfinish(s->q);
+    s->q = NULL;
     return NULL;
 }
 
