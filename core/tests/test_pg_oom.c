@@ -1,11 +1,15 @@
 /* test_pg_oom.c - a write PostgreSQL committed reports its real id even when
- * the core runs out of memory right after the commit. Needs a server:
+ * the core runs out of memory right after the commit; the connections find a
+ * dead peer (keepalives, tcp_user_timeout). Needs a server:
  * CHATSTREAM_TEST_DSN (make test starts one); without it the test fails in
  * CI and is skipped elsewhere (ctest shows it as skipped, saying why). */
 #include "check.h"
 #include "internal.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -61,6 +65,17 @@ int main(void)
         CHECK_EQ_I64(cs_hub_open_err(&o, &r, err, sizeof err), CS_OK);
         int64_t chat;
         CHECK_EQ_I64(cs_hub_create_chat(w, "o", "t", &chat), CS_OK);
+        /* The listener's socket (the store's fd): keepalives on, and data
+         * left unacknowledged for 10 s gives the connection up. */
+        int fd = cs_hub_fd(w), on = 0, uto = 0;
+        socklen_t len = sizeof on;
+        CHECK(fd >= 0);
+        CHECK_EQ_I64(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, &len), 0);
+        CHECK_EQ_I64(on, 1);
+        len = sizeof uto;
+        CHECK_EQ_I64(getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, &len),
+                     0);
+        CHECK_EQ_I64(uto, 10000);
         cs_sub *reader, *own;
         CHECK_EQ_I64(cs_sub_open(r, chat, NULL, &reader), CS_OK);
         CHECK_EQ_I64(cs_sub_open(w, chat, NULL, &own), CS_OK);
