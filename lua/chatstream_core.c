@@ -210,7 +210,8 @@ static int memdb_tostring(lua_State *L)
 static const char *const open_keys[] = {
     "memory",        "dsn",           "schema",        "cache_size",
     "queue_size",    "poll_interval", "authorize",     "max_chats",
-    "query_timeout", "stale_after",   "notify_bodies", NULL};
+    "query_timeout", "stale_after",   "notify_bodies", "page_size",
+    NULL};
 
 /* The chat as the authorizer sees it: metadata only. */
 static void push_chat_meta(lua_State *L, const cs_chat_info *c)
@@ -288,11 +289,14 @@ static int l_open(lua_State *L)
         o.cache_size = (size_t)opt_int_field(L, 1, "cache_size", 0, 1);
         o.queue_size = (size_t)opt_int_field(L, 1, "queue_size", 0, 1);
         o.max_chats = (size_t)opt_int_field(L, 1, "max_chats", 0, 1);
+        o.page_size = (size_t)opt_int_field(L, 1, "page_size", 0, 1);
         if (o.cache_size > CS_MAX_CACHE_SIZE ||
-            o.queue_size > CS_MAX_QUEUE_SIZE || o.max_chats > CS_MAX_CACHE_SIZE)
-            return luaL_error(
-                L, "cache_size, queue_size and max_chats are at most %d",
-                (int)CS_MAX_CACHE_SIZE);
+            o.queue_size > CS_MAX_QUEUE_SIZE ||
+            o.max_chats > CS_MAX_CACHE_SIZE || o.page_size > CS_MAX_PAGE_SIZE)
+            return luaL_error(L,
+                              "cache_size, queue_size, max_chats and "
+                              "page_size are at most %d",
+                              (int)CS_MAX_CACHE_SIZE);
         if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL) {
             if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0))
                 return luaL_error(

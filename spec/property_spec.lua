@@ -33,6 +33,7 @@ local function run_seed(inst, seed)
     reps[i] = inst:open({
       cache_size = R(1, 3) == 1 and 256 or R(1, 6),
       queue_size = R(2, 12),
+      page_size = R(1, 2) == 1 and R(1, 4) or nil, -- DB passes in small pages
     })
   end
   local chats = {}

@@ -213,7 +213,8 @@ describe("resume cursor", function()
           for seed = 1, seeds do
             math.randomseed(seed)
             H.with_instance(kind, function(inst)
-              local stores = { inst:open({ cache_size = math.random(2, 8) }), inst:open() }
+              local stores = { inst:open({ cache_size = math.random(2, 8), page_size = math.random(1, 3) }),
+                inst:open() }
               local w = stores[1]
               local chat = w:create_chat({ owner = "alice" })
               append_n(w, chat, math.random(0, 3), "h")

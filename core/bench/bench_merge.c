@@ -119,7 +119,7 @@ __attribute__((noinline)) static result run(db *d, const size_t *order,
         exit(1);
     }
     cs_merge_init(&m, k->strategy, k->ordered, 0, &counts);
-    cs_merge_source src = {&cache, db_query, d};
+    cs_merge_source src = {&cache, db_query, d, 0};
     d->frontier = 0;
     double t0 = now();
     for (size_t j = 0; j < d->n; j++) {

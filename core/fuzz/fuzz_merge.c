@@ -70,7 +70,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (size_t i = 0; i < nhubs; i++) {
         cs_hub_options o = {.memory = db,
                             .cache_size = 1 + next_byte(&in) % 8,
-                            .queue_size = 1 + next_byte(&in) % 8};
+                            .queue_size = 1 + next_byte(&in) % 8,
+                            .page_size = next_byte(&in) % 5}; /* 0: 500 */
         if (cs_hub_open(&o, &hubs[i]) < 0)
             abort();
     }

@@ -82,6 +82,11 @@ typedef struct cs_hub_options {
      * LISTEN and read notifications, so a database shared with untrusted
      * roles wants this set. */
     int plain_notifications; /* 0 or 1 */
+    /* A DB pass (a snapshot, a catch-up) reads at most this many messages;
+     * the next page is read when the reader has taken this one, so memory
+     * stays bounded however far a reader fell behind. 0: 500. (rescan, the
+     * reference fix, always reads everything.) */
+    size_t page_size;
 } cs_hub_options;
 
 #define CS_DEFAULT_STALE_AFTER 30.0
@@ -93,6 +98,8 @@ typedef struct cs_hub_options {
 #define CS_MAX_CACHE_SIZE (1u << 20)
 #define CS_MAX_QUEUE_SIZE (1u << 20)
 #define CS_DEFAULT_MAX_CHATS 1024
+#define CS_DEFAULT_PAGE_SIZE 500
+#define CS_MAX_PAGE_SIZE (1u << 20)
 
 /* Opens a hub on the memory store, or on PostgreSQL when opts->dsn is set.
  * On failure with an errbuf, a detail (never containing the password) is

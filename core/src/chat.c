@@ -189,7 +189,7 @@ int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,
 {
     cs_msglist rows = {0};
     int rc = n ? hub->store.ops->messages_after(hub->store.st, chat_id,
-                                                ids[0] - 1, &rows)
+                                                ids[0] - 1, n, &rows)
                : CS_OK;
     size_t base = out->n, k = 0;
     for (size_t i = 0; rc == CS_OK && i < rows.n && k < n; i++) {

@@ -216,6 +216,7 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     if (errbuf && errlen)
         errbuf[0] = '\0';
     if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE ||
+        o.page_size > CS_MAX_PAGE_SIZE ||
         o.max_chats > CS_MAX_CACHE_SIZE || (o.dsn && o.memory) ||
         o.poll_interval != o.poll_interval ||
         !(o.query_timeout >= 0 && o.query_timeout <= 86400) ||
@@ -230,6 +231,7 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     hub->cache_size = o.cache_size ? o.cache_size : CS_DEFAULT_CACHE_SIZE;
     hub->queue_size = o.queue_size ? o.queue_size : CS_DEFAULT_QUEUE_SIZE;
     hub->max_chats = o.max_chats ? o.max_chats : CS_DEFAULT_MAX_CHATS;
+    hub->page_size = o.page_size ? o.page_size : CS_DEFAULT_PAGE_SIZE;
     hub->stale_after =
         o.stale_after > 0 ? o.stale_after : CS_DEFAULT_STALE_AFTER;
     hub->plain_notifications = o.plain_notifications;
@@ -657,18 +659,28 @@ int cs_hub_wait(cs_hub *hub, double timeout)
  * subscriptions of a chat in one hub share one query per batch of
  * notifications. Resyncs (notifications may have been missed) always ask
  * the store. */
+/* The page of a subscription's DB passes: rescan (the reference fix) reads
+ * everything, its lookups do not move forward page by page. */
+static size_t sub_page(const cs_sub *s)
+{
+    return s->merge.strategy == CS_STRATEGY_RESCAN ? 0 : s->hub->page_size;
+}
+
 static int sub_query(void *ud, int64_t after, cs_msglist *out)
 {
     cs_sub *s = ud;
     cs_hub *hub = s->hub;
     hub_chat *c = s->chat;
     cs_msglist *memo = &c->memo;
+    size_t limit = sub_page(s);
     if (s->memo_ok && memo->n > 0 && c->memo_after <= after &&
         memo->items[memo->n - 1]->id >= s->need) {
         size_t base = out->n;
         for (size_t i = 0; i < memo->n; i++) {
             if (memo->items[i]->id <= after)
                 continue;
+            if (limit && out->n - base >= limit)
+                break; /* a page, as the query would have read */
             if (cs_msglist_push(out, cs_msg_ref(memo->items[i])) < 0) {
                 cs_msg_unref(memo->items[i]);
                 while (out->n > base)
@@ -681,8 +693,8 @@ static int sub_query(void *ud, int64_t after, cs_msglist *out)
         return CS_OK;
     }
     size_t base = out->n;
-    int rc =
-        hub->store.ops->messages_after(hub->store.st, s->chat_id, after, out);
+    int rc = hub->store.ops->messages_after(hub->store.st, s->chat_id, after,
+                                            limit, out);
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
     /* Kept when small (at most a cache's worth): the memo is an
@@ -882,7 +894,7 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     if (rc == CS_OK) {
         hub->counts.queries++;
         rc = hub->store.ops->messages_after(hub->store.st, chat_id, o.after,
-                                            &rows);
+                                            sub_page(s), &rows);
         if (rc < 0) {
             if (rc == CS_EBACKEND)
                 hub->counts.query_errors++;
@@ -891,6 +903,13 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
             rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
             if (rc == CS_OK)
                 rc = ev_take_merged(s);
+            if (rc == CS_OK && sub_page(s) && rows.n >= sub_page(s)) {
+                /* A page of the snapshot: the rest is read from W, page by
+                 * page, as the reader takes them (not counted a resync). */
+                s->resync = true;
+                s->resync_after = INT64_MAX;
+                s->resync_id = 0;
+            }
         }
     }
     cs_msglist_free(&rows);
@@ -910,14 +929,14 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
  * leaves its work pending for the next call. */
 static void sub_process(cs_sub *s)
 {
-    cs_merge_source src = {&s->chat->cache, sub_query, s};
+    cs_merge_source src = {&s->chat->cache, sub_query, s, sub_page(s)};
     if (s->resync) {
         s->memo_ok = false; /* a resync reads what is there now */
         int rc = cs_merge_notify(&s->merge, &src, s->resync_after, s->resync_id,
                                  true, &s->out);
         ev_take_merged(s);
-        if (rc < 0)
-            return;
+        if (rc < 0 || rc == CS_MERGE_MORE)
+            return; /* retried, or the next page, on the next call */
         s->resync = false;
     }
     if (s->status_dirty) {
@@ -957,6 +976,8 @@ static void sub_process(cs_sub *s)
             s->need = m.b;
             rc = cs_merge_notify(&s->merge, &src, m.a, m.b, false, &s->out);
             ev_take_merged(s);
+            if (rc == CS_MERGE_MORE)
+                return; /* the hint stays: its next page on the next call */
         } else if (h->kind == CS_HINT_STATUS) {
             if (h->a > s->status_version && h->b >= 0) {
                 oevent e = {.kind = CS_EV_STATUS, .a = h->a, .b = h->b};

@@ -21,7 +21,7 @@ typedef struct hub_chat {
 
 struct cs_hub {
     cs_store store;
-    size_t cache_size, queue_size, max_chats;
+    size_t cache_size, queue_size, max_chats, page_size;
     uint64_t tick;
     size_t busy_chats; /* chats with subscriptions: never evicted */
     hub_chat **chats;  /* open addressing by chat id, linear probing */

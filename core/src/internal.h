@@ -150,10 +150,17 @@ bool cs_parse_id(const char *p, size_t len, int64_t *out);
  * query function. It appends what it delivers to an output list. */
 typedef struct cs_merge_source {
     const cs_cache *cache;
-    /* Messages of the chat with id > after, ascending. CS_OK or an error. */
+    /* Messages of the chat with id > after, ascending (at most limit of
+     * them, the lowest, when limit is set). CS_OK or an error. */
     int (*query)(void *ud, int64_t after, cs_msglist *out);
     void *ud;
+    /* A DB pass reads at most this many rows (0: all). A full page means
+     * there may be more: cs_merge_notify then returns CS_MERGE_MORE. */
+    size_t limit;
 } cs_merge_source;
+
+/* cs_merge_notify read a full page: call it again for the next one. */
+#define CS_MERGE_MORE 3
 
 typedef struct cs_merge_counts {
     int64_t cache_hits, cache_misses, db_passes, queries, query_errors;
@@ -269,8 +276,10 @@ typedef struct cs_store_ops {
     /* Notifies "1:p:<last_message_id>:<text>" on the chat's channel, the
      * chat's last message ID read by the store. CS_ENOTFOUND if no chat. */
     int (*notify_part)(void *st, int64_t chat_id, const char *text, size_t len);
+    /* Messages with id > after, ascending: the lowest limit of them (0:
+     * all). */
     int (*messages_after)(void *st, int64_t chat_id, int64_t after,
-                          cs_msglist *out);
+                          size_t limit, cs_msglist *out);
     int (*listen)(void *st, int64_t chat_id);
     int (*unlisten)(void *st, int64_t chat_id);
     int (*notify)(void *st, int64_t chat_id, const char *payload, size_t len);

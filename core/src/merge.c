@@ -91,6 +91,11 @@ static bool cache_pass(cs_merge *m, const cs_merge_source *src, int64_t after,
     return true;
 }
 
+static bool full_page(const cs_merge_source *src, const cs_msglist *rows)
+{
+    return src->limit > 0 && rows->n >= src->limit;
+}
+
 /* Before the reference fix: one cursor for everything. Lossy. */
 static int notify_last_id(cs_merge *m, const cs_merge_source *src,
                           bool force_db, cs_msglist *out)
@@ -117,7 +122,7 @@ static int notify_last_id(cs_merge *m, const cs_merge_source *src,
         if (rc < 0)
             return rc;
     }
-    return CS_OK;
+    return full_page(src, &m->scratch) ? CS_MERGE_MORE : CS_OK;
 }
 
 /* The reference fix: rescan from min(after, last), dedupe, DB always. */
@@ -216,7 +221,8 @@ static int notify_watermark(cs_merge *m, const cs_merge_source *src, int64_t id,
     }
     if (m->scratch.n > 0)
         cs_idset_advance(&m->delivered, m->scratch.items[m->scratch.n - 1]->id);
-    return CS_OK;
+    /* A page: a consistent prefix too; the rest comes with the next call. */
+    return full_page(src, &m->scratch) ? CS_MERGE_MORE : CS_OK;
 }
 
 int cs_merge_notify(cs_merge *m, const cs_merge_source *src, int64_t after,

@@ -194,7 +194,7 @@ static void seed_trace(cs_strategy s, bool ordered, bool db_fails,
     cache(&c, &db, 5);
     cache(&c, &db, 7);
     db.fail_all = db_fails;
-    cs_merge_source src = {&c, fake_query, &db};
+    cs_merge_source src = {&c, fake_query, &db, 0};
     rcs[0] = cs_merge_notify(&m, &src, 4, 5, false, out);
     cache(&c, &db, 6);
     rcs[1] = cs_merge_notify(&m, &src, 6, 7, false, out);
@@ -311,7 +311,7 @@ static void test_floor_high(void)
             commit(&db, 101, 100);
             for (int64_t id = 96; id <= 101; id++)
                 cache(&c, &db, id);
-            cs_merge_source src = {&c, fake_query, &db};
+            cs_merge_source src = {&c, fake_query, &db, 0};
             CHECK_EQ_I64(cs_merge_notify(&m, &src, 95, 96, false, &out), CS_OK);
             CHECK_EQ_I64(cs_merge_notify(&m, &src, 99, 100, false, &out),
                          CS_OK);
@@ -353,7 +353,7 @@ static void test_floor_gap(void)
             commit(&db, 6, 5);
             commit(&db, 8, 6);
             cache(&c, &db, 8);
-            cs_merge_source src = {&c, fake_query, &db};
+            cs_merge_source src = {&c, fake_query, &db, 0};
             CHECK_EQ_I64(cs_merge_notify(&m, &src, 6, 8, false, &out), CS_OK);
             /* and the late notification for 6 */
             CHECK_EQ_I64(cs_merge_notify(&m, &src, 5, 6, false, &out), CS_OK);
@@ -389,7 +389,7 @@ static void test_watermark_chain(void)
     cs_merge m;
     cs_merge_counts counts = {0};
     cs_merge_init(&m, CS_STRATEGY_WATERMARK, false, 0, &counts);
-    cs_merge_source src = {&c, fake_query, &db};
+    cs_merge_source src = {&c, fake_query, &db, 0};
     cs_msglist out = {0};
     db.fail_all = true; /* the cache alone must do it */
 
@@ -469,7 +469,7 @@ static void test_watermark_miss_and_errors(void)
     cs_merge m;
     cs_merge_counts counts = {0};
     cs_merge_init(&m, CS_STRATEGY_WATERMARK, false, 0, &counts);
-    cs_merge_source src = {&c, fake_query, &db};
+    cs_merge_source src = {&c, fake_query, &db, 0};
     cs_msglist out = {0};
 
     /* W = 0 < max_evicted_id: a miss, the DB answers; a failure first */
@@ -511,7 +511,7 @@ static void test_watermark_miss_and_errors(void)
 
     /* no cache at all: always the DB */
     commit(&db, 12, 11);
-    cs_merge_source nocache = {NULL, fake_query, &db};
+    cs_merge_source nocache = {NULL, fake_query, &db, 0};
     CHECK_EQ_I64(cs_merge_notify(&m, &nocache, 11, 12, false, &out), CS_OK);
     CHECK_EQ_I64(out.items[out.n - 1]->id, 12);
     CHECK_EQ_I64(cs_merge_cursor(&m), 12);
@@ -538,7 +538,7 @@ static void test_other_misses(void)
         cs_merge m;
         cs_merge_counts counts = {0};
         cs_merge_init(&m, s, false, 2, &counts);
-        cs_merge_source src = {&c, fake_query, &db};
+        cs_merge_source src = {&c, fake_query, &db, 0};
         cs_msglist out = {0};
         CHECK_EQ_I64(cs_merge_notify(&m, &src, 5, 6, false, &out), CS_OK);
         CHECK_IDS(&out, 3, 4, 5, 6);
@@ -562,7 +562,7 @@ static void test_rescan_growth(void)
         cs_merge m;
         cs_merge_counts counts = {0};
         cs_merge_init(&m, strategies[k], false, 0, &counts);
-        cs_merge_source src = {&c, fake_query, &db};
+        cs_merge_source src = {&c, fake_query, &db, 0};
         cs_msglist out = {0};
         for (int64_t id = 1; id <= 200; id++) {
             commit(&db, id, id - 1);
@@ -618,7 +618,7 @@ static void test_random_interleavings(void)
             memset(&m, 0, sizeof m);
             cs_merge_counts counts = {0};
             cs_msglist out = {0};
-            cs_merge_source src = {&c, fake_query, &db};
+            cs_merge_source src = {&c, fake_query, &db, 0};
             int bad_invariant = 0, bad_rc = 0;
             for (int step = 0; step < 10000; step++) {
                 if (!open && committed >= open_at) {

@@ -634,7 +634,7 @@ static int m_notify_part(void *st, int64_t chat_id, const char *text,
 }
 
 static int m_messages_after(void *st, int64_t chat_id, int64_t after,
-                            cs_msglist *out)
+                            size_t limit, cs_msglist *out)
 {
     mem_conn *c = st;
     cs_memdb *db = c->db;
@@ -651,8 +651,10 @@ static int m_messages_after(void *st, int64_t chat_id, int64_t after,
         else
             hi = mid;
     }
-    size_t base = out->n;
-    for (size_t i = lo; i < ch->msgs.n; i++) {
+    size_t base = out->n, end = ch->msgs.n;
+    if (limit && end - lo > limit)
+        end = lo + limit;
+    for (size_t i = lo; i < end; i++) {
         if (cs_msglist_push(out, cs_msg_ref(ch->msgs.items[i])) < 0) {
             cs_msg_unref(ch->msgs.items[i]);
             while (out->n > base)

@@ -104,7 +104,7 @@ static bool build_prepared(pg_store *s)
                      "SELECT m.id, m.prev_id, m.role, m.content, m.tool "
                      "FROM %1$s.chats c "
                      "LEFT JOIN %1$s.messages m ON m.chat_id = c.id AND "
-                     "m.id > $2 WHERE c.id = $1 ORDER BY m.id",
+                     "m.id > $2 WHERE c.id = $1 ORDER BY m.id LIMIT $3",
                      s->schema);
         else
             snprintf(sql, sizeof sql,
@@ -1484,17 +1484,18 @@ static int p_acquire(void *st, const char *worker, size_t limit,
 }
 
 static int p_messages_after(void *st, int64_t chat_id, int64_t after,
-                            cs_msglist *out)
+                            size_t limit, cs_msglist *out)
 {
     pg_store *s = st;
     PGconn *c = qconn(s);
     if (!c)
         return CS_EBACKEND;
-    char chat[24], aft[24];
+    char chat[24], aft[24], lim[24];
     i64s(chat, chat_id);
     i64s(aft, after);
-    const char *vals[2] = {chat, aft};
-    PGresult *r = run_retry_k(s, PREP_AFTER, NULL, 2, vals);
+    i64s(lim, limit ? (int64_t)limit : INT64_MAX);
+    const char *vals[3] = {chat, aft, lim};
+    PGresult *r = run_retry_k(s, PREP_AFTER, NULL, 3, vals);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r), rc = rows == 0 ? no_chat(s, chat_id) : CS_OK;
