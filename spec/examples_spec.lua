@@ -81,6 +81,18 @@ describe("examples on PostgreSQL", function()
     return
   end
 
+  it("catchup.lua measures a reader catching up, paged and in one pass", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      local out = run("catchup.lua", { "--messages", "1200", "--bytes", "100", "--pages", "100,100000" }, env)
+      H.contains("catch-up: 1200 messages of 100 bytes written while the reader was idle, on PostgreSQL", out)
+      local q1 = out:match("\n100 +[%d.]+ MB +[%d.]+ MB +[%d.-]+ MB +1200 +[%d.]+ +(%d+)\n")
+      local q2 = out:match("\n100000 +[%d.]+ MB +[%d.]+ MB +[%d.-]+ MB +1200 +[%d.]+ +(%d+)\n")
+      assert.are.equal("12", q1, out) -- 12 pages of 100
+      assert.are.equal("1", q2, out)
+    end)
+  end)
+
   it("stress.lua and bench.lua run in their smoke sizes", function()
     H.with_instance("postgresql", function(inst)
       local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
