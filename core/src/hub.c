@@ -548,6 +548,14 @@ static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
         resync_all(hub);
         return;
     }
+    if (chat_id > 0 && !payload) {
+        /* Its notifications were dropped (the store's buffer was full):
+         * its subscriptions resync from their own positions. */
+        hub_chat *c = cs_hub_chat_find(hub, chat_id);
+        for (cs_sub *s = c ? c->subs : NULL; s; s = s->next)
+            sub_mark_resync(s);
+        return;
+    }
     if (chat_id < 0 || cs_payload_parse(payload, len, &h) < 0) {
         hub->stats.malformed++;
         return;

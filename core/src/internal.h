@@ -286,7 +286,8 @@ typedef struct cs_store_ops {
     /* Drains received notifications into cb; returns how many, or error.
      * A channel that is not a chat channel is reported with chat_id -1.
      * CS_RESYNC_ALL as chat_id (payload NULL) says notifications may have
-     * been missed (the listener reconnected): every subscription resyncs. */
+     * been missed (the listener reconnected): every subscription resyncs; a
+     * chat id with payload NULL says the same of that chat. */
     int (*poll)(void *st,
                 void (*cb)(void *ud, int64_t chat_id, const char *payload,
                            size_t len),

@@ -5,6 +5,7 @@
 #include <libpq-fe.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
@@ -12,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define QUERY_TIMEOUT 30.0  /* default seconds for one statement */
 #define CONNECT_TIMEOUT "5" /* seconds, unless the DSN sets its own */
@@ -36,16 +38,30 @@ typedef struct pg_store {
     bool has_timeout;
     char schema[64];
     char prefix[80]; /* channel prefix: "chat:" or "<schema>:chat:" */
-    PGconn *q;       /* queries and writes */
-    PGconn *l;       /* the listener (non-blocking) */
-    PGconn *lc;      /* a listener being connected without blocking */
-    double lc_deadline;
+    PGconn *q;              /* queries and writes */
     double connect_timeout; /* seconds */
     double query_timeout;   /* seconds for one statement */
+    int64_t q_reconnects;   /* of q (the caller's thread only) */
+    /* The listener. Its connection is read by a thread of its own (the
+     * drainer: see "the listener thread" below), so notifications are taken
+     * off the socket whatever the caller does; everything from l to
+     * l_reconnects is shared with it, under lmu. The caller uses l too
+     * (LISTEN, UNLISTEN, a reconnect it must wait for), holding lmu. */
+    pthread_mutex_t lmu;
+    PGconn *l;              /* the listener (non-blocking), or NULL */
     cs_idset listening;     /* chat ids (no watermark: INT64_MIN) */
     bool resync_pending;    /* the listener came back: tell the hub */
     double retry_at, backoff;
-    int64_t reconnects;
+    struct lnote **notes;   /* hints taken off the listener, for the hub */
+    size_t nnotes, capnotes, note_bytes;
+    cs_idset dropped;       /* chats whose hints the bound dropped */
+    bool signalled;         /* a byte waits in ready[] */
+    bool lstop;             /* the thread ends */
+    int64_t l_reconnects;
+    int wake[2];            /* the caller wakes the thread */
+    int ready[2];           /* the thread tells the hub (the store's fd) */
+    pthread_t thread;
+    bool thread_started;
     /* The chat whose transaction (tx_begin .. tx_end) is open on q. */
     bool in_tx;
     int64_t tx_chat;
@@ -503,7 +519,7 @@ static PGconn *qconn(pg_store *s)
     s->q = connect_in_call(s);
     s->q_gen++;
     if (s->q && PQstatus(s->q) == CONNECTION_OK) {
-        s->reconnects++;
+        s->q_reconnects++;
         return s->q;
     }
     if (s->q)
@@ -1561,7 +1577,7 @@ static int p_notify_part(void *st, int64_t chat_id, const char *text,
 }
 
 /* LISTEN or UNLISTEN on the listener; the channel is an identifier built
- * from the validated schema and an integer, quoted. */
+ * from the validated schema and an integer, quoted. Under lmu. */
 static int listen_cmd(pg_store *s, const char *verb, int64_t chat_id)
 {
     char channel[128], sql[200];
@@ -1569,6 +1585,274 @@ static int listen_cmd(pg_store *s, const char *verb, int64_t chat_id)
     snprintf(sql, sizeof sql, "%s \"%s\"", verb, channel);
     return exec(s, s->l, sql, 0, NULL);
 }
+
+/* ---- the listener thread ----------------------------------------------------
+ * A private thread drains the listener connection, so no reader, however
+ * idle, leaves its server backend waiting to write notifications (which
+ * holds back the cluster's notification queue and its cleanup). It takes
+ * them off the socket into a buffer bounded in bytes, and reconnects the
+ * listener in the background (LISTEN on every chat in one round trip).
+ * It touches no hub state and no Lua: the hub takes the buffer in p_poll,
+ * woken through ready[] (the store's fd, the same for the store's life).
+ * Past the bound the buffered hints are dropped and their chats marked: the
+ * hub resyncs their subscriptions from W, which loses nothing. The thread
+ * writes no field the caller's statements use (err, unknown, q ...). */
+
+#define NOTE_BYTES_MAX (4u << 20) /* buffered hints, bytes */
+
+struct lnote {
+    int64_t chat_id; /* -1: not a chat channel */
+    size_t len;
+    char payload[];
+};
+
+/* A pipe, both ends non-blocking and closed on exec. */
+static int make_pipe(int fds[2])
+{
+    if (pipe(fds) < 0)
+        return -1;
+    for (int i = 0; i < 2; i++)
+        if (fcntl(fds[i], F_SETFL, fcntl(fds[i], F_GETFL) | O_NONBLOCK) < 0 ||
+            fcntl(fds[i], F_SETFD, FD_CLOEXEC) < 0)
+            return -1;
+    return 0;
+}
+
+static void wake_thread(pg_store *s)
+{
+    char b = 1;
+    if (s->wake[1] >= 0 && write(s->wake[1], &b, 1) < 0 && errno != EAGAIN) {
+        /* the pipe is full: the thread wakes anyway */
+    }
+}
+
+/* Under lmu: tells the hub something waits (one byte at a time). */
+static void signal_hub(pg_store *s)
+{
+    if (s->signalled)
+        return;
+    char b = 1;
+    if (write(s->ready[1], &b, 1) == 1)
+        s->signalled = true;
+}
+
+static void notes_clear(pg_store *s, bool mark)
+{
+    for (size_t i = 0; i < s->nnotes; i++) {
+        if (mark && s->notes[i]->chat_id > 0 &&
+            cs_idset_add(&s->dropped, s->notes[i]->chat_id) < 0)
+            s->resync_pending = true; /* no room to say which: all */
+        free(s->notes[i]);
+    }
+    s->nnotes = 0;
+    s->note_bytes = 0;
+}
+
+static int64_t chat_of(pg_store *s, const char *channel);
+
+/* Under lmu: room for one more buffered hint. */
+static bool notes_room(pg_store *s)
+{
+    if (s->nnotes < s->capnotes)
+        return true;
+    size_t cap = s->capnotes ? s->capnotes * 2 : 64;
+    struct lnote **t = realloc(s->notes, cap * sizeof *t);
+    if (!t)
+        return false;
+    s->notes = t;
+    s->capnotes = cap;
+    return true;
+}
+
+/* Under lmu: every notification libpq holds for the listener goes into the
+ * buffer (or, past its bound, is dropped with its chat marked). */
+static void take_notes(pg_store *s)
+{
+    PGnotify *n;
+    while (s->l && (n = PQnotifies(s->l))) {
+        int64_t chat = chat_of(s, n->relname);
+        size_t len = strlen(n->extra);
+        size_t cost = sizeof(struct lnote) + sizeof(struct lnote *) + len;
+        struct lnote *e = s->note_bytes + cost <= NOTE_BYTES_MAX && notes_room(s)
+                              ? malloc(sizeof *e + len)
+                              : NULL;
+        if (e) {
+            e->chat_id = chat;
+            e->len = len;
+            memcpy(e->payload, n->extra, len);
+            s->notes[s->nnotes++] = e;
+            s->note_bytes += cost;
+        } else {
+            /* Over the bound (or out of memory): what is buffered goes,
+             * and these chats resync from W. */
+            notes_clear(s, true);
+            if (chat > 0 && cs_idset_add(&s->dropped, chat) < 0)
+                s->resync_pending = true;
+        }
+        PQfreemem(n);
+    }
+    if (s->nnotes || s->dropped.n || s->resync_pending)
+        signal_hub(s);
+}
+
+/* A statement on a listener connection of the thread's own making (the
+ * thread writes no shared error field): true if every result is fine; a
+ * one-row integer result goes to *pid. */
+static bool thread_exec(PGconn *c, const char *sql, double deadline, int *pid)
+{
+    if (!PQsendQuery(c, sql))
+        return false;
+    int f;
+    while ((f = PQflush(c)) == 1)
+        if (wait_io(c, true, deadline) <= 0)
+            return false;
+    if (f < 0)
+        return false;
+    bool ok = true;
+    PGresult *r;
+    for (;;) {
+        while (PQisBusy(c))
+            if (wait_io(c, false, deadline) <= 0 || !PQconsumeInput(c))
+                return false;
+        if (!(r = PQgetResult(c)))
+            break;
+        ExecStatusType st = PQresultStatus(r);
+        if (st == PGRES_TUPLES_OK && pid && PQntuples(r) == 1)
+            *pid = atoi(PQgetvalue(r, 0, 0));
+        else if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+            ok = false;
+        PQclear(r);
+    }
+    return ok;
+}
+
+/* Under lmu, on the thread: a connection it made becomes the listener:
+ * its server process and a LISTEN on every chat, in one round trip. */
+static bool thread_install(pg_store *s, PGconn *c)
+{
+    size_t cap = 64 + s->listening.n * (sizeof s->prefix + 40);
+    char *sql = malloc(cap);
+    if (!sql)
+        return false;
+    size_t o = (size_t)snprintf(sql, cap, "SELECT pg_backend_pid();");
+    for (size_t i = 0; i < s->listening.n; i++) {
+        char channel[128];
+        channel_of(s, s->listening.ids[i], channel, sizeof channel);
+        o += (size_t)snprintf(sql + o, cap - o, "LISTEN \"%s\";", channel);
+    }
+    int pid = -1;
+    PQsetnonblocking(c, 1);
+    bool ok = thread_exec(c, sql, now() + s->connect_timeout, &pid);
+    free(sql);
+    if (!ok)
+        return false;
+    s->l = c;
+    s->l_pid = pid;
+    s->l_reconnects++;
+    s->resync_pending = true; /* notifications meanwhile are gone */
+    s->backoff = 0;
+    take_notes(s);
+    return true;
+}
+
+static void thread_backoff(pg_store *s)
+{
+    s->backoff = s->backoff ? s->backoff * 2 : BACKOFF_MIN;
+    if (s->backoff > BACKOFF_MAX)
+        s->backoff = BACKOFF_MAX;
+    s->retry_at = now() + s->backoff;
+}
+
+static int poll_ms(double seconds)
+{
+    if (seconds <= 0)
+        return 0;
+    return seconds > 3600 ? 3600000 : (int)(seconds * 1000) + 1;
+}
+
+static void *listener_main(void *arg)
+{
+    pg_store *s = arg;
+    PGconn *c = NULL; /* a listener being connected, the thread's own */
+    PostgresPollingStatusType cst = PGRES_POLLING_WRITING;
+    double c_deadline = 0;
+    pthread_mutex_lock(&s->lmu);
+    while (!s->lstop) {
+        struct pollfd p[2] = {{.fd = s->wake[0], .events = POLLIN},
+                              {.fd = -1}};
+        int ms = -1;
+        if (s->l && PQstatus(s->l) != CONNECTION_OK) {
+            PQfinish(s->l); /* found broken by the caller */
+            s->l = NULL;
+        }
+        if (c && s->l) {
+            PQfinish(c); /* the caller reconnected it first */
+            c = NULL;
+        }
+        if (s->l) {
+            p[1] = (struct pollfd){.fd = PQsocket(s->l), .events = POLLIN};
+        } else if (c) {
+            p[1] = (struct pollfd){.fd = PQsocket(c),
+                                   .events = cst == PGRES_POLLING_READING
+                                                 ? POLLIN
+                                                 : POLLOUT};
+            ms = poll_ms(c_deadline - now());
+        } else if (s->listening.n > 0) {
+            double wait = s->retry_at - now();
+            if (wait <= 0) {
+                c = connect_db_mode(s, true);
+                cst = PGRES_POLLING_WRITING;
+                c_deadline = now() + s->connect_timeout;
+                if (!c || PQstatus(c) == CONNECTION_BAD) {
+                    PQfinish(c);
+                    c = NULL;
+                    thread_backoff(s);
+                }
+                continue;
+            }
+            ms = poll_ms(wait);
+        }
+        pthread_mutex_unlock(&s->lmu);
+        int got = poll(p, p[1].fd >= 0 ? 2 : 1, ms);
+        pthread_mutex_lock(&s->lmu);
+        if (got > 0 && (p[0].revents & POLLIN)) {
+            char buf[64];
+            while (read(s->wake[0], buf, sizeof buf) > 0)
+                ;
+        }
+        if (c && !s->l) {
+            if (got > 0 && p[1].revents)
+                cst = PQconnectPoll(c);
+            if (cst == PGRES_POLLING_OK) {
+                if (!thread_install(s, c)) {
+                    PQfinish(c);
+                    thread_backoff(s);
+                }
+                c = NULL;
+            } else if (cst == PGRES_POLLING_FAILED || now() > c_deadline) {
+                PQfinish(c);
+                c = NULL;
+                thread_backoff(s);
+            }
+        } else if (s->l && got > 0 && p[1].fd == PQsocket(s->l) &&
+                   p[1].revents) {
+            if (!PQconsumeInput(s->l) || PQstatus(s->l) != CONNECTION_OK) {
+                take_notes(s); /* what was read before the loss */
+                PQfinish(s->l);
+                s->l = NULL;
+                s->backoff = 0;
+                s->retry_at = 0; /* the first retry is immediate */
+            } else {
+                take_notes(s);
+            }
+        }
+    }
+    PQfinish(c);
+    pthread_mutex_unlock(&s->lmu);
+    return NULL;
+}
+
+/* ---- the listener, from the caller's side (under lmu) ---------------------- */
 
 static void listener_drop(pg_store *s)
 {
@@ -1578,6 +1862,7 @@ static void listener_drop(pg_store *s)
     }
     s->backoff = 0;
     s->retry_at = 0; /* the first retry is immediate */
+    wake_thread(s);
 }
 
 /* A failed listener connection: the next attempt waits (backoff). */
@@ -1585,10 +1870,7 @@ static int listener_failed(pg_store *s, PGconn *l, const char *what)
 {
     conn_fail(s, l, what);
     PQfinish(l);
-    s->backoff = s->backoff ? s->backoff * 2 : BACKOFF_MIN;
-    if (s->backoff > BACKOFF_MAX)
-        s->backoff = BACKOFF_MAX;
-    s->retry_at = now() + s->backoff;
+    thread_backoff(s);
     return CS_EBACKEND;
 }
 
@@ -1636,69 +1918,28 @@ static int listener_ready(pg_store *s, PGconn *l, bool initial)
         }
     }
     if (!initial) {
-        s->reconnects++;
+        s->l_reconnects++;
         s->resync_pending = true;
+        take_notes(s);
     }
     s->backoff = 0;
+    wake_thread(s); /* it polls the new socket */
     return CS_OK;
 }
 
-/* Connects the listener, blocking (at most connect_timeout). */
+/* Connects the listener, blocking (at most connect_timeout): a caller that
+ * needs it now (a subscription's LISTEN), while the thread's own attempt
+ * may still be under way (the thread then drops its own). */
 static int listener_connect(pg_store *s, bool initial)
 {
     if (now() < s->retry_at)
         return fail(s, CS_EBACKEND, "listener reconnect backing off", NULL);
-    if (s->lc) {
-        PQfinish(s->lc); /* a caller that must wait: start over, blocking */
-        s->lc = NULL;
-    }
     PGconn *l = connect_db(s);
     if (!l || PQstatus(l) != CONNECTION_OK)
         return listener_failed(s, l, "listener connection failed");
     return listener_ready(s, l, initial);
 }
 
-/* Moves a listener reconnect forward without blocking: starts one, or
- * drives the one under way as far as the socket allows. CS_OK once the
- * listener is up; CS_EBACKEND while it is not (yet). */
-static int listener_progress(pg_store *s)
-{
-    double t = now();
-    if (!s->lc) {
-        if (t < s->retry_at)
-            return CS_EBACKEND;
-        s->lc = connect_db_mode(s, true);
-        if (!s->lc || PQstatus(s->lc) == CONNECTION_BAD) {
-            PGconn *c = s->lc;
-            s->lc = NULL;
-            return listener_failed(s, c, "listener connection failed");
-        }
-        s->lc_deadline = t + s->connect_timeout;
-    }
-    for (;;) {
-        PostgresPollingStatusType st = PQconnectPoll(s->lc);
-        if (st == PGRES_POLLING_OK) {
-            PGconn *c = s->lc;
-            s->lc = NULL;
-            return listener_ready(s, c, false);
-        }
-        if (st == PGRES_POLLING_FAILED || t > s->lc_deadline) {
-            PGconn *c = s->lc;
-            s->lc = NULL;
-            return listener_failed(s, c,
-                                   st == PGRES_POLLING_FAILED
-                                       ? "listener connection failed"
-                                       : "listener connection timed out");
-        }
-        struct pollfd p = {.fd = PQsocket(s->lc),
-                           .events =
-                               st == PGRES_POLLING_READING ? POLLIN : POLLOUT};
-        if (poll(&p, 1, 0) <= 0)
-            return CS_EBACKEND; /* not ready: the next step goes on */
-    }
-}
-
-/* For callers that need the listener now (a subscription's LISTEN). */
 static bool listener_up(pg_store *s)
 {
     if (s->l && PQstatus(s->l) == CONNECTION_OK)
@@ -1708,9 +1949,8 @@ static bool listener_up(pg_store *s)
     return listener_connect(s, false) == CS_OK;
 }
 
-static int p_listen(void *st, int64_t chat_id)
+static int listen_locked(pg_store *s, int64_t chat_id)
 {
-    pg_store *s = st;
     if (cs_idset_has(&s->listening, chat_id))
         return CS_OK;
     if (!listener_up(s))
@@ -1719,7 +1959,7 @@ static int p_listen(void *st, int64_t chat_id)
      * listener the server closed while idle still looks connected until it
      * is used: then reconnect (which resyncs everything) and try once more. */
     int rc = listen_cmd(s, "LISTEN", chat_id);
-    if (rc < 0 && PQstatus(s->l) == CONNECTION_BAD) {
+    if (rc < 0 && s->l && PQstatus(s->l) == CONNECTION_BAD) {
         listener_drop(s);
         rc = listener_up(s) ? listen_cmd(s, "LISTEN", chat_id) : CS_EBACKEND;
     }
@@ -1734,14 +1974,26 @@ static int p_listen(void *st, int64_t chat_id)
     return CS_OK;
 }
 
+static int p_listen(void *st, int64_t chat_id)
+{
+    pg_store *s = st;
+    pthread_mutex_lock(&s->lmu);
+    int rc = listen_locked(s, chat_id);
+    take_notes(s); /* what the statement read, for the thread to hand on */
+    pthread_mutex_unlock(&s->lmu);
+    return rc;
+}
+
 static int p_unlisten(void *st, int64_t chat_id)
 {
     pg_store *s = st;
-    if (!cs_idset_remove(&s->listening, chat_id))
-        return CS_OK;
-    if (s->l && PQstatus(s->l) == CONNECTION_OK &&
+    pthread_mutex_lock(&s->lmu);
+    if (cs_idset_remove(&s->listening, chat_id) && s->l &&
+        PQstatus(s->l) == CONNECTION_OK &&
         listen_cmd(s, "UNLISTEN", chat_id) < 0)
         listener_drop(s); /* reconnects without this channel */
+    take_notes(s);
+    pthread_mutex_unlock(&s->lmu);
     return CS_OK;
 }
 
@@ -1756,48 +2008,49 @@ static int64_t chat_of(pg_store *s, const char *channel)
     return id;
 }
 
+/* Hands the hub what the thread buffered: a resync of everything after a
+ * reconnect, a resync of each chat whose hints were dropped, then the
+ * hints in arrival order. */
 static int p_poll(void *st,
                   void (*cb)(void *ud, int64_t chat_id, const char *payload,
                              size_t len),
                   void *ud)
 {
     pg_store *s = st;
+    char buf[64];
+    pthread_mutex_lock(&s->lmu);
+    while (read(s->ready[0], buf, sizeof buf) > 0)
+        ;
+    s->signalled = false;
+    struct lnote **notes = s->notes;
+    size_t n = s->nnotes;
+    cs_idset dropped = s->dropped;
+    bool resync = s->resync_pending;
+    s->notes = NULL;
+    s->nnotes = s->capnotes = s->note_bytes = 0;
+    cs_idset_init(&s->dropped, INT64_MIN);
+    s->resync_pending = false;
+    pthread_mutex_unlock(&s->lmu);
     int count = 0;
-    if (s->l && PQstatus(s->l) != CONNECTION_OK)
-        listener_drop(s);
-    if (s->listening.n > 0 && !s->l && listener_progress(s) < 0)
-        return 0; /* down: the reconnect goes on at the next step */
-    if (s->resync_pending) {
-        s->resync_pending = false;
+    if (resync)
         cb(ud, CS_RESYNC_ALL, NULL, 0);
-    }
-    if (!s->l)
-        return 0;
-    if (!PQconsumeInput(s->l) || PQstatus(s->l) != CONNECTION_OK) {
-        conn_fail(s, s->l, "listener connection lost");
-        /* Deliver what was read before the loss, then reconnect later. */
-        PGnotify *n;
-        while ((n = PQnotifies(s->l))) {
-            cb(ud, chat_of(s, n->relname), n->extra, strlen(n->extra));
-            PQfreemem(n);
-            count++;
-        }
-        listener_drop(s);
-        return count;
-    }
-    PGnotify *n;
-    while ((n = PQnotifies(s->l))) {
-        cb(ud, chat_of(s, n->relname), n->extra, strlen(n->extra));
-        PQfreemem(n);
+    for (size_t i = 0; i < dropped.n; i++)
+        cb(ud, dropped.ids[i], NULL, 0);
+    for (size_t i = 0; i < n; i++) {
+        cb(ud, notes[i]->chat_id, notes[i]->payload, notes[i]->len);
+        free(notes[i]);
         count++;
     }
+    free(notes);
+    cs_idset_free(&dropped);
     return count;
 }
 
+/* The store's fd: readable when p_poll has something. The same descriptor
+ * for the store's whole life, whatever happens to the listener. */
 static int p_fd(void *st)
 {
-    pg_store *s = st;
-    return s->l && PQstatus(s->l) == CONNECTION_OK ? PQsocket(s->l) : -1;
+    return ((pg_store *)st)->ready[0];
 }
 
 static const char *p_errmsg(void *st)
@@ -1808,20 +2061,43 @@ static const char *p_errmsg(void *st)
 static int p_listener_pid(void *st)
 {
     pg_store *s = st;
-    return s->l && PQstatus(s->l) == CONNECTION_OK ? s->l_pid : -1;
+    pthread_mutex_lock(&s->lmu);
+    int pid = s->l && PQstatus(s->l) == CONNECTION_OK ? s->l_pid : -1;
+    pthread_mutex_unlock(&s->lmu);
+    return pid;
 }
 
 static int64_t p_reconnects(void *st)
 {
-    return ((pg_store *)st)->reconnects;
+    pg_store *s = st;
+    pthread_mutex_lock(&s->lmu);
+    int64_t n = s->l_reconnects;
+    pthread_mutex_unlock(&s->lmu);
+    return n + s->q_reconnects;
 }
 
 static void p_close(void *st)
 {
     pg_store *s = st;
+    if (s->thread_started) {
+        pthread_mutex_lock(&s->lmu);
+        s->lstop = true;
+        pthread_mutex_unlock(&s->lmu);
+        wake_thread(s);
+        pthread_join(s->thread, NULL); /* it never blocks: see listener_main */
+    }
     PQfinish(s->q);
     PQfinish(s->l);
-    PQfinish(s->lc);
+    notes_clear(s, false);
+    free(s->notes);
+    cs_idset_free(&s->dropped);
+    for (int i = 0; i < 2; i++) {
+        if (s->wake[i] >= 0)
+            close(s->wake[i]);
+        if (s->ready[i] >= 0)
+            close(s->ready[i]);
+    }
+    pthread_mutex_destroy(&s->lmu);
     cs_idset_free(&s->listening);
     for (int k = 0; k < PREP_COUNT; k++)
         free(s->prep_sql[k]);
@@ -2008,6 +2284,9 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         return CS_ENOMEM;
     }
     cs_idset_init(&s->listening, INT64_MIN);
+    cs_idset_init(&s->dropped, INT64_MIN);
+    s->wake[0] = s->wake[1] = s->ready[0] = s->ready[1] = -1;
+    pthread_mutex_init(&s->lmu, NULL);
     s->connect_timeout = atof(CONNECT_TIMEOUT);
     s->query_timeout = query_timeout > 0 ? query_timeout : QUERY_TIMEOUT;
     for (PQconninfoOption *o = opts; o->keyword; o++) {
@@ -2047,6 +2326,15 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         p_close(s);
         return CS_EBACKEND;
     }
+    if (make_pipe(s->wake) < 0 || make_pipe(s->ready) < 0 ||
+        pthread_create(&s->thread, NULL, listener_main, s) != 0) {
+        if (errbuf && errlen)
+            snprintf(errbuf, errlen, "cannot start the listener thread: %s",
+                     strerror(errno));
+        p_close(s);
+        return CS_EBACKEND;
+    }
+    s->thread_started = true;
     out->ops = &pg_ops;
     out->st = s;
     return CS_OK;

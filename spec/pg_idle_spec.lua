@@ -1,0 +1,73 @@
+-- spec/pg_idle_spec.lua - an idle reader does not hurt the database. A store
+-- subscribes and then makes no call for a while (an agent waiting on a model)
+-- while another process's store writes megabytes of notifications: the
+-- store's listener thread keeps draining its connection, so the listener's
+-- server backend never waits to write (ClientWrite), holds no snapshot
+-- (backend_xmin), and the cluster's notification queue does not grow. When
+-- the reader wakes it gets every message once, in order, though its buffer
+-- overflowed on the way (the overflow turns into a resync from W).
+-- PostgreSQL only.
+local H = require("helpers")
+local chatstream = require("chatstream")
+
+local function psql_rows(sql)
+  local p = io.popen(("env -u LD_PRELOAD psql -X -tA -F '|' -v ON_ERROR_STOP=1 %q -c %q 2>&1"):format(H.dsn, sql))
+  local out = p:read("a")
+  assert(p:close(), "psql failed: " .. sql .. ": " .. out)
+  return (out:gsub("%s+$", ""))
+end
+
+describe("an idle reader (PostgreSQL)", function()
+  if not H.require_pg(_ENV) then
+    return
+  end
+
+  it("is drained in the background: its backend never waits to write, the queue stays flat", function()
+    H.with_instance("postgresql", function(inst)
+      local writer = inst:open()
+      local reader = inst:open()
+      local chat = assert(writer:create_chat({ owner = "alice" }))
+      local sub = assert(reader:subscribe(chat))
+      assert.are.equal("status", sub:next(0).kind)
+      local pid = reader:listener_pid()
+      assert.is_truthy(pid)
+      -- 3,000 messages of 2 KB, each notification carrying its message:
+      -- about 6 MB, far more than the socket buffers between the backend and
+      -- the store, and more than the store's own buffer (4 MiB)
+      local body = string.rep("y", 2000)
+      local want, states, usage_max = {}, {}, 0
+      for i = 1, 3000 do
+        want[i] = assert(writer:append(chat, { role = "user", content = body }))[1]
+        if i % 500 == 0 then
+          local row = psql_rows(("SELECT coalesce(wait_event, ''), backend_xmin IS NULL, "
+            .. "pg_notification_queue_usage() FROM pg_stat_activity WHERE pid = %d"):format(pid))
+          local wait, noxmin, usage = row:match("^([^|]*)|([tf])|([%d.e-]+)$")
+          assert.is_truthy(wait, row)
+          states[#states + 1] = wait
+          assert.are.equal("t", noxmin, "the idle listener holds a snapshot: " .. row)
+          usage_max = math.max(usage_max, tonumber(usage))
+        end
+      end
+      chatstream.sleep(0.3)
+      local row = psql_rows(("SELECT coalesce(wait_event, ''), state FROM pg_stat_activity WHERE pid = %d"):format(pid))
+      states[#states + 1] = row:match("^([^|]*)")
+      for _, w in ipairs(states) do
+        assert.are_not.equal("ClientWrite", w, "the idle listener's backend: " .. table.concat(states, ", "))
+      end
+      -- the queue is emptied as fast as it fills: nothing waits on this reader
+      assert.is_true(usage_max < 0.0001, "queue usage reached " .. usage_max)
+      -- the reader wakes: every message once, in order
+      local got, deadline = {}, os.time() + 30
+      while #got < #want and os.time() <= deadline do
+        local ev = sub:next(0.2)
+        if ev and ev.kind == "message" then
+          got[#got + 1] = ev.id
+        end
+      end
+      assert.are.same(want, got)
+      print(("\nidle reader: 3000 x 2 KB written; its backend's wait states %s; queue usage max %g; "
+        .. "resyncs %d; delivered %d in order"):format(table.concat(states, ","), usage_max,
+        reader:stats().resyncs, #got))
+    end)
+  end)
+end)
