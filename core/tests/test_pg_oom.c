@@ -65,17 +65,31 @@ int main(void)
         CHECK_EQ_I64(cs_hub_open_err(&o, &r, err, sizeof err), CS_OK);
         int64_t chat;
         CHECK_EQ_I64(cs_hub_create_chat(w, "o", "t", &chat), CS_OK);
-        /* The listener's socket (the store's fd): keepalives on, and data
-         * left unacknowledged for 10 s gives the connection up. */
-        int fd = cs_hub_fd(w), on = 0, uto = 0;
-        socklen_t len = sizeof on;
-        CHECK(fd >= 0);
-        CHECK_EQ_I64(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, &len), 0);
-        CHECK_EQ_I64(on, 1);
-        len = sizeof uto;
-        CHECK_EQ_I64(getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, &len),
-                     0);
-        CHECK_EQ_I64(uto, 10000);
+        /* Every TCP connection of the process (the two stores' query and
+         * listener connections): keepalives on, and data left
+         * unacknowledged for 10 s gives the connection up. */
+        int tcp = 0;
+        for (int fd = 3; fd < 1024; fd++) {
+            int type = 0, on = 0, uto = 0;
+            socklen_t len = sizeof type;
+            struct sockaddr_storage peer;
+            socklen_t plen = sizeof peer;
+            if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 ||
+                type != SOCK_STREAM ||
+                getpeername(fd, (struct sockaddr *)&peer, &plen) < 0 ||
+                (peer.ss_family != AF_INET && peer.ss_family != AF_INET6))
+                continue;
+            tcp++;
+            len = sizeof on;
+            CHECK_EQ_I64(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, &len),
+                         0);
+            CHECK_EQ_I64(on, 1);
+            len = sizeof uto;
+            CHECK_EQ_I64(
+                getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, &len), 0);
+            CHECK_EQ_I64(uto, 10000);
+        }
+        CHECK(tcp >= 4); /* two stores, two connections each */
         cs_sub *reader, *own;
         CHECK_EQ_I64(cs_sub_open(r, chat, NULL, &reader), CS_OK);
         CHECK_EQ_I64(cs_sub_open(w, chat, NULL, &own), CS_OK);
