@@ -59,15 +59,71 @@ describe("idempotency keys", function()
       assert.are.same(first, rows(store, chat))
     end)
 
-    it("a worker's append with a key", function()
+    it("a worker's append with a key: its retry returns the ids, also once the turn has ended", function()
       local chat = store:create_chat({ owner = "alice" })
       store:send(chat, { content = "go" })
       assert.are.same({ chat }, store:acquire({ worker = "w1" }))
       local o = { worker = "w1", idempotency_key = "reply-1" }
       local first = assert(store:append(chat, { role = "assistant", content = "done" }, o))
       assert.are.same(first, assert(store:append(chat, { role = "assistant", content = "done" }, o)))
+      assert(store:finish(chat, "waiting", { worker = "w1" }))
+      -- the first call committed: its retry says so, not ESTATE
+      assert.are.same(first, assert(store:append(chat, { role = "assistant", content = "done" }, o)))
+      assert.are.equal(2, #rows(store, chat))
+      -- a new write of the worker's after its turn: ESTATE, nothing written
+      local r, _, code = store:append(chat, { role = "assistant", content = "late" },
+        { worker = "w1", idempotency_key = "reply-2" })
+      assert.is_nil(r)
+      assert.are.equal("ESTATE", code)
       assert.are.equal(2, #rows(store, chat))
     end)
+
+    it("a key used before for another request is EINVAL, writing nothing", function()
+      local chat = store:create_chat({ owner = "alice" })
+      local first = assert(store:append(chat, { role = "user", content = "a" }, { idempotency_key = "K" }))
+      for _, other in ipairs({
+        function() return store:append(chat, { role = "user", content = "b" }, { idempotency_key = "K" }) end,
+        function() return store:append(chat, { role = "assistant", content = "a" }, { idempotency_key = "K" }) end,
+        function() return store:send(chat, { content = "a", idempotency_key = "K" }) end,
+      }) do
+        local r, err, code = other()
+        assert.is_nil(r)
+        assert.are.equal("EINVAL", code)
+        H.contains("idempotency key used before", err)
+      end
+      assert.are.same(first, rows(store, chat))
+      local s1 = assert(store:send(chat, { content = "x", idempotency_key = "S" }))
+      local r, _, code = store:send(chat, { content = "y", idempotency_key = "S" })
+      assert.is_nil(r)
+      assert.are.equal("EINVAL", code)
+      assert.are.equal(s1, assert(store:send(chat, { content = "x", idempotency_key = "S" })))
+    end)
+
+    if kind == "postgresql" then
+      it("create_chat with a key waits for a twin in flight and returns its chat", function()
+        local sql = ("BEGIN; INSERT INTO %s.chats (owner, idempotency_key) VALUES ('carol', 'twin'); "
+          .. "SELECT pg_sleep(1); COMMIT;"):format(inst.schema)
+        local twin = io.popen(("env -u LD_PRELOAD psql -X -q %q -c %q >/dev/null 2>&1; echo done")
+          :format(H.dsn, sql))
+        local deadline = os.time() + 5
+        repeat -- the twin's insert is in (uncommitted) when its row lock shows
+          local p = io.popen(("env -u LD_PRELOAD psql -X -tA %q -c %q"):format(H.dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(1)%' AND state = 'active'"
+              .. " AND pid <> pg_backend_pid()"))
+          local busy = p:read("a"):match("%d+")
+          p:close()
+        until busy ~= "0" or os.time() > deadline
+        local id, err = store:create_chat({ owner = "carol", idempotency_key = "twin" })
+        assert.are.equal("done", (twin:read("a"):gsub("%s+$", "")))
+        twin:close()
+        assert.is_truthy(id, err)
+        local p = io.popen(("env -u LD_PRELOAD psql -X -tA %q -c %q"):format(H.dsn,
+          ("SELECT id FROM %s.chats WHERE owner = 'carol'"):format(inst.schema)))
+        local ids = p:read("a"):gsub("%s+$", "")
+        p:close()
+        assert.are.equal(tostring(id), ids) -- one chat: the twin's
+      end)
+    end
 
     it("send: a retry returns the same id and queued flag, on an idle and on a busy chat", function()
       local chat = store:create_chat({ owner = "alice" })

@@ -149,6 +149,27 @@ describe("writes whose answer is lost (PostgreSQL)", function()
     end)
   end)
 
+  it("a large write into a stall returns within the deadline: not sent, so EBACKEND, nothing written", function()
+    H.with_instance("postgresql", function(inst)
+      local w = stores(inst, { query_timeout = 1 })
+      local chat = assert(w:create_chat({ owner = "alice" }))
+      assert(w:append(chat, { role = "user", content = "warm-up" })) -- prepared
+      proxy:stall()
+      local t0 = chatstream.now()
+      local ids, err, code = w:append(chat, { role = "user", content = string.rep("z", 24 << 20) })
+      local took = chatstream.now() - t0
+      proxy:resume()
+      assert.is_nil(ids)
+      assert.are.equal("EBACKEND", code, err)
+      assert.is_true(took < 3, ("the 24 MiB append took %.2f s"):format(took))
+      chatstream.sleep(0.5)
+      assert.are.equal(1, count(inst, "messages", "chat_id = " .. chat))
+      assert(w:append(chat, { role = "user", content = "after" })) -- and the store goes on
+      report[#report + 1] = ("24 MiB append into a stall: EBACKEND after %.2f s (query_timeout 1), "
+        .. "not written"):format(took)
+    end)
+  end)
+
   it("a synchronous commit that outlives query_timeout reports its commit, once", function()
     H.with_instance("postgresql", function(inst)
       psql_value("ALTER SYSTEM SET synchronous_standby_names = 'chatstream_nobody'")
@@ -184,6 +205,6 @@ describe("writes whose answer is lost (PostgreSQL)", function()
     for _, line in ipairs(report) do
       print("  " .. line)
     end
-    assert.is_true(#report >= 4)
+    assert.is_true(#report >= 5)
   end)
 end)

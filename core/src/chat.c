@@ -209,6 +209,20 @@ int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,
     return rc;
 }
 
+/* A worker's append, under the chat's lock: CS_ESTATE unless the chat runs
+ * on worker (NULL: anyone may). */
+static int check_worker(cs_hub *hub, const cs_chat_row *row,
+                        const char *worker)
+{
+    if (!worker ||
+        (row->status == CS_STATUS_RUNNING && strcmp(row->worker, worker) == 0))
+        return CS_OK;
+    char buf[CS_NAME_MAX + 96];
+    snprintf(buf, sizeof buf, "chat %lld is %s, not running on worker %s",
+             (long long)row->id, cs_status_name(row->status), worker);
+    return cs_hub_fail(hub, CS_ESTATE, buf);
+}
+
 /* An append with an idempotency key, under the chat's lock: 1 when the key
  * has a result already (p->ids holds it; nothing written), else the insert
  * and the key's record, CS_OK. */
@@ -217,11 +231,14 @@ static int keyed_insert(cs_publish *p, cs_chat_row *row)
     cs_hub *hub = p->hub;
     const cs_store_ops *ops = hub->store.ops;
     cs_keyed k;
+    uint64_t request = cs_key_request('a', p->msgs, p->n);
     int rc = ops->tx_key_get(hub->store.st, row->id, p->key, &k);
     if (rc < 0)
         return rc;
     if (rc == 1) {
-        if (k.n != p->n || k.queued) {
+        /* The first call's result, even if the chat moved on since (a
+         * worker's retry after its turn ended): it did commit. */
+        if (k.n != p->n || k.queued || k.request != request) {
             free(k.ids);
             return cs_hub_fail(hub, CS_EINVAL,
                                "idempotency key used before by another "
@@ -231,12 +248,14 @@ static int keyed_insert(cs_publish *p, cs_chat_row *row)
         free(k.ids);
         return 1;
     }
+    if ((rc = check_worker(hub, row, p->worker)) < 0)
+        return rc;
     rc = ops->tx_insert(hub->store.st, row, p->msgs, p->n, &p->committed);
     if (rc < 0)
         return rc;
     for (size_t i = 0; i < p->n; i++)
         p->ids[i] = p->committed.items[i]->id;
-    k = (cs_keyed){p->ids, p->n, false};
+    k = (cs_keyed){p->ids, p->n, false, request};
     return ops->tx_key_put(hub->store.st, row->id, p->key, &k);
 }
 
@@ -295,12 +314,6 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
     hub->err[0] = '\0'; /* a run that fails may say why itself */
     if (p->run) {
         rc = p->run(p, &row);
-    } else if (p->worker && (row.status != CS_STATUS_RUNNING ||
-                             strcmp(row.worker, p->worker) != 0)) {
-        char buf[CS_NAME_MAX + 96];
-        snprintf(buf, sizeof buf, "chat %lld is %s, not running on worker %s",
-                 (long long)row.id, cs_status_name(row.status), p->worker);
-        rc = cs_hub_fail(hub, CS_ESTATE, buf);
     } else if (p->key) {
         rc = keyed_insert(p, &row);
         if (rc == 1) {
@@ -324,6 +337,8 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
                 *n = p->n;
             return CS_OK;
         }
+    } else if (p->worker && check_worker(hub, &row, p->worker) < 0) {
+        rc = CS_ESTATE;
     } else {
         rc = ops->tx_insert(hub->store.st, &row, p->msgs, p->n, &p->committed);
     }

@@ -938,13 +938,18 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
 static void sub_process(cs_sub *s)
 {
     cs_merge_source src = {&s->chat->cache, sub_query, s, sub_page(s)};
-    if (s->resync) {
+    while (s->resync) {
         s->memo_ok = false; /* a resync reads what is there now */
         int rc = cs_merge_notify(&s->merge, &src, s->resync_after, s->resync_id,
                                  true, &s->out);
         ev_take_merged(s);
-        if (rc < 0 || rc == CS_MERGE_MORE)
-            return; /* retried, or the next page, on the next call */
+        if (rc < 0)
+            return; /* retried on the next call */
+        if (rc == CS_MERGE_MORE) {
+            if (s->evn > s->evpos)
+                return; /* this page first; the next on the next call */
+            continue;   /* a page of what it had already: the next now */
+        }
         s->resync = false;
     }
     if (s->status_dirty) {
@@ -984,8 +989,13 @@ static void sub_process(cs_sub *s)
             s->need = m.b;
             rc = cs_merge_notify(&s->merge, &src, m.a, m.b, false, &s->out);
             ev_take_merged(s);
-            if (rc == CS_MERGE_MORE)
-                return; /* the hint stays: its next page on the next call */
+            if (rc == CS_MERGE_MORE) {
+                /* The hint stays: its next page on the next call, or now
+                 * if this page held nothing new. */
+                if (s->evn > s->evpos)
+                    return;
+                continue;
+            }
         } else if (h->kind == CS_HINT_STATUS) {
             if (h->a > s->status_version && h->b >= 0) {
                 oevent e = {.kind = CS_EV_STATUS, .a = h->a, .b = h->b};

@@ -207,8 +207,13 @@ enum { CS_APPEND_SILENT, CS_APPEND_PLAIN, CS_APPEND_BODY };
 typedef struct cs_keyed {
     int64_t *ids; /* malloc'd */
     size_t n;
-    bool queued; /* send: the id is a queue item's */
+    bool queued;      /* send: the id is a queue item's */
+    uint64_t request; /* what was asked (cs_key_request): a retry must match */
 } cs_keyed;
+
+/* A hash of a keyed write's request: its kind ('a' append, 's' send) and
+ * its messages (roles, contents, tool fields). */
+uint64_t cs_key_request(char kind, const cs_msg_in *msgs, size_t n);
 
 typedef struct cs_store_ops {
     const char *name;

@@ -160,11 +160,13 @@ static int run_send(cs_publish *p, cs_chat_row *row)
     if (!a->key)
         return send_unkeyed(p, row);
     cs_keyed k;
+    cs_msg_in m = {CS_ROLE_USER, a->content, a->len, NULL};
+    uint64_t request = cs_key_request('s', &m, 1);
     int rc = ops->tx_key_get(hub->store.st, row->id, a->key, &k);
     if (rc < 0)
         return rc;
     if (rc == 1) {
-        bool one = k.n == 1;
+        bool one = k.n == 1 && k.request == request;
         a->id = one ? k.ids[0] : 0;
         a->queued = k.queued;
         free(k.ids);
@@ -185,7 +187,7 @@ static int run_send(cs_publish *p, cs_chat_row *row)
     }
     if ((rc = send_unkeyed(p, row)) < 0)
         return rc;
-    k = (cs_keyed){&a->id, 1, a->queued != 0};
+    k = (cs_keyed){&a->id, 1, a->queued != 0, request};
     return ops->tx_key_put(hub->store.st, row->id, a->key, &k);
 }
 

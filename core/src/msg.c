@@ -74,6 +74,29 @@ bool cs_utf8_text(const char *p, size_t len)
     return true;
 }
 
+static uint64_t fnv(const void *p, size_t n, uint64_t h)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * UINT64_C(1099511628211);
+    return h;
+}
+
+uint64_t cs_key_request(char kind, const cs_msg_in *msgs, size_t n)
+{
+    uint64_t h = fnv(&kind, 1, UINT64_C(14695981039346656037));
+    for (size_t i = 0; i < n; i++) {
+        unsigned char role = (unsigned char)msgs[i].role;
+        uint64_t len = msgs[i].content_len;
+        const char *tool = msgs[i].tool ? msgs[i].tool : "";
+        h = fnv(&role, 1, h);
+        h = fnv(&len, sizeof len, h);
+        h = fnv(msgs[i].content, msgs[i].content_len, h);
+        h = fnv(tool, strlen(tool) + 1, h);
+    }
+    return h;
+}
+
 cs_msg *cs_msg_ref(cs_msg *m)
 {
     m->refs++;

@@ -388,7 +388,8 @@ static int m_tx_key_put(void *st, int64_t chat_id, const char *key,
         return CS_ENOMEM;
     }
     memcpy(ids, res->ids, res->n * sizeof *ids);
-    ch->keys[ch->nkeys++] = (struct mem_key){kc, {ids, res->n, res->queued}};
+    ch->keys[ch->nkeys++] =
+        (struct mem_key){kc, {ids, res->n, res->queued, res->request}};
     return CS_OK;
 }
 

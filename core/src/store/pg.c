@@ -427,19 +427,31 @@ static PGresult *collect(pg_store *s, PGconn *c)
         conn_fail(s, c, "connection lost");
         return NULL;
     }
-    done = f == 0 ? read_results(c, deadline, &last) : 0;
+    if (f == 1) {
+        /* Not all of it went out by the deadline: the server cannot have
+         * run it (a statement runs, and commits, only once its message is
+         * whole; the extended protocol's implicit commit waits for its
+         * Sync). The connection is given up with the rest unsent. */
+        drop_conn(s, c);
+        s->unknown = false;
+        fail(s, CS_EBACKEND, "query timed out before it was sent", NULL);
+        return NULL;
+    }
+    done = read_results(c, deadline, &last);
+    bool cancelled = false;
     if (done == 0) {
         send_cancel(c);
+        cancelled = true;
         done = read_results(c, now() + CANCEL_GRACE, &last);
         if (done == 1 && last &&
             PQresultStatus(last) == PGRES_FATAL_ERROR) {
             const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
-            bool cancelled = code && strcmp(code, "57014") == 0;
+            bool by_cancel = code && strcmp(code, "57014") == 0;
             s->unknown = false;
             fail(s, CS_EBACKEND,
-                 cancelled ? "query timed out (cancelled; not done)"
+                 by_cancel ? "query timed out (cancelled; not done)"
                            : "query timed out, then failed",
-                 cancelled ? NULL : PQresultErrorMessage(last));
+                 by_cancel ? NULL : PQresultErrorMessage(last));
             PQclear(last);
             return NULL;
         }
@@ -453,6 +465,18 @@ static PGresult *collect(pg_store *s, PGconn *c)
             return NULL;
         }
         /* It completed after all, late: its result stands. */
+    }
+    if (cancelled && done == 1 && last &&
+        PQresultStatus(last) != PGRES_FATAL_ERROR) {
+        /* The cancel request may still be on its way and would hit the
+         * next statement: this connection is given up after its result
+         * (a transaction open on it then fails, and rolls back). */
+        ExecStatusType st = PQresultStatus(last);
+        if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+            drop_conn(s, c);
+            s->unknown = false;
+            return last;
+        }
     }
     if (done < 0) {
         PQclear(last);
@@ -506,6 +530,8 @@ static PGconn *connect_in_call(pg_store *s)
         }
         st = PQconnectPoll(c);
     }
+    if (st == PGRES_POLLING_OK)
+        PQsetnonblocking(c, 1); /* sends, too, wait no longer than collect */
     return c;
 }
 
@@ -729,6 +755,7 @@ static const char *const migrations[] = {
     " key text NOT NULL,"
     " ids bigint[] NOT NULL,"
     " queued boolean NOT NULL DEFAULT false,"
+    " request bigint NOT NULL,"
     " created_at timestamptz NOT NULL DEFAULT now(),"
     " PRIMARY KEY (chat_id, key));"
     "ALTER TABLE %1$s.chats ADD COLUMN idempotency_key text;"
@@ -802,15 +829,14 @@ static int p_create_chat(void *st, const char *owner, const char *title,
 {
     pg_store *s = st;
     char sql[SQL_MAX];
-    /* With a key, a chat the owner made with it already is the answer (the
-     * unique index makes a concurrent twin wait, then find it). */
+    /* With a key, a chat the owner made with it already is the answer: the
+     * conflict on the unique index locks and returns its row (a concurrent
+     * twin waits for the first to commit, then gets its id). */
     snprintf(sql, sizeof sql,
-             "WITH n AS (INSERT INTO %1$s.chats (owner, title, idempotency_key)"
-             " VALUES ($1, $2, nullif($3, '')) ON CONFLICT (owner,"
-             " idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-             " RETURNING id) SELECT id FROM n UNION ALL SELECT id FROM"
-             " %1$s.chats WHERE $3 <> '' AND owner = $1 AND"
-             " idempotency_key = $3 AND NOT EXISTS (SELECT 1 FROM n)",
+             "INSERT INTO %1$s.chats (owner, title, idempotency_key) VALUES"
+             " ($1, $2, nullif($3, '')) ON CONFLICT (owner, idempotency_key)"
+             " WHERE idempotency_key IS NOT NULL DO UPDATE SET"
+             " idempotency_key = EXCLUDED.idempotency_key RETURNING id",
              s->schema);
     const char *vals[3] = {owner ? owner : "", title ? title : "",
                            key ? key : ""};
@@ -1077,8 +1103,9 @@ static int p_tx_key_get(void *st, int64_t chat_id, const char *key,
         return rc;
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
-             "SELECT unnest(ids), queued FROM %s.idempotency_keys "
-             "WHERE chat_id = $1 AND key = $2",
+             "SELECT i.id, k.queued, k.request FROM %s.idempotency_keys k, "
+             "unnest(k.ids) WITH ORDINALITY AS i(id, n) "
+             "WHERE k.chat_id = $1 AND k.key = $2 ORDER BY i.n",
              s->schema);
     i64s(chat, chat_id);
     const char *vals[2] = {chat, key};
@@ -1094,6 +1121,14 @@ static int p_tx_key_get(void *st, int64_t chat_id, const char *key,
             rc = fail(s, CS_EBACKEND, "bad idempotency row", NULL);
     out->n = (size_t)n;
     out->queued = n > 0 && PQgetvalue(r, 0, 1)[0] == 't';
+    if (n > 0) {
+        errno = 0;
+        char *end;
+        long long v = strtoll(PQgetvalue(r, 0, 2), &end, 10);
+        if (errno || *end)
+            rc = fail(s, CS_EBACKEND, "bad idempotency row", NULL);
+        out->request = (uint64_t)v;
+    }
     PQclear(r);
     if (rc < 0) {
         free(out->ids);
@@ -1124,12 +1159,15 @@ static int p_tx_key_put(void *st, int64_t chat_id, const char *key,
     arr[o++] = '}';
     arr[o] = '\0';
     snprintf(sql, sizeof sql,
-             "INSERT INTO %s.idempotency_keys (chat_id, key, ids, queued) "
-             "VALUES ($1, $2, $3::bigint[], $4::boolean)",
+             "INSERT INTO %s.idempotency_keys (chat_id, key, ids, queued, "
+             "request) VALUES ($1, $2, $3::bigint[], $4::boolean, $5)",
              s->schema);
     i64s(chat, chat_id);
-    const char *vals[4] = {chat, key, arr, res->queued ? "true" : "false"};
-    rc = exec(s, s->q, sql, 4, vals);
+    char req[24];
+    snprintf(req, sizeof req, "%lld", (long long)(int64_t)res->request);
+    const char *vals[5] = {chat, key, arr, res->queued ? "true" : "false",
+                           req};
+    rc = exec(s, s->q, sql, 5, vals);
     free(arr);
     return rc;
 }
@@ -2313,6 +2351,8 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         return CS_ENOMEM;
     }
     s->q = connect_db(s);
+    if (s->q && PQstatus(s->q) == CONNECTION_OK)
+        PQsetnonblocking(s->q, 1); /* see connect_in_call */
     if (!s->q || PQstatus(s->q) != CONNECTION_OK) {
         conn_fail(s, s->q, "cannot connect");
         if (errbuf && errlen)
