@@ -81,6 +81,22 @@ describe("examples on PostgreSQL", function()
     return
   end
 
+  it("idle.lua measures writers with and without an idle subscriber", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      local out = run("idle.lua", { "--seconds", "1", "--chats", "2" }, env)
+      local rows = 0
+      local row = "with an idle subscriber +%d+ +[%d.]+%% +(%S+) +(%S+) +%S+ +(%d+)/(%d+)"
+      for wait, xmin, caught, all in out:gmatch(row) do
+        rows = rows + 1
+        assert.are_not.equal("ClientWrite", wait, out)
+        assert.are.equal("no", xmin, out)
+        assert.are.equal(all, caught, out)
+      end
+      assert.are.equal(2, rows, out)
+    end)
+  end)
+
   it("catchup.lua measures a reader catching up, paged and in one pass", function()
     H.with_instance("postgresql", function(inst)
       local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
