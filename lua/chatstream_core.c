@@ -675,6 +675,13 @@ static int store_stats(lua_State *L)
     set_int(L, "bodies", s.bodies);
     set_int(L, "steps", s.steps);
     set_int(L, "cached_messages", s.cached_messages);
+    set_int(L, "warnings", s.warnings);
+    lua_pushstring(L, cs_hub_last_warning(check_store(L, 1)));
+    lua_setfield(L, -2, "last_warning");
+    if (s.notify_queue_usage >= 0) {
+        lua_pushnumber(L, s.notify_queue_usage);
+        lua_setfield(L, -2, "notify_queue_usage");
+    }
     set_int(L, "queries", s.queries);
     set_int(L, "query_errors", s.query_errors);
     set_int(L, "writes", s.writes);

@@ -10,7 +10,7 @@ local STAT_KEYS = {
   "publish_errors", "cache_hits", "cache_misses", "db_passes", "delivered",
   "resyncs", "reconnects", "polls", "cached_chats",
   "parts", "parts_dropped", "auth_checks", "auth_refusals", "shared_passes",
-  "bodies", "steps", "cached_messages",
+  "bodies", "steps", "cached_messages", "warnings",
 }
 
 local raises, contains = H.raises, H.contains
@@ -391,11 +391,13 @@ describe("Store", function()
         assert.are.equal("integer", math.type(st[k]), k)
         assert.are.equal(0, st[k], k)
       end
+      assert.are.equal("", st.last_warning)
+      assert.is_nil(st.notify_queue_usage) -- the memory store has no queue
       local n = 0
       for _ in pairs(st) do
         n = n + 1
       end
-      assert.are.equal(#STAT_KEYS, n)
+      assert.are.equal(#STAT_KEYS + 1, n)
     end)
 
     it("watermark subscriptions of one chat share one DB pass per notification", function()

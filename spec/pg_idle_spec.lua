@@ -71,3 +71,49 @@ describe("an idle reader (PostgreSQL)", function()
     end)
   end)
 end)
+
+describe("the notification queue in the open (PostgreSQL)", function()
+  if not H.require_pg(_ENV) then
+    return
+  end
+
+  it("stats() gives the queue usage and the server's warnings; a full queue is said so", function()
+    H.with_instance("postgresql", function(inst)
+      local s = inst:open({ poll_interval = 0.05 })
+      local chat = assert(s:create_chat({ owner = "alice" }))
+      local sub = assert(s:subscribe(chat))
+      s:step(0.1)
+      local st = s:stats()
+      assert.are.equal("number", type(st.notify_queue_usage))
+      assert.is_true(st.notify_queue_usage >= 0 and st.notify_queue_usage < 0.01)
+      assert.are.equal(0, st.warnings)
+      -- the server's warning (the one a filling queue sends to every notifier),
+      -- injected at the store boundary: a trigger on the messages table
+      local schema = inst.schema
+      H.psql(("CREATE FUNCTION %s.warn() RETURNS trigger LANGUAGE plpgsql AS "
+        .. "'BEGIN RAISE WARNING ''NOTIFY queue is 50%%%% full''; RETURN NEW; END'"):format(schema))
+      H.psql(("CREATE TRIGGER warn BEFORE INSERT ON %s.messages FOR EACH ROW EXECUTE FUNCTION %s.warn()")
+        :format(schema, schema))
+      assert(s:append(chat, { role = "user", content = "x" }))
+      st = s:stats()
+      assert.are.equal(1, st.warnings)
+      assert.are.equal("NOTIFY queue is 50% full", st.last_warning)
+      -- a full queue: the append fails saying so, and nothing was written
+      H.psql(("CREATE OR REPLACE FUNCTION %s.warn() RETURNS trigger LANGUAGE plpgsql AS "
+        .. "'BEGIN RAISE EXCEPTION USING ERRCODE = ''54000'', "
+        .. "MESSAGE = ''too many notifications in the NOTIFY queue''; END'"):format(schema))
+      local r, err, code = s:append(chat, { role = "user", content = "y" })
+      assert.is_nil(r)
+      assert.are.equal("EBACKEND", code)
+      H.contains("notification queue is full", err)
+      H.contains("nothing was written", err)
+      local got = {}
+      for ev in sub:events(0.2) do
+        if ev.kind == "message" then
+          got[#got + 1] = ev.content
+        end
+      end
+      assert.are.same({ "x" }, got)
+    end)
+  end)
+end)

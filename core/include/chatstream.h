@@ -158,7 +158,16 @@ typedef struct cs_stats {
                                 them (PostgreSQL store, plain appends) */
     int64_t steps;           /* times the hub read its store's notifications */
     int64_t cached_messages; /* messages in the hub's chat caches now */
+    int64_t warnings;        /* WARNINGs the server sent (PostgreSQL), among
+                                them "NOTIFY queue is N% full" */
+    /* PostgreSQL's notification queue usage, 0 to 1, as last read (at most
+     * once per poll interval, 10 s without a poll); -1: not known (yet, or
+     * the memory store). */
+    double notify_queue_usage;
 } cs_stats;
+/* The text of the last WARNING the server sent ("" when none); valid until
+ * the next call on the hub. */
+const char *cs_hub_last_warning(const cs_hub *hub);
 void cs_hub_stats(const cs_hub *hub, cs_stats *out);
 
 /* ---- chats and messages ------------------------------------------------- */

@@ -260,6 +260,7 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     }
     if (hub->poll_interval > 0)
         hub->next_poll = now() + hub->poll_interval;
+    hub->stats.notify_queue_usage = -1;
     *out = hub;
     return CS_OK;
 }
@@ -320,9 +321,18 @@ int cs_hub_fail(cs_hub *hub, int rc, const char *msg)
     return rc;
 }
 
+const char *cs_hub_last_warning(const cs_hub *hub)
+{
+    return hub->last_warning;
+}
+
 void cs_hub_stats(const cs_hub *hub, cs_stats *out)
 {
     *out = hub->stats;
+    if (hub->store.ops->warnings)
+        out->warnings = hub->store.ops->warnings(
+            hub->store.st, ((cs_hub *)hub)->last_warning,
+            sizeof hub->last_warning);
     out->queries += hub->counts.queries;
     out->query_errors += hub->counts.query_errors;
     out->cache_hits += hub->counts.cache_hits;
@@ -599,6 +609,16 @@ int cs_hub_step(cs_hub *hub)
     int rc = hub->store.ops->poll(hub->store.st, route, hub);
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
+    if (hub->store.ops->queue_usage && hub->last_step >= hub->next_usage) {
+        /* The cluster's notification queue, in the open: one query per
+         * poll interval (10 s without a poll). */
+        double u;
+        hub->next_usage = hub->last_step +
+                          (hub->poll_interval > 0 ? hub->poll_interval : 10);
+        if (hub->store.ops->queue_usage(hub->store.st, &u) == CS_OK)
+            hub->stats.notify_queue_usage = u; /* not a read of chats:
+                                                  not in queries */
+    }
     if (hub->poll_interval > 0) {
         double t = now();
         if (t >= hub->next_poll) {

@@ -29,6 +29,8 @@ struct cs_hub {
     cs_publish *pubs;                /* open stepped publishes, for detaching */
     double poll_interval, next_poll; /* backstop poll; 0: off */
     double last_step; /* when the store was last read (monotonic seconds) */
+    double next_usage; /* when the queue usage is read next */
+    char last_warning[256];
     cs_stats stats;
     cs_merge_counts counts;   /* merge counters, folded into stats */
     cs_authorizer auth;       /* fn NULL: the actor must be the owner */

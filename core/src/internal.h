@@ -303,6 +303,10 @@ typedef struct cs_store_ops {
     int (*migrate)(void *st);
     int (*listener_pid)(void *st);
     int64_t (*reconnects)(void *st);
+    /* Optional: the server's notification queue usage (0 to 1). */
+    int (*queue_usage)(void *st, double *out);
+    /* Optional: WARNINGs the server sent, and the last one's text. */
+    int64_t (*warnings)(void *st, char *last, size_t cap);
 } cs_store_ops;
 
 #define CS_RESYNC_ALL (-2)

@@ -58,6 +58,8 @@ typedef struct pg_store {
     bool signalled;         /* a byte waits in ready[] */
     bool lstop;             /* the thread ends */
     int64_t l_reconnects;
+    int64_t warnings;       /* see note_warning */
+    char last_warning[256];
     int wake[2];            /* the caller wakes the thread */
     int ready[2];           /* the thread tells the hub (the store's fd) */
     pthread_t thread;
@@ -215,6 +217,35 @@ static int write_failed(pg_store *s)
              "idempotency key): %.400s",
              keep);
     return CS_EUNKNOWN;
+}
+
+/* WARNINGs the server sends on either connection ("NOTIFY queue is N%
+ * full" above all) are counted, and the last one kept, for stats(); other
+ * notices ("already exists, skipping") are not errors and are dropped. The
+ * query connection's come on the caller's thread, the listener's under lmu
+ * (its thread or a caller holding it). */
+static void note_warning(pg_store *s, const PGresult *r)
+{
+    const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+    if (!sev || strcmp(sev, "WARNING") != 0)
+        return;
+    const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    s->warnings++;
+    scrub_copy(s->last_warning, sizeof s->last_warning, msg ? msg : "",
+               s->password);
+}
+
+static void q_notice(void *arg, const PGresult *r)
+{
+    pg_store *s = arg;
+    pthread_mutex_lock(&s->lmu);
+    note_warning(s, r);
+    pthread_mutex_unlock(&s->lmu);
+}
+
+static void l_notice(void *arg, const PGresult *r)
+{
+    note_warning(arg, r); /* lmu is held */
 }
 
 static void quiet(void *arg, const char *message)
@@ -491,8 +522,18 @@ static PGresult *collect(pg_store *s, PGconn *c)
     ExecStatusType st = PQresultStatus(last);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
+        const char *msg = PQresultErrorMessage(last);
         snprintf(s->sqlstate, sizeof s->sqlstate, "%s", code ? code : "");
-        fail(s, CS_EBACKEND, "query failed", PQresultErrorMessage(last));
+        /* The cluster's notification queue is full: every NOTIFY fails
+         * until the listener holding it back reads (nothing was written). */
+        bool full = code && strcmp(code, "54000") == 0 &&
+                    strstr(msg, "NOTIFY queue");
+        fail(s, CS_EBACKEND,
+             full ? "the server's notification queue is full (a listener "
+                    "somewhere is not reading; see "
+                    "stats().notify_queue_usage): nothing was written"
+                  : "query failed",
+             msg);
         PQclear(last);
         return NULL;
     }
@@ -530,8 +571,10 @@ static PGconn *connect_in_call(pg_store *s)
         }
         st = PQconnectPoll(c);
     }
-    if (st == PGRES_POLLING_OK)
+    if (st == PGRES_POLLING_OK) {
         PQsetnonblocking(c, 1); /* sends, too, wait no longer than collect */
+        PQsetNoticeReceiver(c, q_notice, s);
+    }
     return c;
 }
 
@@ -1780,6 +1823,7 @@ static bool thread_install(pg_store *s, PGconn *c)
     }
     int pid = -1;
     PQsetnonblocking(c, 1);
+    PQsetNoticeReceiver(c, l_notice, s);
     bool ok = thread_exec(c, sql, now() + s->connect_timeout, &pid);
     free(sql);
     if (!ok)
@@ -1944,6 +1988,7 @@ static int listener_identify(pg_store *s)
 static int listener_ready(pg_store *s, PGconn *l, bool initial)
 {
     PQsetnonblocking(l, 1);
+    PQsetNoticeReceiver(l, l_notice, s);
     s->l = l;
     if (!initial && listener_identify(s) < 0) {
         listener_drop(s);
@@ -2103,6 +2148,31 @@ static int p_listener_pid(void *st)
     int pid = s->l && PQstatus(s->l) == CONNECTION_OK ? s->l_pid : -1;
     pthread_mutex_unlock(&s->lmu);
     return pid;
+}
+
+static int p_queue_usage(void *st, double *out)
+{
+    pg_store *s = st;
+    if (claim_q(s) < 0)
+        return CS_EBACKEND; /* in a transaction: next time */
+    PGresult *r = run_retry(s, "SELECT pg_notification_queue_usage()", 0, NULL);
+    if (!r)
+        return CS_EBACKEND;
+    int rc = PQntuples(r) == 1 ? CS_OK : CS_EBACKEND;
+    if (rc == CS_OK)
+        *out = atof(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return rc;
+}
+
+static int64_t p_warnings(void *st, char *last, size_t cap)
+{
+    pg_store *s = st;
+    pthread_mutex_lock(&s->lmu);
+    int64_t n = s->warnings;
+    snprintf(last, cap, "%s", s->last_warning);
+    pthread_mutex_unlock(&s->lmu);
+    return n;
 }
 
 static int64_t p_reconnects(void *st)
@@ -2293,6 +2363,8 @@ static const cs_store_ops pg_ops = {
     .migrate = p_migrate,
     .listener_pid = p_listener_pid,
     .reconnects = p_reconnects,
+    .queue_usage = p_queue_usage,
+    .warnings = p_warnings,
 };
 
 int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
@@ -2351,8 +2423,10 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         return CS_ENOMEM;
     }
     s->q = connect_db(s);
-    if (s->q && PQstatus(s->q) == CONNECTION_OK)
+    if (s->q && PQstatus(s->q) == CONNECTION_OK) {
         PQsetnonblocking(s->q, 1); /* see connect_in_call */
+        PQsetNoticeReceiver(s->q, q_notice, s);
+    }
     if (!s->q || PQstatus(s->q) != CONNECTION_OK) {
         conn_fail(s, s->q, "cannot connect");
         if (errbuf && errlen)
