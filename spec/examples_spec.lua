@@ -97,6 +97,15 @@ describe("examples on PostgreSQL", function()
     end)
   end)
 
+  it("fanout.lua delivers every message to every subscription of one store", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      local out = run("fanout.lua", { "--subs", "200", "--chats", "4", "--messages", "3" }, env)
+      H.contains("fan-out: 200 subscriptions over 4 chats in one store, 3 messages per chat", out)
+      assert.is_truthy(out:find(" 600/600 ", 1, true), out)
+    end)
+  end)
+
   it("catchup.lua measures a reader catching up, paged and in one pass", function()
     H.with_instance("postgresql", function(inst)
       local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
