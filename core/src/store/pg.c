@@ -1808,7 +1808,9 @@ static bool thread_exec(PGconn *c, const char *sql, double deadline, int *pid)
 }
 
 /* Under lmu, on the thread: a connection it made becomes the listener:
- * its server process and a LISTEN on every chat, in one round trip. */
+ * its server process and a LISTEN on every chat, in one round trip, run
+ * with lmu released (c is the thread's own until it is installed; a caller
+ * that needs the listener meanwhile connects its own, and then c goes). */
 static bool thread_install(pg_store *s, PGconn *c)
 {
     size_t cap = 64 + s->listening.n * (sizeof s->prefix + 40);
@@ -1823,11 +1825,14 @@ static bool thread_install(pg_store *s, PGconn *c)
     }
     int pid = -1;
     PQsetnonblocking(c, 1);
-    PQsetNoticeReceiver(c, l_notice, s);
+    PQsetNoticeReceiver(c, q_notice, s); /* it takes lmu itself */
+    pthread_mutex_unlock(&s->lmu);
     bool ok = thread_exec(c, sql, now() + s->connect_timeout, &pid);
+    pthread_mutex_lock(&s->lmu);
     free(sql);
-    if (!ok)
+    if (!ok || s->l || s->lstop)
         return false;
+    PQsetNoticeReceiver(c, l_notice, s);
     s->l = c;
     s->l_pid = pid;
     s->l_reconnects++;
@@ -1882,7 +1887,10 @@ static void *listener_main(void *arg)
         } else if (s->listening.n > 0) {
             double wait = s->retry_at - now();
             if (wait <= 0) {
+                /* Started without lmu: resolving a host name may block. */
+                pthread_mutex_unlock(&s->lmu);
                 c = connect_db_mode(s, true);
+                pthread_mutex_lock(&s->lmu);
                 cst = PGRES_POLLING_WRITING;
                 c_deadline = now() + s->connect_timeout;
                 if (!c || PQstatus(c) == CONNECTION_BAD) {
