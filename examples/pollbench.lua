@@ -37,7 +37,8 @@ end
 
 local function psql(sql)
   local q = "'" .. DSN:gsub("'", "'\\''") .. "'"
-  assert(os.execute("env -u LD_PRELOAD psql -X -q -v ON_ERROR_STOP=1 " .. q .. " -c \"" .. sql .. "\" >/dev/null 2>&1"), sql)
+  local cmd = "env -u LD_PRELOAD psql -X -q -v ON_ERROR_STOP=1 " .. q .. " -c \"" .. sql .. "\""
+  assert(os.execute(cmd .. " >/dev/null 2>&1"), sql)
 end
 
 -- One sweep: next(0) on every subscription until it has nothing. Returns the
