@@ -69,6 +69,15 @@ describe("examples on the embedded store", function()
     H.contains("-- chat 1 is requires_action; cursor 8", out)
   end)
 
+  it("pollbench.lua measures the backstop poll (smoke size)", function()
+    local out = run("pollbench.lua", { "--shapes", "50x2", "--interval", "0.2", "--moved", "2" })
+    H.contains("on the memory store", out)
+    -- idle: the state read alone; 2 chats moved: and one pass each, shared
+    -- by both subscriptions, delivering 2 x 2 messages
+    assert.is_truthy(out:find("\n50 +2 +100 +0 +1 +%d+ +[%d.]+ +[%d.]+ +[%d.]+ +0\n"), out)
+    assert.is_truthy(out:find("\n50 +2 +100 +2 +3 +%d+ +[%d.]+ +[%d.]+ +[%d.]+ +4\n"), out)
+  end)
+
   it("agent.lua work refuses the embedded store with a clear message", function()
     local ok, err = pcall(run, "agent.lua", { "work" })
     assert.is_false(ok)
@@ -115,6 +124,16 @@ describe("examples on PostgreSQL", function()
       local q2 = out:match("\n100000 +[%d.]+ MB +[%d.]+ MB +[%d.-]+ MB +1200 +[%d.]+ +(%d+)\n")
       assert.are.equal("12", q1, out) -- 12 pages of 100
       assert.are.equal("1", q2, out)
+    end)
+  end)
+
+  it("pollbench.lua measures the backstop poll (smoke size)", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      local out = run("pollbench.lua", { "--shapes", "50x2", "--interval", "0.2", "--moved", "2" }, env)
+      H.contains("on PostgreSQL", out)
+      assert.is_truthy(out:find("\n50 +2 +100 +0 +1 +%d+ +[%d.]+ +[%d.]+ +[%d.]+ +0\n"), out)
+      assert.is_truthy(out:find("\n50 +2 +100 +2 +3 +%d+ +[%d.]+ +[%d.]+ +[%d.]+ +4\n"), out)
     end)
   end)
 

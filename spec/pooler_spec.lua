@@ -321,9 +321,9 @@ describe("the PostgreSQL store behind a pooler", function()
               end
             end
           end
-          if kinds[a.schema].cs_after and kinds[b.schema].cs_after then
+          if kinds[a.schema].cs_snapshot and kinds[b.schema].cs_snapshot then
             both = both + 1
-            for _, kind in ipairs({ "cs_after", "cs_append_body" }) do
+            for _, kind in ipairs({ "cs_snapshot", "cs_append_body" }) do
               assert.is_string(kinds[a.schema][kind], kind .. " of " .. a.schema)
               assert.is_string(kinds[b.schema][kind], kind .. " of " .. b.schema)
               assert.are_not.equal(kinds[a.schema][kind], kinds[b.schema][kind])

@@ -63,9 +63,11 @@ typedef struct cs_hub_options {
     /* Chats whose cache the hub keeps; beyond it the least recently used
      * cache of a chat without subscriptions is dropped. 0: 1024. */
     size_t max_chats;
-    /* Backstop poll: every subscription re-reads its chat from W this often
-     * (seconds). 0: off. A negative value: the store's default (10 s on
-     * PostgreSQL, off on the memory store). */
+    /* Backstop poll: this often (seconds) the hub reads the state of every
+     * chat it follows (one statement per 1000 chats, one per step), and each
+     * subscription of a chat that moved catches up from W. 0: off. A
+     * negative value: the store's default (10 s on PostgreSQL, off on the
+     * memory store). */
     double poll_interval;
     /* pg: the longest one statement may take (seconds) before it is
      * cancelled and the call fails with CS_EBACKEND. 0: 30. */

@@ -39,11 +39,16 @@ struct cs_sub {
     bool resync;
     int64_t resync_after, resync_id;
     bool status_dirty, queue_dirty; /* re-read them from the store */
-    bool memo_ok;                   /* the next DB pass may use the memo */
-    int64_t need;                   /* ... if the memo reaches this id */
-    int64_t status_version;         /* of the last status delivered; -1 */
-    uint64_t queue_sig;             /* of the last queue delivered */
-    cs_msglist out;                 /* the merge's output */
+    /* Found by the backstop poll: the chat's messages reach poll_id (a DB
+     * pass is due while the merge's cursor is below it; 0: none), and its
+     * status is poll_status at poll_version (-1: none). */
+    int64_t poll_id, poll_version;
+    cs_status poll_status;
+    bool memo_ok;           /* the next DB pass may use the memo */
+    int64_t need;           /* ... if the memo reaches this id */
+    int64_t status_version; /* of the last status delivered; -1 */
+    uint64_t queue_sig;     /* of the last queue delivered */
+    cs_msglist out;         /* the merge's output */
     /* events ready for the reader, in order */
     oevent *ev;
     size_t evpos, evn, evcap;
@@ -303,6 +308,7 @@ void cs_hub_close(cs_hub *hub)
         }
     }
     free(hub->chats);
+    cs_round_free(&hub->round);
     hub->store.ops->close(hub->store.st);
     free(hub);
 }
@@ -555,7 +561,10 @@ static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
     cs_hub *hub = ud;
     cs_hint h;
     if (chat_id == CS_RESYNC_ALL) {
-        resync_all(hub);
+        /* Notifications may have been missed on every chat: a round of the
+         * poll, from the start, read after the listener LISTENs again. */
+        if (cs_round_start(hub, true) < 0)
+            resync_all(hub); /* out of memory: the full resync */
         return;
     }
     if (chat_id > 0 && !payload) {
@@ -600,15 +609,65 @@ static void route(void *ud, int64_t chat_id, const char *payload, size_t len)
         sub_enqueue(s, &h);
 }
 
+/* Reads the store's notifications and routes them. */
+static int hub_read(cs_hub *hub)
+{
+    hub->last_step = now();
+    hub->stats.steps++;
+    int rc = hub->store.ops->poll(hub->store.st, route, hub);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : rc;
+}
+
+/* What the poll read of the subscription's chat: a DB pass is due when the
+ * chat's messages end past the merge's cursor, the status when it is newer
+ * than the one delivered, the queue when its signature is not the one of
+ * the queue delivered. The subscription does its part on its next call. */
+static void sub_polled(cs_sub *s, const cs_chat_state *st)
+{
+    bool work = false;
+    if (st->last_message_id > cs_merge_cursor(&s->merge) &&
+        st->last_message_id > s->poll_id) {
+        s->poll_id = st->last_message_id;
+        work = true;
+    }
+    if (st->version > s->status_version && st->version > s->poll_version) {
+        s->poll_version = st->version;
+        s->poll_status = st->status;
+        work = true;
+    }
+    if (st->queue_sig != s->queue_sig && !s->queue_dirty) {
+        s->queue_dirty = true;
+        work = true;
+    }
+    if (work)
+        s->hub->stats.resyncs++;
+}
+
+/* One chunk of the round under way, if one is due: one statement. A chat
+ * that did not move costs nothing more. */
+static void hub_poll_chunk(cs_hub *hub)
+{
+    cs_chat_state *rows;
+    size_t n;
+    int rc = cs_round_next(hub, &rows, &n);
+    if (rc < 0) {
+        cs_hub_fail(hub, rc, NULL); /* retried: the round stays */
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        hub_chat *c = cs_hub_chat_find(hub, rows[i].id);
+        for (cs_sub *s = c ? c->subs : NULL; s; s = s->next)
+            sub_polled(s, &rows[i]);
+    }
+}
+
 int cs_hub_step(cs_hub *hub)
 {
     if (!hub)
         return CS_ECLOSED;
-    hub->last_step = now();
-    hub->stats.steps++;
-    int rc = hub->store.ops->poll(hub->store.st, route, hub);
+    int rc = hub_read(hub);
     if (rc < 0)
-        return cs_hub_fail(hub, rc, NULL);
+        return rc;
     if (hub->store.ops->queue_usage && hub->last_step >= hub->next_usage) {
         /* The cluster's notification queue, in the open: one query per
          * poll interval (10 s without a poll). */
@@ -622,12 +681,16 @@ int cs_hub_step(cs_hub *hub)
     if (hub->poll_interval > 0) {
         double t = now();
         if (t >= hub->next_poll) {
-            /* The backstop: a lost notification costs delay, not a message. */
+            /* The backstop: a lost notification costs delay, not a message.
+             * One statement per chunk of followed chats, whatever the number
+             * of subscriptions; a round still under way goes on. */
             hub->next_poll = t + hub->poll_interval;
             hub->stats.polls++;
-            resync_all(hub);
+            if (cs_round_start(hub, false) < 0)
+                resync_all(hub); /* out of memory: the full resync */
         }
     }
+    hub_poll_chunk(hub);
     return rc;
 }
 
@@ -648,6 +711,13 @@ static int hub_sleep(cs_hub *hub, double left)
     }
     if (fd < 0 && hub->store.ops->remote) {
         left = left < 0.05 ? left : 0.05; /* the listener is reconnecting */
+        due = true;
+    }
+    double at;
+    if (cs_round_due(hub, &at)) {
+        /* A round of the poll goes on at the next step. */
+        double r = at - t > 0 ? at - t : 0;
+        left = r < left ? r : left;
         due = true;
     }
     if (fd < 0 && !due)
@@ -759,7 +829,7 @@ static void sub_unlink(cs_sub *s)
         c->listening = false;
         /* UNLISTEN may have read notifications of other chats into the
          * store's buffer: route them now, so a loop on the fd misses none. */
-        cs_hub_step(s->hub);
+        hub_read(s->hub);
     }
     s->chat = NULL;
 }
@@ -780,24 +850,20 @@ static void sub_free(cs_sub *s)
     free(s);
 }
 
-/* FNV-1a over the queue's item IDs: tells a changed queue from the one last
- * delivered. */
-static uint64_t queue_sig(const cs_queue *q)
+/* Delivers the status if newer than the last delivered. */
+static int sub_take_status(cs_sub *s, int64_t version, cs_status st)
 {
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < q->n; i++) {
-        uint64_t v = (uint64_t)q->items[i].id;
-        for (int b = 0; b < 8; b++) {
-            h ^= (v >> (8 * b)) & 0xff;
-            h *= 1099511628211ull;
-        }
-    }
-    return h ^ q->n;
+    if (version <= s->status_version)
+        return CS_OK;
+    oevent e = {.kind = CS_EV_STATUS, .a = version, .b = st};
+    int rc = ev_push(s, e);
+    if (rc == CS_OK)
+        s->status_version = version;
+    return rc;
 }
 
-/* Reads the status; delivers it if newer than the last delivered. last
- * (may be NULL) receives the chat's last message ID. */
-static int sub_read_status(cs_sub *s, int64_t *last)
+/* Reads the status; delivers it if newer than the last delivered. */
+static int sub_read_status(cs_sub *s)
 {
     cs_hub *hub = s->hub;
     cs_chat_row *row = malloc(sizeof *row);
@@ -811,21 +877,31 @@ static int sub_read_status(cs_sub *s, int64_t *last)
         free(row);
         return cs_hub_fail(hub, rc, NULL);
     }
-    if (last)
-        *last = row->last_message_id;
-    if (row->version > s->status_version) {
-        oevent e = {.kind = CS_EV_STATUS, .a = row->version, .b = row->status};
-        rc = ev_push(s, e);
-        if (rc == CS_OK)
-            s->status_version = row->version;
-    }
+    rc = sub_take_status(s, row->version, row->status);
     free(row);
     return rc;
 }
 
-/* Reads the queue; delivers it if it differs from the last delivered, or,
- * for the snapshot, if it is not empty. */
-static int sub_read_queue(cs_sub *s, bool snapshot)
+/* Delivers the queue q (taking it) if it differs from the last delivered,
+ * or, for the snapshot, if it is not empty; frees it otherwise. */
+static int sub_take_queue(cs_sub *s, cs_queue *q, bool snapshot)
+{
+    uint64_t sig = cs_queue_sig(q);
+    if (snapshot ? q->n == 0 : sig == s->queue_sig) {
+        s->queue_sig = sig;
+        cs_queue_free(q);
+        free(q);
+        return CS_OK;
+    }
+    oevent e = {.kind = CS_EV_QUEUE, .queue = q};
+    int rc = ev_push(s, e); /* frees q on failure */
+    if (rc == CS_OK)
+        s->queue_sig = sig;
+    return rc;
+}
+
+/* Reads the queue; delivers it if it differs from the last delivered. */
+static int sub_read_queue(cs_sub *s)
 {
     cs_hub *hub = s->hub;
     cs_queue *q = calloc(1, sizeof *q);
@@ -840,17 +916,61 @@ static int sub_read_queue(cs_sub *s, bool snapshot)
         free(q);
         return cs_hub_fail(hub, rc, NULL);
     }
-    uint64_t sig = queue_sig(q);
-    if (snapshot ? q->n == 0 : sig == s->queue_sig) {
-        s->queue_sig = sig;
+    return sub_take_queue(s, q, false);
+}
+
+/* The snapshot, one statement: status, queue (when not empty), the first
+ * page of messages. A cursor past the chat's last message is refused. */
+static int sub_snapshot(cs_sub *s, int64_t after)
+{
+    cs_hub *hub = s->hub;
+    cs_chat_row *row = malloc(sizeof *row);
+    cs_queue *q = calloc(1, sizeof *q);
+    cs_msglist rows = {0};
+    int rc = row && q ? CS_OK : CS_ENOMEM;
+    if (rc == CS_OK) {
+        hub->counts.queries++;
+        rc = hub->store.ops->snapshot(hub->store.st, s->chat_id, after,
+                                      sub_page(s), row, q, &rows);
+        if (rc < 0) {
+            if (rc == CS_EBACKEND)
+                hub->counts.query_errors++;
+            cs_hub_fail(hub, rc, NULL);
+        }
+    }
+    if (rc == CS_OK && after > row->last_message_id) {
+        /* A cursor is never past what was committed: this one comes from
+         * another database or chat, or a typo. */
+        char buf[160];
+        snprintf(buf, sizeof buf,
+                 "after = %lld is beyond the last message of chat %lld (%lld)",
+                 (long long)after, (long long)s->chat_id,
+                 (long long)row->last_message_id);
+        rc = cs_hub_fail(hub, CS_EINVAL, buf);
+    }
+    if (rc == CS_OK)
+        rc = sub_take_status(s, row->version, row->status);
+    if (rc == CS_OK) {
+        rc = sub_take_queue(s, q, true);
+        q = NULL; /* taken, or freed */
+    }
+    if (rc == CS_OK)
+        rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
+    if (rc == CS_OK)
+        rc = ev_take_merged(s);
+    if (rc == CS_OK && sub_page(s) && rows.n >= sub_page(s)) {
+        /* A page of the snapshot: the rest is read from W, page by page,
+         * as the reader takes them (not counted a resync). */
+        s->resync = true;
+        s->resync_after = INT64_MAX;
+        s->resync_id = 0;
+    }
+    cs_msglist_free(&rows);
+    if (q) {
         cs_queue_free(q);
         free(q);
-        return CS_OK;
     }
-    oevent e = {.kind = CS_EV_QUEUE, .queue = q};
-    rc = ev_push(s, e);
-    if (rc == CS_OK)
-        s->queue_sig = sig;
+    free(row);
     return rc;
 }
 
@@ -877,6 +997,7 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     }
     s->qcap = hub->queue_size;
     s->status_version = -1;
+    s->poll_version = -1;
     s->hub = hub;
     s->chat_id = chat_id;
     s->rw = o.after;
@@ -905,42 +1026,7 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
         hub->busy_chats++;
 
     /* The snapshot: status, queue (when not empty), messages. */
-    int64_t last = 0;
-    rc = sub_read_status(s, &last);
-    if (rc == CS_OK && o.after > last) {
-        /* A cursor is never past what was committed: this one comes from
-         * another database or chat, or a typo. */
-        char buf[160];
-        snprintf(buf, sizeof buf,
-                 "after = %lld is beyond the last message of chat %lld (%lld)",
-                 (long long)o.after, (long long)chat_id, (long long)last);
-        rc = cs_hub_fail(hub, CS_EINVAL, buf);
-    }
-    if (rc == CS_OK)
-        rc = sub_read_queue(s, true);
-    cs_msglist rows = {0};
-    if (rc == CS_OK) {
-        hub->counts.queries++;
-        rc = hub->store.ops->messages_after(hub->store.st, chat_id, o.after,
-                                            sub_page(s), &rows);
-        if (rc < 0) {
-            if (rc == CS_EBACKEND)
-                hub->counts.query_errors++;
-            cs_hub_fail(hub, rc, NULL);
-        } else {
-            rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
-            if (rc == CS_OK)
-                rc = ev_take_merged(s);
-            if (rc == CS_OK && sub_page(s) && rows.n >= sub_page(s)) {
-                /* A page of the snapshot: the rest is read from W, page by
-                 * page, as the reader takes them (not counted a resync). */
-                s->resync = true;
-                s->resync_after = INT64_MAX;
-                s->resync_id = 0;
-            }
-        }
-    }
-    cs_msglist_free(&rows);
+    rc = sub_snapshot(s, o.after);
     if (rc < 0) {
         sub_unlink(s);
         sub_free(s);
@@ -948,7 +1034,7 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     }
     /* The LISTEN and the snapshot may have left notifications in the
      * store's buffer, where the fd does not show them: route them now. */
-    cs_hub_step(hub);
+    hub_read(hub);
     *out = s;
     return CS_OK;
 }
@@ -972,13 +1058,34 @@ static void sub_process(cs_sub *s)
         }
         s->resync = false;
     }
+    if (s->poll_id) {
+        /* The poll saw the chat's messages reach poll_id: a pass up to it,
+         * like a notification of it (watermark: from W, through the cache,
+         * sharing the chat's memo when it reaches poll_id, which then holds
+         * every message up to it; the others, as a resync did: a forced DB
+         * pass from their position). */
+        if (s->poll_id > cs_merge_cursor(&s->merge)) {
+            bool wm = s->merge.strategy == CS_STRATEGY_WATERMARK;
+            s->memo_ok = wm;
+            s->need = s->poll_id;
+            int rc = cs_merge_notify(&s->merge, &src, s->poll_id, s->poll_id,
+                                     !wm, &s->out);
+            ev_take_merged(s);
+            if (rc < 0 || rc == CS_MERGE_MORE)
+                return; /* retried, or the next page, on the next call */
+        }
+        s->poll_id = 0;
+    }
+    if (s->poll_version > s->status_version &&
+        sub_take_status(s, s->poll_version, s->poll_status) < 0)
+        return;
     if (s->status_dirty) {
-        if (sub_read_status(s, NULL) < 0)
+        if (sub_read_status(s) < 0)
             return;
         s->status_dirty = false;
     }
     if (s->queue_dirty) {
-        if (sub_read_queue(s, false) < 0)
+        if (sub_read_queue(s) < 0)
             return;
         s->queue_dirty = false;
     }
@@ -1027,7 +1134,7 @@ static void sub_process(cs_sub *s)
             while (take < s->qn &&
                    s->q[(s->qhead + take) % s->qcap].kind == CS_HINT_QUEUE)
                 take++;
-            rc = sub_read_queue(s, false);
+            rc = sub_read_queue(s);
             if (rc == CS_OK) {
                 s->qhead = (s->qhead + take - 1) % s->qcap;
                 s->qn -= take - 1;

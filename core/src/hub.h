@@ -19,6 +19,15 @@ typedef struct hub_chat {
     int64_t memo_after;
 } hub_chat;
 
+/* A round of the backstop poll (poll.c): the chats followed when it began,
+ * their states read a chunk per step. */
+typedef struct hub_round {
+    int64_t *ids; /* chats to read: [pos, n) still to go */
+    size_t n, pos, cap;
+    double retry_at;     /* after a failed read: not before (monotonic) */
+    cs_chat_state *rows; /* room for CS_POLL_CHUNK */
+} hub_round;
+
 struct cs_hub {
     cs_store store;
     size_t cache_size, queue_size, max_chats, page_size;
@@ -28,6 +37,7 @@ struct cs_hub {
     size_t nchats, capchats;
     cs_publish *pubs;                /* open stepped publishes, for detaching */
     double poll_interval, next_poll; /* backstop poll; 0: off */
+    hub_round round;  /* the poll's (or a listener reconnect's) round */
     double last_step; /* when the store was last read (monotonic seconds) */
     double next_usage; /* when the queue usage is read next */
     char last_warning[256];
@@ -102,5 +112,17 @@ void cs_hub_detach_subs(cs_hub *hub);
 
 /* Publishes still open when the hub closes are detached. */
 void cs_pub_detach_all(cs_hub *hub);
+
+/* The poll's rounds (poll.c). Starts one over the chats followed now
+ * (restart: even while one is under way, else that one goes on); CS_ENOMEM
+ * leaves none under way. */
+int cs_round_start(cs_hub *hub, bool restart);
+/* True while a round has chats left to read; *at: not before then. */
+bool cs_round_due(const cs_hub *hub, double *at);
+/* Reads the next chunk's states (one statement): 1 and *rows (valid until
+ * the next call), 0 when nothing is due, or an error (the same chunk is
+ * retried a little later). */
+int cs_round_next(cs_hub *hub, cs_chat_state **rows, size_t *n);
+void cs_round_free(hub_round *r);
 
 #endif

@@ -195,6 +195,25 @@ int64_t cs_merge_cursor(const cs_merge *m);
 typedef cs_chat_info cs_chat_row;
 
 void cs_queue_clear(cs_queue *q); /* frees the items, keeps capacity */
+/* A queue's signature: FNV-1a over its item IDs in queue order, mixed with
+ * their count, built one ID at a time (a store hashes its rows as it reads
+ * them) or over a whole queue. Two queues with the same IDs in the same
+ * order have the same signature. */
+#define CS_QUEUE_SIG_START UINT64_C(1469598103934665603)
+uint64_t cs_queue_sig_add(uint64_t h, int64_t id);
+static inline uint64_t cs_queue_sig_end(uint64_t h, size_t n)
+{
+    return h ^ n;
+}
+uint64_t cs_queue_sig(const cs_queue *q);
+
+/* What the backstop poll reads of a chat: where its messages end, its
+ * status with the version, and its queue's signature. */
+typedef struct cs_chat_state {
+    int64_t id, last_message_id, version;
+    cs_status status;
+    uint64_t queue_sig;
+} cs_chat_state;
 /* Appends a copy; CS_ENOMEM leaves q as it was. actor may be NULL. */
 int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
                   const char *actor, double created_at);
@@ -285,6 +304,18 @@ typedef struct cs_store_ops {
      * all). */
     int (*messages_after)(void *st, int64_t chat_id, int64_t after,
                           size_t limit, cs_msglist *out);
+    /* A subscription's snapshot in one statement, one consistent view: the
+     * chat's row, its queue in order (appended to queue) and its messages
+     * with id > after, ascending, the lowest limit of them (0: all;
+     * appended to msgs). CS_ENOTFOUND if there is no chat. On failure
+     * queue and msgs are as they were. */
+    int (*snapshot)(void *st, int64_t chat_id, int64_t after, size_t limit,
+                    cs_chat_row *row, cs_queue *queue, cs_msglist *msgs);
+    /* The state of each chat of ids (n of them, at most CS_POLL_CHUNK) in
+     * one statement: a row in out (room for n) per chat that exists, in any
+     * order; *nout receives how many. */
+    int (*chats_state)(void *st, const int64_t *ids, size_t n,
+                       cs_chat_state *out, size_t *nout);
     int (*listen)(void *st, int64_t chat_id);
     int (*unlisten)(void *st, int64_t chat_id);
     int (*notify)(void *st, int64_t chat_id, const char *payload, size_t len);
@@ -310,6 +341,8 @@ typedef struct cs_store_ops {
 } cs_store_ops;
 
 #define CS_RESYNC_ALL (-2)
+/* The most chats one chats_state statement reads. */
+#define CS_POLL_CHUNK 1000
 
 typedef struct cs_store {
     const cs_store_ops *ops;

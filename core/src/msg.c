@@ -208,6 +208,24 @@ void cs_queue_free(cs_queue *q)
     q->cap = 0;
 }
 
+uint64_t cs_queue_sig_add(uint64_t h, int64_t id)
+{
+    uint64_t v = (uint64_t)id;
+    for (int b = 0; b < 8; b++) {
+        h ^= (v >> (8 * b)) & 0xff;
+        h *= UINT64_C(1099511628211);
+    }
+    return h;
+}
+
+uint64_t cs_queue_sig(const cs_queue *q)
+{
+    uint64_t h = CS_QUEUE_SIG_START;
+    for (size_t i = 0; i < q->n; i++)
+        h = cs_queue_sig_add(h, q->items[i].id);
+    return cs_queue_sig_end(h, q->n);
+}
+
 int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
                   const char *actor, double created_at)
 {

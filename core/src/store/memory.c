@@ -634,16 +634,10 @@ static int m_notify_part(void *st, int64_t chat_id, const char *text,
     return rc;
 }
 
-static int m_messages_after(void *st, int64_t chat_id, int64_t after,
-                            size_t limit, cs_msglist *out)
+/* The chat's messages with id > after, the lowest limit of them (0: all). */
+static int chat_messages_after(const mem_chat *ch, int64_t after, size_t limit,
+                               cs_msglist *out)
 {
-    mem_conn *c = st;
-    cs_memdb *db = c->db;
-    if (injected_failure(c, chat_id))
-        return CS_EBACKEND;
-    mem_chat *ch = find_chat(db, chat_id);
-    if (!ch)
-        return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
     size_t lo = 0, hi = ch->msgs.n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
@@ -662,6 +656,81 @@ static int m_messages_after(void *st, int64_t chat_id, int64_t after,
                 cs_msg_unref(out->items[--out->n]);
             return CS_ENOMEM;
         }
+    }
+    return CS_OK;
+}
+
+static int m_messages_after(void *st, int64_t chat_id, int64_t after,
+                            size_t limit, cs_msglist *out)
+{
+    mem_conn *c = st;
+    if (injected_failure(c, chat_id))
+        return CS_EBACKEND;
+    mem_chat *ch = find_chat(c->db, chat_id);
+    if (!ch)
+        return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    return chat_messages_after(ch, after, limit, out);
+}
+
+static void unpush_queue(cs_queue *q, size_t base)
+{
+    while (q->n > base) {
+        q->n--;
+        free(q->items[q->n].content);
+        free(q->items[q->n].actor);
+    }
+}
+
+/* One read, as one statement: the fault knob counts it once. */
+static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
+                      cs_chat_row *row, cs_queue *queue, cs_msglist *msgs)
+{
+    mem_conn *c = st;
+    if (injected_failure(c, chat_id))
+        return CS_EBACKEND;
+    mem_chat *ch = find_chat(c->db, chat_id);
+    if (!ch)
+        return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    size_t qbase = queue->n;
+    for (size_t i = 0; i < ch->queue.n; i++) {
+        mem_qitem *q = ch->queue.items[i];
+        if (cs_queue_push(queue, q->id, q->content, q->len, q->actor,
+                          q->created_at) < 0) {
+            unpush_queue(queue, qbase);
+            return CS_ENOMEM;
+        }
+    }
+    int rc = chat_messages_after(ch, after, limit, msgs);
+    if (rc < 0) {
+        unpush_queue(queue, qbase);
+        return rc;
+    }
+    row_of(ch, row);
+    return CS_OK;
+}
+
+static int m_chats_state(void *st, const int64_t *ids, size_t n,
+                         cs_chat_state *out, size_t *nout)
+{
+    mem_conn *c = st;
+    *nout = 0;
+    if (injected_failure(c, n ? ids[0] : 0))
+        return CS_EBACKEND;
+    for (size_t i = 0; i < n; i++) {
+        mem_chat *ch = find_chat(c->db, ids[i]);
+        if (!ch)
+            continue;
+        uint64_t h = CS_QUEUE_SIG_START;
+        for (size_t k = 0; k < ch->queue.n; k++)
+            h = cs_queue_sig_add(h, ch->queue.items[k]->id);
+        out[(*nout)++] = (cs_chat_state){
+            .id = ch->id,
+            .last_message_id =
+                ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0,
+            .version = ch->version,
+            .status = ch->status,
+            .queue_sig = cs_queue_sig_end(h, ch->queue.n),
+        };
     }
     return CS_OK;
 }
@@ -801,6 +870,8 @@ static const cs_store_ops memory_ops = {
     .notify_part = m_notify_part,
     .stale_interrupted = m_stale_interrupted,
     .messages_after = m_messages_after,
+    .snapshot = m_snapshot,
+    .chats_state = m_chats_state,
     .listen = m_listen,
     .unlisten = m_unlisten,
     .notify = m_notify,

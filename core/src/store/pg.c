@@ -20,7 +20,7 @@
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
 #define PROBE_TIMEOUT_MAX 5.0 /* seconds: the longest wait of the probe */
-#define SQL_MAX 2048
+#define SQL_MAX 4096
 #define PREP_NAME_MAX 40 /* "cs_append_notify_" and 16 hex digits */
 
 /* Statements prepared once per query connection (the hot paths). */
@@ -29,6 +29,8 @@ enum {
     PREP_APPEND_NOTIFY,
     PREP_APPEND_BODY,
     PREP_AFTER,
+    PREP_SNAPSHOT,
+    PREP_STATE,
     PREP_COUNT
 };
 
@@ -85,7 +87,8 @@ typedef struct pg_store {
 } pg_store;
 
 static const char *const prep_kind[PREP_COUNT] = {
-    "cs_append", "cs_append_notify", "cs_append_body", "cs_after"};
+    "cs_append", "cs_append_notify", "cs_append_body",
+    "cs_after",  "cs_snapshot",      "cs_chats_state"};
 
 #define FNV_OFFSET UINT64_C(14695981039346656037)
 #define FNV_PRIME UINT64_C(1099511628211)
@@ -98,6 +101,16 @@ static uint64_t fnv1a(const void *p, size_t n, uint64_t h)
         h = (h ^ b[i]) * FNV_PRIME;
     return h;
 }
+
+/* The columns every chat row is read with: id, owner, title, status,
+ * version, worker, heartbeat age (microseconds, NULL: none),
+ * last_message_id. clock_timestamp(), not now(): a transaction that waited
+ * for the row lock must not see a heartbeat written after its own start as
+ * negative (a negative age would read as "no heartbeat"). */
+#define CHAT_COLS                                                              \
+    "id, owner, title, status, version, coalesce(worker_id, ''), "             \
+    "(extract(epoch FROM clock_timestamp() - heartbeat_at) * 1000000)"         \
+    "::bigint, last_message_id"
 
 /* The texts of the PREP_* statements for the store's schema (one call at
  * open): false on ENOMEM. */
@@ -115,7 +128,39 @@ static bool build_prepared(pg_store *s)
     };
     char sql[SQL_MAX];
     for (int k = 0; k < PREP_COUNT; k++) {
-        if (k == PREP_AFTER)
+        if (k == PREP_SNAPSHOT)
+            /* A snapshot, one statement (one view): the chat's row
+             * (columns 0-7), its queue (13-16) and the first page of its
+             * messages (8-12), told apart by k and sorted by it. */
+            snprintf(
+                sql, sizeof sql,
+                "SELECT " CHAT_COLS ", NULL::bigint, NULL::bigint, "
+                "NULL::text, NULL::text, NULL::text, NULL::bigint, "
+                "NULL::text, NULL::text, NULL::bigint, 0 AS k, 0::bigint AS "
+                "o1, 0::bigint AS o2 FROM %1$s.chats WHERE id = $1::bigint "
+                "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+                "NULL, NULL, NULL, NULL, NULL, NULL, q.id, q.content, "
+                "coalesce(q.actor, ''), (extract(epoch FROM q.created_at) * "
+                "1000000)::bigint, 1, q.position, q.id FROM "
+                "%1$s.queued_messages q WHERE q.chat_id = $1::bigint "
+                "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+                "NULL, m.id, m.prev_id, m.role, m.content, m.tool, NULL, "
+                "NULL, NULL, NULL, 2, m.id, 0 FROM (SELECT id, prev_id, role, "
+                "content, tool FROM %1$s.messages WHERE chat_id = $1::bigint "
+                "AND id > $2::bigint ORDER BY id LIMIT $3::bigint) m "
+                "ORDER BY k, o1, o2",
+                s->schema);
+        else if (k == PREP_STATE)
+            /* The backstop poll: per chat, where its messages end, its
+             * status and version, and its queue's item ids in order (the
+             * signature is hashed from them as they are read). */
+            snprintf(sql, sizeof sql,
+                     "SELECT c.id, c.last_message_id, c.version, c.status, "
+                     "(SELECT array_agg(q.id ORDER BY q.position, q.id) "
+                     "FROM %1$s.queued_messages q WHERE q.chat_id = c.id) "
+                     "FROM %1$s.chats c WHERE c.id = ANY($1::bigint[])",
+                     s->schema);
+        else if (k == PREP_AFTER)
             /* The LEFT JOIN tells a chat with no new messages (one NULL row)
              * from a missing chat (no row) in one round trip. */
             snprintf(sql, sizeof sql,
@@ -915,16 +960,6 @@ static bool col_usec(PGresult *r, int row, int col, double *out)
     return true;
 }
 
-/* The columns every chat row is read with: id, owner, title, status,
- * version, worker, heartbeat age (microseconds, NULL: none),
- * last_message_id. clock_timestamp(), not now(): a transaction that waited
- * for the row lock must not see a heartbeat written after its own start as
- * negative (a negative age would read as "no heartbeat"). */
-#define CHAT_COLS                                                              \
-    "id, owner, title, status, version, coalesce(worker_id, ''), "             \
-    "(extract(epoch FROM clock_timestamp() - heartbeat_at) * 1000000)"         \
-    "::bigint, last_message_id"
-
 static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row)
 {
     memset(row, 0, sizeof *row);
@@ -1605,6 +1640,128 @@ static int p_messages_after(void *st, int64_t chat_id, int64_t after,
     PQclear(r);
     if (rc < 0)
         unpush_msgs(out, base);
+    return rc;
+}
+
+/* The snapshot in one round trip (PREP_SNAPSHOT): one statement, so the
+ * row, the queue and the messages are one view of the chat. */
+static int p_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
+                      cs_chat_row *row, cs_queue *queue, cs_msglist *msgs)
+{
+    pg_store *s = st;
+    int rc = claim_q(s);
+    if (rc < 0)
+        return rc;
+    char chat[24], aft[24], lim[24];
+    i64s(chat, chat_id);
+    i64s(aft, after);
+    i64s(lim, limit ? (int64_t)limit : INT64_MAX);
+    const char *vals[3] = {chat, aft, lim};
+    PGresult *r = run_retry_k(s, PREP_SNAPSHOT, NULL, 3, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int rows = PQntuples(r);
+    size_t qbase = queue->n, mbase = msgs->n;
+    bool found = false;
+    for (int i = 0; rc == CS_OK && i < rows; i++) {
+        const char *k = PQgetvalue(r, i, 17);
+        if (k[0] == '0') {
+            rc = chat_row(s, r, i, row);
+            found = rc == CS_OK;
+        } else if (k[0] == '1') {
+            int64_t id;
+            double created;
+            if (!col_id(r, i, 13, &id) || !col_usec(r, i, 16, &created))
+                rc = fail(s, CS_EBACKEND, "bad queue row", NULL);
+            else
+                rc = cs_queue_push(queue, id, PQgetvalue(r, i, 14),
+                                   (size_t)PQgetlength(r, i, 14),
+                                   PQgetvalue(r, i, 15), created);
+        } else {
+            rc = push_msg(s, r, i, 8, chat_id, msgs);
+        }
+    }
+    PQclear(r);
+    if (rc == CS_OK && !found)
+        rc = no_chat(s, chat_id);
+    if (rc < 0) {
+        unpush_queue(queue, qbase);
+        unpush_msgs(msgs, mbase);
+    }
+    return rc;
+}
+
+/* "{1,2,3}" (or NULL: none) -> the queue's signature. */
+static bool queue_sig_of(PGresult *r, int i, int col, uint64_t *out)
+{
+    uint64_t h = CS_QUEUE_SIG_START;
+    size_t n = 0;
+    if (!PQgetisnull(r, i, col)) {
+        const char *p = PQgetvalue(r, i, col);
+        if (*p++ != '{')
+            return false;
+        while (*p && *p != '}') {
+            const char *e = p;
+            while (*e >= '0' && *e <= '9')
+                e++;
+            int64_t id;
+            if (!cs_parse_id(p, (size_t)(e - p), &id))
+                return false;
+            h = cs_queue_sig_add(h, id);
+            n++;
+            p = *e == ',' ? e + 1 : e;
+        }
+        if (*p != '}')
+            return false;
+    }
+    *out = cs_queue_sig_end(h, n);
+    return true;
+}
+
+static int p_chats_state(void *st, const int64_t *ids, size_t n,
+                         cs_chat_state *out, size_t *nout)
+{
+    pg_store *s = st;
+    *nout = 0;
+    int rc = claim_q(s);
+    if (rc < 0)
+        return rc;
+    if (n == 0)
+        return CS_OK;
+    if (n > CS_POLL_CHUNK)
+        return fail(s, CS_EINVAL, "too many chats for one state read", NULL);
+    /* The ids as an array literal: "{1,2,...}". */
+    size_t cap = n * 21 + 3, o = 0;
+    char *arr = malloc(cap);
+    if (!arr)
+        return CS_ENOMEM;
+    arr[o++] = '{';
+    for (size_t i = 0; i < n; i++)
+        o += (size_t)snprintf(arr + o, cap - o, "%s%" PRId64, i ? "," : "",
+                              ids[i]);
+    arr[o++] = '}';
+    arr[o] = '\0';
+    const char *vals[1] = {arr};
+    PGresult *r = run_retry_k(s, PREP_STATE, NULL, 1, vals);
+    free(arr);
+    if (!r)
+        return CS_EBACKEND;
+    int rows = PQntuples(r);
+    if ((size_t)rows > n)
+        rc = fail(s, CS_EBACKEND, "too many chat states returned", NULL);
+    for (int i = 0; rc == CS_OK && i < rows; i++) {
+        cs_chat_state *c = &out[i];
+        const char *status = PQgetvalue(r, i, 3);
+        int sv = cs_status_parse(status, strlen(status));
+        if (!col_id(r, i, 0, &c->id) || !col_id(r, i, 1, &c->last_message_id) ||
+            !col_id(r, i, 2, &c->version) || sv < 0 ||
+            !queue_sig_of(r, i, 4, &c->queue_sig))
+            rc = fail(s, CS_EBACKEND, "bad chat state row", NULL);
+        c->status = (cs_status)sv;
+    }
+    PQclear(r);
+    if (rc == CS_OK)
+        *nout = (size_t)rows;
     return rc;
 }
 
@@ -2361,6 +2518,8 @@ static const cs_store_ops pg_ops = {
     .stale_interrupted = p_stale_interrupted,
     .append1 = p_append1,
     .messages_after = p_messages_after,
+    .snapshot = p_snapshot,
+    .chats_state = p_chats_state,
     .listen = p_listen,
     .unlisten = p_unlisten,
     .notify = p_notify,
