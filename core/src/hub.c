@@ -1039,23 +1039,35 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     return CS_OK;
 }
 
+/* One merge pass into the event list. A page that gave the reader nothing
+ * (every row was handed over already, above W, out of order) is not a page
+ * the reader has to take: the next one is read at once, so a call never
+ * looks idle while there is more to read. (Such pages hold only the
+ * out-of-order window: W moves past each one.) The merge's rc:
+ * CS_MERGE_MORE when the reader has a page to take first. */
+static int sub_pass(cs_sub *s, const cs_merge_source *src, int64_t after,
+                    int64_t id, bool force_db)
+{
+    for (;;) {
+        size_t n0 = s->out.n;
+        int rc = cs_merge_notify(&s->merge, src, after, id, force_db, &s->out);
+        bool gave = s->out.n > n0;
+        ev_take_merged(s);
+        if (rc != CS_MERGE_MORE || gave)
+            return rc;
+    }
+}
+
 /* Runs the merge for everything pending, in arrival order. A failed read
  * leaves its work pending for the next call. */
 static void sub_process(cs_sub *s)
 {
     cs_merge_source src = {&s->chat->cache, sub_query, s, sub_page(s)};
-    while (s->resync) {
+    if (s->resync) {
         s->memo_ok = false; /* a resync reads what is there now */
-        int rc = cs_merge_notify(&s->merge, &src, s->resync_after, s->resync_id,
-                                 true, &s->out);
-        ev_take_merged(s);
-        if (rc < 0)
-            return; /* retried on the next call */
-        if (rc == CS_MERGE_MORE) {
-            if (s->evn > s->evpos)
-                return; /* this page first; the next on the next call */
-            continue;   /* a page of what it had already: the next now */
-        }
+        int rc = sub_pass(s, &src, s->resync_after, s->resync_id, true);
+        if (rc < 0 || rc == CS_MERGE_MORE)
+            return; /* retried, or the next page, on the next call */
         s->resync = false;
     }
     if (s->poll_id) {
@@ -1068,9 +1080,7 @@ static void sub_process(cs_sub *s)
             bool wm = s->merge.strategy == CS_STRATEGY_WATERMARK;
             s->memo_ok = wm;
             s->need = s->poll_id;
-            int rc = cs_merge_notify(&s->merge, &src, s->poll_id, s->poll_id,
-                                     !wm, &s->out);
-            ev_take_merged(s);
+            int rc = sub_pass(s, &src, s->poll_id, s->poll_id, !wm);
             if (rc < 0 || rc == CS_MERGE_MORE)
                 return; /* retried, or the next page, on the next call */
         }
@@ -1114,15 +1124,9 @@ static void sub_process(cs_sub *s)
             }
             s->memo_ok = s->merge.strategy == CS_STRATEGY_WATERMARK;
             s->need = m.b;
-            rc = cs_merge_notify(&s->merge, &src, m.a, m.b, false, &s->out);
-            ev_take_merged(s);
-            if (rc == CS_MERGE_MORE) {
-                /* The hint stays: its next page on the next call, or now
-                 * if this page held nothing new. */
-                if (s->evn > s->evpos)
-                    return;
-                continue;
-            }
+            rc = sub_pass(s, &src, m.a, m.b, false);
+            if (rc == CS_MERGE_MORE)
+                return; /* the hint stays: its next page on the next call */
         } else if (h->kind == CS_HINT_STATUS) {
             if (h->a > s->status_version && h->b >= 0) {
                 oevent e = {.kind = CS_EV_STATUS, .a = h->a, .b = h->b};

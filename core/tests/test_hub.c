@@ -905,6 +905,54 @@ static void test_chat_table(void)
     cs_hub_close(hub);
 }
 
+/* An unordered watermark reader with pages of one: a DB pass whose page
+ * holds only messages it was handed already (out of order, from the cache)
+ * is not a page it has to take. The next page is read in the same call, so
+ * what is there is handed over, never reported idle. */
+static void test_empty_page(void)
+{
+    cs_memdb *db;
+    CHECK_EQ_I64(cs_memdb_open(&db), CS_OK);
+    cs_hub_options o = {.memory = db, .page_size = 1, .cache_size = 2};
+    cs_hub *hub;
+    CHECK_EQ_I64(cs_hub_open(&o, &hub), CS_OK);
+    int64_t chat;
+    CHECK_EQ_I64(cs_hub_create_chat(hub, "o", "t", &chat), CS_OK);
+    CHECK_EQ_I64(say(hub, chat, "first"), 1);
+    cs_sub_options so = {.unordered = 1};
+    cs_sub *s;
+    CHECK_EQ_I64(cs_sub_open(hub, chat, &so, &s), CS_OK);
+    seen got = {0};
+    drain(s, chat, &got);
+    CHECK_SEEN(&got, 1);
+    /* 2, 3, 4 committed; 3 and 4 cached and notified, 2 neither: the reader
+     * has 3 and 4 from the cache; its DB pass for 2 fails, twice, and W stays
+     * 1. */
+    cs_msg_in m[3] = {{CS_ROLE_USER, "a", 1, NULL},
+                      {CS_ROLE_USER, "b", 1, NULL},
+                      {CS_ROLE_USER, "c", 1, NULL}};
+    cs_publish *p;
+    CHECK_EQ_I64(cs_pub_prepare(hub, chat, m, 3, &p), CS_OK);
+    CHECK_EQ_I64(cs_pub_commit(p, NULL, NULL), CS_OK);
+    cs_pub_cache(p, 1);
+    cs_pub_cache(p, 2);
+    cs_pub_notify(p, 2);
+    cs_memdb_fail_queries(db, 2);
+    drain(s, chat, &got);
+    CHECK_SEEN(&got, 1, 3, 4);
+    /* 5 and 6 evict 3 and 4 from the cache: the pass from W = 1 reads
+     * pages of the DB, [2] for the reader, then [3] and [4] it has. */
+    CHECK_EQ_I64(say(hub, chat, "fifth"), 5);
+    CHECK_EQ_I64(say(hub, chat, "sixth"), 6);
+    drain(s, chat, &got);
+    CHECK_SEEN(&got, 1, 3, 4, 2, 5, 6);
+    CHECK_EQ_I64(got.rc, CS_IDLE);
+    cs_pub_close(p);
+    cs_sub_close(s);
+    cs_hub_close(hub);
+    cs_memdb_close(db);
+}
+
 /* Steps the hub until a backstop poll has begun (its round of one chunk is
  * read in the same step). */
 static void until_poll(cs_hub *hub)
@@ -1031,6 +1079,7 @@ int main(void)
     test_max_chats();
     test_evictions_keep_subscribed();
     test_chat_table();
+    test_empty_page();
     test_poll();
     return check_done("test_hub");
 }
