@@ -9,7 +9,7 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint \
+.PHONY: all deps build demo race agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint test-tsan \
         test-fuzz check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
@@ -66,6 +66,25 @@ test-asan: deps
 	@cmake --build $(ASAN_BUILD) -j$(JOBS)
 	@cd $(ASAN_BUILD) && ctest --output-on-failure
 
+# The listener thread under ThreadSanitizer (not in `make test`: run once
+# when the thread changes). Needs CHATSTREAM_TEST_DSN (a server; see
+# scripts/pg-test-server); kills the reader's listener backend half way.
+TSAN_BUILD ?= build-tsan
+test-tsan: deps
+	@test -n "$$CHATSTREAM_TEST_DSN" || { echo "test-tsan: set CHATSTREAM_TEST_DSN" >&2; exit 1; }
+	@cmake -S . -B $(TSAN_BUILD) -DCHATSTREAM_WERROR=ON -DCMAKE_BUILD_TYPE=Debug \
+	    -DCMAKE_C_FLAGS="-fsanitize=thread -g -O1" -DCMAKE_MODULE_LINKER_FLAGS=-fsanitize=thread \
+	    -DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread >/dev/null
+	@cmake --build $(TSAN_BUILD) -j$(JOBS) --target chatstream_lua
+	@pidf=$$(mktemp); rm -f $$pidf; \
+	  ( for i in $$(seq 1 100); do [ -s $$pidf ] && break; sleep 0.1; done; sleep 1.5; \
+	    psql -X -q "$$CHATSTREAM_TEST_DSN" -c "SELECT pg_terminate_backend($$(head -1 $$pidf))" >/dev/null ) & \
+	  TSAN_PIDFILE=$$pidf LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(TSAN_BUILD)/?.so;;" \
+	    LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS="halt_on_error=1 exitcode=66" \
+	    $(LUA) core/tests/tsan_listener.lua; rc=$$?; wait; \
+	  psql -X -q "$$CHATSTREAM_TEST_DSN" -c "DROP SCHEMA IF EXISTS $$(sed -n 2p $$pidf) CASCADE" >/dev/null 2>&1; \
+	  rm -f $$pidf; exit $$rc
+
 test-valgrind: build
 	@# test_pg_oom replaces malloc, which valgrind's allocator replaces in turn
 	@for t in $(BUILD)/test_*; do \
@@ -98,7 +117,7 @@ test-rock check-rock: deps
 	@scripts/check-rock
 
 test-lint lint: deps
-	@luacheck -q lua spec examples
+	@luacheck -q lua spec examples core/tests
 
 format:
 	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.c \

@@ -208,10 +208,9 @@ static int memdb_tostring(lua_State *L)
  */
 
 static const char *const open_keys[] = {
-    "memory",        "dsn",           "schema",        "cache_size",
-    "queue_size",    "poll_interval", "authorize",     "max_chats",
-    "query_timeout", "stale_after",   "notify_bodies", "page_size",
-    NULL};
+    "memory",        "dsn",       "schema",    "cache_size",    "queue_size",
+    "poll_interval", "authorize", "max_chats", "query_timeout", "stale_after",
+    "notify_bodies", "page_size", NULL};
 
 /* The chat as the authorizer sees it: metadata only. */
 static void push_chat_meta(lua_State *L, const cs_chat_info *c)
@@ -801,8 +800,7 @@ static int store_send(lua_State *L)
     const char *key = opt_str_field(L, 3, "idempotency_key");
     int64_t id;
     int queued;
-    int rc =
-        cs_hub_send_key(hub, chat, actor, key, content, len, &id, &queued);
+    int rc = cs_hub_send_key(hub, chat, actor, key, content, len, &id, &queued);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     lua_pushinteger(L, (lua_Integer)id);

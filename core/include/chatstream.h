@@ -16,12 +16,12 @@ extern "C" {
  * are non-error states. */
 enum {
     CS_OK = 0,
-    CS_ENOMEM = -1,   /* out of memory; the object is left as it was */
-    CS_EINVAL = -2,   /* bad argument (the caller's mistake) */
-    CS_ECLOSED = -3,  /* the handle (or its hub) is closed */
-    CS_EBACKEND = -4, /* the store failed (query error, connection lost) */
-    CS_EPROTO = -5,   /* malformed notification payload */
-    CS_EAUTH = -6,    /* the actor may not do this */
+    CS_ENOMEM = -1,    /* out of memory; the object is left as it was */
+    CS_EINVAL = -2,    /* bad argument (the caller's mistake) */
+    CS_ECLOSED = -3,   /* the handle (or its hub) is closed */
+    CS_EBACKEND = -4,  /* the store failed (query error, connection lost) */
+    CS_EPROTO = -5,    /* malformed notification payload */
+    CS_EAUTH = -6,     /* the actor may not do this */
     CS_ENOTFOUND = -7, /* no such chat */
     CS_ESTATE = -8,    /* the chat's state does not allow it (not running on
                           this worker, an invalid transition): nothing was

@@ -211,8 +211,7 @@ int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,
 
 /* A worker's append, under the chat's lock: CS_ESTATE unless the chat runs
  * on worker (NULL: anyone may). */
-static int check_worker(cs_hub *hub, const cs_chat_row *row,
-                        const char *worker)
+static int check_worker(cs_hub *hub, const cs_chat_row *row, const char *worker)
 {
     if (!worker ||
         (row->status == CS_STATUS_RUNNING && strcmp(row->worker, worker) == 0))
@@ -325,8 +324,7 @@ int cs_pub_commit(cs_publish *p, const int64_t **ids, size_t *n)
             ops->tx_end(hub->store.st, false);
             p->committed_done = true;
             free_inputs(p);
-            if (cs_pub_load(hub, p->chat_id, p->ids, p->n, &p->committed) <
-                0) {
+            if (cs_pub_load(hub, p->chat_id, p->ids, p->n, &p->committed) < 0) {
                 hub->stats.publish_errors++;
                 memset(p->cached, 1, p->n);
                 memset(p->notified, 1, p->n);
@@ -513,8 +511,7 @@ int cs_hub_create_chat_key(cs_hub *hub, const char *owner, const char *title,
                            "owner (255 bytes) or title (1023 bytes) too long");
     if ((owner && !cs_utf8_text(owner, strlen(owner))) ||
         (title && !cs_utf8_text(title, strlen(title))))
-        return cs_hub_fail(hub, CS_EINVAL,
-                           "owner or title is not valid UTF-8");
+        return cs_hub_fail(hub, CS_EINVAL, "owner or title is not valid UTF-8");
     int64_t id;
     int rc = hub->store.ops->create_chat(hub->store.st, owner, title, key, &id);
     if (rc < 0)
@@ -586,9 +583,8 @@ int cs_hub_append_as(cs_hub *hub, int64_t chat_id, const char *actor,
     return append(hub, chat_id, actor, NULL, NULL, msgs, n, ids);
 }
 
-int cs_hub_append_opts(cs_hub *hub, int64_t chat_id,
-                       const cs_append_options *o, const cs_msg_in *msgs,
-                       size_t n, int64_t *ids)
+int cs_hub_append_opts(cs_hub *hub, int64_t chat_id, const cs_append_options *o,
+                       const cs_msg_in *msgs, size_t n, int64_t *ids)
 {
     cs_append_options d = o ? *o : (cs_append_options){0};
     if (hub && d.actor && d.worker)

@@ -221,9 +221,8 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     if (errbuf && errlen)
         errbuf[0] = '\0';
     if (o.cache_size > CS_MAX_CACHE_SIZE || o.queue_size > CS_MAX_QUEUE_SIZE ||
-        o.page_size > CS_MAX_PAGE_SIZE ||
-        o.max_chats > CS_MAX_CACHE_SIZE || (o.dsn && o.memory) ||
-        o.poll_interval != o.poll_interval ||
+        o.page_size > CS_MAX_PAGE_SIZE || o.max_chats > CS_MAX_CACHE_SIZE ||
+        (o.dsn && o.memory) || o.poll_interval != o.poll_interval ||
         !(o.query_timeout >= 0 && o.query_timeout <= 86400) ||
         !(o.stale_after >= 0)) {
         if (errbuf && errlen)
@@ -336,9 +335,9 @@ void cs_hub_stats(const cs_hub *hub, cs_stats *out)
 {
     *out = hub->stats;
     if (hub->store.ops->warnings)
-        out->warnings = hub->store.ops->warnings(
-            hub->store.st, ((cs_hub *)hub)->last_warning,
-            sizeof hub->last_warning);
+        out->warnings = hub->store.ops->warnings(hub->store.st,
+                                                 ((cs_hub *)hub)->last_warning,
+                                                 sizeof hub->last_warning);
     out->queries += hub->counts.queries;
     out->query_errors += hub->counts.query_errors;
     out->cache_hits += hub->counts.cache_hits;
@@ -672,8 +671,8 @@ int cs_hub_step(cs_hub *hub)
         /* The cluster's notification queue, in the open: one query per
          * poll interval (10 s without a poll). */
         double u;
-        hub->next_usage = hub->last_step +
-                          (hub->poll_interval > 0 ? hub->poll_interval : 10);
+        hub->next_usage =
+            hub->last_step + (hub->poll_interval > 0 ? hub->poll_interval : 10);
         if (hub->store.ops->queue_usage(hub->store.st, &u) == CS_OK)
             hub->stats.notify_queue_usage = u; /* not a read of chats:
                                                   not in queries */
@@ -707,10 +706,6 @@ static int hub_sleep(cs_hub *hub, double left)
     if (hub->poll_interval > 0) {
         double p = hub->next_poll - t > 0 ? hub->next_poll - t : 0;
         left = p < left ? p : left;
-        due = true;
-    }
-    if (fd < 0 && hub->store.ops->remote) {
-        left = left < 0.05 ? left : 0.05; /* the listener is reconnecting */
         due = true;
     }
     double at;

@@ -37,8 +37,8 @@ struct cs_hub {
     size_t nchats, capchats;
     cs_publish *pubs;                /* open stepped publishes, for detaching */
     double poll_interval, next_poll; /* backstop poll; 0: off */
-    hub_round round;  /* the poll's (or a listener reconnect's) round */
-    double last_step; /* when the store was last read (monotonic seconds) */
+    hub_round round;   /* the poll's (or a listener reconnect's) round */
+    double last_step;  /* when the store was last read (monotonic seconds) */
     double next_usage; /* when the queue usage is read next */
     char last_warning[256];
     cs_stats stats;

@@ -236,7 +236,7 @@ uint64_t cs_key_request(char kind, const cs_msg_in *msgs, size_t n);
 
 typedef struct cs_store_ops {
     const char *name;
-    bool remote; /* notifications come from elsewhere (fd -1: reconnecting) */
+    bool remote; /* notifications come from elsewhere (through fd) */
     /* key (NULL or ""): the owner's chat made with that key, if there is
      * one, is the answer and nothing is written. */
     int (*create_chat)(void *st, const char *owner, const char *title,

@@ -234,8 +234,7 @@ static int send_unkeyed(cs_publish *p, cs_chat_row *row)
 int cs_hub_send(cs_hub *hub, int64_t chat_id, const char *actor,
                 const char *content, size_t len, int64_t *id, int *queued)
 {
-    return cs_hub_send_key(hub, chat_id, actor, NULL, content, len, id,
-                           queued);
+    return cs_hub_send_key(hub, chat_id, actor, NULL, content, len, id, queued);
 }
 
 int cs_hub_send_key(cs_hub *hub, int64_t chat_id, const char *actor,

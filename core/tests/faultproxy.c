@@ -63,10 +63,10 @@ static int wake_pipe[2] = {-1, -1};
 static struct pair **pairs;
 static size_t npairs, cap_pairs;
 static int next_id = 1;
-static int cut_epoch;  /* arm_epoch already used by a cut */
-static int seen_arm;   /* arm_epoch already logged */
-static int seen_stall; /* stall_count already logged */
-static int hup_done;   /* hup_count already acted on */
+static int cut_epoch;         /* arm_epoch already used by a cut */
+static int seen_arm;          /* arm_epoch already logged */
+static int seen_stall;        /* stall_count already logged */
+static int hup_done;          /* hup_count already acted on */
 static const char *cut_match; /* FAULTPROXY_CUT_MATCH, or NULL */
 static struct sockaddr_storage target;
 static socklen_t target_len;
@@ -401,8 +401,8 @@ static void service(struct pair *p, short crev, short srev)
             fail_pair(p, "write to target", errno);
             return;
         }
-        if (n > 0 && (!cut_match || contains(p->c2s.data + from, (size_t)n,
-                                             cut_match)))
+        if (n > 0 &&
+            (!cut_match || contains(p->c2s.data + from, (size_t)n, cut_match)))
             p->sent_epoch = epoch;
     }
     /* target -> client */

@@ -439,7 +439,8 @@ static void race(cs_strategy strategy, int ordered, seen *out, cs_stats *st)
     cs_hub_create_chat(hub, "o", "t", &chat);
     say(hub, chat, "one");
     say(hub, chat, "two");
-    cs_sub_options o = {.after = 0, .strategy = strategy, .unordered = !ordered};
+    cs_sub_options o = {
+        .after = 0, .strategy = strategy, .unordered = !ordered};
     cs_sub *s;
     cs_sub_open(hub, chat, &o, &s);
     cs_publish *p[3];
@@ -613,12 +614,11 @@ static void test_resume(void)
         say(hub, chat, "one");
         say(hub, chat, "two");
         cs_sub *s;
-        CHECK_EQ_I64(
-            cs_sub_open(hub, chat,
-                        &(cs_sub_options){.strategy = strategy,
-                                          .unordered = unordered},
-                        &s),
-            CS_OK);
+        CHECK_EQ_I64(cs_sub_open(hub, chat,
+                                 &(cs_sub_options){.strategy = strategy,
+                                                   .unordered = unordered},
+                                 &s),
+                     CS_OK);
         cs_publish *p[3];
         for (int i = 0; i < 3; i++) {
             cs_msg_in m = {CS_ROLE_USER, "m", 1, NULL};

@@ -56,7 +56,9 @@ int main(void)
     memset(content, 'x', sizeof content);
 
     for (int plain = 0; plain < 2; plain++) {
-        cs_hub_options o = {.dsn = dsn, .schema = schema, .poll_interval = 0,
+        cs_hub_options o = {.dsn = dsn,
+                            .schema = schema,
+                            .poll_interval = 0,
                             .plain_notifications = plain};
         cs_hub *w, *r;
         char err[256];

@@ -467,6 +467,31 @@ static int m_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
     return CS_OK;
 }
 
+static void unpush_queue(cs_queue *q, size_t base)
+{
+    while (q->n > base) {
+        q->n--;
+        free(q->items[q->n].content);
+        free(q->items[q->n].actor);
+    }
+}
+
+/* Appends a copy of the chat's queue to out; CS_ENOMEM leaves out as it
+ * was. */
+static int chat_queue(const mem_chat *ch, cs_queue *out)
+{
+    size_t base = out->n;
+    for (size_t i = 0; i < ch->queue.n; i++) {
+        const mem_qitem *q = ch->queue.items[i];
+        if (cs_queue_push(out, q->id, q->content, q->len, q->actor,
+                          q->created_at) < 0) {
+            unpush_queue(out, base);
+            return CS_ENOMEM;
+        }
+    }
+    return CS_OK;
+}
+
 static int m_queue_list(void *st, int64_t chat_id, cs_queue *out)
 {
     mem_conn *c = st;
@@ -475,20 +500,7 @@ static int m_queue_list(void *st, int64_t chat_id, cs_queue *out)
     mem_chat *ch = find_chat(c->db, chat_id);
     if (!ch)
         return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
-    size_t base = out->n;
-    for (size_t i = 0; i < ch->queue.n; i++) {
-        mem_qitem *q = ch->queue.items[i];
-        if (cs_queue_push(out, q->id, q->content, q->len, q->actor,
-                          q->created_at) < 0) {
-            while (out->n > base) {
-                out->n--;
-                free(out->items[out->n].content);
-                free(out->items[out->n].actor);
-            }
-            return CS_ENOMEM;
-        }
-    }
-    return CS_OK;
+    return chat_queue(ch, out);
 }
 
 static int m_tx_queue_add(void *st, int64_t chat_id, const char *actor,
@@ -672,15 +684,6 @@ static int m_messages_after(void *st, int64_t chat_id, int64_t after,
     return chat_messages_after(ch, after, limit, out);
 }
 
-static void unpush_queue(cs_queue *q, size_t base)
-{
-    while (q->n > base) {
-        q->n--;
-        free(q->items[q->n].content);
-        free(q->items[q->n].actor);
-    }
-}
-
 /* One read, as one statement: the fault knob counts it once. */
 static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
                       cs_chat_row *row, cs_queue *queue, cs_msglist *msgs)
@@ -692,15 +695,10 @@ static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
     if (!ch)
         return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
     size_t qbase = queue->n;
-    for (size_t i = 0; i < ch->queue.n; i++) {
-        mem_qitem *q = ch->queue.items[i];
-        if (cs_queue_push(queue, q->id, q->content, q->len, q->actor,
-                          q->created_at) < 0) {
-            unpush_queue(queue, qbase);
-            return CS_ENOMEM;
-        }
-    }
-    int rc = chat_messages_after(ch, after, limit, msgs);
+    int rc = chat_queue(ch, queue);
+    if (rc < 0)
+        return rc;
+    rc = chat_messages_after(ch, after, limit, msgs);
     if (rc < 0) {
         unpush_queue(queue, qbase);
         return rc;

@@ -39,7 +39,7 @@ typedef struct pg_store {
     char *password; /* scrubbed from every message, or NULL */
     bool has_timeout;
     char schema[64];
-    char prefix[80]; /* channel prefix: "chat:" or "<schema>:chat:" */
+    char prefix[80];        /* channel prefix: "chat:" or "<schema>:chat:" */
     PGconn *q;              /* queries and writes */
     double connect_timeout; /* seconds */
     double query_timeout;   /* seconds for one statement */
@@ -50,20 +50,20 @@ typedef struct pg_store {
      * l_reconnects is shared with it, under lmu. The caller uses l too
      * (LISTEN, UNLISTEN, a reconnect it must wait for), holding lmu. */
     pthread_mutex_t lmu;
-    PGconn *l;              /* the listener (non-blocking), or NULL */
-    cs_idset listening;     /* chat ids (no watermark: INT64_MIN) */
-    bool resync_pending;    /* the listener came back: tell the hub */
+    PGconn *l;           /* the listener (non-blocking), or NULL */
+    cs_idset listening;  /* chat ids (no watermark: INT64_MIN) */
+    bool resync_pending; /* the listener came back: tell the hub */
     double retry_at, backoff;
-    struct lnote **notes;   /* hints taken off the listener, for the hub */
+    struct lnote **notes; /* hints taken off the listener, for the hub */
     size_t nnotes, capnotes, note_bytes;
-    cs_idset dropped;       /* chats whose hints the bound dropped */
-    bool signalled;         /* a byte waits in ready[] */
-    bool lstop;             /* the thread ends */
+    cs_idset dropped; /* chats whose hints the bound dropped */
+    bool signalled;   /* a byte waits in ready[] */
+    bool lstop;       /* the thread ends */
     int64_t l_reconnects;
-    int64_t warnings;       /* see note_warning */
+    int64_t warnings; /* see note_warning */
     char last_warning[256];
-    int wake[2];            /* the caller wakes the thread */
-    int ready[2];           /* the thread tells the hub (the store's fd) */
+    int wake[2];  /* the caller wakes the thread */
+    int ready[2]; /* the thread tells the hub (the store's fd) */
     pthread_t thread;
     bool thread_started;
     /* The chat whose transaction (tx_begin .. tx_end) is open on q. */
@@ -316,8 +316,9 @@ static PGconn *connect_db_mode(pg_store *s, bool start)
                           "fallback_application_name",
                           "connect_timeout",
                           NULL};
-    const char *vals[] = {"1",    "10",         "5",           "3", "10000",
-                          s->dsn, "chatstream", CONNECT_TIMEOUT, NULL};
+    const char *vals[] = {"1",     "10",   "5",          "3",
+                          "10000", s->dsn, "chatstream", CONNECT_TIMEOUT,
+                          NULL};
     if (s->has_timeout)
         keys[7] = NULL; /* the DSN's own connect_timeout wins */
     PGconn *c = start ? PQconnectStartParams(keys, vals, 1)
@@ -519,8 +520,7 @@ static PGresult *collect(pg_store *s, PGconn *c)
         send_cancel(c);
         cancelled = true;
         done = read_results(c, now() + CANCEL_GRACE, &last);
-        if (done == 1 && last &&
-            PQresultStatus(last) == PGRES_FATAL_ERROR) {
+        if (done == 1 && last && PQresultStatus(last) == PGRES_FATAL_ERROR) {
             const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
             bool by_cancel = code && strcmp(code, "57014") == 0;
             s->unknown = false;
@@ -571,8 +571,8 @@ static PGresult *collect(pg_store *s, PGconn *c)
         snprintf(s->sqlstate, sizeof s->sqlstate, "%s", code ? code : "");
         /* The cluster's notification queue is full: every NOTIFY fails
          * until the listener holding it back reads (nothing was written). */
-        bool full = code && strcmp(code, "54000") == 0 &&
-                    strstr(msg, "NOTIFY queue");
+        bool full =
+            code && strcmp(code, "54000") == 0 && strstr(msg, "NOTIFY queue");
         fail(s, CS_EBACKEND,
              full ? "the server's notification queue is full (a listener "
                     "somewhere is not reading; see "
@@ -1243,8 +1243,7 @@ static int p_tx_key_put(void *st, int64_t chat_id, const char *key,
     i64s(chat, chat_id);
     char req[24];
     snprintf(req, sizeof req, "%lld", (long long)(int64_t)res->request);
-    const char *vals[5] = {chat, key, arr, res->queued ? "true" : "false",
-                           req};
+    const char *vals[5] = {chat, key, arr, res->queued ? "true" : "false", req};
     rc = exec(s, s->q, sql, 5, vals);
     free(arr);
     return rc;
@@ -1911,9 +1910,10 @@ static void take_notes(pg_store *s)
         int64_t chat = chat_of(s, n->relname);
         size_t len = strlen(n->extra);
         size_t cost = sizeof(struct lnote) + sizeof(struct lnote *) + len;
-        struct lnote *e = s->note_bytes + cost <= NOTE_BYTES_MAX && notes_room(s)
-                              ? malloc(sizeof *e + len)
-                              : NULL;
+        struct lnote *e =
+            s->note_bytes + cost <= NOTE_BYTES_MAX && notes_room(s)
+                ? malloc(sizeof *e + len)
+                : NULL;
         if (e) {
             e->chat_id = chat;
             e->len = len;
@@ -2022,8 +2022,7 @@ static void *listener_main(void *arg)
     double c_deadline = 0;
     pthread_mutex_lock(&s->lmu);
     while (!s->lstop) {
-        struct pollfd p[2] = {{.fd = s->wake[0], .events = POLLIN},
-                              {.fd = -1}};
+        struct pollfd p[2] = {{.fd = s->wake[0], .events = POLLIN}, {.fd = -1}};
         int ms = -1;
         if (s->l && PQstatus(s->l) != CONNECTION_OK) {
             PQfinish(s->l); /* found broken by the caller */
@@ -2036,10 +2035,9 @@ static void *listener_main(void *arg)
         if (s->l) {
             p[1] = (struct pollfd){.fd = PQsocket(s->l), .events = POLLIN};
         } else if (c) {
-            p[1] = (struct pollfd){.fd = PQsocket(c),
-                                   .events = cst == PGRES_POLLING_READING
-                                                 ? POLLIN
-                                                 : POLLOUT};
+            p[1] = (struct pollfd){
+                .fd = PQsocket(c),
+                .events = cst == PGRES_POLLING_READING ? POLLIN : POLLOUT};
             ms = poll_ms(c_deadline - now());
         } else if (s->listening.n > 0) {
             double wait = s->retry_at - now();
@@ -2099,7 +2097,8 @@ static void *listener_main(void *arg)
     return NULL;
 }
 
-/* ---- the listener, from the caller's side (under lmu) ---------------------- */
+/* ---- the listener, from the caller's side (under lmu) ----------------------
+ */
 
 static void listener_drop(pg_store *s)
 {
