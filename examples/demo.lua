@@ -32,8 +32,8 @@ for _, strategy in ipairs(chatstream.strategies) do
   }
 end
 readers[#readers + 1] = {
-  strategy = "watermark, ordered",
-  sub = assert(store:subscribe(chat, { ordered = true })),
+  strategy = "watermark, unordered",
+  sub = assert(store:subscribe(chat, { ordered = false })),
   got = {},
 }
 
@@ -102,7 +102,7 @@ for _, r in ipairs(readers) do
       missing[#missing + 1] = "#" .. ev.id
     end
   end
-  print(string.format("  %-18s got %d, lost %d, twice %d%s", r.strategy, #r.got, lost, dup,
+  print(string.format("  %-20s got %d, lost %d, twice %d%s", r.strategy, #r.got, lost, dup,
     lost > 0 and ("  (missing " .. table.concat(missing, ", ") .. ")") or ""))
   r.sub:close()
 end

@@ -31,7 +31,8 @@ local DELAY = { 5, 40 } -- ms between the promote's commit and its publish
 local READERS = {
   { name = "last_id", opts = { strategy = "last_id" } },
   { name = "rescan", opts = { strategy = "rescan" } },
-  { name = "watermark", opts = { strategy = "watermark" } },
+  -- watermark delivering as found (ordered, its default, is the next row)
+  { name = "watermark", opts = { strategy = "watermark", ordered = false } },
   { name = "ordered", opts = { strategy = "watermark", ordered = true } },
 }
 

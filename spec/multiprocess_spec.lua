@@ -67,7 +67,8 @@ local with_writers = P.with
 -- ---- readers ---------------------------------------------------------------------
 
 local KINDS = {
-  { label = "watermark", strategy = "watermark" },
+  -- watermark delivering as found (ordered, its default, is the next row)
+  { label = "watermark", strategy = "watermark", ordered = false },
   { label = "watermark ordered", strategy = "watermark", ordered = true },
   { label = "rescan", strategy = "rescan" },
   { label = "last_id", strategy = "last_id" },

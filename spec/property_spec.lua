@@ -18,7 +18,8 @@ local SEEDS = {
 local VARIANTS = {
   { name = "last_id", strategy = "last_id" },
   { name = "rescan", strategy = "rescan" },
-  { name = "watermark", strategy = "watermark" },
+  -- watermark delivering as found (ordered, its default, is the next row)
+  { name = "watermark", strategy = "watermark", ordered = false },
   { name = "watermark+ordered", strategy = "watermark", ordered = true },
 }
 

@@ -32,7 +32,8 @@ local started = os.time()
 local READERS = {
   { name = "last_id", opts = { strategy = "last_id" } },
   { name = "rescan", opts = { strategy = "rescan" } },
-  { name = "watermark", opts = { strategy = "watermark" } },
+  -- watermark delivering as found (ordered, its default, is the next row)
+  { name = "watermark", opts = { strategy = "watermark", ordered = false } },
   { name = "ordered", opts = { strategy = "watermark", ordered = true } },
 }
 
