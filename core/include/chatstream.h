@@ -3,6 +3,7 @@
 #ifndef CHATSTREAM_H
 #define CHATSTREAM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -27,12 +28,16 @@ enum {
                           this worker, an invalid transition): nothing was
                           written */
     CS_ETIMEDOUT = -9, /* nothing arrived within the timeout */
-    CS_EUNKNOWN = -10  /* a write was sent but its outcome is unknown (the
+    CS_EUNKNOWN = -10, /* a write was sent but its outcome is unknown (the
                           connection broke or the deadline passed after the
                           send): it may have committed. Retry with the same
                           idempotency key. */
+    CS_EBUSY = -11     /* a call on this handle is in progress on its engine
+                          (see cs_engine): one call at a time */
 };
-enum { CS_EVENT = 1, CS_IDLE = 2 };
+/* CS_AGAIN: the call has work that needs the store's server; run it where
+ * it may wait (cs_sub_try). */
+enum { CS_EVENT = 1, CS_IDLE = 2, CS_AGAIN = 3 };
 
 const char *cs_strerror(int rc); /* static string, never NULL */
 const char *cs_errname(int rc);  /* "ENOMEM", "EINVAL", ...; "OK" for 0 */
@@ -129,9 +134,59 @@ int cs_hub_step(cs_hub *hub);
 /* Waits up to timeout seconds for the store to have notifications (not at
  * all on the memory store), then runs cs_hub_step. */
 int cs_hub_wait(cs_hub *hub, double timeout);
-/* A file descriptor that becomes readable when cs_hub_step has work, or -1
- * when the store has none (the memory store). */
+/* The event-loop contract. One file descriptor for the hub's whole life
+ * (never closed or reused while the hub is open, whatever happens to the
+ * connections behind it), readable whenever cs_hub_step has work or a
+ * subscription has work (events buffered, hints to merge: see
+ * cs_hub_ready). Level-triggered: wait for it to be readable, step, serve
+ * the ready subscriptions until none is left. -1 only if the hub could not
+ * get one (it then behaves as before: cs_hub_wait still works). */
 int cs_hub_fd(const cs_hub *hub);
+/* Seconds until the hub next needs a step although its fd stays quiet (the
+ * backstop poll, a retry after a failed read), 0 if now, or -1 for never. */
+double cs_hub_timeout(const cs_hub *hub);
+/* The subscriptions with work, in the order they got it: up to cap of them
+ * into out; returns how many there are in all (so a caller with too small
+ * an array can see it). A subscription leaves the list when a call on it
+ * found nothing more to do (CS_IDLE). */
+size_t cs_hub_ready(const cs_hub *hub, cs_sub **out, size_t cap);
+
+/* ---- the engine: calls that never block the caller's thread -------------
+ * A call is run on the engine's own thread; where the store would wait for
+ * the server (a statement's answer, a connection, a sleep), the engine
+ * hands control back to the caller with what it waits for, and the caller
+ * (an event loop) resumes it once that is ready. Only one of the two
+ * threads runs at any time, so the call may use anything the caller's
+ * thread could (a Lua state included). The blocking API is the same code
+ * with the wait done in place. One call at a time per engine. */
+typedef struct cs_engine cs_engine;
+enum { CS_WAIT_READ = 1, CS_WAIT_WRITE = 2 };
+typedef struct cs_wait {
+    int fd;         /* -1: no fd, only the timeout (a sleep) */
+    int events;     /* CS_WAIT_READ or CS_WAIT_WRITE */
+    double timeout; /* seconds from now to resume even if fd is quiet; -1:
+                       none */
+} cs_wait;
+int cs_engine_new(cs_engine **out);
+/* Finishes a call still under way (its waits then block), then frees. */
+void cs_engine_free(cs_engine *e);
+/* Runs fn(arg) on the engine: CS_OK when it returned, CS_AGAIN when it
+ * waits (*w says for what: call cs_engine_resume when that is ready or the
+ * timeout passed), CS_EBUSY if a call is under way, CS_ENOMEM. */
+int cs_engine_start(cs_engine *e, void (*fn)(void *arg), void *arg,
+                    cs_wait *w);
+/* Lets the call go on: CS_OK (it returned) or CS_AGAIN; CS_EINVAL when no
+ * call waits. */
+int cs_engine_resume(cs_engine *e, cs_wait *w);
+/* True while a call is under way on e and the calling thread is not e's. */
+bool cs_engine_busy(const cs_engine *e);
+/* For stores: waits until fd is ready for events (CS_WAIT_READ/WRITE; -1:
+ * just the time) or the deadline (monotonic seconds) passes: 1 ready, 0
+ * deadline, -1 error. On an engine's thread it hands control back to the
+ * caller instead of blocking. */
+int cs_engine_wait(int fd, int events, double deadline);
+/* Monotonic seconds. */
+double cs_now(void);
 
 typedef struct cs_stats {
     int64_t notifications;   /* notifications received and parsed */
@@ -432,6 +487,12 @@ int cs_sub_next(cs_sub *sub, cs_event *ev);
 /* Like cs_sub_next, waiting up to timeout seconds for the store to have
  * something (returns at once on stores that cannot receive from elsewhere). */
 int cs_sub_wait(cs_sub *sub, double timeout, cs_event *ev);
+/* Like cs_sub_next without talking to the server: CS_EVENT, CS_IDLE, or
+ * CS_AGAIN when the subscription has work that needs the store (a DB pass,
+ * a status or queue read, the backstop poll): then run cs_sub_next where it
+ * may wait (on an engine). An event loop serves most events this way
+ * without a thread switch. */
+int cs_sub_try(cs_sub *sub, cs_event *ev);
 /* Puts back the event last returned by cs_sub_next, so the next call returns
  * it again (for a caller that could not hand it over, e.g. out of memory). */
 void cs_sub_unread(cs_sub *sub);

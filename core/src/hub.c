@@ -3,6 +3,9 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,6 +68,10 @@ struct cs_sub {
     size_t nret, capret;
     int64_t undo_rw; /* rw before the last return (cs_sub_unread) */
     bool undo_ret;   /* the last return added its message to ret */
+    /* The hub's ready list (rstate 1) or its stalled list (2), or neither
+     * (0). */
+    cs_sub *rnext, *rprev;
+    unsigned char rstate;
 };
 
 static void oevent_free(oevent *e)
@@ -209,9 +216,28 @@ void cs_sub_unread(cs_sub *s)
 
 static double now(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    return cs_now();
+}
+
+/* The hub's pollfd: an epoll set of the store's fd (stable for the store's
+ * life) and the hub's wakefd. Without them (out of descriptors) the hub
+ * still works; cs_hub_fd is then -1. */
+static void hub_pollfd_open(cs_hub *hub)
+{
+    hub->pollfd = epoll_create1(EPOLL_CLOEXEC);
+    hub->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int sfd = hub->store.ops->fd(hub->store.st);
+    struct epoll_event w = {.events = EPOLLIN, .data.fd = hub->wakefd};
+    struct epoll_event f = {.events = EPOLLIN, .data.fd = sfd};
+    if (hub->pollfd < 0 || hub->wakefd < 0 ||
+        epoll_ctl(hub->pollfd, EPOLL_CTL_ADD, hub->wakefd, &w) < 0 ||
+        (sfd >= 0 && epoll_ctl(hub->pollfd, EPOLL_CTL_ADD, sfd, &f) < 0)) {
+        if (hub->pollfd >= 0)
+            close(hub->pollfd);
+        if (hub->wakefd >= 0)
+            close(hub->wakefd);
+        hub->pollfd = hub->wakefd = -1;
+    }
 }
 
 int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
@@ -265,6 +291,7 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
     if (hub->poll_interval > 0)
         hub->next_poll = now() + hub->poll_interval;
     hub->stats.notify_queue_usage = -1;
+    hub_pollfd_open(hub);
     *out = hub;
     return CS_OK;
 }
@@ -309,6 +336,10 @@ void cs_hub_close(cs_hub *hub)
     free(hub->chats);
     cs_round_free(&hub->round);
     hub->store.ops->close(hub->store.st);
+    if (hub->pollfd >= 0) {
+        close(hub->pollfd);
+        close(hub->wakefd);
+    }
     free(hub);
 }
 
@@ -354,7 +385,7 @@ void cs_hub_stats(const cs_hub *hub, cs_stats *out)
 
 int cs_hub_fd(const cs_hub *hub)
 {
-    return hub->store.ops->fd(hub->store.st);
+    return hub->pollfd;
 }
 
 static size_t chat_slot(int64_t id, size_t cap)
@@ -468,6 +499,135 @@ hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
     return c;
 }
 
+/* ---- the ready list: subscriptions with work ------------------------- */
+
+/* Keeps wakefd set exactly while the ready list is not empty. */
+static void wake_update(cs_hub *hub)
+{
+    bool want = hub->ready_head != NULL;
+    if (want == hub->woken || hub->wakefd < 0)
+        return;
+    uint64_t v = 1;
+    ssize_t r = want ? write(hub->wakefd, &v, sizeof v)
+                     : read(hub->wakefd, &v, sizeof v);
+    (void)r; /* an eventfd read or write of 8 bytes does not fail here */
+    hub->woken = want;
+}
+
+static void ready_unlink(cs_sub *s)
+{
+    cs_hub *hub = s->hub;
+    if (s->rstate == 1) {
+        if (s->rprev)
+            s->rprev->rnext = s->rnext;
+        else
+            hub->ready_head = s->rnext;
+        if (s->rnext)
+            s->rnext->rprev = s->rprev;
+        else
+            hub->ready_tail = s->rprev;
+        hub->nready--;
+    } else if (s->rstate == 2) {
+        if (s->rprev)
+            s->rprev->rnext = s->rnext;
+        else
+            hub->stalled = s->rnext;
+        if (s->rnext)
+            s->rnext->rprev = s->rprev;
+    }
+    s->rnext = s->rprev = NULL;
+    s->rstate = 0;
+}
+
+/* The subscription has work: at the end of the ready list (if not on it). */
+static void sub_ready(cs_sub *s)
+{
+    cs_hub *hub = s->hub;
+    if (!hub || s->rstate == 1)
+        return;
+    ready_unlink(s);
+    s->rprev = hub->ready_tail;
+    if (hub->ready_tail)
+        hub->ready_tail->rnext = s;
+    else
+        hub->ready_head = s;
+    hub->ready_tail = s;
+    s->rstate = 1;
+    hub->nready++;
+    wake_update(hub);
+}
+
+/* Off both lists. */
+static void sub_unready(cs_sub *s)
+{
+    if (!s->hub || s->rstate == 0)
+        return;
+    ready_unlink(s);
+    wake_update(s->hub);
+}
+
+/* A failed read left work: retried once the hub's stall delay passed, not
+ * in a loop that would spin on a server that is down. */
+#define STALL_DELAY 0.25
+
+static void sub_stall(cs_sub *s)
+{
+    cs_hub *hub = s->hub;
+    ready_unlink(s);
+    if (!hub->stalled)
+        hub->stall_at = cs_now() + STALL_DELAY;
+    s->rnext = hub->stalled;
+    if (hub->stalled)
+        hub->stalled->rprev = s;
+    hub->stalled = s;
+    s->rstate = 2;
+    wake_update(hub);
+}
+
+static void stalled_wake(cs_hub *hub)
+{
+    if (!hub->stalled || cs_now() < hub->stall_at)
+        return;
+    while (hub->stalled)
+        sub_ready(hub->stalled);
+}
+
+static bool sub_has_work(const cs_sub *s)
+{
+    return s->evpos < s->evn || s->out.n || s->qn || s->resync ||
+           s->status_dirty || s->queue_dirty || s->poll_id ||
+           s->poll_version > s->status_version;
+}
+
+size_t cs_hub_ready(const cs_hub *hub, cs_sub **out, size_t cap)
+{
+    size_t i = 0;
+    for (cs_sub *s = hub->ready_head; s && i < cap; s = s->rnext)
+        out[i++] = s;
+    return hub->nready;
+}
+
+double cs_hub_timeout(const cs_hub *hub)
+{
+    if (hub->ready_head)
+        return 0;
+    double t = cs_now(), best = 0, at;
+    bool any = false;
+    if (hub->poll_interval > 0) {
+        best = hub->next_poll - t;
+        any = true;
+    }
+    if (cs_round_due(hub, &at) && (!any || at - t < best)) {
+        best = at - t;
+        any = true;
+    }
+    if (hub->stalled && (!any || hub->stall_at - t < best)) {
+        best = hub->stall_at - t;
+        any = true;
+    }
+    return !any ? -1 : best > 0 ? best : 0;
+}
+
 /* ---- routing ------------------------------------------------------------- */
 
 /* Collapses everything pending into one resync: message hints into a pass
@@ -530,6 +690,7 @@ static void sub_enqueue(cs_sub *s, const cs_hint *h)
     }
     s->q[(s->qhead + s->qn) % s->qcap] = q;
     s->qn++;
+    sub_ready(s);
 }
 
 /* A resync from the subscription's own position (listener reconnect,
@@ -544,6 +705,7 @@ static void sub_mark_resync(cs_sub *s)
         s->resync_id = 0;
     }
     s->status_dirty = s->queue_dirty = true;
+    sub_ready(s);
 }
 
 static void resync_all(cs_hub *hub)
@@ -638,8 +800,10 @@ static void sub_polled(cs_sub *s, const cs_chat_state *st)
         s->queue_dirty = true;
         work = true;
     }
-    if (work)
+    if (work) {
         s->hub->stats.resyncs++;
+        sub_ready(s);
+    }
 }
 
 /* One chunk of the round under way, if one is due: one statement. A chat
@@ -667,6 +831,15 @@ int cs_hub_step(cs_hub *hub)
     int rc = hub_read(hub);
     if (rc < 0)
         return rc;
+    stalled_wake(hub);
+    if (hub->nodb) {
+        /* cs_sub_try: the store's server is not asked; a poll chunk due
+         * waits for a step that may. */
+        double at;
+        if (cs_round_due(hub, &at) && at <= now())
+            hub->wanted_db = true;
+        return rc;
+    }
     if (hub->store.ops->queue_usage && hub->last_step >= hub->next_usage) {
         /* The cluster's notification queue, in the open: one query per
          * poll interval (10 s without a poll). */
@@ -700,7 +873,9 @@ int cs_hub_step(cs_hub *hub)
  * poll), or an error. */
 static int hub_sleep(cs_hub *hub, double left)
 {
-    int fd = cs_hub_fd(hub);
+    /* The store's own fd, not the pollfd: another subscription's buffered
+     * events keep the pollfd readable, and this call waits for its own. */
+    int fd = hub->store.ops->remote ? hub->store.ops->fd(hub->store.st) : -1;
     double t = now();
     bool due = false;
     if (hub->poll_interval > 0) {
@@ -717,9 +892,7 @@ static int hub_sleep(cs_hub *hub, double left)
     }
     if (fd < 0 && !due)
         return 1;
-    int ms = left > 3600 ? 3600000 : (int)(left * 1000) + 1;
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    if (poll(&p, fd < 0 ? 0 : 1, ms) < 0 && errno != EINTR)
+    if (cs_engine_wait(fd, CS_WAIT_READ, now() + left) < 0)
         return cs_hub_fail(hub, CS_EBACKEND, strerror(errno));
     return 0;
 }
@@ -785,6 +958,12 @@ static int sub_query(void *ud, int64_t after, cs_msglist *out)
         hub->stats.shared_passes++;
         return CS_OK;
     }
+    if (hub->nodb) {
+        hub->counts.queries--; /* not sent */
+        hub->counts.db_passes--;
+        hub->wanted_db = true;
+        return CS_EWOULDBLOCK;
+    }
     size_t base = out->n;
     int rc = hub->store.ops->messages_after(hub->store.st, s->chat_id, after,
                                             limit, out);
@@ -807,6 +986,7 @@ static int sub_query(void *ud, int64_t after, cs_msglist *out)
 
 static void sub_unlink(cs_sub *s)
 {
+    sub_unready(s);
     hub_chat *c = s->chat;
     if (!c)
         return;
@@ -861,6 +1041,10 @@ static int sub_take_status(cs_sub *s, int64_t version, cs_status st)
 static int sub_read_status(cs_sub *s)
 {
     cs_hub *hub = s->hub;
+    if (hub->nodb) {
+        hub->wanted_db = true;
+        return CS_EWOULDBLOCK;
+    }
     cs_chat_row *row = malloc(sizeof *row);
     if (!row)
         return CS_ENOMEM;
@@ -899,6 +1083,10 @@ static int sub_take_queue(cs_sub *s, cs_queue *q, bool snapshot)
 static int sub_read_queue(cs_sub *s)
 {
     cs_hub *hub = s->hub;
+    if (hub->nodb) {
+        hub->wanted_db = true;
+        return CS_EWOULDBLOCK;
+    }
     cs_queue *q = calloc(1, sizeof *q);
     if (!q)
         return CS_ENOMEM;
@@ -1030,6 +1218,8 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     /* The LISTEN and the snapshot may have left notifications in the
      * store's buffer, where the fd does not show them: route them now. */
     hub_read(hub);
+    if (sub_has_work(s))
+        sub_ready(s); /* the snapshot's events */
     *out = s;
     return CS_OK;
 }
@@ -1237,12 +1427,34 @@ static int sub_next(cs_sub *s, cs_event *ev, bool force_step)
     }
     sub_process(s);
     got = pop_event(s, ev);
+    if (got == 0 && !hub->wanted_db) {
+        /* Nothing more to do, or only what a failed read left. */
+        if (sub_has_work(s))
+            sub_stall(s);
+        else
+            sub_unready(s);
+    }
     return got > 0 ? CS_EVENT : got == 0 ? CS_IDLE : got;
 }
 
 int cs_sub_next(cs_sub *s, cs_event *ev)
 {
     return sub_next(s, ev, false);
+}
+
+int cs_sub_try(cs_sub *s, cs_event *ev)
+{
+    if (!s || !s->hub)
+        return CS_ECLOSED;
+    cs_hub *hub = s->hub;
+    hub->nodb = true;
+    hub->wanted_db = false;
+    int rc = sub_next(s, ev, false);
+    hub->nodb = false;
+    if (rc == CS_IDLE && hub->wanted_db)
+        rc = CS_AGAIN;
+    hub->wanted_db = false;
+    return rc;
 }
 
 int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
@@ -1290,6 +1502,8 @@ void cs_hub_detach_subs(cs_hub *hub)
             continue;
         for (cs_sub *s = c->subs, *next; s; s = next) {
             next = s->next;
+            s->rnext = s->rprev = NULL;
+            s->rstate = 0;
             s->hub = NULL;
             s->chat = NULL;
             s->next = s->prev = NULL;
@@ -1298,4 +1512,6 @@ void cs_hub_detach_subs(cs_hub *hub)
         c->nsubs = 0;
         hub->busy_chats = 0;
     }
+    hub->ready_head = hub->ready_tail = hub->stalled = NULL;
+    hub->nready = 0;
 }

@@ -46,8 +46,22 @@ struct cs_hub {
     cs_authorizer auth;       /* fn NULL: the actor must be the owner */
     double stale_after;       /* a worker's heartbeat older than this is dead */
     bool plain_notifications; /* appends never carry the message */
+    /* The event-loop contract: pollfd (an epoll set of the store's fd and
+     * wakefd) is readable while the store has notifications or the ready
+     * list is not empty (wakefd is kept set then). */
+    int pollfd, wakefd;
+    bool woken;
+    cs_sub *ready_head, *ready_tail; /* subscriptions with work */
+    size_t nready;
+    cs_sub *stalled;  /* with work a failed read left: ready at stall_at */
+    double stall_at;
+    bool nodb;        /* cs_sub_try: reads of the store are refused */
+    bool wanted_db;   /* ... and one was wanted */
     char err[512];
 };
+
+/* A read refused under hub->nodb (never returned by the public API). */
+#define CS_EWOULDBLOCK (-100)
 
 /* What a publish sends after its messages: the chat's new status and/or a
  * "the queue changed" hint. */

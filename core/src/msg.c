@@ -319,8 +319,10 @@ const char *cs_errname(int rc)
     case CS_ESTATE: return "ESTATE";
     case CS_ETIMEDOUT: return "ETIMEDOUT";
     case CS_EUNKNOWN: return "EUNKNOWN";
+    case CS_EBUSY: return "EBUSY";
     case CS_EVENT: return "EVENT";
     case CS_IDLE: return "IDLE";
+    case CS_AGAIN: return "AGAIN";
     default: return "E?";
     }
 }
@@ -339,8 +341,10 @@ const char *cs_strerror(int rc)
     case CS_ESTATE: return "not allowed in the chat's state";
     case CS_ETIMEDOUT: return "timeout";
     case CS_EUNKNOWN: return "outcome unknown: it may have committed";
+    case CS_EBUSY: return "busy: another call on this store is in progress";
     case CS_EVENT: return "event";
     case CS_IDLE: return "idle";
+    case CS_AGAIN: return "needs the store";
     default: return "unknown error";
     }
 }

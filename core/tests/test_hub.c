@@ -4,7 +4,10 @@
 #include "hub.h"
 #include "check.h"
 
+#include <poll.h>
 #include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
 
 #define MAXEV 256
 
@@ -182,7 +185,7 @@ static void test_null_and_options(void)
     hub = NULL;
     CHECK_EQ_I64(cs_hub_open(NULL, &hub), CS_OK);
     CHECK(hub != NULL);
-    CHECK_EQ_I64(cs_hub_fd(hub), -1);
+    CHECK(cs_hub_fd(hub) >= 0); /* the event loop's fd, on every store */
     CHECK_EQ_I64(cs_hub_step(hub), 0);
     cs_stats st;
     cs_hub_stats(hub, &st);
@@ -1063,6 +1066,263 @@ static void test_poll(void)
     cs_memdb_close(db);
 }
 
+/* poll(2) on fd without waiting: 1 readable, 0 not. */
+static int readable(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+/* The event-loop contract on the memory store: one fd for the hub's life,
+ * readable exactly while a step or a subscription has work; the ready list
+ * names the subscriptions; the timeout names the next poll. */
+static void test_loop_contract(void)
+{
+    cs_memdb *db;
+    CHECK_EQ_I64(cs_memdb_open(&db), CS_OK);
+    cs_hub_options ow = {.memory = db}, orr = {.memory = db};
+    cs_hub *w, *r;
+    CHECK_EQ_I64(cs_hub_open(&ow, &w), CS_OK);
+    CHECK_EQ_I64(cs_hub_open(&orr, &r), CS_OK);
+    int fd = cs_hub_fd(r);
+    CHECK(fd >= 0);
+    CHECK(!readable(fd));
+    CHECK(cs_hub_timeout(r) == -1); /* no poll, nothing to do: never */
+    int64_t a, b;
+    CHECK_EQ_I64(cs_hub_create_chat(w, "o", "t", &a), CS_OK);
+    CHECK_EQ_I64(cs_hub_create_chat(w, "o", "t", &b), CS_OK);
+    cs_sub *sa, *sb, *list[4];
+    double t;
+    CHECK_EQ_I64(cs_sub_open(r, a, NULL, &sa), CS_OK);
+    CHECK_EQ_I64(cs_sub_open(r, b, NULL, &sb), CS_OK);
+    /* The snapshots' status events wait: both ready, the fd readable. */
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 2);
+    CHECK(list[0] == sa && list[1] == sb);
+    CHECK(readable(fd));
+    CHECK(cs_hub_timeout(r) == 0);
+    cs_event ev;
+    while (cs_sub_next(sa, &ev) == CS_EVENT)
+        ;
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 1);
+    CHECK(list[0] == sb);
+    CHECK(readable(fd)); /* sb still has its event */
+    while (cs_sub_next(sb, &ev) == CS_EVENT)
+        ;
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 0);
+    CHECK(!readable(fd));
+
+    /* Another hub writes: the fd turns readable before any step. */
+    int64_t id = say(w, b, "hi");
+    CHECK(id > 0);
+    CHECK(readable(fd));
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 0); /* not routed yet */
+    CHECK(cs_hub_step(r) >= 1);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 1);
+    CHECK(list[0] == sb);
+    CHECK(readable(fd));
+    /* Its body is not in this hub's cache: cs_sub_try needs the store,
+     * asks nothing, and leaves it ready; cs_sub_next reads it. */
+    cs_stats s0, s1;
+    cs_hub_stats(r, &s0);
+    CHECK_EQ_I64(cs_sub_try(sb, &ev), CS_AGAIN);
+    cs_hub_stats(r, &s1);
+    CHECK_EQ_I64(s1.queries, s0.queries);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 1);
+    CHECK_EQ_I64(next_msg(sb, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, id);
+    CHECK_EQ_I64(cs_sub_next(sb, &ev), CS_IDLE);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 0);
+    CHECK(!readable(fd));
+    /* What this hub wrote is in its cache: try takes it, no store. */
+    id = say(r, b, "mine");
+    CHECK(id > 0);
+    CHECK(cs_hub_step(r) >= 1);
+    cs_hub_stats(r, &s0);
+    CHECK_EQ_I64(cs_sub_try(sb, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, id);
+    CHECK_EQ_I64(cs_sub_try(sb, &ev), CS_IDLE);
+    cs_hub_stats(r, &s1);
+    CHECK_EQ_I64(s1.queries, s0.queries);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 0);
+    CHECK(!readable(fd));
+
+    /* A pass that needs the store: try says so and keeps the subscription
+     * ready; next does it. A lost notification, found by the backstop poll
+     * of a second reader, needs a DB pass (its cache never saw it). */
+    cs_hub *rp;
+    cs_hub_options opp = {.memory = db, .poll_interval = 0.02};
+    CHECK_EQ_I64(cs_hub_open(&opp, &rp), CS_OK);
+    int pfd = cs_hub_fd(rp);
+    cs_sub *sp;
+    CHECK_EQ_I64(cs_sub_open(rp, a, NULL, &sp), CS_OK);
+    while (cs_sub_next(sp, &ev) == CS_EVENT)
+        ;
+    CHECK(!readable(pfd));
+    t = cs_hub_timeout(rp);
+    CHECK(t >= 0 && t <= 0.02);
+    cs_memdb_drop_notifies(db, 1);
+    id = say(w, a, "lost");
+    CHECK(id > 0);
+    CHECK(!readable(pfd));
+    until_poll(rp);
+    CHECK_EQ_I64(cs_hub_ready(rp, list, 4), 1);
+    CHECK(readable(pfd));
+    cs_hub_stats(rp, &s0);
+    CHECK_EQ_I64(cs_sub_try(sp, &ev), CS_AGAIN);
+    cs_hub_stats(rp, &s1);
+    CHECK_EQ_I64(s1.queries, s0.queries); /* nothing asked */
+    CHECK_EQ_I64(cs_hub_ready(rp, list, 4), 1);
+    int got = 0;
+    while (cs_sub_next(sp, &ev) == CS_EVENT)
+        got += ev.kind == CS_EV_MESSAGE && ev.id == id;
+    CHECK_EQ_I64(got, 1);
+    CHECK_EQ_I64(cs_hub_ready(rp, list, 4), 0);
+
+    /* A failed read stalls the subscription (its fd goes quiet) and it is
+     * ready again after the stall delay, through the timeout. */
+    cs_memdb_drop_notifies(db, 1);
+    id = say(w, a, "lost again");
+    until_poll(rp);
+    CHECK_EQ_I64(cs_hub_ready(rp, list, 4), 1);
+    cs_memdb_fail_queries(db, 1);
+    CHECK_EQ_I64(cs_sub_next(sp, &ev), CS_IDLE);
+    CHECK_EQ_I64(cs_hub_ready(rp, list, 4), 0);
+    CHECK(rp->stalled == sp);
+    CHECK(!readable(pfd));
+    t = cs_hub_timeout(rp);
+    CHECK(t >= 0 && t <= 0.25);
+    struct timespec ts = {0, 260000000};
+    nanosleep(&ts, NULL);
+    CHECK(cs_hub_step(rp) >= 0);
+    CHECK_EQ_I64(cs_hub_ready(rp, list, 4), 1);
+    CHECK(readable(pfd));
+    got = 0;
+    while (cs_sub_next(sp, &ev) == CS_EVENT)
+        got += ev.kind == CS_EV_MESSAGE && ev.id == id;
+    CHECK_EQ_I64(got, 1);
+    CHECK_EQ_I64(cs_hub_ready(rp, list, 4), 0);
+    cs_sub_close(sp);
+    cs_hub_close(rp);
+    cs_hub_step(r);
+    while (cs_sub_next(sa, &ev) == CS_EVENT)
+        ;
+
+    /* unread puts the subscription back on the list; close takes it off. */
+    id = say(r, b, "x");
+    cs_hub_step(r);
+    CHECK_EQ_I64(cs_sub_next(sb, &ev), CS_EVENT);
+    cs_sub_unread(sb);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 1);
+    CHECK(readable(fd));
+    CHECK_EQ_I64(cs_sub_next(sb, &ev), CS_EVENT);
+    CHECK_EQ_I64(ev.id, id);
+    CHECK_EQ_I64(cs_sub_next(sb, &ev), CS_IDLE);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 0);
+    CHECK(!readable(fd));
+    say(r, b, "y");
+    cs_hub_step(r);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 1);
+    cs_sub_close(sb);
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 0);
+    CHECK(!readable(fd));
+    CHECK_EQ_I64(cs_hub_fd(r), fd); /* the same fd throughout */
+    cs_sub_close(sa);
+    cs_hub_close(r);
+
+    /* With a backstop poll the timeout is the time to the next one. */
+    cs_hub_options op = {.memory = db, .poll_interval = 0.5};
+    CHECK_EQ_I64(cs_hub_open(&op, &r), CS_OK);
+    t = cs_hub_timeout(r);
+    CHECK(t > 0.3 && t <= 0.5);
+    cs_hub_close(r);
+    cs_hub_close(w);
+    cs_memdb_close(db);
+}
+
+/* ---- the engine -------------------------------------------------------- */
+
+typedef struct wait_job {
+    int fd;
+    double deadline;
+    int result, steps;
+} wait_job;
+
+static void wait_fn(void *arg)
+{
+    wait_job *j = arg;
+    j->steps++;
+    j->result = cs_engine_wait(j->fd, CS_WAIT_READ, j->deadline);
+    j->steps++;
+}
+
+static void test_engine(void)
+{
+    cs_engine *e;
+    CHECK_EQ_I64(cs_engine_new(&e), CS_OK);
+    int p[2];
+    CHECK(pipe(p) == 0);
+    /* Ready at once: the call returns without parking. */
+    char c = 'x';
+    CHECK(write(p[1], &c, 1) == 1);
+    wait_job j = {.fd = p[0], .deadline = cs_now() + 5};
+    cs_wait w = {0};
+    CHECK_EQ_I64(cs_engine_start(e, wait_fn, &j, &w), CS_OK);
+    CHECK_EQ_I64(j.result, 1);
+    CHECK_EQ_I64(j.steps, 2);
+    CHECK(read(p[0], &c, 1) == 1);
+
+    /* Not ready: the call parks, the caller gets the wait, a second call
+     * is refused, and a resume before the fd is ready parks it again. */
+    j = (wait_job){.fd = p[0], .deadline = cs_now() + 5};
+    CHECK_EQ_I64(cs_engine_start(e, wait_fn, &j, &w), CS_AGAIN);
+    CHECK_EQ_I64(w.fd, p[0]);
+    CHECK_EQ_I64(w.events, CS_WAIT_READ);
+    CHECK(w.timeout > 4 && w.timeout <= 5);
+    CHECK_EQ_I64(j.steps, 1);
+    CHECK(cs_engine_busy(e));
+    wait_job other = {.fd = -1, .deadline = 0};
+    CHECK_EQ_I64(cs_engine_start(e, wait_fn, &other, NULL), CS_EBUSY);
+    CHECK_EQ_I64(other.steps, 0);
+    CHECK_EQ_I64(cs_engine_resume(e, &w), CS_AGAIN);
+    CHECK(write(p[1], &c, 1) == 1);
+    CHECK_EQ_I64(cs_engine_resume(e, &w), CS_OK);
+    CHECK_EQ_I64(j.result, 1);
+    CHECK_EQ_I64(j.steps, 2);
+    CHECK(!cs_engine_busy(e));
+    CHECK_EQ_I64(cs_engine_resume(e, &w), CS_EINVAL);
+    CHECK(read(p[0], &c, 1) == 1);
+
+    /* The deadline: resumed after it, the wait reports 0. A sleep (fd -1)
+     * parks with no fd. */
+    j = (wait_job){.fd = p[0], .deadline = cs_now() + 0.02};
+    CHECK_EQ_I64(cs_engine_start(e, wait_fn, &j, &w), CS_AGAIN);
+    CHECK(w.timeout <= 0.02);
+    struct timespec ts = {0, 30000000};
+    nanosleep(&ts, NULL);
+    CHECK_EQ_I64(cs_engine_resume(e, &w), CS_OK);
+    CHECK_EQ_I64(j.result, 0);
+    j = (wait_job){.fd = -1, .deadline = cs_now() + 0.02};
+    CHECK_EQ_I64(cs_engine_start(e, wait_fn, &j, &w), CS_AGAIN);
+    CHECK_EQ_I64(w.fd, -1);
+    nanosleep(&ts, NULL);
+    CHECK_EQ_I64(cs_engine_resume(e, &w), CS_OK);
+    CHECK_EQ_I64(j.result, 0);
+
+    /* Off an engine the same wait blocks in place. */
+    double t0 = cs_now();
+    CHECK_EQ_I64(cs_engine_wait(p[0], CS_WAIT_READ, t0 + 0.02), 0);
+    CHECK(cs_now() - t0 >= 0.015);
+
+    /* Freed with a call parked: it finishes (its wait blocking). */
+    j = (wait_job){.fd = p[0], .deadline = cs_now() + 0.05};
+    CHECK_EQ_I64(cs_engine_start(e, wait_fn, &j, &w), CS_AGAIN);
+    cs_engine_free(e);
+    CHECK_EQ_I64(j.steps, 2);
+    CHECK_EQ_I64(j.result, 0);
+    close(p[0]);
+    close(p[1]);
+}
+
 int main(void)
 {
     test_errors();
@@ -1081,5 +1341,7 @@ int main(void)
     test_chat_table();
     test_empty_page();
     test_poll();
+    test_loop_contract();
+    test_engine();
     return check_done("test_hub");
 }

@@ -5,7 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 /* A queued message: immutable once made, so a transaction's undo copy of
  * the queue can share the items. */
@@ -77,6 +79,7 @@ struct mem_conn {
     cs_idset listening; /* chat ids (no watermark: INT64_MIN) */
     mem_note *inbox;
     size_t ninbox, capinbox;
+    int efd; /* readable while the inbox is not empty */
     char err[256];
 };
 
@@ -762,6 +765,11 @@ static int inbox_push(mem_conn *c, int64_t chat_id, const char *p, size_t len)
     memcpy(copy, p, len);
     copy[len] = '\0';
     c->inbox[c->ninbox++] = (mem_note){chat_id, copy, len};
+    if (c->ninbox == 1 && c->efd >= 0) {
+        uint64_t one = 1; /* the fd shows the inbox is not empty */
+        ssize_t r = write(c->efd, &one, sizeof one);
+        (void)r;
+    }
     return CS_OK;
 }
 
@@ -791,6 +799,9 @@ static int m_poll(void *st,
     mem_conn *c = st;
     size_t n = c->ninbox;
     mem_note *in = c->inbox;
+    uint64_t v;
+    if (n && c->efd >= 0 && read(c->efd, &v, sizeof v) < 0)
+        v = 0; /* already clear */
     /* Detach the inbox first: cb may cause more notifications. */
     c->inbox = NULL;
     c->ninbox = c->capinbox = 0;
@@ -802,10 +813,10 @@ static int m_poll(void *st,
     return (int)(n > (size_t)INT32_MAX ? INT32_MAX : n);
 }
 
+/* Readable while the inbox is not empty (an eventfd; -1 without one). */
 static int m_fd(void *st)
 {
-    (void)st;
-    return -1;
+    return ((mem_conn *)st)->efd;
 }
 
 static const char *m_errmsg(void *st)
@@ -827,6 +838,8 @@ static void m_close(void *st)
         free(c->inbox[i].payload);
     free(c->inbox);
     cs_idset_free(&c->listening);
+    if (c->efd >= 0)
+        close(c->efd);
     free(c);
     memdb_unref(db);
 }
@@ -888,6 +901,7 @@ int cs_memory_store_open(cs_memdb *db, cs_store *out)
     if (!c)
         return CS_ENOMEM;
     c->db = db;
+    c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     cs_idset_init(&c->listening, INT64_MIN);
     db->refs++;
     c->next = db->conns;

@@ -334,17 +334,14 @@ static PGconn *connect_db(pg_store *s)
 }
 
 /* Waits until c is readable (or writable) or the deadline passes. */
+/* Waits for c's socket (on an engine: hands the wait to the caller's event
+ * loop instead, see cs_engine_wait): >0 ready, 0 deadline passed, <0. */
 static int wait_io(PGconn *c, bool write, double deadline)
 {
-    double left = deadline - now();
-    if (left <= 0)
+    if (deadline - now() <= 0)
         return 0;
-    struct pollfd p = {.fd = PQsocket(c), .events = write ? POLLOUT : POLLIN};
-    int ms = (int)(left * 1000) + 1;
-    int r = poll(&p, 1, ms);
-    if (r < 0 && errno == EINTR)
-        return 1;
-    return r;
+    return cs_engine_wait(PQsocket(c), write ? CS_WAIT_WRITE : CS_WAIT_READ,
+                          deadline);
 }
 
 /* Runs one statement (parameters as text) with a timeout; returns the last
