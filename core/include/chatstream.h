@@ -162,7 +162,7 @@ size_t cs_hub_ready(const cs_hub *hub, cs_sub **out, size_t cap);
 typedef struct cs_engine cs_engine;
 enum { CS_WAIT_READ = 1, CS_WAIT_WRITE = 2 };
 typedef struct cs_wait {
-    int fd;         /* -1: no fd, only the timeout (a sleep) */
+    int fd;         /* wait for it to be ready (the engine's fd) */
     int events;     /* CS_WAIT_READ or CS_WAIT_WRITE */
     double timeout; /* seconds from now to resume even if fd is quiet; -1:
                        none */
@@ -171,13 +171,16 @@ int cs_engine_new(cs_engine **out);
 /* Finishes a call still under way (its waits then block), then frees. */
 void cs_engine_free(cs_engine *e);
 /* Runs fn(arg) on the engine: CS_OK when it returned, CS_AGAIN when it
- * waits (*w says for what: call cs_engine_resume when that is ready or the
- * timeout passed), CS_EBUSY if a call is under way, CS_ENOMEM. */
-int cs_engine_start(cs_engine *e, void (*fn)(void *arg), void *arg,
-                    cs_wait *w);
+ * waits (*w says for what: call cs_engine_resume when that is ready; a
+ * resume before is harmless and says CS_AGAIN again), CS_EBUSY if a call
+ * is under way, CS_ENOMEM. */
+int cs_engine_start(cs_engine *e, void (*fn)(void *arg), void *arg, cs_wait *w);
 /* Lets the call go on: CS_OK (it returned) or CS_AGAIN; CS_EINVAL when no
  * call waits. */
 int cs_engine_resume(cs_engine *e, cs_wait *w);
+/* The engine's fd: readable when a parked call's wait is over (resume it
+ * then). The same for the engine's life. */
+int cs_engine_fd(const cs_engine *e);
 /* True while a call is under way on e and the calling thread is not e's. */
 bool cs_engine_busy(const cs_engine *e);
 /* For stores: waits until fd is ready for events (CS_WAIT_READ/WRITE; -1:

@@ -1,20 +1,25 @@
 /* engine.c - calls that never block the caller's thread.
  *
  * A call runs on the engine's thread. Where the store would wait for the
- * server it parks instead: the engine thread sleeps, and the caller's
- * thread, which was waiting for the call to return or park, gets the wait
- * (fd, events, timeout) to hand to its event loop. When the loop finds the
- * fd ready, or the timeout passed, the caller resumes the call. Control
- * passes like a baton under one mutex: exactly one of the two threads runs
- * at any time, and each hand-over is a mutex release and acquire, so
- * everything the call touches is seen whole by the other side. */
+ * server it parks instead: the caller's thread, which was waiting for the
+ * call to return or park, gets control back with the engine's fd to hand
+ * to its event loop. The parked engine thread waits for the socket (or the
+ * time) itself, touching nothing but that descriptor, then makes its fd
+ * readable; the loop sees it and the caller resumes the call. Control
+ * passes like a baton under one mutex: apart from that wait, exactly one of
+ * the two threads runs at any time, and each hand-over is a mutex release
+ * and acquire, so everything the call touches is seen whole by the other
+ * side. The engine's fd is the same for its whole life, whatever
+ * connections the calls open and close. */
 #include "internal.h"
 
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef enum {
     E_IDLE,   /* no call */
@@ -33,8 +38,8 @@ struct cs_engine {
     void (*fn)(void *);
     void *arg;
     bool finishing; /* freeing: waits block in place */
-    int fd, events;
-    double deadline;
+    bool ready;     /* the parked call's wait is over: resume it */
+    int efd;        /* readable while ready */
 };
 
 /* The engine whose thread this is (NULL on every other thread). */
@@ -81,6 +86,13 @@ int cs_engine_new(cs_engine **out)
         free(e);
         return CS_ENOMEM;
     }
+    e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (e->efd < 0) {
+        pthread_cond_destroy(&e->cv);
+        pthread_mutex_destroy(&e->mu);
+        free(e);
+        return CS_ENOMEM;
+    }
     *out = e;
     return CS_OK;
 }
@@ -95,10 +107,11 @@ static int engine_report(cs_engine *e, cs_wait *w)
         return CS_OK;
     }
     if (w) {
-        double left = e->deadline - cs_now();
-        w->fd = e->fd;
-        w->events = e->events;
-        w->timeout = e->deadline < 0 ? -1 : left > 0 ? left : 0;
+        /* The engine's fd turns readable when the wait is over, the
+         * deadline included: no timeout of its own. */
+        w->fd = e->efd;
+        w->events = CS_WAIT_READ;
+        w->timeout = -1;
     }
     return CS_AGAIN;
 }
@@ -135,6 +148,12 @@ int cs_engine_resume(cs_engine *e, cs_wait *w)
         pthread_mutex_unlock(&e->mu);
         return CS_EINVAL;
     }
+    if (!e->ready) {
+        /* Woken early (a loop's spurious wake-up): still waiting. */
+        int rc = engine_report(e, w);
+        pthread_mutex_unlock(&e->mu);
+        return rc;
+    }
     e->state = E_RUN;
     pthread_cond_broadcast(&e->cv);
     int rc = engine_report(e, w);
@@ -160,12 +179,15 @@ void cs_engine_free(cs_engine *e)
     pthread_mutex_lock(&e->mu);
     if (e->state == E_PARKED) {
         /* An abandoned call (its caller went away): it finishes here, its
-         * waits blocking up to their deadlines. */
+         * later waits blocking in place; the one under way is bounded. */
         e->finishing = true;
+        while (!e->ready)
+            pthread_cond_wait(&e->cv, &e->mu);
         e->state = E_RUN;
         pthread_cond_broadcast(&e->cv);
-        while (e->state == E_RUN || e->state == E_PARKED)
+        while (e->state != E_DONE)
             pthread_cond_wait(&e->cv, &e->mu);
+        e->state = E_IDLE;
     }
     if (e->started) {
         e->state = E_QUIT;
@@ -176,15 +198,20 @@ void cs_engine_free(cs_engine *e)
         pthread_join(e->thread, NULL);
     pthread_cond_destroy(&e->cv);
     pthread_mutex_destroy(&e->mu);
+    close(e->efd);
     free(e);
+}
+
+int cs_engine_fd(const cs_engine *e)
+{
+    return e->efd;
 }
 
 /* One poll of fd for at most ms milliseconds (-1: no limit). */
 static int poll_once(int fd, int events, int ms)
 {
-    struct pollfd p = {.fd = fd,
-                       .events = (short)(events & CS_WAIT_WRITE ? POLLOUT
-                                                                 : POLLIN)};
+    struct pollfd p = {
+        .fd = fd, .events = (short)(events & CS_WAIT_WRITE ? POLLOUT : POLLIN)};
     int r = poll(&p, fd < 0 ? 0 : 1, ms);
     if (r < 0)
         return errno == EINTR ? 1 : -1; /* a signal: the caller looks again */
@@ -202,29 +229,38 @@ static int ms_until(double deadline)
 int cs_engine_wait(int fd, int events, double deadline)
 {
     cs_engine *e = current;
-    if (!e || e->finishing) {
-        int r = poll_once(fd, events, ms_until(deadline));
+    int r = poll_once(fd, events, 0);
+    if (!e || r != 0) {
+        if (r == 0)
+            r = poll_once(fd, events, ms_until(deadline));
         return r != 0 ? r : deadline >= 0 && cs_now() < deadline ? 1 : 0;
     }
-    for (;;) {
-        int r = poll_once(fd, events, 0);
-        if (r != 0)
-            return r;
-        if (deadline >= 0 && cs_now() >= deadline)
-            return 0;
-        pthread_mutex_lock(&e->mu);
-        e->fd = fd;
-        e->events = events;
-        e->deadline = deadline;
+    /* Park: the caller runs again while this thread waits for fd, which
+     * is all it touches until the caller resumes it. */
+    pthread_mutex_lock(&e->mu);
+    bool finishing = e->finishing;
+    if (!finishing) {
+        e->ready = false;
         e->state = E_PARKED;
         pthread_cond_broadcast(&e->cv);
-        while (e->state == E_PARKED)
-            pthread_cond_wait(&e->cv, &e->mu);
-        bool finishing = e->finishing;
-        pthread_mutex_unlock(&e->mu);
-        if (finishing) {
-            r = poll_once(fd, events, ms_until(deadline));
-            return r != 0 ? r : deadline >= 0 && cs_now() < deadline ? 1 : 0;
-        }
     }
+    pthread_mutex_unlock(&e->mu);
+    r = poll_once(fd, events, ms_until(deadline));
+    if (finishing)
+        return r != 0 ? r : deadline >= 0 && cs_now() < deadline ? 1 : 0;
+    uint64_t one = 1;
+    pthread_mutex_lock(&e->mu);
+    e->ready = true;
+    if (write(e->efd, &one, sizeof one) < 0)
+        r = r ? r : 1; /* cannot fail on an eventfd below its limit */
+    pthread_cond_broadcast(&e->cv);
+    while (e->state == E_PARKED)
+        pthread_cond_wait(&e->cv, &e->mu);
+    e->ready = false;
+    if (read(e->efd, &one, sizeof one) < 0)
+        one = 0;
+    pthread_mutex_unlock(&e->mu);
+    /* r == 1 with the fd not ready yet (a signal, an early return) makes
+     * the store look again, as a wake-up in place would. */
+    return r != 0 ? r : deadline >= 0 && cs_now() < deadline ? 1 : 0;
 }

@@ -53,10 +53,10 @@ struct cs_hub {
     bool woken;
     cs_sub *ready_head, *ready_tail; /* subscriptions with work */
     size_t nready;
-    cs_sub *stalled;  /* with work a failed read left: ready at stall_at */
+    cs_sub *stalled; /* with work a failed read left: ready at stall_at */
     double stall_at;
-    bool nodb;        /* cs_sub_try: reads of the store are refused */
-    bool wanted_db;   /* ... and one was wanted */
+    bool nodb;      /* cs_sub_try: reads of the store are refused */
+    bool wanted_db; /* ... and one was wanted */
     char err[512];
 };
 
