@@ -145,6 +145,15 @@ int cs_hub_fd(const cs_hub *hub);
 /* Seconds until the hub next needs a step although its fd stays quiet (the
  * backstop poll, a retry after a failed read), 0 if now, or -1 for never. */
 double cs_hub_timeout(const cs_hub *hub);
+/* cs_hub_step without asking the store's server anything: what the
+ * listener buffered is routed; *again says a step that may wait is due
+ * (the backstop poll). */
+int cs_hub_try_step(cs_hub *hub, bool *again);
+/* The store's own fd: readable while notifications wait to be routed
+ * (stable for the hub's life too). A call waiting for one subscription
+ * waits on this one, not on cs_hub_fd, which other subscriptions' events
+ * keep readable. */
+int cs_hub_notify_fd(const cs_hub *hub);
 /* The subscriptions with work, in the order they got it: up to cap of them
  * into out; returns how many there are in all (so a caller with too small
  * an array can see it). A subscription leaves the list when a call on it

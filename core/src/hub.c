@@ -866,6 +866,24 @@ int cs_hub_step(cs_hub *hub)
     return rc;
 }
 
+int cs_hub_try_step(cs_hub *hub, bool *again)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    hub->nodb = true;
+    hub->wanted_db = false;
+    int rc = cs_hub_step(hub);
+    hub->nodb = false;
+    *again = hub->wanted_db;
+    hub->wanted_db = false;
+    return rc;
+}
+
+int cs_hub_notify_fd(const cs_hub *hub)
+{
+    return hub->store.ops->fd(hub->store.st);
+}
+
 /* Sleeps until the store's fd is readable, at most `left` seconds, and less
  * when something is due sooner: the backstop poll, or (fd -1 on a remote
  * store) the next step of a listener reconnect, which only steps move on.

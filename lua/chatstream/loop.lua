@@ -1,0 +1,229 @@
+-- chatstream.loop: what the event-loop adapters share (chatstream.cqueues,
+-- chatstream.luv). An adapter gives a backend:
+--   backend.can_yield()        true inside a coroutine its loop runs
+--   backend.wait(fd, timeout)  yields until fd is readable or timeout
+--                              seconds passed (nil: no limit)
+--   backend.new_turn()         a FIFO lock: turn:take() yields until it is
+--                              this coroutine's turn, turn:give() passes it on
+-- and gets back open(), which opens a store whose methods, called from such a
+-- coroutine, yield to the loop wherever they would wait: a call that needs
+-- the store's server runs on the store's engine (store:job) and the
+-- coroutine waits on the engine's fd; sub:next(timeout) waits on the store's
+-- notifications. Outside a coroutine every call blocks as it always did.
+-- The wait loop lives here, in Lua: no C frame is ever yielded across.
+local chatstream = require("chatstream")
+local core = require("chatstream.core")
+
+local M = {}
+
+local Store, Sub, Pub = core.Store, core.Subscription, core.Publish
+local raw = { store = {}, sub = {}, pub = {} }
+for k, v in pairs(Store) do raw.store[k] = v end
+for k, v in pairs(Sub) do raw.sub[k] = v end
+for k, v in pairs(Pub) do raw.pub[k] = v end
+
+-- Store methods that only read what the store holds (no server, no change):
+-- called as they are, even while another coroutine's call is parked.
+local DIRECT = {
+  kind = true, stats = true, fd = true, pollfd = true, events = true, timeout = true,
+  ready = true, listener_pid = true, job = true, resume = true, job_fd = true,
+  notify_fd = true, try_step = true, stream = true,
+}
+
+-- store -> its loop state { backend, turn } (weak: a store that is gone)
+local served = setmetatable({}, { __mode = "k" })
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+-- Runs fn(...) on the store's engine, yielding while it waits. One call at a
+-- time per store: the others wait their turn, first come first served.
+local function on_engine(s, store, fn, ...)
+  local b = s.backend
+  s.turn:take()
+  local r = pack(pcall(raw.store.job, store, fn, ...))
+  while r[1] and r[2] == false do
+    b.wait(raw.store.job_fd(store))
+    r = pack(pcall(raw.store.resume, store))
+  end
+  s.turn:give()
+  if not r[1] then
+    error(r[2], 0)
+  end
+  return table.unpack(r, 3, r.n)
+end
+
+-- fn(...) in the store's turn (it changes what a parked call may be using).
+local function in_turn(s, fn, ...)
+  s.turn:take()
+  local r = pack(pcall(fn, ...))
+  s.turn:give()
+  if not r[1] then
+    error(r[2], 0)
+  end
+  return table.unpack(r, 2, r.n)
+end
+
+local function serving(store)
+  local s = served[store]
+  if s and s.backend.can_yield() then
+    return s
+  end
+end
+
+local function through_engine(name, fn)
+  return function(self, ...)
+    local s = serving(self)
+    if not s then
+      return fn(self, ...)
+    elseif self:kind() == "memory" then
+      return in_turn(s, fn, self, ...) -- the memory store never waits
+    end
+    return on_engine(s, self, fn, self, ...)
+  end
+end
+
+local wrapped = false
+
+-- Puts the loop-aware methods in place (once). They behave exactly as
+-- before for a store no adapter opened, or outside a loop's coroutine.
+local function install()
+  if wrapped then
+    return
+  end
+  wrapped = true
+  for name, fn in pairs(raw.store) do
+    if not DIRECT[name] and name ~= "close" and name ~= "step" then
+      Store[name] = through_engine(name, fn)
+    end
+  end
+  -- step: what needs no server at once; the rest on the engine.
+  Store.step = function(self)
+    local s = serving(self)
+    if not s then
+      return raw.store.step(self)
+    end
+    local n = in_turn(s, raw.store.try_step, self)
+    if n == false then
+      return on_engine(s, self, raw.store.step, self)
+    end
+    return n
+  end
+  for name, fn in pairs(raw.pub) do
+    if name ~= "close" then
+      Pub[name] = function(self, ...)
+        local store = raw.pub.store(self)
+        local s = store and serving(store)
+        if not s then
+          return fn(self, ...)
+        elseif store:kind() == "memory" then
+          return in_turn(s, fn, self, ...)
+        end
+        return on_engine(s, store, fn, self, ...)
+      end
+    end
+  end
+  -- close may UNLISTEN on the server: on the engine too.
+  Sub.close = function(self)
+    local store = raw.sub.store(self)
+    local s = store and serving(store)
+    if not s then
+      return raw.sub.close(self)
+    elseif store:kind() == "memory" then
+      return in_turn(s, raw.sub.close, self)
+    end
+    return on_engine(s, store, raw.sub.close, self)
+  end
+  -- next(timeout): what the subscription has without the server at once;
+  -- a pass that needs it on the engine; then wait for the store's
+  -- notifications (not its pollfd: another subscription's events keep that
+  -- readable) or the store's own deadline, whichever comes first.
+  Sub.next = function(self, timeout)
+    local store = raw.sub.store(self)
+    local s = store and serving(store)
+    if not s then
+      return raw.sub.next(self, timeout)
+    end
+    local deadline = timeout and timeout > 0 and chatstream.now() + timeout
+    local memory = store:kind() == "memory"
+    while true do
+      local ev, err, code = in_turn(s, raw.sub.try, self)
+      if ev then
+        return ev
+      elseif ev == false then -- it needs the server
+        ev, err, code = on_engine(s, store, raw.sub.next, self, 0)
+        if ev then
+          return ev
+        elseif code ~= "ETIMEDOUT" then
+          return nil, err, code
+        end
+      elseif err then
+        return nil, err, code
+      end
+      local left = deadline and deadline - chatstream.now()
+      if not left or left <= 0 then
+        return nil, "timeout", "ETIMEDOUT"
+      end
+      local t = raw.store.timeout(store)
+      s.backend.wait(raw.store.notify_fd(store), t and t < left and t or left)
+      if not memory then
+        Store.step(store)
+      end
+    end
+  end
+  Sub.events = function(self, timeout)
+    return function(sub)
+      local ev, err, code = sub:next(timeout)
+      if ev then
+        return ev
+      elseif code == "ETIMEDOUT" then
+        return nil
+      end
+      error(err, 2)
+    end, self, nil
+  end
+end
+
+--- Returns open(opts) for a backend: chatstream.open(opts), marked as
+-- served by that backend's loop.
+function M.adapter(backend)
+  install()
+  local A = setmetatable({}, { __index = chatstream })
+  function A.open(...)
+    local store, err, code = chatstream.open(...)
+    if not store then
+      return nil, err, code
+    end
+    served[store] = { backend = backend, turn = backend.new_turn() }
+    return store
+  end
+  --- Closes the store (after any call of it still under way), and forgets
+  -- the loop's watchers of its descriptors.
+  function A.close(store)
+    local s = served[store]
+    local fds = { raw.store.pollfd(store), raw.store.notify_fd(store), raw.store.job_fd(store) }
+    if s and s.backend.can_yield() then
+      s.turn:take()
+    end
+    if backend.forget then
+      for _, fd in pairs(fds) do
+        backend.forget(fd)
+      end
+    end
+    served[store] = nil
+    return raw.store.close(store)
+  end
+  --- Waits (yielding) until the store has work: its pollfd is readable or
+  -- its timeout passed. Then call store:step() and serve store:ready().
+  function A.wait(store, timeout)
+    local t = raw.store.timeout(store)
+    if timeout and (not t or timeout < t) then
+      t = timeout
+    end
+    backend.wait(raw.store.pollfd(store), t)
+  end
+  return A
+end
+
+return M
