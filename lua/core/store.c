@@ -75,85 +75,112 @@ static int lua_authorize(void *ud, const char *actor, const cs_chat_info *chat,
     return ok;
 }
 
+/* The size options of the table at 1: at least 1, at most the core's limit. */
+static void read_sizes(lua_State *L, cs_hub_options *o)
+{
+    o->cache_size = (size_t)opt_int_field(L, 1, "cache_size", 0, 1);
+    o->queue_size = (size_t)opt_int_field(L, 1, "queue_size", 0, 1);
+    o->max_chats = (size_t)opt_int_field(L, 1, "max_chats", 0, 1);
+    o->page_size = (size_t)opt_int_field(L, 1, "page_size", 0, 1);
+    if (o->cache_size > CS_MAX_CACHE_SIZE ||
+        o->queue_size > CS_MAX_QUEUE_SIZE || o->max_chats > CS_MAX_CACHE_SIZE ||
+        o->page_size > CS_MAX_PAGE_SIZE)
+        luaL_error(L,
+                   "cache_size, queue_size, max_chats and "
+                   "page_size are at most %d",
+                   (int)CS_MAX_CACHE_SIZE);
+}
+
+/* poll_interval and query_timeout (seconds) of the table at 1. */
+static void read_intervals(lua_State *L, cs_hub_options *o)
+{
+    if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0))
+            luaL_error(L, "option 'poll_interval' must be a number >= 0");
+        o->poll_interval = (double)lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    if (lua_getfield(L, 1, "query_timeout") != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0) ||
+            !(lua_tonumber(L, -1) <= 86400))
+            luaL_error(L, "option 'query_timeout' must be a number "
+                          "> 0 and <= 86400 (seconds)");
+        o->query_timeout = (double)lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+}
+
+/* The memory option of the table at 1: an open chatstream.MemoryDB. */
+static void read_memory(lua_State *L, cs_hub_options *o)
+{
+    if (lua_getfield(L, 1, "memory") != LUA_TNIL) {
+        lmemdb *m = luaL_testudata(L, -1, MEMDB_MT);
+        if (!m)
+            luaL_error(L, "option 'memory' must be a chatstream.MemoryDB "
+                          "(from chatstream.memory())");
+        if (!m->db)
+            luaL_error(L, "attempt to use a closed memory database");
+        o->memory = m->db;
+    }
+    lua_pop(L, 1);
+}
+
+/* Reads the options table at 1 into o, in the order its errors are raised.
+ * The dsn and schema strings are LEFT ON THE STACK (see opt_str_field). */
+static void read_open_options(lua_State *L, cs_hub_options *o)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_keys(L, 1, open_keys);
+    read_sizes(L, o);
+    read_intervals(L, o);
+    o->dsn = opt_str_field(L, 1, "dsn");
+    o->schema = opt_str_field(L, 1, "schema");
+    if (o->schema && !o->dsn)
+        luaL_error(L, "option 'schema' needs a dsn");
+    if (lua_getfield(L, 1, "authorize") != LUA_TNIL &&
+        lua_type(L, -1) != LUA_TFUNCTION)
+        luaL_error(L, "option 'authorize' must be a function");
+    lua_pop(L, 1);
+    if (lua_getfield(L, 1, "stale_after") != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
+            luaL_error(L, "option 'stale_after' must be a number > 0");
+        o->stale_after = (double)lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    if (lua_getfield(L, 1, "notify_bodies") != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TBOOLEAN)
+            luaL_error(L, "option 'notify_bodies' must be a boolean");
+        o->plain_notifications = !lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
+    read_memory(L, o);
+}
+
+/* The authorize option of the store being opened, bridged to the core: the
+ * function is kept in the registry until the store closes. */
+static void set_authorizer(lua_State *L, lstore *u, cs_hub_options *o)
+{
+    if (lua_istable(L, 1) && lua_getfield(L, 1, "authorize") == LUA_TFUNCTION) {
+        u->auth_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        u->auth = (cs_authorizer){lua_authorize, u};
+        o->authorizer = &u->auth;
+    } else if (lua_istable(L, 1)) {
+        lua_pop(L, 1);
+    }
+}
+
 /* core.open(options): a store on PostgreSQL (options.dsn), on the memory
  * database of options.memory, or on a private memory database. */
 int l_open(lua_State *L)
 {
     cs_hub_options o = {0};
     o.poll_interval = -1; /* the store's default */
-    if (!lua_isnoneornil(L, 1)) {
-        luaL_checktype(L, 1, LUA_TTABLE);
-        check_keys(L, 1, open_keys);
-        o.cache_size = (size_t)opt_int_field(L, 1, "cache_size", 0, 1);
-        o.queue_size = (size_t)opt_int_field(L, 1, "queue_size", 0, 1);
-        o.max_chats = (size_t)opt_int_field(L, 1, "max_chats", 0, 1);
-        o.page_size = (size_t)opt_int_field(L, 1, "page_size", 0, 1);
-        if (o.cache_size > CS_MAX_CACHE_SIZE ||
-            o.queue_size > CS_MAX_QUEUE_SIZE ||
-            o.max_chats > CS_MAX_CACHE_SIZE || o.page_size > CS_MAX_PAGE_SIZE)
-            return luaL_error(L,
-                              "cache_size, queue_size, max_chats and "
-                              "page_size are at most %d",
-                              (int)CS_MAX_CACHE_SIZE);
-        if (lua_getfield(L, 1, "poll_interval") != LUA_TNIL) {
-            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0))
-                return luaL_error(
-                    L, "option 'poll_interval' must be a number >= 0");
-            o.poll_interval = (double)lua_tonumber(L, -1);
-        }
-        lua_pop(L, 1);
-        if (lua_getfield(L, 1, "query_timeout") != LUA_TNIL) {
-            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0) ||
-                !(lua_tonumber(L, -1) <= 86400))
-                return luaL_error(L, "option 'query_timeout' must be a number "
-                                     "> 0 and <= 86400 (seconds)");
-            o.query_timeout = (double)lua_tonumber(L, -1);
-        }
-        lua_pop(L, 1);
-        o.dsn = opt_str_field(L, 1, "dsn");
-        o.schema = opt_str_field(L, 1, "schema");
-        if (o.schema && !o.dsn)
-            return luaL_error(L, "option 'schema' needs a dsn");
-        if (lua_getfield(L, 1, "authorize") != LUA_TNIL &&
-            lua_type(L, -1) != LUA_TFUNCTION)
-            return luaL_error(L, "option 'authorize' must be a function");
-        lua_pop(L, 1);
-        if (lua_getfield(L, 1, "stale_after") != LUA_TNIL) {
-            if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
-                return luaL_error(L,
-                                  "option 'stale_after' must be a number > 0");
-            o.stale_after = (double)lua_tonumber(L, -1);
-        }
-        lua_pop(L, 1);
-        if (lua_getfield(L, 1, "notify_bodies") != LUA_TNIL) {
-            if (lua_type(L, -1) != LUA_TBOOLEAN)
-                return luaL_error(L,
-                                  "option 'notify_bodies' must be a boolean");
-            o.plain_notifications = !lua_toboolean(L, -1);
-        }
-        lua_pop(L, 1);
-        if (lua_getfield(L, 1, "memory") != LUA_TNIL) {
-            lmemdb *m = luaL_testudata(L, -1, MEMDB_MT);
-            if (!m)
-                return luaL_error(
-                    L, "option 'memory' must be a chatstream.MemoryDB "
-                       "(from chatstream.memory())");
-            if (!m->db)
-                return luaL_error(L, "attempt to use a closed memory database");
-            o.memory = m->db;
-        }
-        lua_pop(L, 1);
-    }
+    if (!lua_isnoneornil(L, 1))
+        read_open_options(L, &o);
     if (o.dsn && o.memory)
         return luaL_error(L, "options 'dsn' and 'memory' exclude each other");
     lstore *u = new_handle(L, sizeof *u, STORE_MT, 0);
-    if (lua_istable(L, 1) && lua_getfield(L, 1, "authorize") == LUA_TFUNCTION) {
-        u->auth_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        u->auth = (cs_authorizer){lua_authorize, u};
-        o.authorizer = &u->auth;
-    } else if (lua_istable(L, 1)) {
-        lua_pop(L, 1);
-    }
+    set_authorizer(L, u, &o);
     u->L = L;
     char err[512];
     int rc = cs_hub_open_err(&o, &u->hub, err, sizeof err);
