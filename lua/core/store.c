@@ -1,10 +1,18 @@
 /* store.c - chatstream.Store: core.open and its options, the authorizer
- * bridge, close, create_chat, append, stats and the listener's fd, step,
- * kind and migrate. The chat lifecycle methods are in lifecycle.c, prepare
- * in publish.c, subscribe in sub.c. */
+ * bridge, close, create_chat, append, stats, the listener's fd and pid,
+ * step, kind and migrate. The chat lifecycle methods are in lifecycle.c,
+ * prepare in publish.c, subscribe in sub.c. */
 #include "binding.h"
 
 #include <stdio.h>
+
+/* The store's hub; records the calling thread for the authorizer. */
+cs_hub *check_store(lua_State *L, int i)
+{
+    cs_hub *hub = check_open(L, i, STORE_MT, "store");
+    ((lstore *)lua_touserdata(L, i))->L = L;
+    return hub;
+}
 
 static const char *const open_keys[] = {
     "memory",        "dsn",       "schema",    "cache_size",    "queue_size",
@@ -229,14 +237,6 @@ int store_create_chat(lua_State *L)
         return hub_fail(L, hub, rc);
     lua_pushinteger(L, (lua_Integer)id);
     return 1;
-}
-
-/* The store's hub; records the calling thread for the authorizer. */
-cs_hub *check_store(lua_State *L, int i)
-{
-    cs_hub *hub = check_open(L, i, STORE_MT, "store");
-    ((lstore *)lua_touserdata(L, i))->L = L;
-    return hub;
 }
 
 static const char *const append_keys[] = {"actor", "worker", "idempotency_key",
