@@ -121,7 +121,7 @@ test-lint lint: deps
 
 format:
 	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.c \
-	    core/tests/*.c core/tests/*.h lua/*.c
+	    core/tests/*.c core/tests/*.h lua/core/*.c lua/core/*.h
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build.luarocks
