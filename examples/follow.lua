@@ -30,6 +30,7 @@ end
 local function main()
   local o = options()
   local dsn = os.getenv("CHATSTREAM_DSN")
+  dsn = dsn ~= "" and dsn or nil
   local store = assert(cs.open(dsn and { dsn = dsn, schema = os.getenv("CHATSTREAM_SCHEMA") } or nil))
   if dsn then
     assert(store:migrate())
@@ -45,7 +46,7 @@ local function main()
       subs[c] = assert(store:subscribe(chats[c]))
       last[subs[c]] = 0
     end
-    while delivered < o.messages do
+    while true do
       for _, sub in ipairs(store:ready()) do
         while true do
           local ev = sub:next(0)
@@ -58,7 +59,8 @@ local function main()
           end
         end
       end
-      cs.wait(store, 1)
+      if delivered >= o.messages then break end
+      cs.wait(store, 1) -- until the store has work, at most a second
       store:step()
     end
     done = true

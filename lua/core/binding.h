@@ -23,6 +23,17 @@ typedef struct {
     lua_State *L; /* the thread of the call in progress (authorizer) */
     int auth_ref; /* the authorize function in the registry, or 0 */
     cs_authorizer auth;
+    /* The engine (loop.c): created on first use. A call under way runs in
+     * the thread T (anchored at T_ref). */
+    cs_engine *eng;
+    lua_State *T;
+    int T_ref, job_nargs, job_status;
+    /* Closes that came while a call was under way on the engine (a
+     * finalizer cannot touch the hub then): done when it returns. */
+    cs_sub **dsubs;
+    size_t ndsubs, capdsubs;
+    cs_publish **dpubs;
+    size_t ndpubs, capdpubs;
 } lstore;
 typedef struct {
     cs_publish *pub;
@@ -46,8 +57,23 @@ int handle_tostring(lua_State *L, const char *mt, const char *name);
     ((cs_memdb *)check_open(L, i, MEMDB_MT, "memory database"))
 #define check_pub(L, i) ((cs_publish *)check_open(L, i, PUB_MT, "publish"))
 #define check_sub(L, i) ((cs_sub *)check_open(L, i, SUB_MT, "subscription"))
-/* The store's hub; records the calling thread for the authorizer (store.c). */
+/* The store's hub; records the calling thread for the authorizer (store.c).
+ * Raises while a call of the store is under way on its engine (another
+ * coroutine's): the hub is that call's until it returns. */
 cs_hub *check_store(lua_State *L, int i);
+/* The same for methods that only read (stats, fds, the ready list): no
+ * busy check. */
+cs_hub *peek_store(lua_State *L, int i);
+/* Raises if the store at the handle's uservalue 1 is busy (as above). */
+void check_not_busy(lua_State *L, int idx);
+/* True while the store's engine runs a call for another thread. */
+int store_busy(const lstore *u);
+/* Closes that had to wait for the engine's call (loop.c). */
+void defer_sub_close(lstore *u, cs_sub *s);
+void defer_pub_close(lstore *u, cs_publish *p);
+void run_deferred(lstore *u);
+/* Registry key of the weak map cs_sub pointer -> Subscription (ready()). */
+#define SUBS_MAP "chatstream.subs"
 
 /* ---- reading arguments, pushing results (marshal.c) ------------------- */
 
@@ -87,6 +113,20 @@ int store_listener_pid(lua_State *L);
 int store_kind(lua_State *L);
 int store_step(lua_State *L);
 
+/* loop.c: the event-loop contract and the engine */
+int store_pollfd(lua_State *L);
+int store_events(lua_State *L);
+int store_timeout(lua_State *L);
+int store_ready(lua_State *L);
+int store_notify_fd(lua_State *L);
+int store_try_step(lua_State *L);
+int store_job(lua_State *L);
+int store_resume(lua_State *L);
+int store_job_fd(lua_State *L);
+int sub_try(lua_State *L);
+int sub_store(lua_State *L);
+int pub_get_store(lua_State *L);
+void store_engine_close(lua_State *L, lstore *u);
 /* lifecycle.c */
 int store_chat(lua_State *L);
 int store_send(lua_State *L);

@@ -124,16 +124,26 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                        {"heartbeat", store_heartbeat},
                                        {"finish", store_finish},
                                        {"publish_part", store_publish_part},
+                                       {"pollfd", store_pollfd},
+                                       {"events", store_events},
+                                       {"timeout", store_timeout},
+                                       {"ready", store_ready},
+                                       {"notify_fd", store_notify_fd},
+                                       {"try_step", store_try_step},
+                                       {"job", store_job},
+                                       {"resume", store_resume},
+                                       {"job_fd", store_job_fd},
                                        {NULL, NULL}};
-    static const luaL_Reg pub_m[] = {{"commit", pub_commit},
-                                     {"cache", pub_cache},
-                                     {"notify", pub_notify},
-                                     {"publish", pub_publish},
-                                     {NULL, NULL}};
+    static const luaL_Reg pub_m[] = {
+        {"commit", pub_commit},   {"cache", pub_cache},
+        {"notify", pub_notify},   {"publish", pub_publish},
+        {"store", pub_get_store}, {NULL, NULL}};
     static const luaL_Reg sub_m[] = {{"next", sub_next},
                                      {"events", sub_events},
                                      {"cursor", sub_cursor},
                                      {"delivered_bytes", sub_delivered_bytes},
+                                     {"try", sub_try},
+                                     {"store", sub_store},
                                      {NULL, NULL}};
     static const luaL_Reg funcs[] = {{"open", l_open},
                                      {"memory", l_memory},
@@ -148,10 +158,26 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
     luaL_newlib(L, funcs);
     lua_pushliteral(L, CS_VERSION);
     lua_setfield(L, -2, "_VERSION");
-    /* The Store method table, for methods written in Lua (init.lua). */
-    luaL_getmetatable(L, STORE_MT);
-    lua_getfield(L, -1, "__index");
-    lua_setfield(L, -3, "Store");
-    lua_pop(L, 1);
+    /* The method tables, for methods written in Lua (init.lua, the
+     * event-loop adapters). */
+    static const char *const classes[][2] = {
+        {STORE_MT, "Store"}, {SUB_MT, "Subscription"}, {PUB_MT, "Publish"}};
+    for (size_t i = 0; i < sizeof classes / sizeof *classes; i++) {
+        luaL_getmetatable(L, classes[i][0]);
+        lua_getfield(L, -1, "__index");
+        lua_setfield(L, -3, classes[i][1]);
+        lua_pop(L, 1);
+    }
+    /* cs_sub -> its Subscription, weak (store:ready()). */
+    if (lua_getfield(L, LUA_REGISTRYINDEX, SUBS_MAP) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_createtable(L, 0, 1);
+        lua_pushliteral(L, "v");
+        lua_setfield(L, -2, "__mode");
+        lua_setmetatable(L, -2);
+        lua_setfield(L, LUA_REGISTRYINDEX, SUBS_MAP);
+    } else
+        lua_pop(L, 1);
     return 1;
 }

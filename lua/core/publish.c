@@ -27,7 +27,13 @@ int store_prepare(lua_State *L)
 int pub_gc(lua_State *L)
 {
     lpub *u = luaL_checkudata(L, 1, PUB_MT);
-    cs_pub_close(u->pub);
+    lua_getiuservalue(L, 1, 1);
+    lstore *st = luaL_testudata(L, -1, STORE_MT);
+    lua_pop(L, 1);
+    if (u->pub && st && store_busy(st))
+        defer_pub_close(st, u->pub); /* the engine's call has the hub */
+    else
+        cs_pub_close(u->pub);
     u->pub = NULL;
     return 0;
 }
@@ -44,6 +50,7 @@ static cs_hub *pub_store(lua_State *L)
     lua_pop(L, 1);
     if (!s->hub)
         luaL_error(L, "attempt to use a closed store");
+    check_not_busy(L, 1);
     return s->hub;
 }
 

@@ -10,8 +10,18 @@
 cs_hub *check_store(lua_State *L, int i)
 {
     cs_hub *hub = check_open(L, i, STORE_MT, "store");
-    ((lstore *)lua_touserdata(L, i))->L = L;
+    lstore *u = lua_touserdata(L, i);
+    if (store_busy(u))
+        luaL_error(L, "store is busy: a call of it is under way on its "
+                      "engine (another coroutine's); calls through an "
+                      "event-loop adapter wait their turn");
+    u->L = L;
     return hub;
+}
+
+cs_hub *peek_store(lua_State *L, int i)
+{
+    return check_open(L, i, STORE_MT, "store");
 }
 
 static const char *const open_keys[] = {
@@ -204,6 +214,7 @@ int store_gc(lua_State *L)
     lstore *u = luaL_checkudata(L, 1, STORE_MT);
     if (u->in_auth)
         return luaL_error(L, "attempt to close a store inside its authorizer");
+    store_engine_close(L, u); /* a call under way finishes first */
     cs_hub_close(u->hub);
     u->hub = NULL;
     if (u->auth_ref) {
@@ -267,7 +278,7 @@ int store_append(lua_State *L)
 int store_stats(lua_State *L)
 {
     cs_stats s;
-    cs_hub_stats(check_store(L, 1), &s);
+    cs_hub_stats(peek_store(L, 1), &s);
     lua_createtable(L, 0, 12);
     set_int(L, "notifications", s.notifications);
     set_int(L, "malformed", s.malformed);
@@ -303,7 +314,7 @@ int store_stats(lua_State *L)
 
 int store_fd(lua_State *L)
 {
-    int fd = cs_hub_fd(check_store(L, 1));
+    int fd = cs_hub_fd(peek_store(L, 1));
     if (fd < 0)
         lua_pushnil(L);
     else
@@ -325,7 +336,7 @@ int store_migrate(lua_State *L)
 /* pg: the listener connection's server PID (nil without one). */
 int store_listener_pid(lua_State *L)
 {
-    int pid = cs_hub_listener_pid(check_store(L, 1));
+    int pid = cs_hub_listener_pid(peek_store(L, 1));
     if (pid < 0)
         lua_pushnil(L);
     else
@@ -335,7 +346,7 @@ int store_listener_pid(lua_State *L)
 
 int store_kind(lua_State *L)
 {
-    lua_pushstring(L, cs_hub_store_name(check_store(L, 1)));
+    lua_pushstring(L, cs_hub_store_name(peek_store(L, 1)));
     return 1;
 }
 

@@ -45,7 +45,23 @@ int store_subscribe(lua_State *L)
     int rc = cs_sub_open(hub, chat, &o, &u->sub);
     if (rc < 0)
         return hub_fail(L, hub, rc);
+    /* store:ready() finds the handle of a cs_sub here. */
+    lua_getfield(L, LUA_REGISTRYINDEX, SUBS_MAP);
+    lua_pushvalue(L, -2);
+    lua_rawsetp(L, -2, u->sub);
+    lua_pop(L, 1);
     return 1;
+}
+
+/* Forgets the handle of s in the ready() map (an explicit close; a
+ * collected handle is gone from the weak map already). */
+static void unmap(lua_State *L, cs_sub *s)
+{
+    if (lua_getfield(L, LUA_REGISTRYINDEX, SUBS_MAP) == LUA_TTABLE) {
+        lua_pushnil(L);
+        lua_rawsetp(L, -2, s);
+    }
+    lua_pop(L, 1);
 }
 
 int sub_gc(lua_State *L)
@@ -57,7 +73,16 @@ int sub_gc(lua_State *L)
         u->close_pending = 1;
         return 0;
     }
-    cs_sub_close(u->sub);
+    if (!u->sub)
+        return 0;
+    unmap(L, u->sub);
+    lua_getiuservalue(L, 1, 1);
+    lstore *st = luaL_testudata(L, -1, STORE_MT);
+    lua_pop(L, 1);
+    if (st && store_busy(st))
+        defer_sub_close(st, u->sub); /* the engine's call has the hub */
+    else
+        cs_sub_close(u->sub);
     u->sub = NULL;
     return 0;
 }
@@ -82,15 +107,43 @@ int sub_tostring(lua_State *L)
  * The event is
  * consumed only once its table exists: if building it raises (out of
  * memory), the event is put back and the next call returns it. */
+static int sub_result(lua_State *L, lsub *u, int rc, const cs_event *e);
+static lsub *check_lsub(lua_State *L, int idx);
+
 static int sub_next_impl(lua_State *L, lsub *u, double timeout)
 {
-    cs_sub *s = u->sub;
     cs_event ev;
     u->busy = 1;
-    int rc = cs_sub_wait(s, timeout, &ev); /* runs no Lua code */
+    int rc = cs_sub_wait(u->sub, timeout, &ev); /* runs no Lua code */
+    return sub_result(L, u, rc, &ev);
+}
+
+/* sub:try() -> event | nil (nothing now) | false (it needs the server: call
+ * next, on the engine): next without asking the store's server. */
+int sub_try(lua_State *L)
+{
+    check_not_busy(L, 1);
+    lsub *u = check_lsub(L, 1);
+    cs_event ev;
+    u->busy = 1;
+    int rc = cs_sub_try(u->sub, &ev);
+    if (rc == CS_IDLE || rc == CS_AGAIN) {
+        sub_done(u);
+        if (rc == CS_IDLE)
+            lua_pushnil(L);
+        else
+            lua_pushboolean(L, 0);
+        return 1;
+    }
+    return sub_result(L, u, rc, &ev);
+}
+
+static int sub_result(lua_State *L, lsub *u, int rc, const cs_event *e)
+{
+    cs_sub *s = u->sub;
     if (rc == CS_EVENT) {
         lua_pushcfunction(L, push_event_protected);
-        lua_pushlightuserdata(L, &ev); /* an argument, not a handle */
+        lua_pushlightuserdata(L, (void *)e); /* an argument, not a handle */
         int ok = lua_pcall(L, 1, 1, 0) == LUA_OK;
         if (!ok && !u->close_pending)
             cs_sub_unread(s);
@@ -125,12 +178,14 @@ static lsub *check_lsub(lua_State *L, int idx)
 
 int sub_next(lua_State *L)
 {
+    check_not_busy(L, 1);
     lsub *u = check_lsub(L, 1);
     return sub_next_impl(L, u, opt_timeout(L, 2));
 }
 
 static int sub_iter(lua_State *L)
 {
+    check_not_busy(L, 1);
     lsub *u = check_lsub(L, 1);
     double timeout = lua_tonumber(L, lua_upvalueindex(1));
     int n = sub_next_impl(L, u, timeout);
