@@ -72,7 +72,7 @@ local function serving(store)
   end
 end
 
-local function through_engine(name, fn)
+local function through_engine(fn)
   return function(self, ...)
     local s = serving(self)
     if not s then
@@ -95,7 +95,7 @@ local function install()
   wrapped = true
   for name, fn in pairs(raw.store) do
     if not DIRECT[name] and name ~= "close" and name ~= "step" then
-      Store[name] = through_engine(name, fn)
+      Store[name] = through_engine(fn)
     end
   end
   -- step: what needs no server at once; the rest on the engine.
