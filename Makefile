@@ -83,7 +83,12 @@ test-tsan: deps
 	    LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS="halt_on_error=1 exitcode=66" \
 	    $(LUA) core/tests/tsan_listener.lua; rc=$$?; wait; \
 	  psql -X -q "$$CHATSTREAM_TEST_DSN" -c "DROP SCHEMA IF EXISTS $$(sed -n 2p $$pidf) CASCADE" >/dev/null 2>&1; \
-	  rm -f $$pidf; exit $$rc
+	  rm -f $$pidf; [ $$rc -eq 0 ] || exit $$rc; \
+	  LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(TSAN_BUILD)/?.so;;" \
+	    LD_PRELOAD=$$($(CC) -print-file-name=libtsan.so) TSAN_OPTIONS="halt_on_error=1 exitcode=66" \
+	    $(LUA) core/tests/tsan_engine.lua; rc=$$?; \
+	  psql -X -q "$$CHATSTREAM_TEST_DSN" -c "DO \$$\$$ DECLARE s text; BEGIN FOR s IN SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tsan_engine_%' LOOP EXECUTE 'DROP SCHEMA ' || s || ' CASCADE'; END LOOP; END \$$\$$" >/dev/null 2>&1; \
+	  exit $$rc
 
 test-valgrind: build
 	@# test_pg_oom replaces malloc, which valgrind's allocator replaces in turn
