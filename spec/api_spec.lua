@@ -502,24 +502,22 @@ describe("Store", function()
       s:close()
     end)
 
+    it("fd() is pollfd(): one integer, the same for the store's life", function()
+      assert.are.equal(1, select("#", store:fd()))
+      assert.are.equal("integer", math.type(store:fd()))
+      assert.is_true(store:fd() >= 0)
+      assert.are.equal(store:pollfd(), store:fd())
+      assert.are.equal("r", store:events())
+      assert.are_not.equal(store:fd(), store:notify_fd())
+    end)
+
     if kind == "memory" then
-      it("fd() is nil on the memory store", function()
-        local n = select("#", store:fd())
-        assert.are.equal(1, n)
-        assert.is_nil(store:fd())
-      end)
 
       it("listener_pid() is nil on the memory store", function()
         assert.are.equal(1, select("#", store:listener_pid()))
         assert.is_nil(store:listener_pid())
       end)
     else
-      it("fd() is the listener socket, an integer", function()
-        assert.are.equal(1, select("#", store:fd()))
-        assert.are.equal("integer", math.type(store:fd()))
-        assert.is_true(store:fd() >= 0)
-      end)
-
       it("listener_pid() is the listener's server PID, an integer", function()
         assert.are.equal(1, select("#", store:listener_pid()))
         assert.are.equal("integer", math.type(store:listener_pid()))
