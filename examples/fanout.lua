@@ -3,11 +3,13 @@
 -- appending M messages per chat; every subscription must get every message.
 -- Prints how long the subscribes took, the delivery latency p50/p99/max
 -- (writer's clock in the message to the moment next returned it), and the
--- reader's queries. The reader sweeps next(0) over every subscription, as a
--- loop serving many clients does.
+-- reader's queries. The reader serves the subscriptions store:ready() names
+-- (mode "ready", as an event loop serving many clients does), or sweeps
+-- next(0) over every subscription (mode "sweep", the way before the ready
+-- list); "both" runs the two one after the other, side by side.
 --
 --   CHATSTREAM_DSN=postgresql://... lua5.4 examples/fanout.lua [--subs S]
---       [--chats C] [--messages M] [--queue Q]
+--       [--chats C] [--messages M] [--queue Q] [--mode ready|sweep|both]
 local chatstream = require("chatstream")
 
 local DSN = os.getenv("CHATSTREAM_DSN")
@@ -28,6 +30,8 @@ local function writer(chats, m)
   w:close()
 end
 
+local run
+
 local function main()
   if not DSN then
     io.stderr:write("fanout.lua: set CHATSTREAM_DSN (a PostgreSQL server)\n")
@@ -40,17 +44,33 @@ local function main()
     end
     return writer(chats, tonumber(arg[2]))
   end
-  local o = { subs = 100000, chats = 10, messages = 20, queue = 64 }
+  local o = { subs = 100000, chats = 10, messages = 20, queue = 64, mode = "ready" }
   local i = 1
   while arg[i] do
     local k = arg[i]:match("^%-%-(%w+)$")
     if not k or o[k] == nil or not arg[i + 1] then
-      io.stderr:write("usage: fanout.lua [--subs S] [--chats C] [--messages M] [--queue Q]\n")
+      io.stderr:write("usage: fanout.lua [--subs S] [--chats C] [--messages M] [--queue Q] [--mode ready|sweep|both]\n")
       os.exit(2)
     end
-    o[k] = math.tointeger(tonumber(arg[i + 1])) or error("bad --" .. k)
+    if k == "mode" then
+      o.mode = arg[i + 1]
+      assert(o.mode == "ready" or o.mode == "sweep" or o.mode == "both", "bad --mode")
+    else
+      o[k] = math.tointeger(tonumber(arg[i + 1])) or error("bad --" .. k)
+    end
     i = i + 2
   end
+  print(("fan-out: %d subscriptions over %d chats in one store, %d messages per chat (queue_size %d)")
+    :format(o.subs, o.chats, o.messages, o.queue))
+  print(("%-7s %12s %12s %12s %10s %10s %10s %12s"):format("mode", "subscribe s", "sub queries", "delivered",
+    "p50 ms", "p99 ms", "max ms", "queries/msg"))
+  for _, mode in ipairs(o.mode == "both" and { "sweep", "ready" } or { o.mode }) do
+    run(o, mode)
+    collectgarbage()
+  end
+end
+
+run = function(o, mode)
   local r = assert(chatstream.open({ dsn = DSN, schema = SCHEMA, queue_size = o.queue }))
   assert(r:migrate())
   local chats = {}
@@ -77,15 +97,19 @@ local function main()
   local q1 = r:stats().queries
   while got < want and chatstream.now() < deadline do
     local any = false
-    for s = 1, #subs do
-      local ev = subs[s]:next(0)
+    -- ready: one event per ready subscription per round (a subscription
+    -- leaves the list with its last event); sweep: every subscription
+    -- until it is idle
+    local ready = mode == "ready"
+    for _, sub in ipairs(ready and r:ready() or subs) do
+      local ev = sub:next(0)
       while ev do
         if ev.kind == "message" then
           got = got + 1
           lat[#lat + 1] = chatstream.now() - tonumber(ev.content)
           any = true
         end
-        ev = subs[s]:next(0)
+        ev = not ready and sub:next(0)
       end
     end
     if not any then
@@ -97,12 +121,8 @@ local function main()
   local function pct(p)
     return #lat > 0 and lat[math.max(1, math.ceil(#lat * p))] * 1000 or 0
   end
-  print(("fan-out: %d subscriptions over %d chats in one store, %d messages per chat (queue_size %d)")
-    :format(o.subs, o.chats, o.messages, o.queue))
-  print(("%-14s %12s %12s %10s %10s %10s %12s"):format("subscribe s", "sub queries", "delivered", "p50 ms",
-    "p99 ms", "max ms", "queries/msg"))
-  print(("%-14.2f %12d %12s %10.1f %10.1f %10.1f %12.4f"):format(t_sub, q_sub, ("%d/%d"):format(got, want), pct(0.5),
-    pct(0.99), pct(1), (r:stats().queries - q1) / math.max(1, got)))
+  print(("%-7s %12.2f %12d %12s %10.1f %10.1f %10.1f %12.4f"):format(mode, t_sub, q_sub, ("%d/%d"):format(got, want),
+    pct(0.5), pct(0.99), pct(1), (r:stats().queries - q1) / math.max(1, got)))
   r:close()
 end
 

@@ -156,8 +156,10 @@ int cs_hub_try_step(cs_hub *hub, bool *again);
 int cs_hub_notify_fd(const cs_hub *hub);
 /* The subscriptions with work, in the order they got it: up to cap of them
  * into out; returns how many there are in all (so a caller with too small
- * an array can see it). A subscription leaves the list when a call on it
- * found nothing more to do (CS_IDLE). */
+ * an array can see it). A subscription leaves the list as soon as a call
+ * on it took its last event with nothing else pending, or found nothing to
+ * do; so a loop may take one event per ready subscription per round (fair
+ * to every reader) without a call that returns nothing. */
 size_t cs_hub_ready(const cs_hub *hub, cs_sub **out, size_t cap);
 
 /* ---- the engine: calls that never block the caller's thread -------------

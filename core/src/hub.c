@@ -194,6 +194,8 @@ static int ret_record(cs_sub *s, const cs_msg *m)
 
 /* ---- hub ---------------------------------------------------------------- */
 
+static void sub_ready(cs_sub *s);
+
 void cs_sub_unread(cs_sub *s)
 {
     if (!s || !s->current.kind)
@@ -211,6 +213,7 @@ void cs_sub_unread(cs_sub *s)
         if (s->hub && s->current.kind == CS_EV_PART)
             s->hub->stats.parts--;
         s->current = (oevent){0};
+        sub_ready(s); /* it has that event again */
     }
 }
 
@@ -1434,6 +1437,8 @@ static int sub_next(cs_sub *s, cs_event *ev, bool force_step)
     oevent_free(&s->current);
     ev_take_merged(s); /* what an earlier call could not move */
     int got = pop_event(s, ev);
+    if (got > 0 && !sub_has_work(s))
+        sub_unready(s); /* that was the last: off the ready list at once */
     if (got != 0)
         return got > 0 ? CS_EVENT : got;
     cs_hub *hub = s->hub;
@@ -1445,6 +1450,8 @@ static int sub_next(cs_sub *s, cs_event *ev, bool force_step)
     }
     sub_process(s);
     got = pop_event(s, ev);
+    if (got > 0 && !sub_has_work(s))
+        sub_unready(s);
     if (got == 0 && !hub->wanted_db) {
         /* Nothing more to do, or only what a failed read left. */
         if (sub_has_work(s))

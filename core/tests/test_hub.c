@@ -1140,6 +1140,9 @@ static void test_loop_contract(void)
     cs_hub_stats(r, &s0);
     CHECK_EQ_I64(cs_sub_try(sb, &ev), CS_EVENT);
     CHECK_EQ_I64(ev.id, id);
+    /* that was its last event: off the list at once, no idle call needed */
+    CHECK_EQ_I64(cs_hub_ready(r, list, 4), 0);
+    CHECK(!readable(fd));
     CHECK_EQ_I64(cs_sub_try(sb, &ev), CS_IDLE);
     cs_hub_stats(r, &s1);
     CHECK_EQ_I64(s1.queries, s0.queries);
