@@ -60,10 +60,11 @@ local function run(o, mode)
     chats[c] = assert(store:create_chat({ owner = "bench" }))
   end
   local locked = assert(store:create_chat({ owner = "bench" })) -- the loop's own writes
-  local subs = {}
+  local subs = {} -- kept open: the follower finds them through store:ready()
   for s = 1, o.subs do
     subs[s] = assert(store:subscribe(chats[(s - 1) % o.chats + 1]))
   end
+  assert(#subs == o.subs)
   local ids = {}
   for c, id in ipairs(chats) do
     ids[c] = tostring(id)

@@ -26,8 +26,19 @@ for k, v in pairs(Pub) do raw.pub[k] = v end
 -- called as they are, even while another coroutine's call is parked.
 local DIRECT = {
   kind = true, stats = true, fd = true, pollfd = true, events = true, timeout = true,
-  ready = true, listener_pid = true, job = true, resume = true, job_fd = true,
+  ready = true, listener_pid = true, job = true, job_write = true, resume = true, job_fd = true,
   notify_fd = true, try_step = true, stream = true,
+}
+
+-- Calls that only write (they hold nothing of what readers use while they
+-- wait on the server): they run as store:job_write, and while one waits,
+-- say on a row lock, the readers' in-memory work (sub:try, try_step) goes
+-- on beside it.
+local WRITES = {
+  create_chat = true, append = true, send = true, delete_queued = true, move_queued = true,
+  promote_queued = true, acquire = true, heartbeat = true, finish = true, publish_part = true,
+  chat = true, queued = true, migrate = true,
+  commit = true, cache = true, notify = true, publish = true, -- Publish
 }
 
 -- store -> its loop state { backend, turn } (weak: a store that is gone)
@@ -39,14 +50,17 @@ end
 
 -- Runs fn(...) on the store's engine, yielding while it waits. One call at a
 -- time per store: the others wait their turn, first come first served.
-local function on_engine(s, store, fn, ...)
+-- write: a call that only writes (see WRITES).
+local function on_engine(s, store, write, fn, ...)
   local b = s.backend
   s.turn:take()
-  local r = pack(pcall(raw.store.job, store, fn, ...))
+  s.write = write
+  local r = pack(pcall(write and raw.store.job_write or raw.store.job, store, fn, ...))
   while r[1] and r[2] == false do
     b.wait(raw.store.job_fd(store))
     r = pack(pcall(raw.store.resume, store))
   end
+  s.write = false
   s.turn:give()
   if not r[1] then
     error(r[2], 0)
@@ -54,8 +68,12 @@ local function on_engine(s, store, fn, ...)
   return table.unpack(r, 3, r.n)
 end
 
--- fn(...) in the store's turn (it changes what a parked call may be using).
-local function in_turn(s, fn, ...)
+-- fn(...) in the store's turn (it changes what a parked call may be using);
+-- beside a write that waits, at once (shared: what a write leaves alone).
+local function in_turn(s, fn, shared, ...)
+  if shared and s.write then
+    return fn(...)
+  end
   s.turn:take()
   local r = pack(pcall(fn, ...))
   s.turn:give()
@@ -72,15 +90,15 @@ local function serving(store)
   end
 end
 
-local function through_engine(fn)
+local function through_engine(fn, write)
   return function(self, ...)
     local s = serving(self)
     if not s then
       return fn(self, ...)
     elseif self:kind() == "memory" then
-      return in_turn(s, fn, self, ...) -- the memory store never waits
+      return in_turn(s, fn, false, self, ...) -- the memory store never waits
     end
-    return on_engine(s, self, fn, self, ...)
+    return on_engine(s, self, write, fn, self, ...)
   end
 end
 
@@ -95,7 +113,7 @@ local function install()
   wrapped = true
   for name, fn in pairs(raw.store) do
     if not DIRECT[name] and name ~= "close" and name ~= "step" then
-      Store[name] = through_engine(fn)
+      Store[name] = through_engine(fn, WRITES[name] or false)
     end
   end
   -- step: what needs no server at once; the rest on the engine.
@@ -104,9 +122,9 @@ local function install()
     if not s then
       return raw.store.step(self)
     end
-    local n = in_turn(s, raw.store.try_step, self)
+    local n = in_turn(s, raw.store.try_step, true, self)
     if n == false then
-      return on_engine(s, self, raw.store.step, self)
+      return on_engine(s, self, false, raw.store.step, self)
     end
     return n
   end
@@ -118,9 +136,9 @@ local function install()
         if not s then
           return fn(self, ...)
         elseif store:kind() == "memory" then
-          return in_turn(s, fn, self, ...)
+          return in_turn(s, fn, false, self, ...)
         end
-        return on_engine(s, store, fn, self, ...)
+        return on_engine(s, store, WRITES[name] or false, fn, self, ...)
       end
     end
   end
@@ -131,9 +149,9 @@ local function install()
     if not s then
       return raw.sub.close(self)
     elseif store:kind() == "memory" then
-      return in_turn(s, raw.sub.close, self)
+      return in_turn(s, raw.sub.close, false, self)
     end
-    return on_engine(s, store, raw.sub.close, self)
+    return on_engine(s, store, false, raw.sub.close, self)
   end
   -- next(timeout): what the subscription has without the server at once;
   -- a pass that needs it on the engine; then wait for the store's
@@ -148,11 +166,11 @@ local function install()
     local deadline = timeout and timeout > 0 and chatstream.now() + timeout
     local memory = store:kind() == "memory"
     while true do
-      local ev, err, code = in_turn(s, raw.sub.try, self)
+      local ev, err, code = in_turn(s, raw.sub.try, true, self)
       if ev then
         return ev
       elseif ev == false then -- it needs the server
-        ev, err, code = on_engine(s, store, raw.sub.next, self, 0)
+        ev, err, code = on_engine(s, store, false, raw.sub.next, self, 0)
         if ev then
           return ev
         elseif code ~= "ETIMEDOUT" then

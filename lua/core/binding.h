@@ -28,6 +28,8 @@ typedef struct {
     cs_engine *eng;
     lua_State *T;
     int T_ref, job_nargs, job_status;
+    int job_shared; /* the call only writes: reads of what the hub holds
+                       (sub:try, try_step) may run while it waits */
     /* Closes that came while a call was under way on the engine (a
      * finalizer cannot touch the hub then): done when it returns. */
     cs_sub **dsubs;
@@ -64,10 +66,12 @@ cs_hub *check_store(lua_State *L, int i);
 /* The same for methods that only read (stats, fds, the ready list): no
  * busy check. */
 cs_hub *peek_store(lua_State *L, int i);
-/* Raises if the store at the handle's uservalue 1 is busy (as above). */
-void check_not_busy(lua_State *L, int idx);
-/* True while the store's engine runs a call for another thread. */
-int store_busy(const lstore *u);
+/* Raises if the store at the handle's uservalue 1 is busy (as above);
+ * shared_ok: unless the call under way is a write (store:job_write). */
+void check_not_busy(lua_State *L, int idx, int shared_ok);
+/* True while the store's engine runs a call for another thread; with
+ * shared_ok, only when that call is not a write. */
+int store_busy(const lstore *u, int shared_ok);
 /* Closes that had to wait for the engine's call (loop.c). */
 void defer_sub_close(lstore *u, cs_sub *s);
 void defer_pub_close(lstore *u, cs_publish *p);
@@ -121,6 +125,7 @@ int store_ready(lua_State *L);
 int store_notify_fd(lua_State *L);
 int store_try_step(lua_State *L);
 int store_job(lua_State *L);
+int store_job_write(lua_State *L);
 int store_resume(lua_State *L);
 int store_job_fd(lua_State *L);
 int sub_try(lua_State *L);

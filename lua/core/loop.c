@@ -14,17 +14,17 @@ static lstore *store_of(lua_State *L, int idx)
     return lua_touserdata(L, idx);
 }
 
-int store_busy(const lstore *u)
+int store_busy(const lstore *u, int shared_ok)
 {
-    return u->eng && cs_engine_busy(u->eng);
+    return u->eng && cs_engine_busy(u->eng) && !(shared_ok && u->job_shared);
 }
 
-void check_not_busy(lua_State *L, int idx)
+void check_not_busy(lua_State *L, int idx, int shared_ok)
 {
     lua_getiuservalue(L, idx, 1);
     lstore *u = luaL_testudata(L, -1, STORE_MT);
     lua_pop(L, 1);
-    if (u && store_busy(u))
+    if (u && store_busy(u, shared_ok))
         luaL_error(L, "store is busy: a call of it is under way on its "
                       "engine (another coroutine's); calls through an "
                       "event-loop adapter wait their turn");
@@ -99,7 +99,10 @@ int store_ready(lua_State *L)
  * server is due (run store:step then, on the engine). */
 int store_try_step(lua_State *L)
 {
-    cs_hub *hub = check_store(L, 1);
+    cs_hub *hub = peek_store(L, 1);
+    if (store_busy(lua_touserdata(L, 1), 1))
+        return luaL_error(L, "store is busy: a call of it is under way on "
+                             "its engine (another coroutine's)");
     bool again = false;
     int rc = cs_hub_try_step(hub, &again);
     if (rc < 0)
@@ -165,9 +168,24 @@ static int job_report(lua_State *L, lstore *u, int rc)
     return n + 1;
 }
 
+static int start_job(lua_State *L, int shared);
+
 /* store:job(fn, ...) -> true, fn's results | false (it waits: resume when
- * job_fd is readable). */
+ * job_fd is readable). Nothing else may touch the store meanwhile. */
 int store_job(lua_State *L)
+{
+    return start_job(L, 0);
+}
+
+/* store:job_write(fn, ...): the same for a call that only writes (append,
+ * send, the lifecycle): while it waits, sub:try and store:try_step may
+ * run, so readers are served while a write waits on a lock. */
+int store_job_write(lua_State *L)
+{
+    return start_job(L, 1);
+}
+
+static int start_job(lua_State *L, int shared)
 {
     lstore *u = store_of(L, 1);
     luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -186,6 +204,7 @@ int store_job(lua_State *L)
         lua_pushvalue(L, i);
     lua_xmove(L, T, top - 1);
     u->job_nargs = top - 2;
+    u->job_shared = shared;
     cs_wait w;
     return job_report(L, u, cs_engine_start(e, run_job, u, &w));
 }

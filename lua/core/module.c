@@ -131,6 +131,7 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                        {"notify_fd", store_notify_fd},
                                        {"try_step", store_try_step},
                                        {"job", store_job},
+                                       {"job_write", store_job_write},
                                        {"resume", store_resume},
                                        {"job_fd", store_job_fd},
                                        {NULL, NULL}};

@@ -30,7 +30,7 @@ int pub_gc(lua_State *L)
     lua_getiuservalue(L, 1, 1);
     lstore *st = luaL_testudata(L, -1, STORE_MT);
     lua_pop(L, 1);
-    if (u->pub && st && store_busy(st))
+    if (u->pub && st && store_busy(st, 0))
         defer_pub_close(st, u->pub); /* the engine's call has the hub */
     else
         cs_pub_close(u->pub);
@@ -50,7 +50,7 @@ static cs_hub *pub_store(lua_State *L)
     lua_pop(L, 1);
     if (!s->hub)
         luaL_error(L, "attempt to use a closed store");
-    check_not_busy(L, 1);
+    check_not_busy(L, 1, 0);
     return s->hub;
 }
 

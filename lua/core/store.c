@@ -11,7 +11,7 @@ cs_hub *check_store(lua_State *L, int i)
 {
     cs_hub *hub = check_open(L, i, STORE_MT, "store");
     lstore *u = lua_touserdata(L, i);
-    if (store_busy(u))
+    if (store_busy(u, 0))
         luaL_error(L, "store is busy: a call of it is under way on its "
                       "engine (another coroutine's); calls through an "
                       "event-loop adapter wait their turn");

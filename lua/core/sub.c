@@ -79,7 +79,7 @@ int sub_gc(lua_State *L)
     lua_getiuservalue(L, 1, 1);
     lstore *st = luaL_testudata(L, -1, STORE_MT);
     lua_pop(L, 1);
-    if (st && store_busy(st))
+    if (st && store_busy(st, 0))
         defer_sub_close(st, u->sub); /* the engine's call has the hub */
     else
         cs_sub_close(u->sub);
@@ -122,7 +122,7 @@ static int sub_next_impl(lua_State *L, lsub *u, double timeout)
  * next, on the engine): next without asking the store's server. */
 int sub_try(lua_State *L)
 {
-    check_not_busy(L, 1);
+    check_not_busy(L, 1, 1);
     lsub *u = check_lsub(L, 1);
     cs_event ev;
     u->busy = 1;
@@ -178,14 +178,14 @@ static lsub *check_lsub(lua_State *L, int idx)
 
 int sub_next(lua_State *L)
 {
-    check_not_busy(L, 1);
+    check_not_busy(L, 1, 0);
     lsub *u = check_lsub(L, 1);
     return sub_next_impl(L, u, opt_timeout(L, 2));
 }
 
 static int sub_iter(lua_State *L)
 {
-    check_not_busy(L, 1);
+    check_not_busy(L, 1, 0);
     lsub *u = check_lsub(L, 1);
     double timeout = lua_tonumber(L, lua_upvalueindex(1));
     int n = sub_next_impl(L, u, timeout);
