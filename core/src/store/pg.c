@@ -1,8 +1,6 @@
 /* pg.c - the PostgreSQL store through libpq: a query connection and one
- * listener. */
-#include "../internal.h"
-
-#include <libpq-fe.h>
+ * listener (the files split out so far: see pg_internal.h). */
+#include "pg_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -15,92 +13,17 @@
 #include <time.h>
 #include <unistd.h>
 
-#define QUERY_TIMEOUT 30.0  /* default seconds for one statement */
-#define CONNECT_TIMEOUT "5" /* seconds, unless the DSN sets its own */
+#define QUERY_TIMEOUT 30.0    /* default seconds for one statement */
+#define PROBE_TIMEOUT_MAX 5.0 /* seconds: the longest wait of the probe */
+
 #define BACKOFF_MIN 0.05
 #define BACKOFF_MAX 5.0
-#define PROBE_TIMEOUT_MAX 5.0 /* seconds: the longest wait of the probe */
+
 #define SQL_MAX 4096
-#define PREP_NAME_MAX 40 /* "cs_append_notify_" and 16 hex digits */
-
-/* Statements prepared once per query connection (the hot paths). */
-enum {
-    PREP_APPEND,
-    PREP_APPEND_NOTIFY,
-    PREP_APPEND_BODY,
-    PREP_AFTER,
-    PREP_SNAPSHOT,
-    PREP_STATE,
-    PREP_COUNT
-};
-
-typedef struct pg_store {
-    char *dsn;
-    char *password; /* scrubbed from every message, or NULL */
-    bool has_timeout;
-    char schema[64];
-    char prefix[80];        /* channel prefix: "chat:" or "<schema>:chat:" */
-    PGconn *q;              /* queries and writes */
-    double connect_timeout; /* seconds */
-    double query_timeout;   /* seconds for one statement */
-    int64_t q_reconnects;   /* of q (the caller's thread only) */
-    /* The listener. Its connection is read by a thread of its own (the
-     * drainer: see "the listener thread" below), so notifications are taken
-     * off the socket whatever the caller does; everything from l to
-     * l_reconnects is shared with it, under lmu. The caller uses l too
-     * (LISTEN, UNLISTEN, a reconnect it must wait for), holding lmu. */
-    pthread_mutex_t lmu;
-    PGconn *l;           /* the listener (non-blocking), or NULL */
-    cs_idset listening;  /* chat ids (no watermark: INT64_MIN) */
-    bool resync_pending; /* the listener came back: tell the hub */
-    double retry_at, backoff;
-    struct lnote **notes; /* hints taken off the listener, for the hub */
-    size_t nnotes, capnotes, note_bytes;
-    cs_idset dropped; /* chats whose hints the bound dropped */
-    bool signalled;   /* a byte waits in ready[] */
-    bool lstop;       /* the thread ends */
-    int64_t l_reconnects;
-    int64_t warnings; /* see note_warning */
-    char last_warning[256];
-    int wake[2];  /* the caller wakes the thread */
-    int ready[2]; /* the thread tells the hub (the store's fd) */
-    pthread_t thread;
-    bool thread_started;
-    /* The chat whose transaction (tx_begin .. tx_end) is open on q. */
-    bool in_tx;
-    int64_t tx_chat;
-    /* Statements prepared on q: a bit per PREP_* for connection q_gen (a
-     * reconnect or reset starts a new generation with none prepared). */
-    uint64_t q_gen, prep_gen;
-    unsigned prepared;
-    char *prep_sql[PREP_COUNT]; /* their texts, built at open */
-    /* The last statement failed after it was sent, with no answer: it may
-     * have run (see collect). */
-    bool unknown;
-    /* Their names: the kind and a hash of the text, which names the schema,
-     * so that stores of different schemas (or versions) that meet on one
-     * server session through a pooler never run each other's statement. */
-    char prep_name[PREP_COUNT][PREP_NAME_MAX];
-    int l_pid; /* the listener's server process, as the server reports it */
-    char sqlstate[6]; /* of the last statement that failed on the server */
-    char err[512];
-} pg_store;
 
 static const char *const prep_kind[PREP_COUNT] = {
     "cs_append", "cs_append_notify", "cs_append_body",
     "cs_after",  "cs_snapshot",      "cs_chats_state"};
-
-#define FNV_OFFSET UINT64_C(14695981039346656037)
-#define FNV_PRIME UINT64_C(1099511628211)
-
-/* 64-bit FNV-1a of n bytes, continuing from h (FNV_OFFSET to start). */
-static uint64_t fnv1a(const void *p, size_t n, uint64_t h)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ b[i]) * FNV_PRIME;
-    return h;
-}
 
 /* The columns every chat row is read with: id, owner, title, status,
  * version, worker, heartbeat age (microseconds, NULL: none),
@@ -184,18 +107,9 @@ static bool build_prepared(pg_store *s)
         if (!(s->prep_sql[k] = strdup(sql)))
             return false;
         snprintf(s->prep_name[k], sizeof s->prep_name[k], "%s_%016" PRIx64,
-                 prep_kind[k], fnv1a(sql, strlen(sql), FNV_OFFSET));
+                 prep_kind[k], pg_fnv1a(sql, strlen(sql), FNV_OFFSET));
     }
     return true;
-}
-
-/* ---- small helpers ------------------------------------------------------ */
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 bool cs_valid_identifier(const char *s)
@@ -211,582 +125,6 @@ bool cs_valid_identifier(const char *s)
               *p == '_'))
             return false;
     return true;
-}
-
-/* Copies msg into buf with the password (if any) replaced by "***". */
-static void scrub_copy(char *buf, size_t cap, const char *msg,
-                       const char *password)
-{
-    size_t o = 0;
-    size_t plen = password ? strlen(password) : 0;
-    for (const char *p = msg; *p && o + 1 < cap;) {
-        if (plen >= 1 && strncmp(p, password, plen) == 0) {
-            for (const char *r = "***"; *r && o + 1 < cap; r++)
-                buf[o++] = *r;
-            p += plen;
-            continue;
-        }
-        /* one line: libpq messages end with newlines */
-        buf[o++] = (*p == '\n' || *p == '\r' || *p == '\t') ? ' ' : *p;
-        p++;
-    }
-    while (o > 0 && buf[o - 1] == ' ')
-        o--;
-    buf[o] = '\0';
-}
-
-static int fail(pg_store *s, int rc, const char *what, const char *detail)
-{
-    char clean[400];
-    scrub_copy(clean, sizeof clean, detail ? detail : "", s->password);
-    snprintf(s->err, sizeof s->err, "%s%s%s", what, *clean ? ": " : "", clean);
-    return rc;
-}
-
-static int conn_fail(pg_store *s, PGconn *c, const char *what)
-{
-    return fail(s, CS_EBACKEND, what,
-                c ? PQerrorMessage(c) : "cannot allocate a connection");
-}
-
-/* A write statement (an autocommit write, a COMMIT) got no answer: its
- * outcome is unknown, said as such, never as rolled back. */
-static int write_failed(pg_store *s)
-{
-    if (!s->unknown)
-        return CS_EBACKEND;
-    char keep[sizeof s->err];
-    memcpy(keep, s->err, sizeof keep);
-    snprintf(s->err, sizeof s->err,
-             "sent, no answer (it may have committed; retry with the same "
-             "idempotency key): %.400s",
-             keep);
-    return CS_EUNKNOWN;
-}
-
-/* WARNINGs the server sends on either connection ("NOTIFY queue is N%
- * full" above all) are counted, and the last one kept, for stats(); other
- * notices ("already exists, skipping") are not errors and are dropped. The
- * query connection's come on the caller's thread, the listener's under lmu
- * (its thread or a caller holding it). */
-static void note_warning(pg_store *s, const PGresult *r)
-{
-    const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
-    if (!sev || strcmp(sev, "WARNING") != 0)
-        return;
-    const char *msg = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
-    s->warnings++;
-    scrub_copy(s->last_warning, sizeof s->last_warning, msg ? msg : "",
-               s->password);
-}
-
-static void q_notice(void *arg, const PGresult *r)
-{
-    pg_store *s = arg;
-    pthread_mutex_lock(&s->lmu);
-    note_warning(s, r);
-    pthread_mutex_unlock(&s->lmu);
-}
-
-static void l_notice(void *arg, const PGresult *r)
-{
-    note_warning(arg, r); /* lmu is held */
-}
-
-static void quiet(void *arg, const char *message)
-{
-    (void)arg;
-    (void)
-        message; /* NOTICEs (e.g. "already exists, skipping") are not errors */
-}
-
-/* Opens a connection: blocking (bounded by connect_timeout), or only
- * started, for PQconnectPoll to finish. */
-static PGconn *connect_db_mode(pg_store *s, bool start)
-{
-    /* A dead peer is found by the kernel, not only by a statement that
-     * waits: keepalives, and unacknowledged data given up after 10 s. They
-     * come before the DSN, whose own settings override them. */
-    const char *keys[] = {"keepalives",
-                          "keepalives_idle",
-                          "keepalives_interval",
-                          "keepalives_count",
-                          "tcp_user_timeout",
-                          "dbname",
-                          "fallback_application_name",
-                          "connect_timeout",
-                          NULL};
-    const char *vals[] = {"1",     "10",   "5",          "3",
-                          "10000", s->dsn, "chatstream", CONNECT_TIMEOUT,
-                          NULL};
-    if (s->has_timeout)
-        keys[7] = NULL; /* the DSN's own connect_timeout wins */
-    PGconn *c = start ? PQconnectStartParams(keys, vals, 1)
-                      : PQconnectdbParams(keys, vals, 1);
-    if (c)
-        PQsetNoticeProcessor(c, quiet, NULL);
-    return c;
-}
-
-static PGconn *connect_db(pg_store *s)
-{
-    return connect_db_mode(s, false);
-}
-
-/* Waits until c is readable (or writable) or the deadline passes. */
-static int wait_io(PGconn *c, bool write, double deadline)
-{
-    double left = deadline - now();
-    if (left <= 0)
-        return 0;
-    struct pollfd p = {.fd = PQsocket(c), .events = write ? POLLOUT : POLLIN};
-    int ms = (int)(left * 1000) + 1;
-    int r = poll(&p, 1, ms);
-    if (r < 0 && errno == EINTR)
-        return 1;
-    return r;
-}
-
-/* Runs one statement (parameters as text) with a timeout; returns the last
- * result, or NULL with s->err set. Works in blocking and non-blocking mode. */
-static PGresult *collect(pg_store *s, PGconn *c);
-
-static PGresult *run(pg_store *s, PGconn *c, const char *sql, int n,
-                     const char *const *vals)
-{
-    s->unknown = false;
-    if (!c || PQstatus(c) != CONNECTION_OK) {
-        conn_fail(s, c, "not connected");
-        return NULL;
-    }
-    /* Without parameters the simple protocol runs it, which also allows the
-     * several statements of a migration. */
-    int sent = n > 0 ? PQsendQueryParams(c, sql, n, NULL, vals, NULL, NULL, 0)
-                     : PQsendQuery(c, sql);
-    if (!sent) {
-        conn_fail(s, c, "cannot send a query");
-        return NULL;
-    }
-    return collect(s, c);
-}
-
-/* Runs statement k of PREP_* on c, preparing it first when this connection
- * has not seen it yet. */
-static PGresult *run_prepared(pg_store *s, PGconn *c, int k, int n,
-                              const char *const *vals)
-{
-    s->unknown = false;
-    if (!c || PQstatus(c) != CONNECTION_OK) {
-        conn_fail(s, c, "not connected");
-        return NULL;
-    }
-    if (s->prep_gen != s->q_gen || c != s->q) {
-        s->prepared = 0;
-        s->prep_gen = s->q_gen;
-    }
-    if (!(s->prepared & (1u << k))) {
-        if (!PQsendPrepare(c, s->prep_name[k], s->prep_sql[k], n, NULL)) {
-            conn_fail(s, c, "cannot send a query");
-            return NULL;
-        }
-        PGresult *r = collect(s, c);
-        s->unknown = false; /* the statement itself was not sent */
-        /* The name is the hash of the text: a statement of that name on
-         * this session is this one, left by an earlier store of the schema
-         * (a pooler that hands sessions on without DISCARD ALL). Outside a
-         * transaction the failed PREPARE changed nothing else; inside one
-         * it aborted it, and fails as before. */
-        bool ours = !r && strcmp(s->sqlstate, "42P05") == 0 &&
-                    PQstatus(c) == CONNECTION_OK &&
-                    PQtransactionStatus(c) == PQTRANS_IDLE;
-        if (!r && !ours)
-            return NULL;
-        PQclear(r);
-        if (c != s->q || s->prep_gen != s->q_gen)
-            return NULL; /* dropped meanwhile (a timeout): not prepared */
-        s->prepared |= 1u << k;
-    }
-    if (!PQsendQueryPrepared(c, s->prep_name[k], n, vals, NULL, NULL, 0)) {
-        conn_fail(s, c, "cannot send a query");
-        return NULL;
-    }
-    return collect(s, c);
-}
-
-/* How long a cancelled statement may take to answer before its connection
- * is given up: a call overruns query_timeout by about this much at most. */
-#define CANCEL_GRACE 1.0
-
-/* The cancel request, on a thread of its own: PQcancel connects to the
- * server and may block as long as the network does; the caller never waits
- * for it. It touches nothing but its own PGcancel. */
-static void *cancel_main(void *arg)
-{
-    char buf[256];
-    PQcancel(arg, buf, sizeof buf);
-    PQfreeCancel(arg);
-    return NULL;
-}
-
-static void send_cancel(PGconn *c)
-{
-    PGcancel *cancel = PQgetCancel(c);
-    if (!cancel)
-        return;
-    pthread_t t;
-    pthread_attr_t a;
-    bool started = false;
-    if (pthread_attr_init(&a) == 0) {
-        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-        started = pthread_create(&t, &a, cancel_main, cancel) == 0;
-        pthread_attr_destroy(&a);
-    }
-    if (!started)
-        PQfreeCancel(cancel); /* no cancel: the connection is given up */
-}
-
-/* Reads the results of the statement on c until it is done (1), the
- * deadline passes (0) or the connection breaks (-1). *last keeps the first
- * error, else the last result. */
-static int read_results(PGconn *c, double deadline, PGresult **last)
-{
-    PGresult *r;
-    for (;;) {
-        while (PQisBusy(c)) {
-            if (wait_io(c, false, deadline) == 0)
-                return 0;
-            if (!PQconsumeInput(c))
-                return -1;
-        }
-        if (!(r = PQgetResult(c)))
-            return 1;
-        if (*last && PQresultStatus(*last) == PGRES_FATAL_ERROR)
-            PQclear(r); /* keep the first error */
-        else {
-            PQclear(*last);
-            *last = r;
-        }
-    }
-}
-
-/* Drops the connection c of the store (it cannot take another statement). */
-static void drop_conn(pg_store *s, PGconn *c)
-{
-    if (c == s->q) {
-        PQfinish(s->q);
-        s->q = NULL;
-        s->q_gen++;
-    } else if (c == s->l) {
-        PQfinish(s->l);
-        s->l = NULL;
-    }
-}
-
-/* Waits for the statement sent on c and returns its last result (the first
- * error wins), or NULL with s->err set. Past query_timeout the statement is
- * cancelled (without blocking: see send_cancel) and given CANCEL_GRACE to
- * answer: a statement that completes anyway (a COMMIT waiting on a
- * synchronous standby commits locally when cancelled) returns its result, a
- * cancelled one fails (it rolled back), and one that does not answer has its
- * connection given up. s->unknown tells the caller whether a failure leaves
- * the statement's outcome unknown (it was sent, and no answer came). */
-static PGresult *collect(pg_store *s, PGconn *c)
-{
-    double deadline = now() + s->query_timeout;
-    PGresult *last = NULL;
-    int f, done;
-    s->unknown = true; /* from the first byte sent on */
-    s->sqlstate[0] = '\0';
-    while ((f = PQflush(c)) == 1)
-        if (wait_io(c, true, deadline) == 0)
-            break;
-    if (f < 0) {
-        conn_fail(s, c, "connection lost");
-        return NULL;
-    }
-    if (f == 1) {
-        /* Not all of it went out by the deadline: the server cannot have
-         * run it (a statement runs, and commits, only once its message is
-         * whole; the extended protocol's implicit commit waits for its
-         * Sync). The connection is given up with the rest unsent. */
-        drop_conn(s, c);
-        s->unknown = false;
-        fail(s, CS_EBACKEND, "query timed out before it was sent", NULL);
-        return NULL;
-    }
-    done = read_results(c, deadline, &last);
-    bool cancelled = false;
-    if (done == 0) {
-        send_cancel(c);
-        cancelled = true;
-        done = read_results(c, now() + CANCEL_GRACE, &last);
-        if (done == 1 && last && PQresultStatus(last) == PGRES_FATAL_ERROR) {
-            const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
-            bool by_cancel = code && strcmp(code, "57014") == 0;
-            s->unknown = false;
-            fail(s, CS_EBACKEND,
-                 by_cancel ? "query timed out (cancelled; not done)"
-                           : "query timed out, then failed",
-                 by_cancel ? NULL : PQresultErrorMessage(last));
-            PQclear(last);
-            return NULL;
-        }
-        if (done != 1) {
-            /* No answer within the grace: give the connection up. */
-            PQclear(last);
-            drop_conn(s, c);
-            fail(s, CS_EBACKEND,
-                 "query timed out; no answer, the connection was given up",
-                 NULL);
-            return NULL;
-        }
-        /* It completed after all, late: its result stands. */
-    }
-    if (cancelled && done == 1 && last &&
-        PQresultStatus(last) != PGRES_FATAL_ERROR) {
-        /* The cancel request may still be on its way and would hit the
-         * next statement: this connection is given up after its result
-         * (a transaction open on it then fails, and rolls back). */
-        ExecStatusType st = PQresultStatus(last);
-        if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-            drop_conn(s, c);
-            s->unknown = false;
-            return last;
-        }
-    }
-    if (done < 0) {
-        PQclear(last);
-        conn_fail(s, c, "connection lost");
-        return NULL;
-    }
-    s->unknown = false;
-    if (!last) {
-        conn_fail(s, c, "no result");
-        return NULL;
-    }
-    ExecStatusType st = PQresultStatus(last);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-        const char *code = PQresultErrorField(last, PG_DIAG_SQLSTATE);
-        const char *msg = PQresultErrorMessage(last);
-        snprintf(s->sqlstate, sizeof s->sqlstate, "%s", code ? code : "");
-        /* The cluster's notification queue is full: every NOTIFY fails
-         * until the listener holding it back reads (nothing was written). */
-        bool full =
-            code && strcmp(code, "54000") == 0 && strstr(msg, "NOTIFY queue");
-        fail(s, CS_EBACKEND,
-             full ? "the server's notification queue is full (a listener "
-                    "somewhere is not reading; see "
-                    "stats().notify_queue_usage): nothing was written"
-                  : "query failed",
-             msg);
-        PQclear(last);
-        return NULL;
-    }
-    return last;
-}
-
-/* Runs a statement whose result is not needed. */
-static int exec(pg_store *s, PGconn *c, const char *sql, int n,
-                const char *const *vals)
-{
-    PGresult *r = run(s, c, sql, n, vals);
-    if (!r)
-        return CS_EBACKEND;
-    PQclear(r);
-    return CS_OK;
-}
-
-/* The query connection, reconnected when it was lost. */
-/* A new connection within a call: bounded by connect_timeout and by the
- * call's own deadline (query_timeout), whichever is sooner, so that a call
- * that must reconnect during a network stall still returns in time. */
-static PGconn *connect_in_call(pg_store *s)
-{
-    double bound = s->query_timeout < s->connect_timeout ? s->query_timeout
-                                                         : s->connect_timeout;
-    double deadline = now() + bound;
-    PGconn *c = connect_db_mode(s, true);
-    if (!c || PQstatus(c) == CONNECTION_BAD)
-        return c;
-    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
-    while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
-        if (wait_io(c, st == PGRES_POLLING_WRITING, deadline) == 0) {
-            PQfinish(c);
-            return NULL; /* the caller says: cannot reconnect */
-        }
-        st = PQconnectPoll(c);
-    }
-    if (st == PGRES_POLLING_OK) {
-        PQsetnonblocking(c, 1); /* sends, too, wait no longer than collect */
-        PQsetNoticeReceiver(c, q_notice, s);
-    }
-    return c;
-}
-
-static PGconn *qconn(pg_store *s)
-{
-    if (s->q && PQstatus(s->q) == CONNECTION_OK)
-        return s->q;
-    /* Dropped after a statement that did not answer its cancel, or found
-     * dead: a fresh connection. */
-    PQfinish(s->q);
-    s->q = connect_in_call(s);
-    s->q_gen++;
-    if (s->q && PQstatus(s->q) == CONNECTION_OK) {
-        s->q_reconnects++;
-        return s->q;
-    }
-    if (s->q)
-        conn_fail(s, s->q, "cannot reconnect");
-    else
-        fail(s, CS_EBACKEND, "cannot reconnect: timed out", NULL);
-    PQfinish(s->q);
-    s->q = NULL;
-    return NULL;
-}
-
-/* For statements that are safe to send twice (reads, BEGIN, pg_notify) on
- * the query connection outside a transaction: when the connection turns out
- * to be dead (the server restarted since the last statement), reconnect and
- * try once more, instead of failing the caller for a connection that was
- * already gone. */
-static PGresult *run_on(pg_store *s, PGconn *c, int k, const char *sql, int n,
-                        const char *const *vals)
-{
-    return k < 0 ? run(s, c, sql, n, vals) : run_prepared(s, c, k, n, vals);
-}
-
-/* k: a PREP_* statement (sql unused), or -1 for sql run unprepared. */
-static PGresult *run_retry_k(pg_store *s, int k, const char *sql, int n,
-                             const char *const *vals)
-{
-    PGconn *c = qconn(s);
-    if (!c)
-        return NULL;
-    bool idle = PQtransactionStatus(c) == PQTRANS_IDLE;
-    PGresult *r = run_on(s, c, k, sql, n, vals);
-    /* Not after a timeout that dropped the connection (s->q is no longer
-     * c, and c is freed): that statement took too long, it is not retried. */
-    if (!r && idle && s->q == c && PQstatus(c) == CONNECTION_BAD &&
-        (c = qconn(s)))
-        r = run_on(s, c, k, sql, n, vals);
-    return r;
-}
-
-static PGresult *run_retry(pg_store *s, const char *sql, int n,
-                           const char *const *vals)
-{
-    return run_retry_k(s, -1, sql, n, vals);
-}
-
-/* The query connection for a statement that must not be sent twice (it
- * writes and commits on its own): a connection the server closed while it
- * sat idle (a restart) shows as readable EOF, so it is read first without
- * blocking and replaced if dead. What breaks after the send is reported,
- * not retried: the statement may have committed. */
-static PGconn *live_qconn(pg_store *s)
-{
-    PGconn *c = qconn(s);
-    if (!c || PQtransactionStatus(c) != PQTRANS_IDLE)
-        return c;
-    /* Idle, the server has nothing to say unless it is going away (a FATAL
-     * message, then EOF: read until both are seen or nothing is left). */
-    for (int i = 0; i < 8 && PQstatus(c) == CONNECTION_OK; i++) {
-        struct pollfd p = {.fd = PQsocket(c), .events = POLLIN};
-        if (poll(&p, 1, 0) <= 0)
-            break;
-        if (!PQconsumeInput(c))
-            break;
-    }
-    return PQstatus(c) == CONNECTION_OK ? c : qconn(s);
-}
-
-static int exec_retry(pg_store *s, const char *sql, int n,
-                      const char *const *vals)
-{
-    PGresult *r = run_retry(s, sql, n, vals);
-    if (!r)
-        return CS_EBACKEND;
-    PQclear(r);
-    return CS_OK;
-}
-
-/* Ends a failed transaction on the query connection, if it is still there
- * (a statement that timed out may have dropped it). */
-static void rollback(pg_store *s)
-{
-    PGconn *c = s->q;
-    if (c && PQstatus(c) == CONNECTION_OK &&
-        PQtransactionStatus(c) != PQTRANS_IDLE) {
-        char keep[sizeof s->err];
-        memcpy(keep, s->err, sizeof keep);
-        exec(s, c, "ROLLBACK", 0, NULL);
-        memcpy(s->err, keep, sizeof keep);
-    }
-}
-
-/* The query connection for a statement of its own: refused while the
- * store's transaction is open; a transaction left open on it (never by the
- * store: a statement that failed inside one) is rolled back first. */
-static int claim_q(pg_store *s)
-{
-    if (s->in_tx) {
-        snprintf(s->err, sizeof s->err,
-                 "a transaction is open (chat %" PRId64 ")", s->tx_chat);
-        return CS_EINVAL;
-    }
-    if (s->q && PQstatus(s->q) == CONNECTION_OK &&
-        PQtransactionStatus(s->q) != PQTRANS_IDLE)
-        rollback(s);
-    return CS_OK;
-}
-
-/* Opens a transaction on the query connection: refused while the store's
- * own one is open; never on top of a transaction left open on the
- * connection (BEGIN would only warn, and the work would join it). BEGIN is
- * the statement that may be resent on a fresh connection. */
-static int begin_tx(pg_store *s)
-{
-    int rc = claim_q(s);
-    return rc < 0 ? rc : exec_retry(s, "BEGIN", 0, NULL);
-}
-
-/* COMMIT, reporting a transaction the server rolled back instead (an aborted
- * one answers COMMIT with ROLLBACK and no error). Rolls back on failure. */
-static int commit_tx(pg_store *s)
-{
-    int rc = CS_OK;
-    if (!s->q || PQtransactionStatus(s->q) != PQTRANS_INTRANS)
-        rc = fail(s, CS_EBACKEND, "transaction aborted, rolled back", NULL);
-    if (rc == CS_OK) {
-        PGresult *r = run(s, s->q, "COMMIT", 0, NULL);
-        if (!r)
-            rc = write_failed(s);
-        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
-            rc = fail(s, CS_EBACKEND, "transaction rolled back", NULL);
-        PQclear(r);
-    }
-    if (rc < 0)
-        rollback(s);
-    return rc;
-}
-
-static void i64s(char *buf, int64_t v)
-{
-    snprintf(buf, 24, "%" PRId64, v);
-}
-
-static bool col_id(PGresult *r, int row, int col, int64_t *out)
-{
-    if (PQgetisnull(r, row, col))
-        return false;
-    const char *v = PQgetvalue(r, row, col);
-    return cs_parse_id(v, strlen(v), out);
-}
-
-static void channel_of(pg_store *s, int64_t chat_id, char *buf, size_t cap)
-{
-    snprintf(buf, cap, "%s%" PRId64, s->prefix, chat_id);
 }
 
 /* ---- migrations -----------------------------------------------------------
@@ -854,17 +192,18 @@ static const char *const migrations[] = {
 static int p_migrate(void *st)
 {
     pg_store *s = st;
-    PGconn *c = qconn(s);
+    PGconn *c = pg_qconn(s);
     if (!c)
         return CS_EBACKEND;
     char sql[4096], key[96];
     const char *vals[1] = {key};
     snprintf(key, sizeof key, "chatstream.migrate:%s", s->schema);
-    int rc = exec_retry(s, "BEGIN", 0, NULL);
+    int rc = pg_exec_retry(s, "BEGIN", 0, NULL);
     c = s->q;
     /* One migrator per schema at a time, across processes. */
     if (rc == CS_OK)
-        rc = exec(s, c, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, vals);
+        rc = pg_exec(s, c, "SELECT pg_advisory_xact_lock(hashtext($1))", 1,
+                     vals);
     if (rc == CS_OK) {
         snprintf(sql, sizeof sql,
                  "CREATE SCHEMA IF NOT EXISTS %s;"
@@ -872,40 +211,40 @@ static int p_migrate(void *st)
                  " version int PRIMARY KEY,"
                  " applied_at timestamptz NOT NULL DEFAULT now())",
                  s->schema, s->schema);
-        rc = exec(s, c, sql, 0, NULL);
+        rc = pg_exec(s, c, sql, 0, NULL);
     }
     int64_t have = 0;
     if (rc == CS_OK) {
         snprintf(sql, sizeof sql,
                  "SELECT coalesce(max(version), 0) FROM %s.schema_migrations",
                  s->schema);
-        PGresult *r = run(s, c, sql, 0, NULL);
-        if (!r || PQntuples(r) != 1 || !col_id(r, 0, 0, &have))
-            rc = r ? fail(s, CS_EBACKEND, "bad schema_migrations", NULL)
+        PGresult *r = pg_run(s, c, sql, 0, NULL);
+        if (!r || PQntuples(r) != 1 || !pg_col_id(r, 0, 0, &have))
+            rc = r ? pg_fail(s, CS_EBACKEND, "bad schema_migrations", NULL)
                    : CS_EBACKEND;
         PQclear(r);
     }
     int64_t n = (int64_t)(sizeof migrations / sizeof *migrations);
     if (rc == CS_OK && have > n)
-        rc = fail(s, CS_EBACKEND, "the schema is newer than this chatstream",
-                  NULL);
+        rc = pg_fail(s, CS_EBACKEND, "the schema is newer than this chatstream",
+                     NULL);
     for (int64_t v = have + 1; rc == CS_OK && v <= n; v++) {
         snprintf(sql, sizeof sql, migrations[v - 1], s->schema);
-        rc = exec(s, c, sql, 0, NULL);
+        rc = pg_exec(s, c, sql, 0, NULL);
         if (rc == CS_OK) {
             char ver[24];
             const char *vv[1] = {ver};
-            i64s(ver, v);
+            pg_i64s(ver, v);
             snprintf(sql, sizeof sql,
                      "INSERT INTO %s.schema_migrations (version) VALUES ($1)",
                      s->schema);
-            rc = exec(s, c, sql, 1, vv);
+            rc = pg_exec(s, c, sql, 1, vv);
         }
     }
     if (rc == CS_OK)
-        rc = exec(s, c, "COMMIT", 0, NULL);
+        rc = pg_exec(s, c, "COMMIT", 0, NULL);
     if (rc < 0)
-        rollback(s);
+        pg_rollback(s);
     return rc;
 }
 
@@ -930,17 +269,17 @@ static int p_create_chat(void *st, const char *owner, const char *title,
                            key ? key : ""};
     /* In a transaction whose BEGIN may be retried on a fresh connection: an
      * INSERT alone could not be sent twice safely. */
-    int rc = exec_retry(s, "BEGIN", 0, NULL);
-    PGresult *r = rc == CS_OK ? run(s, s->q, sql, 3, vals) : NULL;
+    int rc = pg_exec_retry(s, "BEGIN", 0, NULL);
+    PGresult *r = rc == CS_OK ? pg_run(s, s->q, sql, 3, vals) : NULL;
     if (rc == CS_OK && !r)
         rc = CS_EBACKEND;
-    if (rc == CS_OK && !(PQntuples(r) == 1 && col_id(r, 0, 0, chat_id)))
-        rc = fail(s, CS_EBACKEND, "bad chat id returned", NULL);
+    if (rc == CS_OK && !(PQntuples(r) == 1 && pg_col_id(r, 0, 0, chat_id)))
+        rc = pg_fail(s, CS_EBACKEND, "bad chat id returned", NULL);
     PQclear(r);
     if (rc == CS_OK)
-        rc = commit_tx(s);
+        rc = pg_commit_tx(s);
     if (rc < 0)
-        rollback(s);
+        pg_rollback(s);
     return rc;
 }
 
@@ -965,19 +304,19 @@ static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row)
     memset(row, 0, sizeof *row);
     const char *status = PQgetvalue(r, i, 3);
     int st = cs_status_parse(status, strlen(status));
-    if (!col_id(r, i, 0, &row->id) || !col_id(r, i, 4, &row->version) ||
-        !col_id(r, i, 7, &row->last_message_id) || st < 0 ||
+    if (!pg_col_id(r, i, 0, &row->id) || !pg_col_id(r, i, 4, &row->version) ||
+        !pg_col_id(r, i, 7, &row->last_message_id) || st < 0 ||
         PQgetisnull(r, i, 1) || PQgetisnull(r, i, 2) || PQgetisnull(r, i, 5) ||
         PQgetlength(r, i, 1) > CS_NAME_MAX ||
         PQgetlength(r, i, 2) > CS_TITLE_MAX ||
         PQgetlength(r, i, 5) > CS_NAME_MAX)
         /* Never cut a name short: a prefix of the owner is not the owner. */
-        return fail(s, CS_EBACKEND, "bad chat row", NULL);
+        return pg_fail(s, CS_EBACKEND, "bad chat row", NULL);
     row->status = (cs_status)st;
     if (PQgetisnull(r, i, 6))
         row->heartbeat_age = -1;
     else if (!col_usec(r, i, 6, &row->heartbeat_age))
-        return fail(s, CS_EBACKEND, "bad chat row", NULL);
+        return pg_fail(s, CS_EBACKEND, "bad chat row", NULL);
     else if (row->heartbeat_age < 0)
         row->heartbeat_age = 0; /* the server's clock stepped back */
     snprintf(row->owner, sizeof row->owner, "%s", PQgetvalue(r, i, 1));
@@ -1000,9 +339,9 @@ static int push_msg(pg_store *s, PGresult *r, int i, int col, int64_t chat_id,
     int64_t id, prev;
     const char *role = PQgetvalue(r, i, col + 2);
     int ro = cs_role_parse(role, strlen(role));
-    if (!col_id(r, i, col, &id) || !col_id(r, i, col + 1, &prev) || ro < 0 ||
-        PQgetisnull(r, i, col + 3))
-        return fail(s, CS_EBACKEND, "bad message row", NULL);
+    if (!pg_col_id(r, i, col, &id) || !pg_col_id(r, i, col + 1, &prev) ||
+        ro < 0 || PQgetisnull(r, i, col + 3))
+        return pg_fail(s, CS_EBACKEND, "bad message row", NULL);
     cs_msg *m = cs_msg_new(
         id, chat_id, prev, (cs_role)ro, PQgetvalue(r, i, col + 3),
         (size_t)PQgetlength(r, i, col + 3), PQgetvalue(r, i, col + 4));
@@ -1030,10 +369,10 @@ static int tx_check(pg_store *s, int64_t chat_id)
     }
     PGconn *c = s->q;
     if (!c || PQstatus(c) != CONNECTION_OK)
-        return conn_fail(s, c, "transaction lost");
+        return pg_conn_fail(s, c, "transaction lost");
     if (PQtransactionStatus(c) == PQTRANS_IDLE)
-        return fail(s, CS_EBACKEND,
-                    "transaction lost (the connection was reset)", NULL);
+        return pg_fail(s, CS_EBACKEND,
+                       "transaction lost (the connection was reset)", NULL);
     return CS_OK;
 }
 
@@ -1049,9 +388,9 @@ static int p_chat_get(void *st, int64_t chat_id, cs_chat_row *row)
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
              "SELECT " CHAT_COLS " FROM %1$s.chats WHERE id = $1", s->schema);
-    i64s(chat, chat_id);
+    pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
-    PGresult *r = run_retry(s, sql, 1, vals);
+    PGresult *r = pg_run_retry(s, sql, 1, vals);
     if (!r)
         return CS_EBACKEND;
     int rc = PQntuples(r) == 1 ? chat_row(s, r, 0, row) : no_chat(s, chat_id);
@@ -1068,13 +407,13 @@ static int p_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     snprintf(sql, sizeof sql,
              "SELECT " CHAT_COLS " FROM %1$s.chats WHERE id = $1 FOR UPDATE",
              s->schema);
-    i64s(chat, chat_id);
+    pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
-    int rc = begin_tx(s);
+    int rc = pg_begin_tx(s);
     if (rc == CS_EINVAL)
         return rc;
     if (rc == CS_OK) {
-        PGresult *r = run(s, s->q, sql, 1, vals);
+        PGresult *r = pg_run(s, s->q, sql, 1, vals);
         if (!r)
             rc = CS_EBACKEND;
         else if (PQntuples(r) != 1)
@@ -1084,7 +423,7 @@ static int p_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
         PQclear(r);
     }
     if (rc < 0) {
-        rollback(s);
+        pg_rollback(s);
         return rc;
     }
     s->in_tx = true;
@@ -1096,8 +435,8 @@ static int p_tx_end(void *st, bool commit)
 {
     pg_store *s = st;
     if (!s->in_tx) {
-        rollback(s);
-        return fail(s, CS_EINVAL, "no transaction is open", NULL);
+        pg_rollback(s);
+        return pg_fail(s, CS_EINVAL, "no transaction is open", NULL);
     }
     /* Not a COMMIT on a connection reset since BEGIN: it would "succeed",
      * and not on an aborted transaction: it would roll back and say OK. */
@@ -1105,14 +444,14 @@ static int p_tx_end(void *st, bool commit)
     s->in_tx = false;
     s->tx_chat = 0;
     if (!commit) {
-        rollback(s);
+        pg_rollback(s);
         return CS_OK;
     }
     if (rc < 0) {
-        rollback(s);
+        pg_rollback(s);
         return rc;
     }
-    return commit_tx(s);
+    return pg_commit_tx(s);
 }
 
 static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
@@ -1125,23 +464,23 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
     char sql[SQL_MAX], chat[24], prev[24], last[24];
     size_t base = out->n;
     int64_t prev_id = row->last_message_id;
-    i64s(chat, row->id);
+    pg_i64s(chat, row->id);
     snprintf(sql, sizeof sql,
              "INSERT INTO %1$s.messages (chat_id, role, content, prev_id, tool)"
              " VALUES ($1, $2, $3, $4, $5) RETURNING id",
              s->schema);
     for (size_t i = 0; rc == CS_OK && i < n; i++) {
-        i64s(prev, prev_id);
+        pg_i64s(prev, prev_id);
         const char *content = msgs[i].content ? msgs[i].content : "";
         const char *tool = msgs[i].tool ? msgs[i].tool : "";
         const char *vals[5] = {chat, cs_role_name(msgs[i].role), content, prev,
                                tool};
-        PGresult *r = run(s, s->q, sql, 5, vals);
+        PGresult *r = pg_run(s, s->q, sql, 5, vals);
         int64_t id;
         if (!r) {
             rc = CS_EBACKEND;
-        } else if (PQntuples(r) != 1 || !col_id(r, 0, 0, &id)) {
-            rc = fail(s, CS_EBACKEND, "bad message id returned", NULL);
+        } else if (PQntuples(r) != 1 || !pg_col_id(r, 0, 0, &id)) {
+            rc = pg_fail(s, CS_EBACKEND, "bad message id returned", NULL);
         } else {
             cs_msg *m = cs_msg_new(id, row->id, prev_id, msgs[i].role, content,
                                    msgs[i].content_len, tool);
@@ -1158,9 +497,9 @@ static int p_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
                  "UPDATE %1$s.chats SET last_message_id = $2, "
                  "updated_at = now() WHERE id = $1",
                  s->schema);
-        i64s(last, prev_id);
+        pg_i64s(last, prev_id);
         const char *vals[2] = {chat, last};
-        rc = exec(s, s->q, sql, 2, vals);
+        rc = pg_exec(s, s->q, sql, 2, vals);
     }
     if (rc < 0) {
         unpush_msgs(out, base); /* the caller rolls back */
@@ -1185,9 +524,9 @@ static int p_tx_key_get(void *st, int64_t chat_id, const char *key,
              "unnest(k.ids) WITH ORDINALITY AS i(id, n) "
              "WHERE k.chat_id = $1 AND k.key = $2 ORDER BY i.n",
              s->schema);
-    i64s(chat, chat_id);
+    pg_i64s(chat, chat_id);
     const char *vals[2] = {chat, key};
-    PGresult *r = run(s, s->q, sql, 2, vals);
+    PGresult *r = pg_run(s, s->q, sql, 2, vals);
     if (!r)
         return CS_EBACKEND;
     int n = PQntuples(r);
@@ -1195,8 +534,8 @@ static int p_tx_key_get(void *st, int64_t chat_id, const char *key,
     if (n > 0 && !(out->ids = malloc((size_t)n * sizeof *out->ids)))
         rc = CS_ENOMEM;
     for (int i = 0; rc == CS_OK && i < n; i++)
-        if (!col_id(r, i, 0, &out->ids[i]))
-            rc = fail(s, CS_EBACKEND, "bad idempotency row", NULL);
+        if (!pg_col_id(r, i, 0, &out->ids[i]))
+            rc = pg_fail(s, CS_EBACKEND, "bad idempotency row", NULL);
     out->n = (size_t)n;
     out->queued = n > 0 && PQgetvalue(r, 0, 1)[0] == 't';
     if (n > 0) {
@@ -1204,7 +543,7 @@ static int p_tx_key_get(void *st, int64_t chat_id, const char *key,
         char *end;
         long long v = strtoll(PQgetvalue(r, 0, 2), &end, 10);
         if (errno || *end)
-            rc = fail(s, CS_EBACKEND, "bad idempotency row", NULL);
+            rc = pg_fail(s, CS_EBACKEND, "bad idempotency row", NULL);
         out->request = (uint64_t)v;
     }
     PQclear(r);
@@ -1240,11 +579,11 @@ static int p_tx_key_put(void *st, int64_t chat_id, const char *key,
              "INSERT INTO %s.idempotency_keys (chat_id, key, ids, queued, "
              "request) VALUES ($1, $2, $3::bigint[], $4::boolean, $5)",
              s->schema);
-    i64s(chat, chat_id);
+    pg_i64s(chat, chat_id);
     char req[24];
     snprintf(req, sizeof req, "%lld", (long long)(int64_t)res->request);
     const char *vals[5] = {chat, key, arr, res->queued ? "true" : "false", req};
-    rc = exec(s, s->q, sql, 5, vals);
+    rc = pg_exec(s, s->q, sql, 5, vals);
     free(arr);
     return rc;
 }
@@ -1278,7 +617,7 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
 {
     pg_store *s = st;
     *committed = 0;
-    int rc = claim_q(s);
+    int rc = pg_claim_q(s);
     if (rc < 0)
         return rc;
     const char *content = msg->content ? msg->content : "";
@@ -1291,8 +630,8 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
             : body  ? PREP_APPEND_BODY
                     : PREP_APPEND_NOTIFY;
     char chat[24], channel[128], head[16], rest[40 + CS_MAX_TOOL];
-    i64s(chat, chat_id);
-    channel_of(s, chat_id, channel, sizeof channel);
+    pg_i64s(chat, chat_id);
+    pg_channel_of(s, chat_id, channel, sizeof channel);
     /* The hint's head and, for a body, what follows the ids, exactly as
      * cs_payload_encode writes them (a spec compares the two). */
     snprintf(head, sizeof head, "%d:%c:", CS_PAYLOAD_VERSION, body ? 'M' : 'm');
@@ -1308,19 +647,19 @@ static int p_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
                            channel,
                            head,
                            rest};
-    PGconn *c = live_qconn(s);
+    PGconn *c = pg_live_qconn(s);
     if (!c)
         return CS_EBACKEND;
-    PGresult *r = run_prepared(s, c, k, !notify ? 5 : body ? 8 : 7, vals);
+    PGresult *r = pg_run_prepared(s, c, k, !notify ? 5 : body ? 8 : 7, vals);
     int64_t id = 0, prev = 0;
     if (!r)
-        rc = write_failed(s);
+        rc = pg_write_failed(s);
     else if (PQntuples(r) != 1 && worker && *worker)
         rc = not_on_worker(s, chat_id, worker);
     else if (PQntuples(r) != 1)
         rc = no_chat(s, chat_id);
-    else if (!col_id(r, 0, 0, &id) || !col_id(r, 0, 1, &prev))
-        rc = fail(s, CS_EBACKEND, "bad message id returned", NULL);
+    else if (!pg_col_id(r, 0, 0, &id) || !pg_col_id(r, 0, 1, &prev))
+        rc = pg_fail(s, CS_EBACKEND, "bad message id returned", NULL);
     PQclear(r);
     if (rc < 0)
         return rc;
@@ -1348,11 +687,11 @@ static int p_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
              "WHEN $5::boolean THEN clock_timestamp() ELSE heartbeat_at END, "
              "updated_at = now() WHERE id = $1::bigint",
              s->schema);
-    i64s(chat, row->id);
-    i64s(version, row->version);
+    pg_i64s(chat, row->id);
+    pg_i64s(version, row->version);
     const char *vals[5] = {chat, cs_status_name(row->status), version,
                            row->worker, heartbeat ? "t" : "f"};
-    PGresult *r = run(s, s->q, sql, 5, vals);
+    PGresult *r = pg_run(s, s->q, sql, 5, vals);
     if (!r)
         return CS_EBACKEND;
     rc = one_row(r) ? CS_OK : no_chat(s, row->id);
@@ -1373,9 +712,9 @@ static int p_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
              "%1$s.messages WHERE chat_id = $1 AND role = 'user'), 0) "
              "ORDER BY id",
              s->schema);
-    i64s(chat, chat_id);
+    pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
-    PGresult *r = run(s, s->q, sql, 1, vals);
+    PGresult *r = pg_run(s, s->q, sql, 1, vals);
     if (!r)
         return CS_EBACKEND;
     size_t base = out->n;
@@ -1409,7 +748,7 @@ static int p_queue_list(void *st, int64_t chat_id, cs_queue *out)
              "FROM %1$s.chats c LEFT JOIN %1$s.queued_messages q "
              "ON q.chat_id = c.id WHERE c.id = $1 ORDER BY q.position, q.id",
              s->schema);
-    i64s(chat, chat_id);
+    pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
     PGresult *r;
     if (s->in_tx || (s->q && PQstatus(s->q) == CONNECTION_OK &&
@@ -1417,9 +756,9 @@ static int p_queue_list(void *st, int64_t chat_id, cs_queue *out)
         int rc = s->in_tx ? tx_check(s, s->tx_chat) : CS_OK;
         if (rc < 0)
             return rc;
-        r = run(s, s->q, sql, 1, vals);
+        r = pg_run(s, s->q, sql, 1, vals);
     } else {
-        r = run_retry(s, sql, 1, vals);
+        r = pg_run_retry(s, sql, 1, vals);
     }
     if (!r)
         return CS_EBACKEND;
@@ -1430,8 +769,8 @@ static int p_queue_list(void *st, int64_t chat_id, cs_queue *out)
         double created;
         if (PQgetisnull(r, i, 0))
             continue; /* the chat exists, its queue is empty */
-        if (!col_id(r, i, 0, &id) || !col_usec(r, i, 3, &created)) {
-            rc = fail(s, CS_EBACKEND, "bad queue row", NULL);
+        if (!pg_col_id(r, i, 0, &id) || !col_usec(r, i, 3, &created)) {
+            rc = pg_fail(s, CS_EBACKEND, "bad queue row", NULL);
             break;
         }
         rc = cs_queue_push(out, id, PQgetvalue(r, i, 1),
@@ -1460,13 +799,13 @@ static int p_tx_queue_add(void *st, int64_t chat_id, const char *actor,
              "(SELECT coalesce(max(position), 0) + 1 FROM %1$s.queued_messages "
              "WHERE chat_id = $1::bigint)) RETURNING id",
              s->schema);
-    i64s(chat, chat_id);
+    pg_i64s(chat, chat_id);
     const char *vals[3] = {chat, content ? content : "", actor ? actor : ""};
-    PGresult *r = run(s, s->q, sql, 3, vals);
+    PGresult *r = pg_run(s, s->q, sql, 3, vals);
     if (!r)
         return CS_EBACKEND;
-    if (PQntuples(r) != 1 || !col_id(r, 0, 0, qid))
-        rc = fail(s, CS_EBACKEND, "bad queue id returned", NULL);
+    if (PQntuples(r) != 1 || !pg_col_id(r, 0, 0, qid))
+        rc = pg_fail(s, CS_EBACKEND, "bad queue id returned", NULL);
     PQclear(r);
     return rc;
 }
@@ -1481,10 +820,10 @@ static int queue_item_cmd(pg_store *s, const char *fmt, int64_t chat_id,
         return rc;
     char sql[SQL_MAX], chat[24], item[24];
     snprintf(sql, sizeof sql, fmt, s->schema);
-    i64s(chat, chat_id);
-    i64s(item, qid);
+    pg_i64s(chat, chat_id);
+    pg_i64s(item, qid);
     const char *vals[2] = {chat, item};
-    PGresult *r = run(s, s->q, sql, 2, vals);
+    PGresult *r = pg_run(s, s->q, sql, 2, vals);
     if (!r)
         return CS_EBACKEND;
     rc = one_row(r);
@@ -1535,18 +874,18 @@ static int p_stale_interrupted(void *st, double stale_after, size_t limit,
              "< clock_timestamp() - $2::bigint * interval '1 microsecond') "
              "ORDER BY updated_at, id LIMIT $1::bigint",
              s->schema);
-    i64s(lim, (int64_t)limit);
-    i64s(stale, stale_usec(stale_after));
+    pg_i64s(lim, (int64_t)limit);
+    pg_i64s(stale, stale_usec(stale_after));
     const char *vals[2] = {lim, stale};
     if (s->in_tx)
-        return fail(s, CS_EINVAL, "a transaction is open", NULL);
-    PGresult *r = run_retry(s, sql, 2, vals);
+        return pg_fail(s, CS_EINVAL, "a transaction is open", NULL);
+    PGresult *r = pg_run_retry(s, sql, 2, vals);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r), rc = CS_OK;
     for (int i = 0; i < rows && (size_t)i < limit; i++) {
-        if (!col_id(r, i, 0, &ids[i])) {
-            rc = fail(s, CS_EBACKEND, "bad chat id", NULL);
+        if (!pg_col_id(r, i, 0, &ids[i])) {
+            rc = pg_fail(s, CS_EBACKEND, "bad chat id", NULL);
             break;
         }
         *n = (size_t)i + 1;
@@ -1585,19 +924,19 @@ static int p_acquire(void *st, const char *worker, size_t limit,
         "SELECT id, owner, title, status, version, worker_id, 0::bigint, "
         "last_message_id FROM u ORDER BY picked, id",
         s->schema);
-    i64s(lim, (int64_t)limit);
-    i64s(stale, stale_us);
+    pg_i64s(lim, (int64_t)limit);
+    pg_i64s(stale, stale_us);
     const char *vals[3] = {worker ? worker : "", lim, stale};
-    int rc = begin_tx(s);
+    int rc = pg_begin_tx(s);
     if (rc == CS_EINVAL)
         return rc;
     size_t got = 0;
     if (rc == CS_OK) {
-        PGresult *r = run(s, s->q, sql, 3, vals);
+        PGresult *r = pg_run(s, s->q, sql, 3, vals);
         if (!r) {
             rc = CS_EBACKEND;
         } else if ((size_t)PQntuples(r) > limit) {
-            rc = fail(s, CS_EBACKEND, "too many chats acquired", NULL);
+            rc = pg_fail(s, CS_EBACKEND, "too many chats acquired", NULL);
         } else {
             got = (size_t)PQntuples(r);
             for (size_t i = 0; rc == CS_OK && i < got; i++)
@@ -1605,9 +944,9 @@ static int p_acquire(void *st, const char *worker, size_t limit,
         }
         PQclear(r);
     }
-    rc = rc == CS_OK ? commit_tx(s) : rc;
+    rc = rc == CS_OK ? pg_commit_tx(s) : rc;
     if (rc < 0) {
-        rollback(s);
+        pg_rollback(s);
         return rc;
     }
     *n = got;
@@ -1618,15 +957,15 @@ static int p_messages_after(void *st, int64_t chat_id, int64_t after,
                             size_t limit, cs_msglist *out)
 {
     pg_store *s = st;
-    PGconn *c = qconn(s);
+    PGconn *c = pg_qconn(s);
     if (!c)
         return CS_EBACKEND;
     char chat[24], aft[24], lim[24];
-    i64s(chat, chat_id);
-    i64s(aft, after);
-    i64s(lim, limit ? (int64_t)limit : INT64_MAX);
+    pg_i64s(chat, chat_id);
+    pg_i64s(aft, after);
+    pg_i64s(lim, limit ? (int64_t)limit : INT64_MAX);
     const char *vals[3] = {chat, aft, lim};
-    PGresult *r = run_retry_k(s, PREP_AFTER, NULL, 3, vals);
+    PGresult *r = pg_run_retry_k(s, PREP_AFTER, NULL, 3, vals);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r), rc = rows == 0 ? no_chat(s, chat_id) : CS_OK;
@@ -1648,15 +987,15 @@ static int p_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
                       cs_chat_row *row, cs_queue *queue, cs_msglist *msgs)
 {
     pg_store *s = st;
-    int rc = claim_q(s);
+    int rc = pg_claim_q(s);
     if (rc < 0)
         return rc;
     char chat[24], aft[24], lim[24];
-    i64s(chat, chat_id);
-    i64s(aft, after);
-    i64s(lim, limit ? (int64_t)limit : INT64_MAX);
+    pg_i64s(chat, chat_id);
+    pg_i64s(aft, after);
+    pg_i64s(lim, limit ? (int64_t)limit : INT64_MAX);
     const char *vals[3] = {chat, aft, lim};
-    PGresult *r = run_retry_k(s, PREP_SNAPSHOT, NULL, 3, vals);
+    PGresult *r = pg_run_retry_k(s, PREP_SNAPSHOT, NULL, 3, vals);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r);
@@ -1670,8 +1009,8 @@ static int p_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
         } else if (k[0] == '1') {
             int64_t id;
             double created;
-            if (!col_id(r, i, 13, &id) || !col_usec(r, i, 16, &created))
-                rc = fail(s, CS_EBACKEND, "bad queue row", NULL);
+            if (!pg_col_id(r, i, 13, &id) || !col_usec(r, i, 16, &created))
+                rc = pg_fail(s, CS_EBACKEND, "bad queue row", NULL);
             else
                 rc = cs_queue_push(queue, id, PQgetvalue(r, i, 14),
                                    (size_t)PQgetlength(r, i, 14),
@@ -1722,13 +1061,13 @@ static int p_chats_state(void *st, const int64_t *ids, size_t n,
 {
     pg_store *s = st;
     *nout = 0;
-    int rc = claim_q(s);
+    int rc = pg_claim_q(s);
     if (rc < 0)
         return rc;
     if (n == 0)
         return CS_OK;
     if (n > CS_POLL_CHUNK)
-        return fail(s, CS_EINVAL, "too many chats for one state read", NULL);
+        return pg_fail(s, CS_EINVAL, "too many chats for one state read", NULL);
     /* The ids as an array literal: "{1,2,...}". */
     size_t cap = n * 21 + 3, o = 0;
     char *arr = malloc(cap);
@@ -1741,21 +1080,22 @@ static int p_chats_state(void *st, const int64_t *ids, size_t n,
     arr[o++] = '}';
     arr[o] = '\0';
     const char *vals[1] = {arr};
-    PGresult *r = run_retry_k(s, PREP_STATE, NULL, 1, vals);
+    PGresult *r = pg_run_retry_k(s, PREP_STATE, NULL, 1, vals);
     free(arr);
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r);
     if ((size_t)rows > n)
-        rc = fail(s, CS_EBACKEND, "too many chat states returned", NULL);
+        rc = pg_fail(s, CS_EBACKEND, "too many chat states returned", NULL);
     for (int i = 0; rc == CS_OK && i < rows; i++) {
         cs_chat_state *c = &out[i];
         const char *status = PQgetvalue(r, i, 3);
         int sv = cs_status_parse(status, strlen(status));
-        if (!col_id(r, i, 0, &c->id) || !col_id(r, i, 1, &c->last_message_id) ||
-            !col_id(r, i, 2, &c->version) || sv < 0 ||
+        if (!pg_col_id(r, i, 0, &c->id) ||
+            !pg_col_id(r, i, 1, &c->last_message_id) ||
+            !pg_col_id(r, i, 2, &c->version) || sv < 0 ||
             !queue_sig_of(r, i, 4, &c->queue_sig))
-            rc = fail(s, CS_EBACKEND, "bad chat state row", NULL);
+            rc = pg_fail(s, CS_EBACKEND, "bad chat state row", NULL);
         c->status = (cs_status)sv;
     }
     PQclear(r);
@@ -1771,14 +1111,14 @@ static int p_chats_state(void *st, const int64_t *ids, size_t n,
 static int p_notify(void *st, int64_t chat_id, const char *payload, size_t len)
 {
     pg_store *s = st;
-    PGconn *c = qconn(s);
+    PGconn *c = pg_qconn(s);
     if (!c)
         return CS_EBACKEND;
     (void)len;
     char channel[128];
-    channel_of(s, chat_id, channel, sizeof channel);
+    pg_channel_of(s, chat_id, channel, sizeof channel);
     const char *vals[2] = {channel, payload};
-    return exec_retry(s, "SELECT pg_notify($1, $2)", 2, vals);
+    return pg_exec_retry(s, "SELECT pg_notify($1, $2)", 2, vals);
 }
 
 /* "1:p:<last_message_id>:" takes at most 4 + 19 + 1 bytes. */
@@ -1799,13 +1139,13 @@ static int p_notify_part(void *st, int64_t chat_id, const char *text,
              "SELECT pg_notify($1, '1:p:' || last_message_id || ':' || "
              "$2::text) FROM %1$s.chats WHERE id = $3",
              s->schema);
-    channel_of(s, chat_id, channel, sizeof channel);
-    i64s(chat, chat_id);
+    pg_channel_of(s, chat_id, channel, sizeof channel);
+    pg_i64s(chat, chat_id);
     const char *vals[3] = {channel, text ? text : "", chat};
     /* Not retried: a part that went out before the connection broke would
      * go out twice (a lost part is acceptable, a repeated one is not). */
-    PGconn *c = qconn(s);
-    PGresult *r = c ? run(s, c, sql, 3, vals) : NULL;
+    PGconn *c = pg_qconn(s);
+    PGresult *r = c ? pg_run(s, c, sql, 3, vals) : NULL;
     if (!r)
         return CS_EBACKEND;
     int rc = PQntuples(r) == 1 ? CS_OK : no_chat(s, chat_id);
@@ -1818,9 +1158,9 @@ static int p_notify_part(void *st, int64_t chat_id, const char *text,
 static int listen_cmd(pg_store *s, const char *verb, int64_t chat_id)
 {
     char channel[128], sql[200];
-    channel_of(s, chat_id, channel, sizeof channel);
+    pg_channel_of(s, chat_id, channel, sizeof channel);
     snprintf(sql, sizeof sql, "%s \"%s\"", verb, channel);
-    return exec(s, s->l, sql, 0, NULL);
+    return pg_exec(s, s->l, sql, 0, NULL);
 }
 
 /* ---- the listener thread ----------------------------------------------------
@@ -1942,7 +1282,7 @@ static bool thread_exec(PGconn *c, const char *sql, double deadline, int *pid)
         return false;
     int f;
     while ((f = PQflush(c)) == 1)
-        if (wait_io(c, true, deadline) <= 0)
+        if (pg_wait_io(c, true, deadline) <= 0)
             return false;
     if (f < 0)
         return false;
@@ -1950,7 +1290,7 @@ static bool thread_exec(PGconn *c, const char *sql, double deadline, int *pid)
     PGresult *r;
     for (;;) {
         while (PQisBusy(c))
-            if (wait_io(c, false, deadline) <= 0 || !PQconsumeInput(c))
+            if (pg_wait_io(c, false, deadline) <= 0 || !PQconsumeInput(c))
                 return false;
         if (!(r = PQgetResult(c)))
             break;
@@ -1977,19 +1317,19 @@ static bool thread_install(pg_store *s, PGconn *c)
     size_t o = (size_t)snprintf(sql, cap, "SELECT pg_backend_pid();");
     for (size_t i = 0; i < s->listening.n; i++) {
         char channel[128];
-        channel_of(s, s->listening.ids[i], channel, sizeof channel);
+        pg_channel_of(s, s->listening.ids[i], channel, sizeof channel);
         o += (size_t)snprintf(sql + o, cap - o, "LISTEN \"%s\";", channel);
     }
     int pid = -1;
     PQsetnonblocking(c, 1);
-    PQsetNoticeReceiver(c, q_notice, s); /* it takes lmu itself */
+    PQsetNoticeReceiver(c, pg_q_notice, s); /* it takes lmu itself */
     pthread_mutex_unlock(&s->lmu);
-    bool ok = thread_exec(c, sql, now() + s->connect_timeout, &pid);
+    bool ok = thread_exec(c, sql, pg_now() + s->connect_timeout, &pid);
     pthread_mutex_lock(&s->lmu);
     free(sql);
     if (!ok || s->l || s->lstop)
         return false;
-    PQsetNoticeReceiver(c, l_notice, s);
+    PQsetNoticeReceiver(c, pg_l_notice, s);
     s->l = c;
     s->l_pid = pid;
     s->l_reconnects++;
@@ -2004,7 +1344,7 @@ static void thread_backoff(pg_store *s)
     s->backoff = s->backoff ? s->backoff * 2 : BACKOFF_MIN;
     if (s->backoff > BACKOFF_MAX)
         s->backoff = BACKOFF_MAX;
-    s->retry_at = now() + s->backoff;
+    s->retry_at = pg_now() + s->backoff;
 }
 
 static int poll_ms(double seconds)
@@ -2038,16 +1378,16 @@ static void *listener_main(void *arg)
             p[1] = (struct pollfd){
                 .fd = PQsocket(c),
                 .events = cst == PGRES_POLLING_READING ? POLLIN : POLLOUT};
-            ms = poll_ms(c_deadline - now());
+            ms = poll_ms(c_deadline - pg_now());
         } else if (s->listening.n > 0) {
-            double wait = s->retry_at - now();
+            double wait = s->retry_at - pg_now();
             if (wait <= 0) {
                 /* Started without lmu: resolving a host name may block. */
                 pthread_mutex_unlock(&s->lmu);
-                c = connect_db_mode(s, true);
+                c = pg_connect_db_mode(s, true);
                 pthread_mutex_lock(&s->lmu);
                 cst = PGRES_POLLING_WRITING;
-                c_deadline = now() + s->connect_timeout;
+                c_deadline = pg_now() + s->connect_timeout;
                 if (!c || PQstatus(c) == CONNECTION_BAD) {
                     PQfinish(c);
                     c = NULL;
@@ -2074,7 +1414,7 @@ static void *listener_main(void *arg)
                     thread_backoff(s);
                 }
                 c = NULL;
-            } else if (cst == PGRES_POLLING_FAILED || now() > c_deadline) {
+            } else if (cst == PGRES_POLLING_FAILED || pg_now() > c_deadline) {
                 PQfinish(c);
                 c = NULL;
                 thread_backoff(s);
@@ -2114,21 +1454,10 @@ static void listener_drop(pg_store *s)
 /* A failed listener connection: the next attempt waits (backoff). */
 static int listener_failed(pg_store *s, PGconn *l, const char *what)
 {
-    conn_fail(s, l, what);
+    pg_conn_fail(s, l, what);
     PQfinish(l);
     thread_backoff(s);
     return CS_EBACKEND;
-}
-
-/* The one integer column of the one row of a result, as an int. */
-static bool col_int(PGresult *r, int *out)
-{
-    int64_t v;
-    if (PQntuples(r) != 1 || PQnfields(r) < 1 || !col_id(r, 0, 0, &v) ||
-        v > INT32_MAX)
-        return false;
-    *out = (int)v;
-    return true;
 }
 
 /* The listener's server process as the server reports it: through a pooler
@@ -2136,12 +1465,12 @@ static bool col_int(PGresult *r, int *out)
  * key, not a server process. */
 static int listener_identify(pg_store *s)
 {
-    PGresult *r = run(s, s->l, "SELECT pg_backend_pid()", 0, NULL);
+    PGresult *r = pg_run(s, s->l, "SELECT pg_backend_pid()", 0, NULL);
     if (!r)
         return CS_EBACKEND;
-    int rc = col_int(r, &s->l_pid)
+    int rc = pg_col_int(r, &s->l_pid)
                  ? CS_OK
-                 : fail(s, CS_EBACKEND, "bad backend pid returned", NULL);
+                 : pg_fail(s, CS_EBACKEND, "bad backend pid returned", NULL);
     PQclear(r);
     return rc;
 }
@@ -2152,7 +1481,7 @@ static int listener_identify(pg_store *s)
 static int listener_ready(pg_store *s, PGconn *l, bool initial)
 {
     PQsetnonblocking(l, 1);
-    PQsetNoticeReceiver(l, l_notice, s);
+    PQsetNoticeReceiver(l, pg_l_notice, s);
     s->l = l;
     if (!initial && listener_identify(s) < 0) {
         listener_drop(s);
@@ -2179,9 +1508,9 @@ static int listener_ready(pg_store *s, PGconn *l, bool initial)
  * may still be under way (the thread then drops its own). */
 static int listener_connect(pg_store *s, bool initial)
 {
-    if (now() < s->retry_at)
-        return fail(s, CS_EBACKEND, "listener reconnect backing off", NULL);
-    PGconn *l = connect_db(s);
+    if (pg_now() < s->retry_at)
+        return pg_fail(s, CS_EBACKEND, "listener reconnect backing off", NULL);
+    PGconn *l = pg_connect_db(s);
     if (!l || PQstatus(l) != CONNECTION_OK)
         return listener_failed(s, l, "listener connection failed");
     return listener_ready(s, l, initial);
@@ -2317,9 +1646,10 @@ static int p_listener_pid(void *st)
 static int p_queue_usage(void *st, double *out)
 {
     pg_store *s = st;
-    if (claim_q(s) < 0)
+    if (pg_claim_q(s) < 0)
         return CS_EBACKEND; /* in a transaction: next time */
-    PGresult *r = run_retry(s, "SELECT pg_notification_queue_usage()", 0, NULL);
+    PGresult *r =
+        pg_run_retry(s, "SELECT pg_notification_queue_usage()", 0, NULL);
     if (!r)
         return CS_EBACKEND;
     int rc = PQntuples(r) == 1 ? CS_OK : CS_EBACKEND;
@@ -2398,10 +1728,10 @@ static void probe_token(pg_store *s, char *buf, size_t cap)
     int keys[2] = {PQbackendPID(s->q), PQbackendPID(s->l)};
     uintptr_t at = (uintptr_t)s;
     unsigned n = ++counter;
-    uint64_t h = fnv1a(ts, sizeof ts, FNV_OFFSET);
-    h = fnv1a(keys, sizeof keys, h);
-    h = fnv1a(&at, sizeof at, h);
-    h = fnv1a(&n, sizeof n, h);
+    uint64_t h = pg_fnv1a(ts, sizeof ts, FNV_OFFSET);
+    h = pg_fnv1a(keys, sizeof keys, h);
+    h = pg_fnv1a(&at, sizeof at, h);
+    h = pg_fnv1a(&n, sizeof n, h);
     snprintf(buf, cap, "%016" PRIx64, h);
 }
 
@@ -2424,14 +1754,15 @@ static int probe_listener(pg_store *s)
     snprintf(channel, sizeof channel, "%s:probe:%s", s->schema, token);
     snprintf(sql, sizeof sql, "LISTEN \"%s\"; SELECT pg_backend_pid()",
              channel);
-    PGresult *r = run(s, s->l, sql, 0, NULL);
-    int rc = r && col_int(r, &s->l_pid) ? CS_OK : CS_EBACKEND;
+    PGresult *r = pg_run(s, s->l, sql, 0, NULL);
+    int rc = r && pg_col_int(r, &s->l_pid) ? CS_OK : CS_EBACKEND;
     PQclear(r);
     int q_pid = -1;
     if (rc == CS_OK) {
         const char *vals[2] = {channel, token};
-        r = run(s, s->q, "SELECT pg_backend_pid(), pg_notify($1, $2)", 2, vals);
-        rc = r && col_int(r, &q_pid) ? CS_OK : CS_EBACKEND;
+        r = pg_run(s, s->q, "SELECT pg_backend_pid(), pg_notify($1, $2)", 2,
+                   vals);
+        rc = r && pg_col_int(r, &q_pid) ? CS_OK : CS_EBACKEND;
         PQclear(r);
     }
     if (rc < 0) {
@@ -2446,7 +1777,7 @@ static int probe_listener(pg_store *s)
     bool shared = q_pid == s->l_pid, arrived = false;
     double bound = s->connect_timeout < PROBE_TIMEOUT_MAX ? s->connect_timeout
                                                           : PROBE_TIMEOUT_MAX;
-    double deadline = now() + bound;
+    double deadline = pg_now() + bound;
     bool lost = false;
     while (!shared && !arrived && !lost) {
         PGnotify *n;
@@ -2458,17 +1789,17 @@ static int probe_listener(pg_store *s)
         }
         if (arrived)
             break;
-        int w = wait_io(s->l, false, deadline);
+        int w = pg_wait_io(s->l, false, deadline);
         if (w == 0)
             break;
         lost = w < 0 || !PQconsumeInput(s->l);
     }
     if (lost)
-        return conn_fail(s, s->l, "cannot probe the listener");
+        return pg_conn_fail(s, s->l, "cannot probe the listener");
     /* Also after a refusal: through a pooler it may reach the session that
      * listens, which otherwise goes on listening for whoever gets it. */
     snprintf(sql, sizeof sql, "UNLISTEN \"%s\"", channel);
-    rc = exec(s, s->l, sql, 0, NULL);
+    rc = pg_exec(s, s->l, sql, 0, NULL);
     if (!arrived) {
         char why[96];
         if (shared)
@@ -2588,13 +1919,13 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         p_close(s);
         return CS_ENOMEM;
     }
-    s->q = connect_db(s);
+    s->q = pg_connect_db(s);
     if (s->q && PQstatus(s->q) == CONNECTION_OK) {
         PQsetnonblocking(s->q, 1); /* see connect_in_call */
-        PQsetNoticeReceiver(s->q, q_notice, s);
+        PQsetNoticeReceiver(s->q, pg_q_notice, s);
     }
     if (!s->q || PQstatus(s->q) != CONNECTION_OK) {
-        conn_fail(s, s->q, "cannot connect");
+        pg_conn_fail(s, s->q, "cannot connect");
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "%s", s->err);
         p_close(s);
