@@ -3,6 +3,7 @@
  * one of its files calls in another. The files, by job:
  *   pg.c          the rest of the store (being split by job)
  *   pg_conn.c     the engine: connecting, statements, retries, errors
+ *   pg_migrate.c  the schema's migrations
  * A helper is static in its file unless another file calls it; then it is
  * declared here, with a pg_ prefix (p_x, an op of the table, becomes pg_x).
  */
@@ -118,5 +119,9 @@ void pg_i64s(char *buf, int64_t v);
 bool pg_col_id(PGresult *r, int row, int col, int64_t *out);
 bool pg_col_int(PGresult *r, int *out);
 void pg_channel_of(pg_store *s, int64_t chat_id, char *buf, size_t cap);
+
+/* ---- pg_migrate.c ------------------------------------------------------- */
+/* Its ops (pg_ops, in pg.c). */
+int pg_migrate(void *st);
 
 #endif
