@@ -3,6 +3,7 @@
  * one of its files calls in another. The files, by job:
  *   pg.c          the rest of the store (being split by job)
  *   pg_conn.c     the engine: connecting, statements, retries, errors
+ *   pg_listen.c   the listener thread; LISTEN, UNLISTEN, poll, fd
  *   pg_migrate.c  the schema's migrations
  * A helper is static in its file unless another file calls it; then it is
  * declared here, with a pg_ prefix (p_x, an op of the table, becomes pg_x).
@@ -44,7 +45,7 @@ typedef struct pg_store {
     double query_timeout;   /* seconds for one statement */
     int64_t q_reconnects;   /* of q (the caller's thread only) */
     /* The listener. Its connection is read by a thread of its own (the
-     * drainer: see "the listener thread" in pg.c), so notifications
+     * drainer: see "the listener thread" in pg_listen.c), so notifications
      * are taken off the socket whatever the caller does; everything from l
      * to l_reconnects is shared with it, under lmu. The caller uses l too
      * (LISTEN, UNLISTEN, a reconnect it must wait for), holding lmu. */
@@ -119,6 +120,22 @@ void pg_i64s(char *buf, int64_t v);
 bool pg_col_id(PGresult *r, int row, int col, int64_t *out);
 bool pg_col_int(PGresult *r, int *out);
 void pg_channel_of(pg_store *s, int64_t chat_id, char *buf, size_t cap);
+
+/* ---- pg_listen.c -------------------------------------------------------- */
+int pg_make_pipe(int fds[2]);
+void pg_wake_thread(pg_store *s);
+void pg_notes_clear(pg_store *s, bool mark);
+void *pg_listener_main(void *arg);
+int pg_listener_connect(pg_store *s, bool initial);
+
+/* Its ops (pg_ops, in pg.c). */
+int pg_listen(void *st, int64_t chat_id);
+int pg_unlisten(void *st, int64_t chat_id);
+int pg_poll(void *st,
+            void (*cb)(void *ud, int64_t chat_id, const char *payload,
+                       size_t len),
+            void *ud);
+int pg_fd(void *st);
 
 /* ---- pg_migrate.c ------------------------------------------------------- */
 /* Its ops (pg_ops, in pg.c). */
