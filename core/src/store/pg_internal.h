@@ -1,8 +1,9 @@
 /* pg_internal.h - what the files of the PostgreSQL store share (not
  * installed): its struct, its prepared statements' numbers and the functions
  * one of its files calls in another. The files, by job:
- *   pg.c          the rest of the store (being split by job)
+ *   pg.c          the ops table, open (and its probe), close, stats
  *   pg_conn.c     the engine: connecting, statements, retries, errors
+ *   pg_sql.c      the prepared statements; the chat, message, queue ops
  *   pg_listen.c   the listener thread; LISTEN, UNLISTEN, poll, fd
  *   pg_migrate.c  the schema's migrations
  * A helper is static in its file unless another file calls it; then it is
@@ -120,6 +121,42 @@ void pg_i64s(char *buf, int64_t v);
 bool pg_col_id(PGresult *r, int row, int col, int64_t *out);
 bool pg_col_int(PGresult *r, int *out);
 void pg_channel_of(pg_store *s, int64_t chat_id, char *buf, size_t cap);
+
+/* ---- pg_sql.c ----------------------------------------------------------- */
+bool pg_build_prepared(pg_store *s);
+
+/* Its ops (pg_ops, in pg.c). */
+int pg_create_chat(void *st, const char *owner, const char *title,
+                   const char *key, int64_t *chat_id);
+int pg_chat_get(void *st, int64_t chat_id, cs_chat_row *row);
+int pg_tx_begin(void *st, int64_t chat_id, cs_chat_row *row);
+int pg_tx_end(void *st, bool commit);
+int pg_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs, size_t n,
+                 cs_msglist *out);
+int pg_tx_key_get(void *st, int64_t chat_id, const char *key, cs_keyed *out);
+int pg_tx_key_put(void *st, int64_t chat_id, const char *key,
+                  const cs_keyed *res);
+int pg_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
+               const char *worker, cs_msglist *out, int64_t *committed);
+int pg_tx_update(void *st, const cs_chat_row *row, bool heartbeat);
+int pg_tx_tail(void *st, int64_t chat_id, cs_msglist *out);
+int pg_queue_list(void *st, int64_t chat_id, cs_queue *out);
+int pg_tx_queue_add(void *st, int64_t chat_id, const char *actor,
+                    const char *content, size_t len, int64_t *qid);
+int pg_tx_queue_del(void *st, int64_t chat_id, int64_t qid);
+int pg_tx_queue_front(void *st, int64_t chat_id, int64_t qid);
+int pg_stale_interrupted(void *st, double stale_after, size_t limit,
+                         int64_t *ids, size_t *n);
+int pg_acquire(void *st, const char *worker, size_t limit, double stale_after,
+               cs_chat_row *rows, size_t *n);
+int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,
+                      cs_msglist *out);
+int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
+                cs_chat_row *row, cs_queue *queue, cs_msglist *msgs);
+int pg_chats_state(void *st, const int64_t *ids, size_t n, cs_chat_state *out,
+                   size_t *nout);
+int pg_notify(void *st, int64_t chat_id, const char *payload, size_t len);
+int pg_notify_part(void *st, int64_t chat_id, const char *text, size_t len);
 
 /* ---- pg_listen.c -------------------------------------------------------- */
 int pg_make_pipe(int fds[2]);
