@@ -125,7 +125,7 @@ test-lint lint: deps
 	@luacheck -q lua spec examples core/tests
 
 format:
-	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.c \
+	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.h core/src/store/*.c \
 	    core/tests/*.c core/tests/*.h lua/core/*.c lua/core/*.h
 
 clean:
