@@ -611,10 +611,13 @@ describe("the PostgreSQL store under faults", function()
         assert.are.equal(xid[1], ev.id)
       end
 
-      -- Close every subscription of x: its channel is unlistened.
+      -- Close every subscription of x: its channel is unlistened. The close
+      -- does not wait for the server: the listener thread sends the UNLISTEN
+      -- at once; give it a moment before x's next message.
       for _, s in ipairs(subs[x]) do
         s:close()
       end
+      store:step(0.2)
       local n1 = store:stats().notifications
       assert.are.equal(n0 + 1, n1)
       writer:append(x, { role = "user", content = "x2" })

@@ -91,6 +91,7 @@ static void p_close(void *st)
         pg_wake_thread(s);
         pthread_join(s->thread, NULL); /* it never blocks: see listener_main */
     }
+    pg_listener_close(s);
     PQfinish(s->q);
     PQfinish(s->l);
     pg_notes_clear(s, false);
@@ -104,6 +105,7 @@ static void p_close(void *st)
     }
     pthread_mutex_destroy(&s->lmu);
     cs_idset_free(&s->listening);
+    cs_idset_free(&s->unlisten);
     for (int k = 0; k < PREP_COUNT; k++)
         free(s->prep_sql[k]);
     if (s->password) {
@@ -296,6 +298,7 @@ int cs_pg_store_open(const char *dsn, const char *schema, double query_timeout,
         return CS_ENOMEM;
     }
     cs_idset_init(&s->listening, INT64_MIN);
+    cs_idset_init(&s->unlisten, INT64_MIN);
     cs_idset_init(&s->dropped, INT64_MIN);
     s->wake[0] = s->wake[1] = s->ready[0] = s->ready[1] = -1;
     pthread_mutex_init(&s->lmu, NULL);

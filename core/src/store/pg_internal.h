@@ -51,8 +51,12 @@ typedef struct pg_store {
      * to l_reconnects is shared with it, under lmu. The caller uses l too
      * (LISTEN, UNLISTEN, a reconnect it must wait for), holding lmu. */
     pthread_mutex_t lmu;
-    PGconn *l;           /* the listener (non-blocking), or NULL */
-    cs_idset listening;  /* chat ids (no watermark: INT64_MIN) */
+    PGconn *l;          /* the listener (non-blocking), or NULL */
+    cs_idset listening; /* chat ids (no watermark: INT64_MIN) */
+    /* UNLISTENs still to send: the thread sends them (a close never waits
+     * for the server); l_inflight while their results are still to read. */
+    cs_idset unlisten;
+    bool l_inflight;
     bool resync_pending; /* the listener came back: tell the hub */
     double retry_at, backoff;
     struct lnote **notes; /* hints taken off the listener, for the hub */
@@ -163,6 +167,7 @@ int pg_make_pipe(int fds[2]);
 void pg_wake_thread(pg_store *s);
 void pg_notes_clear(pg_store *s, bool mark);
 void *pg_listener_main(void *arg);
+void pg_listener_close(pg_store *s);
 int pg_listener_connect(pg_store *s, bool initial);
 
 /* Its ops (pg_ops, in pg.c). */

@@ -206,6 +206,57 @@ static int poll_ms(double seconds)
     return seconds > 3600 ? 3600000 : (int)(seconds * 1000) + 1;
 }
 
+/* Under lmu, on the thread: the UNLISTENs callers left, sent in one go
+ * without waiting (their results are read with the notifications). */
+static void thread_unlisten(pg_store *s)
+{
+    if (!s->l || s->l_inflight || s->unlisten.n == 0 ||
+        PQstatus(s->l) != CONNECTION_OK)
+        return;
+    size_t cap = 16 + s->unlisten.n * (sizeof s->prefix + 40);
+    char *sql = malloc(cap);
+    if (!sql)
+        return; /* later */
+    size_t o = 0;
+    sql[0] = '\0';
+    for (size_t i = 0; i < s->unlisten.n; i++) {
+        char channel[128];
+        if (cs_idset_has(&s->listening, s->unlisten.ids[i]))
+            continue; /* listened again since */
+        pg_channel_of(s, s->unlisten.ids[i], channel, sizeof channel);
+        o += (size_t)snprintf(sql + o, cap - o, "UNLISTEN \"%s\";", channel);
+    }
+    cs_idset_free(&s->unlisten);
+    cs_idset_init(&s->unlisten, INT64_MIN);
+    if (o > 0 && PQsendQuery(s->l, sql)) {
+        s->l_inflight = true;
+        PQflush(s->l); /* a few hundred bytes: they go at once */
+    }
+    free(sql);
+}
+
+/* Under lmu: reads the results of the thread's UNLISTENs that arrived
+ * (every one when wait: a caller about to use the connection). */
+static bool inflight_done(pg_store *s, bool wait)
+{
+    PGresult *r;
+    while (s->l_inflight) {
+        if (PQisBusy(s->l)) {
+            if (!wait)
+                return true;
+            if (pg_wait_io(s->l, false, pg_now() + s->connect_timeout) <= 0 ||
+                !PQconsumeInput(s->l))
+                return false;
+            continue;
+        }
+        if ((r = PQgetResult(s->l)))
+            PQclear(r);
+        else
+            s->l_inflight = false;
+    }
+    return true;
+}
+
 void *pg_listener_main(void *arg)
 {
     pg_store *s = arg;
@@ -219,11 +270,13 @@ void *pg_listener_main(void *arg)
         if (s->l && PQstatus(s->l) != CONNECTION_OK) {
             PQfinish(s->l); /* found broken by the caller */
             s->l = NULL;
+            s->l_inflight = false;
         }
         if (c && s->l) {
             PQfinish(c); /* the caller reconnected it first */
             c = NULL;
         }
+        thread_unlisten(s);
         if (s->l) {
             p[1] = (struct pollfd){.fd = PQsocket(s->l), .events = POLLIN};
         } else if (c) {
@@ -277,9 +330,11 @@ void *pg_listener_main(void *arg)
                 take_notes(s); /* what was read before the loss */
                 PQfinish(s->l);
                 s->l = NULL;
+                s->l_inflight = false;
                 s->backoff = 0;
                 s->retry_at = 0; /* the first retry is immediate */
             } else {
+                inflight_done(s, false);
                 take_notes(s);
             }
         }
@@ -296,6 +351,10 @@ void *pg_listener_main(void *arg)
  * from the validated schema and an integer, quoted. Under lmu. */
 static int listen_cmd(pg_store *s, const char *verb, int64_t chat_id)
 {
+    if (s->l && !inflight_done(s, true)) {
+        s->l_inflight = false;
+        return pg_conn_fail(s, s->l, "listener connection lost");
+    }
     char channel[128], sql[200];
     pg_channel_of(s, chat_id, channel, sizeof channel);
     snprintf(sql, sizeof sql, "%s \"%s\"", verb, channel);
@@ -308,6 +367,10 @@ static void listener_drop(pg_store *s)
         PQfinish(s->l);
         s->l = NULL;
     }
+    s->l_inflight = false;
+    /* a new connection listens only to what is followed */
+    cs_idset_free(&s->unlisten);
+    cs_idset_init(&s->unlisten, INT64_MIN);
     s->backoff = 0;
     s->retry_at = 0; /* the first retry is immediate */
     pg_wake_thread(s);
@@ -378,28 +441,35 @@ int pg_listener_connect(pg_store *s, bool initial)
     return listener_ready(s, l, initial);
 }
 
-static bool listener_up(pg_store *s)
+/* The listener is down: the chat joins what the thread LISTENs to when it
+ * reconnects, and since that reconnect resyncs every subscription from its
+ * own position, what is committed before the LISTEN is found then. The
+ * call does not wait for a connection. */
+static int listen_later(pg_store *s, int64_t chat_id)
 {
-    if (s->l && PQstatus(s->l) == CONNECTION_OK)
-        return true;
-    if (s->l)
-        listener_drop(s);
-    return pg_listener_connect(s, false) == CS_OK;
+    if (cs_idset_add(&s->listening, chat_id) < 0)
+        return CS_ENOMEM;
+    pg_wake_thread(s);
+    return CS_OK;
 }
 
 static int listen_locked(pg_store *s, int64_t chat_id)
 {
+    cs_idset_remove(&s->unlisten, chat_id); /* not sent yet: not needed */
     if (cs_idset_has(&s->listening, chat_id))
         return CS_OK;
-    if (!listener_up(s))
-        return CS_EBACKEND;
+    if (!s->l || PQstatus(s->l) != CONNECTION_OK) {
+        if (s->l)
+            listener_drop(s);
+        return listen_later(s, chat_id);
+    }
     /* LISTEN is committed when its result arrives: before the snapshot. A
      * listener the server closed while idle still looks connected until it
      * is used: then reconnect (which resyncs everything) and try once more. */
     int rc = listen_cmd(s, "LISTEN", chat_id);
-    if (rc < 0 && s->l && PQstatus(s->l) == CONNECTION_BAD) {
+    if (rc < 0 && (!s->l || PQstatus(s->l) == CONNECTION_BAD)) {
         listener_drop(s);
-        rc = listener_up(s) ? listen_cmd(s, "LISTEN", chat_id) : CS_EBACKEND;
+        return listen_later(s, chat_id);
     }
     if (rc < 0) {
         listener_drop(s);
@@ -422,15 +492,26 @@ int pg_listen(void *st, int64_t chat_id)
     return rc;
 }
 
+/* At close, with the thread stopped: a listener session a pooler hands on
+ * keeps no channel of this store (one round trip, bounded). */
+void pg_listener_close(pg_store *s)
+{
+    if (!s->l || PQstatus(s->l) != CONNECTION_OK ||
+        (s->listening.n == 0 && s->unlisten.n == 0 && !s->l_inflight))
+        return;
+    if (inflight_done(s, true))
+        PQclear(pg_run(s, s->l, "UNLISTEN *", 0, NULL));
+}
+
+/* Never waits: the thread sends the UNLISTEN (its notifications meanwhile
+ * find no subscription and are dropped by the hub). */
 int pg_unlisten(void *st, int64_t chat_id)
 {
     pg_store *s = st;
     pthread_mutex_lock(&s->lmu);
     if (cs_idset_remove(&s->listening, chat_id) && s->l &&
-        PQstatus(s->l) == CONNECTION_OK &&
-        listen_cmd(s, "UNLISTEN", chat_id) < 0)
-        listener_drop(s); /* reconnects without this channel */
-    take_notes(s);
+        cs_idset_add(&s->unlisten, chat_id) >= 0)
+        pg_wake_thread(s);
     pthread_mutex_unlock(&s->lmu);
     return CS_OK;
 }
