@@ -116,6 +116,15 @@ local function install()
       Store[name] = through_engine(fn, WRITES[name] or false)
     end
   end
+  -- close: the adapter's (it forgets the loop's watchers of the store's
+  -- descriptors first).
+  Store.close = function(self)
+    local s = served[self]
+    if s then
+      return s.close(self)
+    end
+    return raw.store.close(self)
+  end
   -- step: what needs no server at once; the rest on the engine.
   Store.step = function(self)
     local s = serving(self)
@@ -213,13 +222,16 @@ function M.adapter(backend)
     if not store then
       return nil, err, code
     end
-    served[store] = { backend = backend, turn = backend.new_turn() }
+    served[store] = { backend = backend, turn = backend.new_turn(), close = A.close }
     return store
   end
   --- Closes the store (after any call of it still under way), and forgets
   -- the loop's watchers of its descriptors.
   function A.close(store)
     local s = served[store]
+    if not s or not pcall(raw.store.pollfd, store) then
+      return raw.store.close(store) -- not served, or closed already
+    end
     local fds = { raw.store.pollfd(store), raw.store.notify_fd(store), raw.store.job_fd(store) }
     if s and s.backend.can_yield() then
       s.turn:take()

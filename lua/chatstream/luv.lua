@@ -85,13 +85,18 @@ function backend.wait(fd, timeout)
   coroutine.yield()
 end
 
--- The store closes its descriptors: their handles go first.
+-- The store closes its descriptors: their handles go first. Outside the
+-- loop (the main thread, after uv.run returned) the loop runs once more so
+-- the handles are gone before the Lua state is (libuv calls back on close).
 function backend.forget(fd)
   local w = watchers[fd]
   if w then
     watchers[fd] = nil
     w.handle:stop()
     w.handle:close()
+    if not backend.can_yield() then
+      uv.run("nowait")
+    end
   end
 end
 
