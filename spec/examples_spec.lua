@@ -85,10 +85,39 @@ describe("examples on the embedded store", function()
   end)
 end)
 
+describe("the event-loop examples", function()
+  H.each_backend(_ENV, function(kind)
+    for _, script in ipairs({ "follow.lua", "follow_luv.lua" }) do
+      it(script .. " delivers every message once, in order, in one loop", function()
+        H.with_instance(kind, function(inst)
+          local env = kind == "postgresql" and { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema } or {}
+          local out = run(script, { "--chats", "10", "--messages", "300" }, env)
+          H.contains("store: " .. kind .. ", 10 chats, 300 messages", out)
+          H.contains("delivered 300, duplicates 0, out of order 0", out)
+        end)
+      end)
+    end
+  end)
+end)
+
 describe("examples on PostgreSQL", function()
   if not H.require_pg(_ENV) then
     return
   end
+
+  it("loop_bench.lua serves its subscriptions in both modes, the lock and the kill included", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      local out = run("loop_bench.lua", { "--subs", "20", "--chats", "4", "--rate", "100", "--seconds", "2" }, env)
+      local rows = 0
+      for mode, got, want, reconnects in out:gmatch("\n(%a+) +20 +[%d.]+ +[%d.]+ +[%d.]+ +(%d+)/(%d+) +%d+ +[%d.]+ +[%d.]+ +(%d+)") do
+        rows = rows + 1
+        assert.are.equal(want, got, mode .. ": every message delivered\n" .. out)
+        assert.is_true(tonumber(reconnects) >= 1, mode .. ": the listener was killed\n" .. out)
+      end
+      assert.are.equal(2, rows, out)
+    end)
+  end)
 
   it("idle.lua measures writers with and without an idle subscriber", function()
     H.with_instance("postgresql", function(inst)
