@@ -110,7 +110,8 @@ describe("examples on PostgreSQL", function()
       local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
       local out = run("loop_bench.lua", { "--subs", "20", "--chats", "4", "--rate", "100", "--seconds", "2" }, env)
       local rows = 0
-      for mode, got, want, reconnects in out:gmatch("\n(%a+) +20 +[%d.]+ +[%d.]+ +[%d.]+ +(%d+)/(%d+) +%d+ +[%d.]+ +[%d.]+ +(%d+)") do
+      local row = "\n(%a+) +20 +[%d.]+ +[%d.]+ +[%d.]+ +(%d+)/(%d+) +%d+ +[%d.]+ +[%d.]+ +(%d+)"
+      for mode, got, want, reconnects in out:gmatch(row) do
         rows = rows + 1
         assert.are.equal(want, got, mode .. ": every message delivered\n" .. out)
         assert.is_true(tonumber(reconnects) >= 1, mode .. ": the listener was killed\n" .. out)
