@@ -112,14 +112,18 @@ local function run(o, mode)
   end)
   cq:wrap(function() -- the lock, then the listener kill
     cqueues.sleep(o.seconds * 0.3)
-    local sql = ("BEGIN; SELECT 1 FROM %s.chats WHERE id = %d FOR UPDATE; SELECT pg_sleep(1.5); COMMIT;")
-      :format(SCHEMA, locked)
-    local h = io.popen(("env -u LD_PRELOAD psql -X -q %s -c %s >/dev/null 2>&1 & echo $!"):format(shq(DSN),
-      shq(sql)))
-    h:read("a")
-    h:close()
+    if o.lock ~= 0 then
+      local sql = ("BEGIN; SELECT 1 FROM %s.chats WHERE id = %d FOR UPDATE; SELECT pg_sleep(1.5); COMMIT;")
+        :format(SCHEMA, locked)
+      local h = io.popen(("env -u LD_PRELOAD psql -X -q %s -c %s >/dev/null 2>&1 & echo $!"):format(shq(DSN),
+        shq(sql)))
+      h:read("a")
+      h:close()
+    end
     cqueues.sleep(o.seconds * 0.4)
-    psql(("SELECT pg_terminate_backend(%d)"):format(store:listener_pid()))
+    if o.kill ~= 0 then
+      psql(("SELECT pg_terminate_backend(%d)"):format(store:listener_pid()))
+    end
   end)
   cq:wrap(function() -- the ticker
     local want = cqueues.monotime() + 0.01
@@ -161,21 +165,22 @@ local function main()
     end
     return writer(tonumber(arg[2]), tonumber(arg[3]), chats)
   end
-  local o = { subs = 1000, chats = 100, rate = 1000, writers = 2, seconds = 5, mode = "both" }
+  local o = { subs = 1000, chats = 100, rate = 1000, writers = 2, seconds = 5, mode = "both", lock = 1, kill = 1 }
   local i = 1
   while arg[i] do
     local k = arg[i]:match("^%-%-(%w+)$")
     if not k or o[k] == nil or not arg[i + 1] then
       io.stderr:write("usage: loop_bench.lua [--subs S] [--chats C] [--rate R] [--writers W] [--seconds T]"
-        .. " [--mode loop|blocking|both]\n")
+        .. " [--mode loop|blocking|both] [--lock 0|1] [--kill 0|1]\n")
       os.exit(2)
     end
     o[k] = k == "mode" and arg[i + 1] or math.tointeger(tonumber(arg[i + 1])) or error("bad --" .. k)
     i = i + 2
   end
-  print(("one cqueues loop: %d subscriptions over %d chats, %d writer processes at %d msgs/s for %d s;"
-    .. " a row lock held 1.5 s on the loop's own appends, the listener killed"):format(o.subs, o.chats, o.writers,
-    o.rate, o.seconds))
+  print(("one cqueues loop: %d subscriptions over %d chats, %d writer processes at %d msgs/s for %d s;%s%s")
+    :format(o.subs, o.chats, o.writers, o.rate, o.seconds,
+      o.lock ~= 0 and " a row lock held 1.5 s on the loop's own appends;" or "",
+      o.kill ~= 0 and " the listener killed" or ""))
   print(("%-9s %8s %10s %10s %10s %12s %10s %10s %10s %10s"):format("mode", "subs", "tick p50", "tick p99",
     "tick max", "delivered", "msgs/s", "lat p50", "lat p99", "reconnects"))
   for _, mode in ipairs(o.mode == "both" and { "blocking", "loop" } or { o.mode }) do

@@ -25,6 +25,10 @@ function backend.wait(fd, timeout)
   cqueues.poll({ pollfd = fd, events = "r", timeout = timeout })
 end
 
+function backend.pause()
+  cqueues.sleep(0)
+end
+
 -- A lock handed on in turn: take() yields while another coroutine holds it.
 function backend.new_turn()
   local t = { busy = false, cv = condition.new() }

@@ -5,6 +5,7 @@
 --                              seconds passed (nil: no limit)
 --   backend.new_turn()         a FIFO lock: turn:take() yields until it is
 --                              this coroutine's turn, turn:give() passes it on
+--   backend.pause()            yields to the loop, resumed on its next turn
 -- and gets back open(), which opens a store whose methods, called from such a
 -- coroutine, yield to the loop wherever they would wait: a call that needs
 -- the store's server runs on the store's engine (store:job) and the
@@ -48,16 +49,37 @@ local function pack(...)
   return { n = select("#", ...), ... }
 end
 
+-- A loop's other coroutines get their turn at least every BREATHE seconds:
+-- a run of calls that need no wait (events served from memory, answers
+-- already there) yields to the loop once that long has passed since it last
+-- waited. So no burst of work holds a ticker back by more than that.
+local BREATHE = 0.005
+local last_wait = chatstream.now()
+
+local function breathe(b)
+  local t = chatstream.now()
+  if t - last_wait > BREATHE then
+    b.pause()
+    last_wait = chatstream.now()
+  end
+end
+
+local function wait(b, fd, timeout)
+  b.wait(fd, timeout)
+  last_wait = chatstream.now()
+end
+
 -- Runs fn(...) on the store's engine, yielding while it waits. One call at a
 -- time per store: the others wait their turn, first come first served.
 -- write: a call that only writes (see WRITES).
 local function on_engine(s, store, write, fn, ...)
   local b = s.backend
+  breathe(b)
   s.turn:take()
   s.write = write
   local r = pack(pcall(write and raw.store.job_write or raw.store.job, store, fn, ...))
   while r[1] and r[2] == false do
-    b.wait(raw.store.job_fd(store))
+    wait(b, raw.store.job_fd(store))
     r = pack(pcall(raw.store.resume, store))
   end
   s.write = false
@@ -71,6 +93,7 @@ end
 -- fn(...) in the store's turn (it changes what a parked call may be using);
 -- beside a write that waits, at once (shared: what a write leaves alone).
 local function in_turn(s, fn, shared, ...)
+  breathe(s.backend)
   if shared and s.write then
     return fn(...)
   end
@@ -193,7 +216,7 @@ local function install()
         return nil, "timeout", "ETIMEDOUT"
       end
       local t = raw.store.timeout(store)
-      s.backend.wait(raw.store.notify_fd(store), t and t < left and t or left)
+      wait(s.backend, raw.store.notify_fd(store), t and t < left and t or left)
       if not memory then
         Store.step(store)
       end
@@ -251,7 +274,7 @@ function M.adapter(backend)
     if timeout and (not t or timeout < t) then
       t = timeout
     end
-    backend.wait(raw.store.pollfd(store), t)
+    wait(backend, raw.store.pollfd(store), t)
   end
   return A
 end

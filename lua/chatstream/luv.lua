@@ -100,6 +100,15 @@ function backend.forget(fd)
   end
 end
 
+function backend.pause()
+  local co, t = coroutine.running(), uv.new_timer()
+  t:start(0, 0, function()
+    t:close()
+    resume(co)
+  end)
+  coroutine.yield()
+end
+
 -- A lock handed on in turn, first come first served: give() passes it to
 -- the next waiter on the loop's next turn (not from inside the giver).
 function backend.new_turn()
