@@ -18,16 +18,6 @@ static void pub_unlink(cs_publish *p)
     p->next = p->prev = NULL;
 }
 
-void cs_pub_detach_all(cs_hub *hub)
-{
-    for (cs_publish *p = hub->pubs, *next; p; p = next) {
-        next = p->next;
-        p->hub = NULL;
-        p->next = p->prev = NULL;
-    }
-    hub->pubs = NULL;
-}
-
 static void free_inputs(cs_publish *p)
 {
     if (!p->msgs)

@@ -1,4 +1,17 @@
-/* hub.h - the hub's private structures, shared by hub.c and chat.c. */
+/* hub.h - the hub's private structures and functions, shared by the core's
+ * files. A file calls only into files below it in this order:
+ *
+ *   lifecycle.c   status, queue, promote, workers, parts
+ *   chat.c        create, append, the stepped publish
+ *   sub.c         a subscription: snapshot, merge, events, next/try/wait
+ *   auth.c        the actor check (it records refusals with cs_hub_fail)
+ *   hub.c         open and close, errors, stats, the pollfd, step and wait
+ *   route.c       routing notifications, the ready list
+ *   chats.c       the chat table and its eviction
+ *   poll.c        the backstop poll's rounds
+ *   store/        the stores (memory.c, pg*.c)
+ *   engine.c, merge.c, cache.c, idset.c, payload.c, msg.c
+ */
 #ifndef CS_HUB_H
 #define CS_HUB_H
 
@@ -63,6 +76,71 @@ struct cs_hub {
 /* A read refused under hub->nodb (never returned by the public API). */
 #define CS_EWOULDBLOCK (-100)
 
+/* A pending notification for one subscription. */
+typedef struct qhint {
+    cs_hint_kind kind;
+    int64_t a, b; /* message: after, id; status: version, status; part:
+                     after */
+    char *text;   /* part: owned */
+    size_t len;
+} qhint;
+
+/* An event waiting to be handed to the reader; owns what it points to. */
+typedef struct oevent {
+    cs_event_kind kind; /* 0: empty */
+    cs_msg *msg;        /* message */
+    int64_t a, b;       /* status: version, status; part: after */
+    char *text;         /* part */
+    size_t len;
+    cs_queue *queue; /* queue */
+} oevent;
+
+/* A subscription (sub.c); route.c queues its notifications and keeps the
+ * ready list, hub.c detaches it when the hub closes. */
+struct cs_sub {
+    cs_hub *hub; /* NULL once detached */
+    hub_chat *chat;
+    cs_sub *next, *prev;
+    int64_t chat_id;
+    cs_merge merge;
+    /* pending notifications: a ring buffer of queue_size entries */
+    qhint *q;
+    size_t qhead, qn, qcap;
+    bool resync;
+    int64_t resync_after, resync_id;
+    bool status_dirty, queue_dirty; /* re-read them from the store */
+    /* Found by the backstop poll: the chat's messages reach poll_id (a DB
+     * pass is due while the merge's cursor is below it; 0: none), and its
+     * status is poll_status at poll_version (-1: none). */
+    int64_t poll_id, poll_version;
+    cs_status poll_status;
+    bool memo_ok;           /* the next DB pass may use the memo */
+    int64_t need;           /* ... if the memo reaches this id */
+    int64_t status_version; /* of the last status delivered; -1 */
+    uint64_t queue_sig;     /* of the last queue delivered */
+    cs_msglist out;         /* the merge's output */
+    /* events ready for the reader, in order */
+    oevent *ev;
+    size_t evpos, evn, evcap;
+    oevent current; /* the event last returned; released on the next call */
+    /* What the reader was handed (a message counts once next returned it):
+     * every message of the chat with id <= rw was returned (last_id: the
+     * highest returned, its own rule). Messages returned above rw wait in
+     * ret, sorted by id, until the prev_id chain reaches them; entries at or
+     * below rw are stale and dropped on the next return. */
+    int64_t rw;
+    struct retd {
+        int64_t id, prev;
+    } * ret;
+    size_t nret, capret;
+    int64_t undo_rw; /* rw before the last return (cs_sub_unread) */
+    bool undo_ret;   /* the last return added its message to ret */
+    /* The hub's ready list (rstate 1) or its stalled list (2), or neither
+     * (0). */
+    cs_sub *rnext, *rprev;
+    unsigned char rstate;
+};
+
 /* What a publish sends after its messages: the chat's new status and/or a
  * "the queue changed" hint. */
 typedef struct pub_extras {
@@ -94,16 +172,14 @@ struct cs_publish {
     pub_extras extras;
 };
 
+/* ---- chat.c ------------------------------------------------------------ */
+
 /* A publish whose commit runs `run` (lifecycle operations). */
 int cs_pub_new(cs_hub *hub, int64_t chat_id, pub_run_fn run, void *arg,
                cs_publish **out);
 /* Cache + notify everything (after a commit): failures are counted in
  * publish_errors, since the data is durable already. */
 void cs_pub_publish_all(cs_publish *p);
-/* NULL actor: OK. Else checks actor against the chat's owner or the
- * authorizer: CS_OK, CS_EAUTH (message in hub->err) or another error. */
-int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
-                     const char *op);
 /* Sends a status hint for the chat (counted in publish_errors on failure). */
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
                          cs_status st);
@@ -116,18 +192,57 @@ int cs_check_key(cs_hub *hub, const char *key);
 /* Checks a message list (count, roles, content, tool fields). */
 int cs_check_msgs(cs_hub *hub, const cs_msg_in *msgs, size_t n);
 
-/* The hub's state for a chat, created on first use (NULL on ENOMEM). */
-hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id);
-hub_chat *cs_hub_chat_find(const cs_hub *hub, int64_t chat_id);
+/* ---- auth.c ------------------------------------------------------------ */
+
+/* NULL actor: OK. Else checks actor against the chat's owner or the
+ * authorizer: CS_OK, CS_EAUTH (message in hub->err) or another error. */
+int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
+                     const char *op);
+/* A name (actor, worker; what says which): 1 to CS_NAME_MAX bytes of
+ * UTF-8; CS_EINVAL. */
+int cs_check_name(cs_hub *hub, const char *name, const char *what);
+
+/* ---- hub.c ------------------------------------------------------------- */
+
 /* Records rc with the store's detail (or msg) in hub->err; returns rc. */
 int cs_hub_fail(cs_hub *hub, int rc, const char *msg);
 /* Detaches every subscription (hub close). */
 void cs_hub_detach_subs(cs_hub *hub);
-
 /* Publishes still open when the hub closes are detached. */
 void cs_pub_detach_all(cs_hub *hub);
+/* Reads the store's notifications and routes them. */
+int cs_hub_read(cs_hub *hub);
+/* Sleeps until the store's fd is readable, at most `left` seconds (less
+ * when the poll is due sooner): 0, 1 when nothing can ever arrive, or an
+ * error. */
+int cs_hub_sleep(cs_hub *hub, double left);
 
-/* The poll's rounds (poll.c). Starts one over the chats followed now
+/* ---- route.c ----------------------------------------------------------- */
+
+/* The store's poll callback: routes one notification (chat_id
+ * CS_RESYNC_ALL, or no payload: a resync) to the chat's subscriptions. */
+void cs_hub_route(void *ud, int64_t chat_id, const char *payload, size_t len);
+/* Every subscription resyncs from its own position. */
+void cs_hub_resync_all(cs_hub *hub);
+/* What the poll read of the subscription's chat: its work, if any. */
+void cs_sub_polled(cs_sub *s, const cs_chat_state *st);
+/* The ready list: the subscription has work (at its end), has none (off
+ * both lists), or has work a failed read left (stalled: ready again after
+ * a delay, once cs_hub_stalled_wake finds it passed). */
+void cs_sub_ready(cs_sub *s);
+void cs_sub_unready(cs_sub *s);
+void cs_sub_stall(cs_sub *s);
+void cs_hub_stalled_wake(cs_hub *hub);
+
+/* ---- chats.c ----------------------------------------------------------- */
+
+/* The hub's state for a chat, created on first use (NULL on ENOMEM). */
+hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id);
+hub_chat *cs_hub_chat_find(const cs_hub *hub, int64_t chat_id);
+
+/* ---- poll.c ------------------------------------------------------------ */
+
+/* The poll's rounds. Starts one over the chats followed now
  * (restart: even while one is under way, else that one goes on); CS_ENOMEM
  * leaves none under way. */
 int cs_round_start(cs_hub *hub, bool restart);

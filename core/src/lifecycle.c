@@ -1,5 +1,5 @@
 /* lifecycle.c - the chat lifecycle on top of the stream: status, queue,
- * promote, workers, parts, and the actor check in front of all of them.
+ * promote, workers, parts (the actor check in front of them is auth.c's).
  *
  * Every write runs as the transaction of a publish (chat.c): the chat row
  * is locked first, the messages it inserts are published after the commit
@@ -19,22 +19,6 @@ static bool idle(cs_status s)
            s == CS_STATUS_ERROR;
 }
 
-static int check_name(cs_hub *hub, const char *name, const char *what)
-{
-    if (!name || !*name || strlen(name) > CS_NAME_MAX) {
-        char buf[96];
-        snprintf(buf, sizeof buf, "%s must be 1 to %d bytes", what,
-                 CS_NAME_MAX);
-        return cs_hub_fail(hub, CS_EINVAL, buf);
-    }
-    if (!cs_utf8_text(name, strlen(name))) {
-        char buf[96];
-        snprintf(buf, sizeof buf, "%s is not valid UTF-8", what);
-        return cs_hub_fail(hub, CS_EINVAL, buf);
-    }
-    return CS_OK;
-}
-
 /* A status change: version + 1 in the same transaction, hint after. */
 static int set_status(cs_publish *p, cs_chat_row *row, cs_status st,
                       const char *worker, bool heartbeat)
@@ -50,63 +34,6 @@ static int set_status(cs_publish *p, cs_chat_row *row, cs_status st,
     p->extras.status = true;
     p->extras.version = row->version;
     p->extras.st = st;
-    return CS_OK;
-}
-
-/* ---- the actor check ------------------------------------------------------
- */
-
-int cs_hub_authorize(cs_hub *hub, int64_t chat_id, const char *actor,
-                     const char *op)
-{
-    if (!actor)
-        return CS_OK; /* trusted code */
-    int rc = check_name(hub, actor, "actor");
-    if (rc < 0)
-        return rc;
-    if (chat_id < 1)
-        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
-    hub->stats.auth_checks++;
-    cs_chat_info *row = malloc(sizeof *row);
-    if (!row)
-        return CS_ENOMEM;
-    /* The chat's metadata only: nothing of its messages, status or queue is
-     * read before the answer. */
-    rc = hub->store.ops->chat_get(hub->store.st, chat_id, row);
-    if (rc == CS_ENOTFOUND) {
-        /* Said as a refusal: an actor cannot probe which chats exist. */
-        free(row);
-        char buf[300];
-        hub->stats.auth_refusals++;
-        snprintf(buf, sizeof buf, "%.*s may not %s (chat %lld)", 200, actor, op,
-                 (long long)chat_id);
-        return cs_hub_fail(hub, CS_EAUTH, buf);
-    }
-    if (rc < 0) {
-        free(row);
-        return cs_hub_fail(hub, rc, NULL);
-    }
-    char why[256] = "";
-    int ok;
-    if (hub->auth.fn) {
-        ok = hub->auth.fn(hub->auth.ud, actor, row, op, why, sizeof why);
-    } else {
-        ok = strcmp(actor, row->owner) == 0;
-        if (!ok)
-            snprintf(why, sizeof why, "not the owner of the chat");
-    }
-    free(row);
-    if (ok < 0)
-        return cs_hub_fail(hub, ok,
-                           ok == CS_EAUTH ? "refused by the authorizer"
-                                          : "the authorizer failed");
-    if (ok == 0) {
-        char buf[512];
-        hub->stats.auth_refusals++;
-        snprintf(buf, sizeof buf, "%.*s may not %s (chat %lld)%s%s", 200, actor,
-                 op, (long long)chat_id, why[0] ? ": " : "", why);
-        return cs_hub_fail(hub, CS_EAUTH, buf);
-    }
     return CS_OK;
 }
 
@@ -519,7 +446,7 @@ int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
 {
     if (!hub)
         return CS_ECLOSED;
-    int rc = check_name(hub, worker, "worker");
+    int rc = cs_check_name(hub, worker, "worker");
     if (rc < 0)
         return rc;
     if (limit < 1 || limit > ACQUIRE_MAX || stale_after != stale_after)
@@ -590,7 +517,7 @@ int cs_hub_heartbeat(cs_hub *hub, int64_t chat_id, const char *worker,
 {
     if (!hub)
         return CS_ECLOSED;
-    int rc = check_name(hub, worker, "worker");
+    int rc = cs_check_name(hub, worker, "worker");
     if (rc < 0)
         return rc;
     if (chat_id < 1)
@@ -636,7 +563,7 @@ int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
         return CS_ECLOSED;
     if (chat_id < 1)
         return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
-    if (worker && check_name(hub, worker, "worker") < 0)
+    if (worker && cs_check_name(hub, worker, "worker") < 0)
         return CS_EINVAL;
     if (status != CS_STATUS_WAITING && status != CS_STATUS_COMPLETED &&
         status != CS_STATUS_ERROR && status != CS_STATUS_PAUSED &&
