@@ -265,6 +265,13 @@ typedef struct cs_msg_in {
 } cs_msg_in;
 
 #define CS_MAX_TOOL 8256 /* bytes of a message's tool field */
+
+/* One message for one chat, in a batch of appends (cs_hub_append_many). */
+typedef struct cs_append_req {
+    int64_t chat_id;
+    cs_msg_in msg;
+} cs_append_req;
+#define CS_MAX_APPENDS 4096 /* requests in one cs_hub_append_many */
 /* CS_OK, or CS_EINVAL with a static reason in *why: the tool field of a
  * message of this role. */
 int cs_tool_check(cs_role role, const char *tool, const char **why);
@@ -408,6 +415,16 @@ typedef struct cs_append_options {
 } cs_append_options;
 /* cs_hub_append with options. A key used before on the chat by another
  * kind of write or another number of messages is CS_EINVAL. */
+/* n single-message appends, each its own transaction (one failing leaves
+ * the others), with several in flight on the connection at once: the
+ * PostgreSQL store sends them in pipeline mode, up to a chunk per round
+ * trip; the memory store appends them one by one. Trusted (no actor). For
+ * each request rcs[i] is CS_OK with ids[i] its message's id, or an error
+ * (CS_EUNKNOWN: sent, its answer lost: it may have committed). Returns
+ * CS_OK when every request was tried, or an error of the call itself
+ * (CS_EINVAL for a bad count). */
+int cs_hub_append_many(cs_hub *hub, const cs_append_req *reqs, size_t n,
+                       int64_t *ids, int *rcs);
 int cs_hub_append_opts(cs_hub *hub, int64_t chat_id,
                        const cs_append_options *opts, const cs_msg_in *msgs,
                        size_t n, int64_t *ids);

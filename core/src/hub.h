@@ -2,6 +2,7 @@
  * files. A file calls only into files below it in this order:
  *
  *   lifecycle.c   status, queue, promote, workers, parts
+ *   batch.c       appends in a batch (calls chat.c's checks and appends)
  *   chat.c        create, append, the stepped publish
  *   sub.c         a subscription: snapshot, merge, events, next/try/wait
  *   auth.c        the actor check (it records refusals with cs_hub_fail)

@@ -110,6 +110,7 @@ int store_gc(lua_State *L);
 int store_tostring(lua_State *L);
 int store_create_chat(lua_State *L);
 int store_append(lua_State *L);
+int store_append_many(lua_State *L);
 int store_stats(lua_State *L);
 int store_fd(lua_State *L);
 int store_migrate(lua_State *L);

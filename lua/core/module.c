@@ -106,6 +106,7 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                        {NULL, NULL}};
     static const luaL_Reg store_m[] = {{"create_chat", store_create_chat},
                                        {"append", store_append},
+                                       {"append_many", store_append_many},
                                        {"prepare", store_prepare},
                                        {"subscribe", store_subscribe},
                                        {"stats", store_stats},

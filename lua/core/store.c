@@ -275,6 +275,66 @@ int store_append(lua_State *L)
     return 1;
 }
 
+/* store:append_many({{chat, msg}, ...}) -> ids, errors: one message per
+ * chat each, each its own transaction, several in flight at once (pipeline
+ * mode on PostgreSQL). ids[i] is the message's id or false; errors[i], for
+ * the failed ones, is {message, code}. */
+int store_append_many(lua_State *L)
+{
+    cs_hub *hub = check_store(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_Integer n = luaL_len(L, 2);
+    if (n < 1 || n > CS_MAX_APPENDS)
+        return luaL_argerror(L, 2,
+                             "expected a list of 1 to 4096 {chat, message}");
+    cs_append_req *reqs = lua_newuserdatauv(L, (size_t)n * sizeof *reqs, 0);
+    lua_createtable(L, (int)n, 0); /* anchors the messages' strings */
+    int anchor = lua_gettop(L);
+    for (lua_Integer i = 1; i <= n; i++) {
+        if (lua_geti(L, 2, i) != LUA_TTABLE)
+            return luaL_argerror(L, 2, "each entry must be {chat, message}");
+        int e = lua_gettop(L);
+        lua_geti(L, e, 1);
+        int isint;
+        lua_Integer chat = lua_tointegerx(L, -1, &isint);
+        if (!isint || chat < 1)
+            return luaL_argerror(L, 2,
+                                 "an entry's chat id must be an integer >= 1");
+        lua_pop(L, 1);
+        lua_geti(L, e, 2);
+        size_t one;
+        cs_msg_in *m = read_msgs(L, lua_gettop(L), &one);
+        if (one != 1)
+            return luaL_argerror(L, 2, "an entry holds one message");
+        reqs[i - 1].chat_id = (int64_t)chat;
+        reqs[i - 1].msg = *m;
+        lua_rawseti(L, anchor, i); /* the message array keeps its strings */
+        lua_pop(L, 2);
+    }
+    int64_t *ids = lua_newuserdatauv(L, (size_t)n * sizeof *ids, 0);
+    int *rcs = lua_newuserdatauv(L, (size_t)n * sizeof *rcs, 0);
+    lua_createtable(L, (int)n, 0);
+    lua_createtable(L, 0, 0);
+    int rc = cs_hub_append_many(hub, reqs, (size_t)n, ids, rcs);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    for (lua_Integer i = 1; i <= n; i++) {
+        if (rcs[i - 1] == CS_OK) {
+            lua_pushinteger(L, (lua_Integer)ids[i - 1]);
+        } else {
+            lua_pushboolean(L, 0);
+            lua_createtable(L, 2, 0);
+            lua_pushstring(L, cs_strerror(rcs[i - 1]));
+            lua_rawseti(L, -2, 1);
+            lua_pushstring(L, cs_errname(rcs[i - 1]));
+            lua_rawseti(L, -2, 2);
+            lua_rawseti(L, -3, i);
+        }
+        lua_rawseti(L, -3, i);
+    }
+    return 2;
+}
+
 int store_stats(lua_State *L)
 {
     cs_stats s;

@@ -254,6 +254,7 @@ static const cs_store_ops pg_ops = {
     .notify_part = pg_notify_part,
     .stale_interrupted = pg_stale_interrupted,
     .append1 = pg_append1,
+    .append1_many = pg_append1_many,
     .messages_after = pg_messages_after,
     .snapshot = pg_snapshot,
     .chats_state = pg_chats_state,

@@ -186,16 +186,10 @@ PGresult *pg_run(pg_store *s, PGconn *c, const char *sql, int n,
     return collect(s, c);
 }
 
-/* Runs statement k of PREP_* on c, preparing it first when this connection
- * has not seen it yet. */
-PGresult *pg_run_prepared(pg_store *s, PGconn *c, int k, int n,
-                          const char *const *vals)
+/* Prepares statement k of PREP_* on c when this connection has not seen
+ * it yet: true when it is prepared. */
+bool pg_prepare(pg_store *s, PGconn *c, int k, int n)
 {
-    s->unknown = false;
-    if (!c || PQstatus(c) != CONNECTION_OK) {
-        pg_conn_fail(s, c, "not connected");
-        return NULL;
-    }
     if (s->prep_gen != s->q_gen || c != s->q) {
         s->prepared = 0;
         s->prep_gen = s->q_gen;
@@ -203,7 +197,7 @@ PGresult *pg_run_prepared(pg_store *s, PGconn *c, int k, int n,
     if (!(s->prepared & (1u << k))) {
         if (!PQsendPrepare(c, s->prep_name[k], s->prep_sql[k], n, NULL)) {
             pg_conn_fail(s, c, "cannot send a query");
-            return NULL;
+            return false;
         }
         PGresult *r = collect(s, c);
         s->unknown = false; /* the statement itself was not sent */
@@ -216,12 +210,27 @@ PGresult *pg_run_prepared(pg_store *s, PGconn *c, int k, int n,
                     PQstatus(c) == CONNECTION_OK &&
                     PQtransactionStatus(c) == PQTRANS_IDLE;
         if (!r && !ours)
-            return NULL;
+            return false;
         PQclear(r);
         if (c != s->q || s->prep_gen != s->q_gen)
-            return NULL; /* dropped meanwhile (a timeout): not prepared */
+            return false; /* dropped meanwhile (a timeout): not prepared */
         s->prepared |= 1u << k;
     }
+    return true;
+}
+
+/* Runs statement k of PREP_* on c, preparing it first when this connection
+ * has not seen it yet. */
+PGresult *pg_run_prepared(pg_store *s, PGconn *c, int k, int n,
+                          const char *const *vals)
+{
+    s->unknown = false;
+    if (!c || PQstatus(c) != CONNECTION_OK) {
+        pg_conn_fail(s, c, "not connected");
+        return NULL;
+    }
+    if (!pg_prepare(s, c, k, n))
+        return NULL;
     if (!PQsendQueryPrepared(c, s->prep_name[k], n, vals, NULL, NULL, 0)) {
         pg_conn_fail(s, c, "cannot send a query");
         return NULL;
@@ -286,7 +295,7 @@ static int read_results(PGconn *c, double deadline, PGresult **last)
 }
 
 /* Drops the connection c of the store (it cannot take another statement). */
-static void drop_conn(pg_store *s, PGconn *c)
+void pg_drop_conn(pg_store *s, PGconn *c)
 {
     if (c == s->q) {
         PQfinish(s->q);
@@ -325,7 +334,7 @@ static PGresult *collect(pg_store *s, PGconn *c)
          * run it (a statement runs, and commits, only once its message is
          * whole; the extended protocol's implicit commit waits for its
          * Sync). The connection is given up with the rest unsent. */
-        drop_conn(s, c);
+        pg_drop_conn(s, c);
         s->unknown = false;
         pg_fail(s, CS_EBACKEND, "query timed out before it was sent", NULL);
         return NULL;
@@ -350,7 +359,7 @@ static PGresult *collect(pg_store *s, PGconn *c)
         if (done != 1) {
             /* No answer within the grace: give the connection up. */
             PQclear(last);
-            drop_conn(s, c);
+            pg_drop_conn(s, c);
             pg_fail(s, CS_EBACKEND,
                     "query timed out; no answer, the connection was given up",
                     NULL);
@@ -365,7 +374,7 @@ static PGresult *collect(pg_store *s, PGconn *c)
          * (a transaction open on it then fails, and rolls back). */
         ExecStatusType st = PQresultStatus(last);
         if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-            drop_conn(s, c);
+            pg_drop_conn(s, c);
             s->unknown = false;
             return last;
         }

@@ -106,6 +106,8 @@ PGconn *pg_connect_db(pg_store *s);
 int pg_wait_io(PGconn *c, bool write, double deadline);
 PGresult *pg_run(pg_store *s, PGconn *c, const char *sql, int n,
                  const char *const *vals);
+bool pg_prepare(pg_store *s, PGconn *c, int k, int n);
+void pg_drop_conn(pg_store *s, PGconn *c);
 PGresult *pg_run_prepared(pg_store *s, PGconn *c, int k, int n,
                           const char *const *vals);
 int pg_exec(pg_store *s, PGconn *c, const char *sql, int n,
@@ -140,6 +142,8 @@ int pg_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs, size_t n,
 int pg_tx_key_get(void *st, int64_t chat_id, const char *key, cs_keyed *out);
 int pg_tx_key_put(void *st, int64_t chat_id, const char *key,
                   const cs_keyed *res);
+int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
+                    cs_msglist *out, int64_t *ids, int *rcs);
 int pg_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
                const char *worker, cs_msglist *out, int64_t *committed);
 int pg_tx_update(void *st, const cs_chat_row *row, bool heartbeat);

@@ -106,6 +106,12 @@ typedef struct cs_store_ops {
      * message could not be copied into out), and 0 otherwise. */
     int (*append1)(void *st, int64_t chat_id, const cs_msg_in *msg, int notify,
                    const char *worker, cs_msglist *out, int64_t *id);
+    /* Optional: append1 (no worker) for each of n requests, several in
+     * flight at once, each its own transaction: rcs[i] and ids[i] as
+     * append1's rc and *id; out receives the committed messages in request
+     * order (a NULL entry where none: failed, or no memory for a copy). */
+    int (*append1_many)(void *st, const cs_append_req *reqs, size_t n,
+                        int notify, cs_msglist *out, int64_t *ids, int *rcs);
     /* Up to limit chats interrupted (waiting, a worker still on them) whose
      * worker's heartbeat is older than stale_after seconds: read only; the
      * caller revives each under its lock. */
