@@ -6,6 +6,7 @@
 --   CHATSTREAM_DSN=postgresql://... lua5.4 examples/bench.lua
 --       [--writers K] [--readers M] [--subs S] [--chats C] [--seconds T]
 --       [--strategies watermark,unordered,rescan,last_id] [--batch MS] [--shared] [--plain]
+--       [--pipeline N]
 --       (watermark is ordered, its default; unordered is watermark with ordered = false)
 --       [--smoke]
 --
@@ -25,6 +26,8 @@
 -- for throughput).
 -- --plain: writers publish step by step (commit, then pg_notify on its own):
 -- plain hints without the message, so readers query for every one.
+-- --pipeline N: writers keep N appends in flight on their connection
+-- (store:append_many: pipeline mode, each append its own transaction).
 -- --shared: no writer processes; each reader process writes too, so writer
 -- and readers share a hub (its cache).
 -- --smoke: a short run (CI keeps it from rotting). Internal modes:
@@ -99,7 +102,7 @@ end
 
 -- ---- writer -------------------------------------------------------------------
 
-local function writer(id, chats, seconds, plain)
+local function writer(id, chats, seconds, plain, pipeline)
   local store = assert(chatstream.open({ dsn = dsn_with("csbench_w" .. id), schema = SCHEMA, poll_interval = 0 }))
   io.stdout:write(("pid %d\n"):format(my_pid() or -1))
   io.stdout:flush()
@@ -108,7 +111,20 @@ local function writer(id, chats, seconds, plain)
   while wall() < stop do
     c = c % chats + 1
     local msg = { role = "assistant", content = ("t=%.6f"):format(wall()) }
-    if plain then
+    if pipeline > 0 then
+      -- several appends in flight on the connection: one round trip each
+      -- batch (store:append_many, pipeline mode), each its own transaction
+      local batch = { { c, msg } }
+      for k = 2, pipeline do
+        c = c % chats + 1
+        batch[k] = { c, { role = "assistant", content = ("t=%.6f"):format(wall()) } }
+      end
+      local ids = store:append_many(batch)
+      for k = 1, pipeline do
+        assert(ids[k], "a pipelined append failed")
+      end
+      n = n + pipeline - 1
+    elseif plain then
       -- commit, then the notification as its own statement: a plain hint,
       -- so readers query (one DB pass per chat per hub)
       local p = assert(store:prepare(c, msg))
@@ -323,7 +339,7 @@ local function main()
     os.exit(2)
   end
   local o = { writers = 2, readers = 2, subs = 1, chats = 10, seconds = 5,
-    strategies = "watermark,unordered,rescan,last_id", batch = 0, shared = false, plain = false }
+    strategies = "watermark,unordered,rescan,last_id", batch = 0, shared = false, plain = false, pipeline = 0 }
   local i = 1
   while arg[i] do
     local k, v = arg[i]:match("^%-%-(%w+)$"), arg[i + 1]
@@ -341,7 +357,7 @@ local function main()
       i = i + 2
     else
       io.stderr:write("usage: bench.lua [--writers K] [--readers M] [--subs S] [--chats C] "
-        .. "[--seconds T] [--strategies a,b] [--batch MS] [--shared] [--plain] [--smoke]\n")
+        .. "[--seconds T] [--strategies a,b] [--batch MS] [--shared] [--plain] [--pipeline N] [--smoke]\n")
       os.exit(2)
     end
   end
@@ -365,7 +381,8 @@ local function main()
     local writers = {}
     local started = wall()
     for w = 1, o.shared and 0 or o.writers do
-      writers[w] = spawn({ "writer", tostring(w), tostring(o.chats), tostring(o.seconds), o.plain and "plain" or "" })
+      writers[w] = spawn({ "writer", tostring(w), tostring(o.chats), tostring(o.seconds), o.plain and "plain" or "",
+        tostring(o.pipeline) })
       local pid = tonumber((writers[w]:read("l") or ""):match("^pid (%-?%d+)$"))
       assert(pid, "a writer did not start")
       table.insert(roles["writer processes"], pid)
@@ -475,7 +492,7 @@ end
 
 local mode = arg[1]
 if mode == "writer" then
-  writer(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5] == "plain")
+  writer(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5] == "plain", tonumber(arg[6]) or 0)
 elseif mode == "reader" then
   reader(tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5], tonumber(arg[6]), arg[7],
     tonumber(arg[8]) or 0, arg[9] == "shared")
