@@ -65,6 +65,42 @@ describe("the listener, from a caller's side (PostgreSQL)", function()
     end)
   end)
 
+  it("after a listener outage, the resync of many chats is two statements, not one per chat", function()
+    H.with_instance("postgresql", function(inst)
+      local r = via_proxy(inst)
+      local w = inst:open()
+      local chats, subs = {}, {}
+      for c = 1, 10 do
+        chats[c] = assert(w:create_chat({ owner = "alice" }))
+        subs[c] = assert(r:subscribe(chats[c]))
+        assert.are.equal("status", subs[c]:next(0).kind)
+      end
+      -- the listener hears nothing while these commit, then its connection goes
+      proxy:stall()
+      local want = {}
+      for c = 1, 10 do
+        want[c] = assert(w:append(chats[c], { role = "user", content = "during the outage" }))[1]
+      end
+      proxy:drop()
+      proxy:resume()
+      local q0 = r:stats().queries
+      local got, deadline = 0, chatstream.now() + 10
+      while got < 10 and chatstream.now() < deadline do
+        for c = 1, 10 do
+          local ev = subs[c]:next(0.02)
+          if ev and ev.kind == "message" then
+            assert.are.equal(want[c], ev.id)
+            got = got + 1
+          end
+        end
+      end
+      assert.are.equal(10, got)
+      -- the state of the 10 chats, then their messages: one statement each
+      assert.are.equal(2, r:stats().queries - q0)
+      assert.is_true(r:stats().shared_passes >= 10)
+    end)
+  end)
+
   it("a subscription opened while the listener is down does not wait, and loses nothing", function()
     H.with_instance("postgresql", function(inst)
       local r = via_proxy(inst)

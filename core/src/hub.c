@@ -229,8 +229,81 @@ int cs_hub_read(cs_hub *hub)
     return rc < 0 ? cs_hub_fail(hub, rc, NULL) : rc;
 }
 
+typedef struct prefetch {
+    int64_t id, after;
+    hub_chat *chat;
+} prefetch;
+
+static int prefetch_cmp(const void *a, const void *b)
+{
+    int64_t x = ((const prefetch *)a)->id, y = ((const prefetch *)b)->id;
+    return (x > y) - (x < y);
+}
+
+/* The chats of a poll chunk that moved past a watermark subscription: the
+ * messages after each one's lowest such position, for all of them in one
+ * statement, into each chat's memo, where the subscriptions' passes find
+ * them. So the resync of many chats (after a listener reconnect, or what
+ * the backstop poll found) is one query, not one per chat. */
+static void hub_prefetch(cs_hub *hub, const cs_chat_state *rows, size_t n)
+{
+    const cs_store_ops *ops = hub->store.ops;
+    prefetch *p =
+        n >= 2 && ops->messages_after_many ? malloc(n * sizeof *p) : NULL;
+    size_t k = 0;
+    for (size_t i = 0; p && i < n; i++) {
+        hub_chat *c = cs_hub_chat_find(hub, rows[i].id);
+        int64_t low = INT64_MAX;
+        for (cs_sub *s = c ? c->subs : NULL; s; s = s->next) {
+            int64_t at = cs_merge_cursor(&s->merge);
+            if (s->merge.strategy == CS_STRATEGY_WATERMARK && s->poll_id > at &&
+                at < low)
+                low = at;
+        }
+        if (low != INT64_MAX)
+            p[k++] = (prefetch){rows[i].id, low, c};
+    }
+    if (k < 2) {
+        free(p); /* one chat: its own pass is the same one query */
+        return;
+    }
+    qsort(p, k, sizeof *p, prefetch_cmp); /* the rows come by chat id */
+    int64_t *ids = malloc(2 * k * sizeof *ids);
+    cs_msglist out = {0};
+    int rc = ids ? CS_OK : CS_ENOMEM;
+    for (size_t i = 0; ids && i < k; i++) {
+        ids[i] = p[i].id;
+        ids[k + i] = p[i].after;
+    }
+    if (rc == CS_OK) {
+        hub->counts.queries++;
+        rc = ops->messages_after_many(hub->store.st, ids, ids + k, k,
+                                      hub->page_size, &out);
+        if (rc == CS_EBACKEND)
+            hub->counts.query_errors++;
+    }
+    for (size_t i = 0, j = 0; rc == CS_OK && i < k; i++) {
+        size_t start = j;
+        while (j < out.n && out.items[j]->chat_id == p[i].id)
+            j++;
+        if (j == start || j - start > hub->cache_size)
+            continue; /* nothing, or more than a memo keeps: its own pass */
+        hub_chat *c = p[i].chat;
+        cs_msglist_clear(&c->memo);
+        if (cs_msglist_reserve(&c->memo, j - start) < 0)
+            continue;
+        for (size_t m = start; m < j; m++)
+            cs_msglist_push(&c->memo, cs_msg_ref(out.items[m]));
+        c->memo_after = p[i].after;
+    }
+    cs_msglist_free(&out);
+    free(ids);
+    free(p);
+}
+
 /* One chunk of the round under way, if one is due: one statement. A chat
- * that did not move costs nothing more. */
+ * that did not move costs nothing more; the chats that did are read in one
+ * more (hub_prefetch). */
 static void hub_poll_chunk(cs_hub *hub)
 {
     cs_chat_state *rows;
@@ -245,6 +318,7 @@ static void hub_poll_chunk(cs_hub *hub)
         for (cs_sub *s = c ? c->subs : NULL; s; s = s->next)
             cs_sub_polled(s, &rows[i]);
     }
+    hub_prefetch(hub, rows, n);
 }
 
 int cs_hub_step(cs_hub *hub)

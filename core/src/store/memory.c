@@ -687,6 +687,27 @@ static int m_messages_after(void *st, int64_t chat_id, int64_t after,
     return chat_messages_after(ch, after, limit, out);
 }
 
+/* Many chats as one statement: the fault knob counts it once. */
+static int m_messages_after_many(void *st, const int64_t *chats,
+                                 const int64_t *afters, size_t n, size_t limit,
+                                 cs_msglist *out)
+{
+    mem_conn *c = st;
+    if (n > 0 && injected_failure(c, chats[0]))
+        return CS_EBACKEND;
+    size_t base = out->n;
+    for (size_t i = 0; i < n; i++) {
+        mem_chat *ch = find_chat(c->db, chats[i]);
+        int rc = ch ? chat_messages_after(ch, afters[i], limit, out) : CS_OK;
+        if (rc < 0) {
+            while (out->n > base)
+                cs_msg_unref(out->items[--out->n]);
+            return rc;
+        }
+    }
+    return CS_OK;
+}
+
 /* One read, as one statement: the fault knob counts it once. */
 static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
                       cs_chat_row *row, cs_queue *queue, cs_msglist *msgs)
@@ -881,6 +902,7 @@ static const cs_store_ops memory_ops = {
     .notify_part = m_notify_part,
     .stale_interrupted = m_stale_interrupted,
     .messages_after = m_messages_after,
+    .messages_after_many = m_messages_after_many,
     .snapshot = m_snapshot,
     .chats_state = m_chats_state,
     .listen = m_listen,

@@ -255,6 +255,7 @@ static const cs_store_ops pg_ops = {
     .stale_interrupted = pg_stale_interrupted,
     .append1 = pg_append1,
     .append1_many = pg_append1_many,
+    .messages_after_many = pg_messages_after_many,
     .messages_after = pg_messages_after,
     .snapshot = pg_snapshot,
     .chats_state = pg_chats_state,

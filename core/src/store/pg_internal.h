@@ -32,6 +32,7 @@ enum {
     PREP_AFTER,
     PREP_SNAPSHOT,
     PREP_STATE,
+    PREP_AFTER_MANY,
     PREP_COUNT
 };
 
@@ -142,6 +143,9 @@ int pg_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs, size_t n,
 int pg_tx_key_get(void *st, int64_t chat_id, const char *key, cs_keyed *out);
 int pg_tx_key_put(void *st, int64_t chat_id, const char *key,
                   const cs_keyed *res);
+int pg_messages_after_many(void *st, const int64_t *chats,
+                           const int64_t *afters, size_t n, size_t limit,
+                           cs_msglist *out);
 int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
                     cs_msglist *out, int64_t *ids, int *rcs);
 int pg_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,

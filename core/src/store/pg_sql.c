@@ -14,8 +14,8 @@
 /* ---- the prepared statements -------------------------------------------- */
 
 static const char *const prep_kind[PREP_COUNT] = {
-    "cs_append", "cs_append_notify", "cs_append_body",
-    "cs_after",  "cs_snapshot",      "cs_chats_state"};
+    "cs_append",   "cs_append_notify", "cs_append_body", "cs_after",
+    "cs_snapshot", "cs_chats_state",   "cs_after_many"};
 
 /* The columns every chat row is read with: id, owner, title, status,
  * version, worker, heartbeat age (microseconds, NULL: none),
@@ -74,6 +74,17 @@ bool pg_build_prepared(pg_store *s)
                      "(SELECT array_agg(q.id ORDER BY q.position, q.id) "
                      "FROM %1$s.queued_messages q WHERE q.chat_id = c.id) "
                      "FROM %1$s.chats c WHERE c.id = ANY($1::bigint[])",
+                     s->schema);
+        else if (k == PREP_AFTER_MANY)
+            /* A resync of many chats in one statement (one view): per
+             * chat, its messages after its own position, a page of them. */
+            snprintf(sql, sizeof sql,
+                     "SELECT m.chat_id, m.id, m.prev_id, m.role, m.content, "
+                     "m.tool FROM unnest($1::bigint[], $2::bigint[]) AS "
+                     "w(chat_id, after) CROSS JOIN LATERAL (SELECT chat_id, "
+                     "id, prev_id, role, content, tool FROM %1$s.messages "
+                     "WHERE chat_id = w.chat_id AND id > w.after ORDER BY id "
+                     "LIMIT $3::bigint) m ORDER BY m.chat_id, m.id",
                      s->schema);
         else if (k == PREP_AFTER)
             /* The LEFT JOIN tells a chat with no new messages (one NULL row)
@@ -1188,4 +1199,51 @@ int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
     }
     free(p);
     return CS_OK;
+}
+
+/* "{a,b,...}": an int64 array literal (malloc'd), NULL on ENOMEM. */
+static char *i64_array(const int64_t *v, size_t n)
+{
+    size_t cap = n * 21 + 3, o = 0;
+    char *arr = malloc(cap);
+    if (!arr)
+        return NULL;
+    arr[o++] = '{';
+    for (size_t i = 0; i < n; i++)
+        o += (size_t)snprintf(arr + o, cap - o, "%s%" PRId64, i ? "," : "",
+                              v[i]);
+    arr[o++] = '}';
+    arr[o] = '\0';
+    return arr;
+}
+
+/* The messages of n chats, each after its own position (a page each, limit
+ * 0: all), in one statement: ordered by chat, then id. */
+int pg_messages_after_many(void *st, const int64_t *chats,
+                           const int64_t *afters, size_t n, size_t limit,
+                           cs_msglist *out)
+{
+    pg_store *s = st;
+    int rc = pg_claim_q(s);
+    if (rc < 0)
+        return rc;
+    char *a = i64_array(chats, n), *b = i64_array(afters, n), lim[24];
+    pg_i64s(lim, limit ? (int64_t)limit : INT64_MAX);
+    const char *vals[3] = {a, b, lim};
+    PGresult *r =
+        a && b ? pg_run_retry_k(s, PREP_AFTER_MANY, NULL, 3, vals) : NULL;
+    rc = !a || !b ? CS_ENOMEM : r ? CS_OK : CS_EBACKEND;
+    free(a);
+    free(b);
+    size_t base = out->n;
+    for (int i = 0, rows = r ? PQntuples(r) : 0; rc == CS_OK && i < rows; i++) {
+        int64_t chat;
+        rc = pg_col_id(r, i, 0, &chat)
+                 ? push_msg(s, r, i, 1, chat, out)
+                 : pg_fail(s, CS_EBACKEND, "bad message row", NULL);
+    }
+    PQclear(r);
+    if (rc < 0)
+        unpush_msgs(out, base);
+    return rc;
 }

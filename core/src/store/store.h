@@ -124,6 +124,12 @@ typedef struct cs_store_ops {
      * all). */
     int (*messages_after)(void *st, int64_t chat_id, int64_t after,
                           size_t limit, cs_msglist *out);
+    /* Optional: messages_after for n chats in one statement (one view),
+     * each after its own position, at most limit per chat; out receives
+     * them ordered by chat, then id. A missing chat has no rows. */
+    int (*messages_after_many)(void *st, const int64_t *chats,
+                               const int64_t *afters, size_t n, size_t limit,
+                               cs_msglist *out);
     /* A subscription's snapshot in one statement, one consistent view: the
      * chat's row, its queue in order (appended to queue) and its messages
      * with id > after, ascending, the lowest limit of them (0: all;
