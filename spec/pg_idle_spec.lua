@@ -56,6 +56,11 @@ describe("an idle reader (PostgreSQL)", function()
       end
       -- the queue is emptied as fast as it fills: nothing waits on this reader
       assert.is_true(usage_max < 0.0001, "queue usage reached " .. usage_max)
+      -- nobody read the 4 MiB buffer: the listener went deaf (its backend is
+      -- no longer woken by every writer's commit) ...
+      assert.are.equal(1, reader:stats().listener_deaf)
+      local last = psql_rows(("SELECT query FROM pg_stat_activity WHERE pid = %d"):format(pid))
+      assert.are.equal("UNLISTEN *", last)
       -- the reader wakes: every message once, in order
       local got, deadline = {}, os.time() + 30
       while #got < #want and os.time() <= deadline do
@@ -65,6 +70,9 @@ describe("an idle reader (PostgreSQL)", function()
         end
       end
       assert.are.same(want, got)
+      -- ... and hears again now that the reader is back
+      last = psql_rows(("SELECT query FROM pg_stat_activity WHERE pid = %d"):format(pid))
+      H.contains('LISTEN "' .. inst.schema .. ':chat:' .. chat .. '"', last)
       print(("\nidle reader: 3000 x 2 KB written; its backend's wait states %s; queue usage max %g; "
         .. "resyncs %d; delivered %d in order"):format(table.concat(states, ","), usage_max,
         reader:stats().resyncs, #got))

@@ -231,6 +231,9 @@ typedef struct cs_stats {
     int64_t cached_messages; /* messages in the hub's chat caches now */
     int64_t warnings;        /* WARNINGs the server sent (PostgreSQL), among
                                 them "NOTIFY queue is N% full" */
+    int64_t listener_deaf;   /* times the listener stopped listening because
+                                nobody read its buffer (PostgreSQL: every
+                                subscription resyncs when the hub is back) */
     /* PostgreSQL's notification queue usage, 0 to 1, as last read (at most
      * once per poll interval, 10 s without a poll); -1: not known (yet, or
      * the memory store). */

@@ -205,6 +205,8 @@ void cs_hub_stats(const cs_hub *hub, cs_stats *out)
     out->cache_misses += hub->counts.cache_misses;
     out->db_passes += hub->counts.db_passes;
     out->reconnects = hub->store.ops->reconnects(hub->store.st);
+    if (hub->store.ops->deaf_count)
+        out->listener_deaf = hub->store.ops->deaf_count(hub->store.st);
     out->db_passes -= hub->stats.shared_passes; /* not queried: shared */
     out->cached_chats = (int64_t)hub->nchats;
     out->cached_messages = 0;

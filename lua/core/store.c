@@ -348,6 +348,7 @@ int store_stats(lua_State *L)
     set_int(L, "auth_refusals", s.auth_refusals);
     set_int(L, "shared_passes", s.shared_passes);
     set_int(L, "bodies", s.bodies);
+    set_int(L, "listener_deaf", s.listener_deaf);
     set_int(L, "steps", s.steps);
     set_int(L, "cached_messages", s.cached_messages);
     set_int(L, "warnings", s.warnings);

@@ -72,6 +72,15 @@ static int64_t p_warnings(void *st, char *last, size_t cap)
     return n;
 }
 
+static int64_t p_deaf_count(void *st)
+{
+    pg_store *s = st;
+    pthread_mutex_lock(&s->lmu);
+    int64_t n = s->deaf_count;
+    pthread_mutex_unlock(&s->lmu);
+    return n;
+}
+
 static int64_t p_reconnects(void *st)
 {
     pg_store *s = st;
@@ -269,6 +278,7 @@ static const cs_store_ops pg_ops = {
     .migrate = pg_migrate,
     .listener_pid = p_listener_pid,
     .reconnects = p_reconnects,
+    .deaf_count = p_deaf_count,
     .queue_usage = p_queue_usage,
     .warnings = p_warnings,
 };

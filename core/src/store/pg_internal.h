@@ -58,6 +58,14 @@ typedef struct pg_store {
      * for the server); l_inflight while their results are still to read. */
     cs_idset unlisten;
     bool l_inflight;
+    /* Deaf: the buffer overflowed with nobody reading it, so the thread
+     * UNLISTENed everything (a listening backend costs every writer of the
+     * database even when it has nothing to send); deaf_pending until that is
+     * sent. The next read by the hub makes the thread LISTEN to every chat
+     * again (hear_pending, then hearing until it is committed) and then
+     * every subscription resyncs. */
+    bool deaf, deaf_pending, hear_pending, hearing;
+    int64_t deaf_count;  /* times it went deaf */
     bool resync_pending; /* the listener came back: tell the hub */
     double retry_at, backoff;
     struct lnote **notes; /* hints taken off the listener, for the hub */

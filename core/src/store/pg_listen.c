@@ -99,6 +99,10 @@ static void take_notes(pg_store *s)
 {
     PGnotify *n;
     while (s->l && (n = PQnotifies(s->l))) {
+        if (s->deaf || s->deaf_pending) {
+            PQfreemem(n); /* deaf: all is read again when the hub is back */
+            continue;
+        }
         int64_t chat = chat_of(s, n->relname);
         size_t len = strlen(n->extra);
         size_t cost = sizeof(struct lnote) + sizeof(struct lnote *) + len;
@@ -113,15 +117,15 @@ static void take_notes(pg_store *s)
             s->notes[s->nnotes++] = e;
             s->note_bytes += cost;
         } else {
-            /* Over the bound (or out of memory): what is buffered goes,
-             * and these chats resync from W. */
+            /* Over the bound (or out of memory): nobody reads. What is
+             * buffered goes, the listener goes deaf until the hub is back,
+             * and then every subscription resyncs from W. */
             pg_notes_clear(s, true);
-            if (chat > 0 && cs_idset_add(&s->dropped, chat) < 0)
-                s->resync_pending = true;
+            s->deaf_pending = true;
         }
         PQfreemem(n);
     }
-    if (s->nnotes || s->dropped.n || s->resync_pending)
+    if (s->nnotes || s->dropped.n || s->resync_pending || s->deaf_pending)
         signal_hub(s);
 }
 
@@ -184,6 +188,7 @@ static bool thread_install(pg_store *s, PGconn *c)
     PQsetNoticeReceiver(c, pg_l_notice, s);
     s->l = c;
     s->l_pid = pid;
+    s->deaf = s->deaf_pending = s->hear_pending = s->hearing = false;
     s->l_reconnects++;
     s->resync_pending = true; /* notifications meanwhile are gone */
     s->backoff = 0;
@@ -249,12 +254,58 @@ static bool inflight_done(pg_store *s, bool wait)
                 return false;
             continue;
         }
-        if ((r = PQgetResult(s->l)))
+        if ((r = PQgetResult(s->l))) {
             PQclear(r);
-        else
+        } else {
             s->l_inflight = false;
+            if (s->hearing) {
+                /* Every chat is listened to again: what was missed is
+                 * found by the resync that follows. */
+                s->hearing = s->deaf = false;
+                s->resync_pending = true;
+                signal_hub(s);
+            }
+        }
     }
     return true;
+}
+
+/* Under lmu, on the thread: going deaf (UNLISTEN *) or hearing again
+ * (LISTEN to every chat), sent without waiting, read like the UNLISTENs. */
+static void thread_deafness(pg_store *s)
+{
+    if (!s->l || s->l_inflight || PQstatus(s->l) != CONNECTION_OK)
+        return;
+    if (s->deaf_pending) {
+        s->deaf_pending = false;
+        if (PQsendQuery(s->l, "UNLISTEN *")) {
+            s->l_inflight = true;
+            s->deaf = true;
+            s->deaf_count++;
+            cs_idset_free(&s->unlisten);
+            cs_idset_init(&s->unlisten, INT64_MIN);
+            PQflush(s->l);
+        }
+        return;
+    }
+    if (!s->deaf || !s->hear_pending)
+        return;
+    size_t cap = 16 + s->listening.n * (sizeof s->prefix + 40);
+    char *sql = malloc(cap);
+    if (!sql)
+        return; /* later */
+    size_t o = (size_t)snprintf(sql, cap, "SELECT 1;");
+    for (size_t i = 0; i < s->listening.n; i++) {
+        char channel[128];
+        pg_channel_of(s, s->listening.ids[i], channel, sizeof channel);
+        o += (size_t)snprintf(sql + o, cap - o, "LISTEN \"%s\";", channel);
+    }
+    if (PQsendQuery(s->l, sql)) {
+        s->hear_pending = false;
+        s->hearing = s->l_inflight = true;
+        PQflush(s->l);
+    }
+    free(sql);
 }
 
 void *pg_listener_main(void *arg)
@@ -276,6 +327,7 @@ void *pg_listener_main(void *arg)
             PQfinish(c); /* the caller reconnected it first */
             c = NULL;
         }
+        thread_deafness(s);
         thread_unlisten(s);
         if (s->l) {
             p[1] = (struct pollfd){.fd = PQsocket(s->l), .events = POLLIN};
@@ -367,7 +419,7 @@ static void listener_drop(pg_store *s)
         PQfinish(s->l);
         s->l = NULL;
     }
-    s->l_inflight = false;
+    s->l_inflight = s->hearing = false;
     /* a new connection listens only to what is followed */
     cs_idset_free(&s->unlisten);
     cs_idset_init(&s->unlisten, INT64_MIN);
@@ -408,6 +460,7 @@ static int listener_ready(pg_store *s, PGconn *l, bool initial)
     PQsetnonblocking(l, 1);
     PQsetNoticeReceiver(l, pg_l_notice, s);
     s->l = l;
+    s->deaf = s->deaf_pending = s->hear_pending = s->hearing = false;
     if (!initial && listener_identify(s) < 0) {
         listener_drop(s);
         return CS_EBACKEND;
@@ -541,6 +594,17 @@ int pg_poll(void *st,
     while (read(s->ready[0], buf, sizeof buf) > 0)
         ;
     s->signalled = false;
+    /* The hub reads: a listener gone deaf (nobody read its buffer) hears
+     * again; one about to go deaf stays as it is, with what it dropped
+     * resynced. */
+    if (s->deaf_pending) {
+        s->deaf_pending = false;
+        s->resync_pending = true;
+    }
+    if (s->deaf && !s->hearing && !s->hear_pending) {
+        s->hear_pending = true;
+        pg_wake_thread(s);
+    }
     struct lnote **notes = s->notes;
     size_t n = s->nnotes;
     cs_idset dropped = s->dropped;

@@ -162,6 +162,8 @@ typedef struct cs_store_ops {
     int64_t (*reconnects)(void *st);
     /* Optional: the server's notification queue usage (0 to 1). */
     int (*queue_usage)(void *st, double *out);
+    /* Optional: times the listener went deaf (nobody read its buffer). */
+    int64_t (*deaf_count)(void *st);
     /* Optional: WARNINGs the server sent, and the last one's text. */
     int64_t (*warnings)(void *st, char *last, size_t cap);
 } cs_store_ops;
