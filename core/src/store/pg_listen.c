@@ -121,6 +121,8 @@ static void take_notes(pg_store *s)
              * buffered goes, the listener goes deaf until the hub is back,
              * and then every subscription resyncs from W. */
             pg_notes_clear(s, true);
+            if (!s->deaf_pending)
+                pg_wake_thread(s); /* it sends the UNLISTEN */
             s->deaf_pending = true;
         }
         PQfreemem(n);
