@@ -97,11 +97,10 @@ run = function(o, mode)
   local q1 = r:stats().queries
   while got < want and chatstream.now() < deadline do
     local any = false
-    -- ready: one event per ready subscription per round (a subscription
-    -- leaves the list with its last event); sweep: every subscription
-    -- until it is idle
-    local ready = mode == "ready"
-    for _, sub in ipairs(ready and r:ready() or subs) do
+    -- ready: the subscriptions with events (store:ready()), each until it
+    -- has no more (a round per event would rebuild a list of up to S
+    -- subscriptions each round); sweep: every subscription
+    for _, sub in ipairs(mode == "ready" and r:ready() or subs) do
       local ev = sub:next(0)
       while ev do
         if ev.kind == "message" then
@@ -109,7 +108,7 @@ run = function(o, mode)
           lat[#lat + 1] = chatstream.now() - tonumber(ev.content)
           any = true
         end
-        ev = not ready and sub:next(0)
+        ev = sub:next(0)
       end
     end
     if not any then
