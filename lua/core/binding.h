@@ -112,7 +112,6 @@ int store_create_chat(lua_State *L);
 int store_append(lua_State *L);
 int store_append_many(lua_State *L);
 int store_stats(lua_State *L);
-int store_fd(lua_State *L);
 int store_migrate(lua_State *L);
 int store_listener_pid(lua_State *L);
 int store_kind(lua_State *L);

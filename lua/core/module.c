@@ -110,7 +110,7 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                        {"prepare", store_prepare},
                                        {"subscribe", store_subscribe},
                                        {"stats", store_stats},
-                                       {"fd", store_fd},
+                                       {"fd", store_pollfd},
                                        {"step", store_step},
                                        {"migrate", store_migrate},
                                        {"listener_pid", store_listener_pid},

@@ -373,16 +373,6 @@ int store_stats(lua_State *L)
     return 1;
 }
 
-int store_fd(lua_State *L)
-{
-    int fd = cs_hub_fd(peek_store(L, 1));
-    if (fd < 0)
-        lua_pushnil(L);
-    else
-        lua_pushinteger(L, fd);
-    return 1;
-}
-
 /* Creates or upgrades the schema; nothing to do on the memory store. */
 int store_migrate(lua_State *L)
 {

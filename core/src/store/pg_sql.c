@@ -922,6 +922,22 @@ static bool queue_sig_of(PGresult *r, int i, int col, uint64_t *out)
     return true;
 }
 
+/* "{a,b,...}": an int64 array literal (malloc'd), NULL on ENOMEM. */
+static char *i64_array(const int64_t *v, size_t n)
+{
+    size_t cap = n * 21 + 3, o = 0;
+    char *arr = malloc(cap);
+    if (!arr)
+        return NULL;
+    arr[o++] = '{';
+    for (size_t i = 0; i < n; i++)
+        o += (size_t)snprintf(arr + o, cap - o, "%s%" PRId64, i ? "," : "",
+                              v[i]);
+    arr[o++] = '}';
+    arr[o] = '\0';
+    return arr;
+}
+
 int pg_chats_state(void *st, const int64_t *ids, size_t n, cs_chat_state *out,
                    size_t *nout)
 {
@@ -934,17 +950,9 @@ int pg_chats_state(void *st, const int64_t *ids, size_t n, cs_chat_state *out,
         return CS_OK;
     if (n > CS_POLL_CHUNK)
         return pg_fail(s, CS_EINVAL, "too many chats for one state read", NULL);
-    /* The ids as an array literal: "{1,2,...}". */
-    size_t cap = n * 21 + 3, o = 0;
-    char *arr = malloc(cap);
+    char *arr = i64_array(ids, n);
     if (!arr)
         return CS_ENOMEM;
-    arr[o++] = '{';
-    for (size_t i = 0; i < n; i++)
-        o += (size_t)snprintf(arr + o, cap - o, "%s%" PRId64, i ? "," : "",
-                              ids[i]);
-    arr[o++] = '}';
-    arr[o] = '\0';
     const char *vals[1] = {arr};
     PGresult *r = pg_run_retry_k(s, PREP_STATE, NULL, 1, vals);
     free(arr);
@@ -1199,22 +1207,6 @@ int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
     }
     free(p);
     return CS_OK;
-}
-
-/* "{a,b,...}": an int64 array literal (malloc'd), NULL on ENOMEM. */
-static char *i64_array(const int64_t *v, size_t n)
-{
-    size_t cap = n * 21 + 3, o = 0;
-    char *arr = malloc(cap);
-    if (!arr)
-        return NULL;
-    arr[o++] = '{';
-    for (size_t i = 0; i < n; i++)
-        o += (size_t)snprintf(arr + o, cap - o, "%s%" PRId64, i ? "," : "",
-                              v[i]);
-    arr[o++] = '}';
-    arr[o] = '\0';
-    return arr;
 }
 
 /* The messages of n chats, each after its own position (a page each, limit
