@@ -10,7 +10,7 @@ local STAT_KEYS = {
   "publish_errors", "cache_hits", "cache_misses", "db_passes", "delivered",
   "resyncs", "reconnects", "polls", "cached_chats",
   "parts", "parts_dropped", "auth_checks", "auth_refusals", "shared_passes",
-  "bodies", "steps", "cached_messages", "warnings",
+  "bodies", "steps", "cached_messages", "warnings", "listener_deaf",
 }
 
 local raises, contains = H.raises, H.contains
