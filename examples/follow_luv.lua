@@ -41,6 +41,7 @@ end
 
 local function sleep(s) -- yields to the loop
   local co, t = coroutine.running(), uv.new_timer()
+  uv.update_time() -- libuv's clock is cached: it may be stale outside the loop
   t:start(math.ceil(s * 1000), 0, function()
     t:close()
     assert(coroutine.resume(co))
@@ -92,6 +93,7 @@ local function main()
   end)
 
   local ticker, want = uv.new_timer(), uv.hrtime() / 1e9 + 0.01
+  uv.update_time() -- libuv's clock is cached: it may be stale outside the loop
   ticker:start(10, 10, function() -- how late a 10 ms timer fires
     local now = uv.hrtime() / 1e9
     lateness[#lateness + 1] = math.max(0, now - want) * 1000

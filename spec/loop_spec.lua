@@ -13,6 +13,7 @@ local uv = require("luv")
 local function luv_sleep(s)
   local co = coroutine.running()
   local t = uv.new_timer()
+  uv.update_time() -- libuv's clock is cached: it may be stale outside the loop
   t:start(math.max(0, math.ceil(s * 1000)), 0, function()
     t:close()
     local ok, err = coroutine.resume(co)
@@ -248,6 +249,53 @@ for _, L in ipairs(loops) do
           local pticks, ptook = append_under_lock(inst, plain, chat)
           assert.is_true(ptook > 0.5)
           assert.is_true(pticks <= 2, "the plain store blocked the loop: " .. pticks .. " ticks")
+        end)
+      end)
+
+      it("an open inside the loop yields while it connects (the plain open blocks it)", function()
+        H.with_instance("postgresql", function(inst)
+          local FP = require("support.faultproxy")
+          local host, port = H.dsn:match("@([%d%.]+):(%d+)/")
+          local proxy = FP.start(host, tonumber(port))
+          local ok, err = pcall(function()
+            -- through the adapter: the start-up waits on the stalled proxy
+            -- until another coroutine resumes it, the ticker running
+            proxy:stall()
+            local state, store = { done = false, ticks = 0 }, nil
+            L.run({
+              function()
+                store = assert(L.mod.open({ dsn = proxy:dsn(H.dsn), schema = inst.schema, poll_interval = 0 }))
+                state.done = true
+              end,
+              function()
+                L.sleep(0.5)
+                proxy:resume()
+              end,
+              ticker(L.sleep, state),
+            })
+            assert.is_truthy(store)
+            assert.is_true(assert(store:create_chat({ owner = "loop" })) > 0)
+            store:close()
+            assert.is_true(state.ticks >= 20, "the loop ran while open connected: " .. state.ticks)
+            -- the control: the plain open blocks the loop (nobody can resume
+            -- the proxy), until its connect_timeout
+            proxy:stall()
+            state = { done = false, ticks = 0 }
+            local plain, perr
+            L.run({
+              function()
+                plain, perr = chatstream.open({ dsn = proxy:dsn(H.dsn) .. "?connect_timeout=2", schema = inst.schema })
+                state.done = true
+              end,
+              ticker(L.sleep, state),
+            })
+            proxy:resume()
+            assert.is_nil(plain)
+            assert.is_truthy(perr)
+            assert.is_true(state.ticks <= 2, "the plain open blocked the loop: " .. state.ticks)
+          end)
+          proxy:stop()
+          assert(ok, err)
         end)
       end)
 

@@ -240,8 +240,32 @@ end
 function M.adapter(backend)
   install()
   local A = setmetatable({}, { __index = chatstream })
+  local opener, opener_turn -- an engine for opens made inside the loop
+  -- chatstream.open(...) on the opener engine: the connects and the probe
+  -- yield to the loop.
+  local function open_in_loop(...)
+    opener = opener or core.engine()
+    opener_turn = opener_turn or backend.new_turn()
+    breathe(backend)
+    opener_turn:take()
+    local r = pack(pcall(opener.job, opener, chatstream.open, ...))
+    while r[1] and r[2] == false do
+      wait(backend, opener:fd())
+      r = pack(pcall(opener.resume, opener))
+    end
+    opener_turn:give()
+    if not r[1] then
+      error(r[2], 0)
+    end
+    return table.unpack(r, 3, r.n)
+  end
   function A.open(...)
-    local store, err, code = chatstream.open(...)
+    local store, err, code
+    if backend.can_yield() then
+      store, err, code = open_in_loop(...)
+    else
+      store, err, code = chatstream.open(...)
+    end
     if not store then
       return nil, err, code
     end

@@ -59,6 +59,7 @@ function backend.wait(fd, timeout)
   local entry = { co = co }
   if timeout then
     entry.timer = uv.new_timer()
+    uv.update_time() -- libuv's clock is cached: it may be stale outside the loop
     entry.timer:start(math.max(0, math.ceil(timeout * 1000)), 0, function()
       drop(w, entry)
       entry.timer:close()
@@ -102,6 +103,7 @@ end
 
 function backend.pause()
   local co, t = coroutine.running(), uv.new_timer()
+  uv.update_time() -- libuv's clock is cached: it may be stale outside the loop
   t:start(0, 0, function()
     t:close()
     resume(co)
@@ -128,6 +130,7 @@ function backend.new_turn()
       return
     end
     local timer = uv.new_timer()
+    uv.update_time() -- libuv's clock is cached: it may be stale outside the loop
     timer:start(0, 0, function()
       timer:close()
       resume(co)

@@ -13,6 +13,17 @@
 #define STORE_MT "chatstream.Store"
 #define PUB_MT "chatstream.Publish"
 #define SUB_MT "chatstream.Subscription"
+#define ENGINE_MT "chatstream.Engine"
+
+/* A call on an engine (loop.c): the engine, made on first use, and the Lua
+ * thread T the call runs in (anchored at T_ref) while it is under way. */
+typedef struct ljob {
+    cs_engine *eng;
+    lua_State *T;
+    int T_ref, nargs, status;
+    int shared; /* the call only writes: reads of what the hub holds
+                   (sub:try, try_step) may run while it waits */
+} ljob;
 
 typedef struct {
     cs_memdb *db;
@@ -23,13 +34,7 @@ typedef struct {
     lua_State *L; /* the thread of the call in progress (authorizer) */
     int auth_ref; /* the authorize function in the registry, or 0 */
     cs_authorizer auth;
-    /* The engine (loop.c): created on first use. A call under way runs in
-     * the thread T (anchored at T_ref). */
-    cs_engine *eng;
-    lua_State *T;
-    int T_ref, job_nargs, job_status;
-    int job_shared; /* the call only writes: reads of what the hub holds
-                       (sub:try, try_step) may run while it waits */
+    ljob job; /* the store's engine (loop.c) */
     /* Closes that came while a call was under way on the engine (a
      * finalizer cannot touch the hub then): done when it returns. */
     cs_sub **dsubs;
@@ -132,6 +137,14 @@ int sub_try(lua_State *L);
 int sub_store(lua_State *L);
 int pub_get_store(lua_State *L);
 void store_engine_close(lua_State *L, lstore *u);
+/* chatstream.Engine: an engine of its own (core.engine()), for calls made
+ * before there is a store (open). */
+int l_engine(lua_State *L);
+int engine_job(lua_State *L);
+int engine_resume(lua_State *L);
+int engine_fd(lua_State *L);
+int engine_gc(lua_State *L);
+int engine_tostring(lua_State *L);
 /* lifecycle.c */
 int store_chat(lua_State *L);
 int store_send(lua_State *L);

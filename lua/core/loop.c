@@ -16,7 +16,8 @@ static lstore *store_of(lua_State *L, int idx)
 
 int store_busy(const lstore *u, int shared_ok)
 {
-    return u->eng && cs_engine_busy(u->eng) && !(shared_ok && u->job_shared);
+    const ljob *j = &u->job;
+    return j->eng && cs_engine_busy(j->eng) && !(shared_ok && j->shared);
 }
 
 void check_not_busy(lua_State *L, int idx, int shared_ok)
@@ -116,65 +117,115 @@ int store_try_step(lua_State *L)
 
 /* ---- the engine ---------------------------------------------------------- */
 
-static cs_engine *engine_of(lua_State *L, lstore *u)
+static cs_engine *job_engine(lua_State *L, ljob *j)
 {
-    if (!u->hub)
-        luaL_error(L, "attempt to use a closed store");
-    if (!u->eng && cs_engine_new(&u->eng) < 0)
-        luaL_error(L, "cannot start the store's engine (out of memory or "
-                      "descriptors)");
-    return u->eng;
+    if (!j->eng && cs_engine_new(&j->eng) < 0)
+        luaL_error(L, "cannot start an engine (out of memory or descriptors)");
+    return j->eng;
 }
 
 static void run_job(void *arg)
 {
-    lstore *u = arg;
-    u->job_status = lua_pcall(u->T, u->job_nargs, LUA_MULTRET, 0);
+    ljob *j = arg;
+    j->status = lua_pcall(j->T, j->nargs, LUA_MULTRET, 0);
 }
 
-static void release_thread(lua_State *L, lstore *u)
+static void release_thread(lua_State *L, ljob *j)
 {
-    luaL_unref(L, LUA_REGISTRYINDEX, u->T_ref);
-    u->T = NULL;
-    u->T_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, j->T_ref);
+    j->T = NULL;
+    j->T_ref = LUA_NOREF;
 }
 
 /* false while the call waits; true and its results once it returned; its
- * error raised again if it raised. */
-static int job_report(lua_State *L, lstore *u, int rc)
+ * error raised again if it raised. st: the store whose deferred closes run
+ * once the call is over (NULL for an Engine). */
+static int job_report(lua_State *L, ljob *j, int rc, lstore *st)
 {
     if (rc == CS_AGAIN) {
         lua_pushboolean(L, 0);
         return 1;
     }
     if (rc < 0) {
-        release_thread(L, u);
-        return luaL_error(L, "store:job: %s", cs_strerror(rc));
+        release_thread(L, j);
+        return luaL_error(L, "job: %s", cs_strerror(rc));
     }
-    lua_State *T = u->T;
-    int n = lua_gettop(T), status = u->job_status;
+    lua_State *T = j->T;
+    int n = lua_gettop(T), status = j->status;
     if (!lua_checkstack(L, n + 1)) {
-        release_thread(L, u);
-        run_deferred(u);
-        return luaL_error(L, "store:job: too many results");
+        release_thread(L, j);
+        if (st)
+            run_deferred(st);
+        return luaL_error(L, "job: too many results");
     }
     if (status == LUA_OK)
         lua_pushboolean(L, 1);
     lua_xmove(T, L, n);
-    release_thread(L, u);
-    run_deferred(u);
+    release_thread(L, j);
+    if (st)
+        run_deferred(st);
     if (status != LUA_OK)
         return lua_error(L); /* the call's own error */
     return n + 1;
 }
 
-static int start_job(lua_State *L, int shared);
+/* Starts fn (at idx 2) with the arguments after it on j's engine. */
+static int job_start(lua_State *L, ljob *j, int shared, lstore *st)
+{
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    cs_engine *e = job_engine(L, j);
+    if (j->T)
+        return luaL_error(L, "job: a call is under way (resume it)");
+    int top = lua_gettop(L);
+    lua_State *T = lua_newthread(L);
+    j->T_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    j->T = T;
+    if (!lua_checkstack(T, top)) {
+        release_thread(L, j);
+        return luaL_error(L, "job: too many arguments");
+    }
+    for (int i = 2; i <= top; i++)
+        lua_pushvalue(L, i);
+    lua_xmove(L, T, top - 1);
+    j->nargs = top - 2;
+    j->shared = shared;
+    cs_wait w;
+    return job_report(L, j, cs_engine_start(e, run_job, j, &w), st);
+}
+
+static int job_resume(lua_State *L, ljob *j, lstore *st)
+{
+    if (!j->T || !j->eng)
+        return luaL_error(L, "resume: no call is under way");
+    cs_wait w;
+    return job_report(L, j, cs_engine_resume(j->eng, &w), st);
+}
+
+/* A call still under way finishes (blocking), then the engine goes. */
+static void job_close(lua_State *L, ljob *j)
+{
+    if (j->eng) {
+        cs_engine_free(j->eng);
+        j->eng = NULL;
+    }
+    if (j->T)
+        release_thread(L, j);
+}
+
+static lstore *open_store(lua_State *L, int idx)
+{
+    lstore *u = store_of(L, idx);
+    if (!u->hub)
+        luaL_error(L, "attempt to use a closed store");
+    return u;
+}
 
 /* store:job(fn, ...) -> true, fn's results | false (it waits: resume when
  * job_fd is readable). Nothing else may touch the store meanwhile. */
 int store_job(lua_State *L)
 {
-    return start_job(L, 0);
+    lstore *u = open_store(L, 1);
+    return job_start(L, &u->job, 0, u);
 }
 
 /* store:job_write(fn, ...): the same for a call that only writes (append,
@@ -182,61 +233,69 @@ int store_job(lua_State *L)
  * run, so readers are served while a write waits on a lock. */
 int store_job_write(lua_State *L)
 {
-    return start_job(L, 1);
-}
-
-static int start_job(lua_State *L, int shared)
-{
-    lstore *u = store_of(L, 1);
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    cs_engine *e = engine_of(L, u);
-    if (u->T)
-        return luaL_error(L, "store:job: a call is under way (resume it)");
-    int top = lua_gettop(L);
-    lua_State *T = lua_newthread(L);
-    u->T_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    u->T = T;
-    if (!lua_checkstack(T, top)) {
-        release_thread(L, u);
-        return luaL_error(L, "store:job: too many arguments");
-    }
-    for (int i = 2; i <= top; i++)
-        lua_pushvalue(L, i);
-    lua_xmove(L, T, top - 1);
-    u->job_nargs = top - 2;
-    u->job_shared = shared;
-    cs_wait w;
-    return job_report(L, u, cs_engine_start(e, run_job, u, &w));
+    lstore *u = open_store(L, 1);
+    return job_start(L, &u->job, 1, u);
 }
 
 /* store:resume() -> as job: the call goes on once its wait is over. */
 int store_resume(lua_State *L)
 {
     lstore *u = store_of(L, 1);
-    if (!u->T || !u->eng)
-        return luaL_error(L, "store:resume: no call is under way");
-    cs_wait w;
-    return job_report(L, u, cs_engine_resume(u->eng, &w));
+    return job_resume(L, &u->job, u);
 }
 
 /* store:job_fd() -> the engine's fd: readable when a waiting call can go on. */
 int store_job_fd(lua_State *L)
 {
-    lstore *u = store_of(L, 1);
-    lua_pushinteger(L, cs_engine_fd(engine_of(L, u)));
+    lstore *u = open_store(L, 1);
+    lua_pushinteger(L, cs_engine_fd(job_engine(L, &u->job)));
     return 1;
 }
 
 /* Before the hub closes: a call still under way finishes (blocking). */
 void store_engine_close(lua_State *L, lstore *u)
 {
-    if (u->eng) {
-        cs_engine_free(u->eng);
-        u->eng = NULL;
-    }
-    if (u->T)
-        release_thread(L, u);
+    job_close(L, &u->job);
     run_deferred(u);
+}
+
+/* core.engine() -> an Engine: job, resume and fd as a store's, for a call
+ * made before there is a store (an event loop's open). */
+int l_engine(lua_State *L)
+{
+    ljob *j = lua_newuserdatauv(L, sizeof *j, 0);
+    *j = (ljob){.T_ref = LUA_NOREF};
+    luaL_setmetatable(L, ENGINE_MT);
+    return 1;
+}
+
+int engine_job(lua_State *L)
+{
+    return job_start(L, luaL_checkudata(L, 1, ENGINE_MT), 0, NULL);
+}
+
+int engine_resume(lua_State *L)
+{
+    return job_resume(L, luaL_checkudata(L, 1, ENGINE_MT), NULL);
+}
+
+int engine_fd(lua_State *L)
+{
+    ljob *j = luaL_checkudata(L, 1, ENGINE_MT);
+    lua_pushinteger(L, cs_engine_fd(job_engine(L, j)));
+    return 1;
+}
+
+int engine_gc(lua_State *L)
+{
+    job_close(L, luaL_checkudata(L, 1, ENGINE_MT));
+    return 0;
+}
+
+int engine_tostring(lua_State *L)
+{
+    lua_pushfstring(L, "chatstream.Engine (%p)", lua_touserdata(L, 1));
+    return 1;
 }
 
 /* ---- closes that wait for the engine ---------------------------------------

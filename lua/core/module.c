@@ -147,16 +147,19 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                      {"try", sub_try},
                                      {"store", sub_store},
                                      {NULL, NULL}};
-    static const luaL_Reg funcs[] = {{"open", l_open},
-                                     {"memory", l_memory},
-                                     {"now", l_now},
-                                     {"sleep", l_sleep},
-                                     {NULL, NULL}};
+    static const luaL_Reg engine_m[] = {{"job", engine_job},
+                                        {"resume", engine_resume},
+                                        {"fd", engine_fd},
+                                        {NULL, NULL}};
+    static const luaL_Reg funcs[] = {{"open", l_open},     {"engine", l_engine},
+                                     {"memory", l_memory}, {"now", l_now},
+                                     {"sleep", l_sleep},   {NULL, NULL}};
 
     new_class(L, MEMDB_MT, memdb_m, memdb_gc, memdb_tostring);
     new_class(L, STORE_MT, store_m, store_gc, store_tostring);
     new_class(L, PUB_MT, pub_m, pub_gc, pub_tostring);
     new_class(L, SUB_MT, sub_m, sub_gc, sub_tostring);
+    new_class(L, ENGINE_MT, engine_m, engine_gc, engine_tostring);
     luaL_newlib(L, funcs);
     lua_pushliteral(L, CS_VERSION);
     lua_setfield(L, -2, "_VERSION");

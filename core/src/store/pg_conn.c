@@ -147,9 +147,22 @@ PGconn *pg_connect_db_mode(pg_store *s, bool start)
     return c;
 }
 
+/* A connection made the way a call waits (pg_wait_io: on an engine the
+ * wait goes to the caller's loop), at most connect_timeout. Not OK when it
+ * failed or timed out. */
 PGconn *pg_connect_db(pg_store *s)
 {
-    return pg_connect_db_mode(s, false);
+    PGconn *c = pg_connect_db_mode(s, true);
+    if (!c || PQstatus(c) == CONNECTION_BAD)
+        return c;
+    double deadline = pg_now() + s->connect_timeout;
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
+        if (pg_wait_io(c, st == PGRES_POLLING_WRITING, deadline) == 0)
+            break; /* timed out: still CONNECTION_STARTED, not OK */
+        st = PQconnectPoll(c);
+    }
+    return c;
 }
 
 /* Waits until c is readable (or writable) or the deadline passes. */
