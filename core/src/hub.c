@@ -242,48 +242,30 @@ static int prefetch_cmp(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* The chats of a poll chunk that moved past a watermark subscription: the
- * messages after each one's lowest such position, for all of them in one
- * statement, into each chat's memo, where the subscriptions' passes find
- * them. So the resync of many chats (after a listener reconnect, or what
- * the backstop poll found) is one query, not one per chat. */
-static void hub_prefetch(cs_hub *hub, const cs_chat_state *rows, size_t n)
+/* The chats of a poll chunk that moved past a watermark subscription (k
+ * of them in p, each with its lowest such position): their messages, for
+ * all of them in one statement, into each chat's memo, where the
+ * subscriptions' passes find them. So the resync of many chats (after a
+ * listener reconnect, or what the backstop poll found) is one query, not
+ * one per chat. */
+static void hub_prefetch(cs_hub *hub, prefetch *p, size_t k)
 {
-    const cs_store_ops *ops = hub->store.ops;
-    prefetch *p =
-        n >= 2 && ops->messages_after_many ? malloc(n * sizeof *p) : NULL;
-    size_t k = 0;
-    for (size_t i = 0; p && i < n; i++) {
-        hub_chat *c = cs_hub_chat_find(hub, rows[i].id);
-        int64_t low = INT64_MAX;
-        for (cs_sub *s = c ? c->subs : NULL; s; s = s->next) {
-            int64_t at = cs_merge_cursor(&s->merge);
-            if (s->merge.strategy == CS_STRATEGY_WATERMARK && s->poll_id > at &&
-                at < low)
-                low = at;
-        }
-        if (low != INT64_MAX)
-            p[k++] = (prefetch){rows[i].id, low, c};
-    }
-    if (k < 2) {
-        free(p); /* one chat: its own pass is the same one query */
-        return;
-    }
+    if (k < 2)
+        return; /* one chat: its own pass is the same one query */
     qsort(p, k, sizeof *p, prefetch_cmp); /* the rows come by chat id */
     int64_t *ids = malloc(2 * k * sizeof *ids);
-    cs_msglist out = {0};
-    int rc = ids ? CS_OK : CS_ENOMEM;
-    for (size_t i = 0; ids && i < k; i++) {
+    if (!ids)
+        return; /* each chat's own pass reads it */
+    for (size_t i = 0; i < k; i++) {
         ids[i] = p[i].id;
         ids[k + i] = p[i].after;
     }
-    if (rc == CS_OK) {
-        hub->counts.queries++;
-        rc = ops->messages_after_many(hub->store.st, ids, ids + k, k,
-                                      hub->page_size, &out);
-        if (rc == CS_EBACKEND)
-            hub->counts.query_errors++;
-    }
+    cs_msglist out = {0};
+    hub->counts.queries++;
+    int rc = hub->store.ops->messages_after_many(hub->store.st, ids, ids + k, k,
+                                                 hub->page_size, &out);
+    if (rc == CS_EBACKEND)
+        hub->counts.query_errors++;
     for (size_t i = 0, j = 0; rc == CS_OK && i < k; i++) {
         size_t start = j;
         while (j < out.n && out.items[j]->chat_id == p[i].id)
@@ -300,12 +282,11 @@ static void hub_prefetch(cs_hub *hub, const cs_chat_state *rows, size_t n)
     }
     cs_msglist_free(&out);
     free(ids);
-    free(p);
 }
 
 /* One chunk of the round under way, if one is due: one statement. A chat
  * that did not move costs nothing more; the chats that did are read in one
- * more (hub_prefetch). */
+ * more (hub_prefetch), their lowest positions found in the same pass. */
 static void hub_poll_chunk(cs_hub *hub)
 {
     cs_chat_state *rows;
@@ -315,12 +296,28 @@ static void hub_poll_chunk(cs_hub *hub)
         cs_hub_fail(hub, rc, NULL); /* retried: the round stays */
         return;
     }
+    /* Without room for the prefetch (or a store without it) the passes
+     * read each chat on their own. */
+    prefetch *p = n >= 2 && hub->store.ops->messages_after_many
+                      ? malloc(n * sizeof *p)
+                      : NULL;
+    size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         hub_chat *c = cs_hub_chat_find(hub, rows[i].id);
-        for (cs_sub *s = c ? c->subs : NULL; s; s = s->next)
+        int64_t low = INT64_MAX;
+        for (cs_sub *s = c ? c->subs : NULL; s; s = s->next) {
             cs_sub_polled(s, &rows[i]);
+            int64_t at = cs_merge_cursor(&s->merge);
+            if (s->merge.strategy == CS_STRATEGY_WATERMARK && s->poll_id > at &&
+                at < low)
+                low = at;
+        }
+        if (p && low != INT64_MAX)
+            p[k++] = (prefetch){rows[i].id, low, c};
     }
-    hub_prefetch(hub, rows, n);
+    if (p)
+        hub_prefetch(hub, p, k);
+    free(p);
 }
 
 int cs_hub_step(cs_hub *hub)

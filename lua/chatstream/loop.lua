@@ -23,18 +23,20 @@ for k, v in pairs(Store) do raw.store[k] = v end
 for k, v in pairs(Sub) do raw.sub[k] = v end
 for k, v in pairs(Pub) do raw.pub[k] = v end
 
--- Store methods that only read what the store holds (no server, no change):
--- called as they are, even while another coroutine's call is parked.
+-- Store methods that only read what the store holds (no server, no change),
+-- the engine's own, and stream (Lua over subscribe): called as they are,
+-- even while another coroutine's call is parked. (try_step and step have
+-- wrappers of their own.)
 local DIRECT = {
   kind = true, stats = true, fd = true, pollfd = true, events = true, timeout = true,
   ready = true, listener_pid = true, job = true, job_write = true, resume = true, job_fd = true,
-  notify_fd = true, try_step = true, stream = true,
+  notify_fd = true, stream = true, close = true, step = true, try_step = true,
 }
 
--- Calls that only write (they hold nothing of what readers use while they
--- wait on the server): they run as store:job_write, and while one waits,
--- say on a row lock, the readers' in-memory work (sub:try, try_step) goes
--- on beside it.
+-- Calls that touch only the database, nothing of what readers use in the
+-- store while they wait on the server (writes, and the chat and queue
+-- reads): they run as store:job_write, and while one waits, say on a row
+-- lock, the readers' in-memory work (sub:try, try_step) goes on beside it.
 local WRITES = {
   create_chat = true, append = true, append_many = true, send = true, delete_queued = true, move_queued = true,
   promote_queued = true, acquire = true, heartbeat = true, finish = true, publish_part = true,
@@ -69,25 +71,42 @@ local function wait(b, fd, timeout)
   last_wait = chatstream.now()
 end
 
--- Runs fn(...) on the store's engine, yielding while it waits. One call at a
--- time per store: the others wait their turn, first come first served.
--- write: a call that only writes (see WRITES).
-local function on_engine(s, store, write, fn, ...)
-  local b = s.backend
+-- Drives a call on an engine (a store's or core.engine()'s) in turn: starts
+-- it, yields on the engine's fd while it waits, resumes it; its results, or
+-- its error raised again. One call at a time per turn, first come first
+-- served; done (or nil) runs when the call is over, before the turn passes.
+local function drive(b, turn, start, resume, fd, done, ...)
   breathe(b)
-  s.turn:take()
-  s.write = write
-  local r = pack(pcall(write and raw.store.job_write or raw.store.job, store, fn, ...))
+  turn:take()
+  local r = pack(pcall(start, ...))
   while r[1] and r[2] == false do
-    wait(b, raw.store.job_fd(store))
-    r = pack(pcall(raw.store.resume, store))
+    wait(b, fd)
+    r = pack(pcall(resume))
   end
-  s.write = false
-  s.turn:give()
+  if done then
+    done()
+  end
+  turn:give()
   if not r[1] then
     error(r[2], 0)
   end
   return table.unpack(r, 3, r.n)
+end
+
+-- Runs fn(...) on the store's engine, yielding while it waits. write: a
+-- call that touches only the database (see WRITES).
+local function on_engine(s, store, write, fn, ...)
+  local function start(...)
+    s.write = write -- set once the turn is this call's
+    return (write and raw.store.job_write or raw.store.job)(store, fn, ...)
+  end
+  local function resume()
+    return raw.store.resume(store)
+  end
+  local function done()
+    s.write = false
+  end
+  return drive(s.backend, s.turn, start, resume, raw.store.job_fd(store), done, ...)
 end
 
 -- fn(...) in the store's turn (it changes what a parked call may be using);
@@ -118,7 +137,7 @@ local function through_engine(fn, write)
     local s = serving(self)
     if not s then
       return fn(self, ...)
-    elseif self:kind() == "memory" then
+    elseif s.memory then
       return in_turn(s, fn, false, self, ...) -- the memory store never waits
     end
     return on_engine(s, self, write, fn, self, ...)
@@ -135,7 +154,7 @@ local function install()
   end
   wrapped = true
   for name, fn in pairs(raw.store) do
-    if not DIRECT[name] and name ~= "close" and name ~= "step" then
+    if not DIRECT[name] then
       Store[name] = through_engine(fn, WRITES[name] or false)
     end
   end
@@ -147,6 +166,15 @@ local function install()
       return s.close(self)
     end
     return raw.store.close(self)
+  end
+  -- try_step changes what a parked call may be using: in turn (beside a
+  -- write that waits, at once).
+  Store.try_step = function(self)
+    local s = serving(self)
+    if not s then
+      return raw.store.try_step(self)
+    end
+    return in_turn(s, raw.store.try_step, true, self)
   end
   -- step: what needs no server at once; the rest on the engine.
   Store.step = function(self)
@@ -167,7 +195,7 @@ local function install()
         local s = store and serving(store)
         if not s then
           return fn(self, ...)
-        elseif store:kind() == "memory" then
+        elseif s.memory then
           return in_turn(s, fn, false, self, ...)
         end
         return on_engine(s, store, WRITES[name] or false, fn, self, ...)
@@ -180,7 +208,7 @@ local function install()
     local s = store and serving(store)
     if not s then
       return raw.sub.close(self)
-    elseif store:kind() == "memory" then
+    elseif s.memory then
       return in_turn(s, raw.sub.close, false, self)
     end
     return on_engine(s, store, false, raw.sub.close, self)
@@ -196,7 +224,6 @@ local function install()
       return raw.sub.next(self, timeout)
     end
     local deadline = timeout and timeout > 0 and chatstream.now() + timeout
-    local memory = store:kind() == "memory"
     while true do
       local ev, err, code = in_turn(s, raw.sub.try, true, self)
       if ev then
@@ -217,7 +244,7 @@ local function install()
       end
       local t = raw.store.timeout(store)
       wait(s.backend, raw.store.notify_fd(store), t and t < left and t or left)
-      if not memory then
+      if not s.memory then
         Store.step(store)
       end
     end
@@ -246,18 +273,13 @@ function M.adapter(backend)
   local function open_in_loop(...)
     opener = opener or core.engine()
     opener_turn = opener_turn or backend.new_turn()
-    breathe(backend)
-    opener_turn:take()
-    local r = pack(pcall(opener.job, opener, chatstream.open, ...))
-    while r[1] and r[2] == false do
-      wait(backend, opener:fd())
-      r = pack(pcall(opener.resume, opener))
+    local function start(...)
+      return opener:job(chatstream.open, ...)
     end
-    opener_turn:give()
-    if not r[1] then
-      error(r[2], 0)
+    local function resume()
+      return opener:resume()
     end
-    return table.unpack(r, 3, r.n)
+    return drive(backend, opener_turn, start, resume, opener:fd(), nil, ...)
   end
   function A.open(...)
     local store, err, code
@@ -269,7 +291,9 @@ function M.adapter(backend)
     if not store then
       return nil, err, code
     end
-    served[store] = { backend = backend, turn = backend.new_turn(), close = A.close }
+    served[store] = {
+      backend = backend, turn = backend.new_turn(), close = A.close, memory = store:kind() == "memory",
+    }
     return store
   end
   --- Closes the store (after any call of it still under way), and forgets
@@ -280,8 +304,9 @@ function M.adapter(backend)
       return raw.store.close(store) -- not served, or closed already
     end
     local fds = { raw.store.pollfd(store), raw.store.notify_fd(store), raw.store.job_fd(store) }
-    if s and s.backend.can_yield() then
-      s.turn:take()
+    local inside = backend.can_yield()
+    if inside then
+      s.turn:take() -- after any call still under way
     end
     if backend.forget then
       for _, fd in pairs(fds) do
@@ -289,7 +314,10 @@ function M.adapter(backend)
       end
     end
     served[store] = nil
-    return raw.store.close(store)
+    raw.store.close(store)
+    if inside then
+      s.turn:give() -- the ones waiting their turn find the store closed
+    end
   end
   --- Waits (yielding) until the store has work: its pollfd is readable or
   -- its timeout passed. Then call store:step() and serve store:ready().

@@ -92,6 +92,8 @@ lua_Integer opt_int_field(lua_State *L, int idx, const char *k, lua_Integer def,
 const char *opt_str_field(lua_State *L, int idx, const char *k);
 void check_keys(lua_State *L, int idx, const char *const allowed[]);
 double opt_timeout(lua_State *L, int idx);
+/* v (an fd, a pid), or nil when it is negative (none): 1 result. */
+int push_id_or_nil(lua_State *L, int v);
 const char *opt_actor(lua_State *L, int idx, const char *const keys[]);
 const char *opt_worker(lua_State *L, int idx, const char *actor);
 cs_msg_in *read_msgs(lua_State *L, int idx, size_t *n);

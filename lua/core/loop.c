@@ -33,20 +33,10 @@ void check_not_busy(lua_State *L, int idx, int shared_ok)
 
 /* ---- the contract -------------------------------------------------------- */
 
-/* An fd, or nil for none. */
-static int push_fd(lua_State *L, int fd)
-{
-    if (fd < 0)
-        lua_pushnil(L);
-    else
-        lua_pushinteger(L, fd);
-    return 1;
-}
-
 /* store:pollfd() (and store:fd()) -> fd, the same for the store's life. */
 int store_pollfd(lua_State *L)
 {
-    return push_fd(L, cs_hub_fd(peek_store(L, 1)));
+    return push_id_or_nil(L, cs_hub_fd(peek_store(L, 1)));
 }
 
 /* store:events() -> "r": what a loop polls pollfd for (cqueues' protocol). */
@@ -72,7 +62,7 @@ int store_timeout(lua_State *L)
  * to be routed (what one reader waits on). */
 int store_notify_fd(lua_State *L)
 {
-    return push_fd(L, cs_hub_notify_fd(peek_store(L, 1)));
+    return push_id_or_nil(L, cs_hub_notify_fd(peek_store(L, 1)));
 }
 
 /* store:ready() -> {sub, ...}: the subscriptions with work, in order. */

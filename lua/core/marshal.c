@@ -309,6 +309,15 @@ static void push_event(lua_State *L, const cs_event *ev)
     set_int(L, "chat_id", ev->chat_id);
 }
 
+int push_id_or_nil(lua_State *L, int v)
+{
+    if (v < 0)
+        lua_pushnil(L);
+    else
+        lua_pushinteger(L, v);
+    return 1;
+}
+
 double opt_timeout(lua_State *L, int idx)
 {
     lua_Number t = luaL_optnumber(L, idx, 0);

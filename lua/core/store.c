@@ -387,12 +387,7 @@ int store_migrate(lua_State *L)
 /* pg: the listener connection's server PID (nil without one). */
 int store_listener_pid(lua_State *L)
 {
-    int pid = cs_hub_listener_pid(peek_store(L, 1));
-    if (pid < 0)
-        lua_pushnil(L);
-    else
-        lua_pushinteger(L, pid);
-    return 1;
+    return push_id_or_nil(L, cs_hub_listener_pid(peek_store(L, 1)));
 }
 
 int store_kind(lua_State *L)

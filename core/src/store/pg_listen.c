@@ -162,22 +162,40 @@ static bool thread_exec(PGconn *c, const char *sql, double deadline, int *pid)
     return ok;
 }
 
+/* head, then `verb "<channel>";` for each chat of ids not in skip (NULL:
+ * none), as one statement: malloc'd (NULL on ENOMEM); *added: how many. */
+static char *channels_sql(pg_store *s, const char *head, const char *verb,
+                          const cs_idset *ids, const cs_idset *skip,
+                          size_t *added)
+{
+    size_t cap = strlen(head) + 1 + ids->n * (sizeof s->prefix + 40);
+    char *sql = malloc(cap);
+    if (!sql)
+        return NULL;
+    size_t o = (size_t)snprintf(sql, cap, "%s", head);
+    *added = 0;
+    for (size_t i = 0; i < ids->n; i++) {
+        char channel[128];
+        if (skip && cs_idset_has(skip, ids->ids[i]))
+            continue;
+        pg_channel_of(s, ids->ids[i], channel, sizeof channel);
+        o += (size_t)snprintf(sql + o, cap - o, "%s \"%s\";", verb, channel);
+        ++*added;
+    }
+    return sql;
+}
+
 /* Under lmu, on the thread: a connection it made becomes the listener:
  * its server process and a LISTEN on every chat, in one round trip, run
  * with lmu released (c is the thread's own until it is installed; a caller
  * that needs the listener meanwhile connects its own, and then c goes). */
 static bool thread_install(pg_store *s, PGconn *c)
 {
-    size_t cap = 64 + s->listening.n * (sizeof s->prefix + 40);
-    char *sql = malloc(cap);
+    size_t added;
+    char *sql = channels_sql(s, "SELECT pg_backend_pid();", "LISTEN",
+                             &s->listening, NULL, &added);
     if (!sql)
         return false;
-    size_t o = (size_t)snprintf(sql, cap, "SELECT pg_backend_pid();");
-    for (size_t i = 0; i < s->listening.n; i++) {
-        char channel[128];
-        pg_channel_of(s, s->listening.ids[i], channel, sizeof channel);
-        o += (size_t)snprintf(sql + o, cap - o, "LISTEN \"%s\";", channel);
-    }
     int pid = -1;
     PQsetnonblocking(c, 1);
     PQsetNoticeReceiver(c, pg_q_notice, s); /* it takes lmu itself */
@@ -220,22 +238,14 @@ static void thread_unlisten(pg_store *s)
     if (!s->l || s->l_inflight || s->unlisten.n == 0 ||
         PQstatus(s->l) != CONNECTION_OK)
         return;
-    size_t cap = 16 + s->unlisten.n * (sizeof s->prefix + 40);
-    char *sql = malloc(cap);
+    size_t added; /* not the chats listened to again since */
+    char *sql =
+        channels_sql(s, "", "UNLISTEN", &s->unlisten, &s->listening, &added);
     if (!sql)
         return; /* later */
-    size_t o = 0;
-    sql[0] = '\0';
-    for (size_t i = 0; i < s->unlisten.n; i++) {
-        char channel[128];
-        if (cs_idset_has(&s->listening, s->unlisten.ids[i]))
-            continue; /* listened again since */
-        pg_channel_of(s, s->unlisten.ids[i], channel, sizeof channel);
-        o += (size_t)snprintf(sql + o, cap - o, "UNLISTEN \"%s\";", channel);
-    }
     cs_idset_free(&s->unlisten);
     cs_idset_init(&s->unlisten, INT64_MIN);
-    if (o > 0 && PQsendQuery(s->l, sql)) {
+    if (added > 0 && PQsendQuery(s->l, sql)) {
         s->l_inflight = true;
         PQflush(s->l); /* a few hundred bytes: they go at once */
     }
@@ -292,16 +302,11 @@ static void thread_deafness(pg_store *s)
     }
     if (!s->deaf || !s->hear_pending)
         return;
-    size_t cap = 16 + s->listening.n * (sizeof s->prefix + 40);
-    char *sql = malloc(cap);
+    size_t added;
+    char *sql =
+        channels_sql(s, "SELECT 1;", "LISTEN", &s->listening, NULL, &added);
     if (!sql)
         return; /* later */
-    size_t o = (size_t)snprintf(sql, cap, "SELECT 1;");
-    for (size_t i = 0; i < s->listening.n; i++) {
-        char channel[128];
-        pg_channel_of(s, s->listening.ids[i], channel, sizeof channel);
-        o += (size_t)snprintf(sql + o, cap - o, "LISTEN \"%s\";", channel);
-    }
     if (PQsendQuery(s->l, sql)) {
         s->hear_pending = false;
         s->hearing = s->l_inflight = true;
