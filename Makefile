@@ -9,7 +9,7 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint test-tsan \
+.PHONY: all deps build demo race web agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint test-tsan \
         test-fuzz check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
@@ -28,6 +28,11 @@ demo: build
 
 race: build
 	@$(RUN_LUA) examples/race.lua
+
+# Chats in a browser (examples/web.lua): http://127.0.0.1:8080/ by default;
+# CHATSTREAM_WEB_PORT, CHATSTREAM_DSN as the example says.
+web: build
+	@$(RUN_LUA) examples/web.lua $(ARGS)
 
 # The merge micro-benchmark (core/bench/bench_merge.c), optimised build.
 BENCH_BUILD ?= build-bench
