@@ -15,9 +15,18 @@ local ROOT = (debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./") .. "../
 local W = {}
 
 --- Starts examples/web.lua as its own process (on PostgreSQL when inst has a
--- schema); returns the server {pid, port, url, out, err} once it serves.
+-- schema), on a free port unless args has --port; returns the server {pid,
+-- port, url, out, err} once it serves.
 function W.start(inst, args)
   local s = { out = os.tmpname(), err = os.tmpname() }
+  args = args or {}
+  local has_port = false
+  for _, a in ipairs(args) do
+    has_port = has_port or a == "--port"
+  end
+  if not has_port then
+    args = { "--port", "0", table.unpack(args) }
+  end
   local env = "CHATSTREAM_DSN="
   if inst.schema then
     env = ("CHATSTREAM_DSN=%s CHATSTREAM_SCHEMA=%s"):format(P.shq(H.dsn), P.shq(inst.schema))
@@ -122,8 +131,9 @@ H.each_backend(_ENV, function(kind)
       local _, c = post(s, "/chats", '{"title": "t"}')
       local chat = c.id
       local function check(want, method, path, body, headers, msg)
-        local status, t = S.json(S.request(method, s.url .. path, body, headers))
-        assert.are.equal(want, status, method .. " " .. path)
+        local status, text = S.request(method, s.url .. path, body, headers)
+        local _, t = S.json(status, text)
+        assert.are.equal(want, status, method .. " " .. path .. ": " .. tostring(text))
         H.contains(msg, t.error)
       end
       check(400, "POST", "/chats/abc/messages", "x", nil, "the chat id must be an integer >= 1, not \"abc\"")

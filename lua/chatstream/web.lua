@@ -119,6 +119,9 @@ local function read_body(stream, req, max)
   if len and (not len:match("^%d+$") or tonumber(len) > max) then
     refuse(413, ("the body is limited to %d bytes"):format(max))
   end
+  if (req:get("expect") or ""):lower() == "100-continue" then
+    stream:write_continue(10) -- the client waits for this before it sends the body
+  end
   local body, err = stream:get_body_chars(max + 1, 10)
   if err then
     refuse(400, "cannot read the body: " .. tostring(err))
@@ -348,6 +351,33 @@ function Server:route(stream, req)
   return self:page(stream, chat)
 end
 
+-- Ends a stream whose exchange is not complete: a request body not read to
+-- its end (refused before it was read, or its client gone mid-body), or an
+-- event stream cut by a failed write. Its connection cannot serve another
+-- request, and lua-http's own shutdown of such a stream can spin without
+-- end once the peer has closed: so the connection's socket is taken and
+-- closed here, after a FIN, so the client still reads the answer.
+local function finish(stream)
+  if stream.state == "closed" then
+    return
+  end
+  local sock = stream.connection:take_socket()
+  if not sock then
+    return
+  end
+  pcall(sock.shutdown, sock, "w")
+  cqueues.running():wrap(function()
+    local deadline = cqueues.monotime() + 2
+    while cqueues.monotime() < deadline do -- what the client still sends, for a clean close
+      local data = sock:xread(-65536, "b", 0.2)
+      if not data then
+        break
+      end
+    end
+    sock:close()
+  end)
+end
+
 function Server:onstream(stream)
   local req = stream:get_headers(10)
   if not req then
@@ -355,13 +385,13 @@ function Server:onstream(stream)
   end
   local ok, err = pcall(self.route, self, stream, req)
   if ok then
-    return
+    return finish(stream)
   end
   local answer = not self.streaming[stream] and stream.state ~= "closed"
   if answer and type(err) == "table" and err.status then
     if pcall(respond_json, stream, err.status, { error = err.msg },
         { connection = err.status == 413 and "close" or nil }) then
-      return
+      return finish(stream)
     end
   end
   self.stats.errors = self.stats.errors + 1
@@ -369,6 +399,7 @@ function Server:onstream(stream)
   if answer then
     pcall(respond_json, stream, 500, { error = "internal error" })
   end
+  finish(stream)
 end
 
 --- Listens and returns the server (srv:loop() runs it; srv.cq is its
