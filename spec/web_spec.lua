@@ -154,6 +154,21 @@ H.each_backend(_ENV, function(kind)
         "Last-Event-ID must be an integer >= 0")
       check(400, "GET", "/chats/" .. chat .. "/events?after=-1", nil, nil, "after must be an integer >= 0")
       check(400, "GET", "/chats/" .. chat .. "/events?after=5", nil, nil, "EINVAL: after = 5 is beyond")
+      -- clients that go away mid-body (one announcing more than the limit,
+      -- one within it) hold nothing up
+      for _, len in ipairs({ 1000, 100000 }) do
+        local half = assert(socket.connect("127.0.0.1", s.port))
+        half:setmode("b", "b")
+        assert(half:write(("POST /chats/%d/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n0123456789")
+          :format(chat, len)))
+        assert(half:flush())
+        half:close()
+      end
+      for _ = 1, 3 do
+        local t0 = cqueues.monotime()
+        assert.are.equal(200, (S.request("GET", s.url .. "/chats/" .. chat)))
+        assert.is_true(cqueues.monotime() - t0 < 2, "answered at once")
+      end
       -- and it still serves
       local status, body = post(s, "/chats/" .. chat .. "/messages", ("y"):rep(64 * 1024))
       assert.are.equal(201, status)

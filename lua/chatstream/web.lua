@@ -88,8 +88,10 @@ local function respond(stream, status, body, ctype, extra)
   for k, v in pairs(extra or {}) do
     h:append(k, v)
   end
-  assert(stream:write_headers(h, false))
-  assert(stream:write_chunk(body, true))
+  -- a client gone before its answer is its own business: nothing to report
+  if stream:write_headers(h, false, 10) then
+    stream:write_chunk(body, true, 10)
+  end
 end
 
 local function respond_json(stream, status, t, extra)
@@ -365,16 +367,14 @@ local function finish(stream)
   if not sock then
     return
   end
-  pcall(sock.shutdown, sock, "w")
   cqueues.running():wrap(function()
     local deadline = cqueues.monotime() + 2
-    while cqueues.monotime() < deadline do -- what the client still sends, for a clean close
-      local data = sock:xread(-65536, "b", 0.2)
-      if not data then
-        break
-      end
+    local ok = pcall(sock.shutdown, sock, "w")
+    while ok and cqueues.monotime() < deadline do -- what the client still sends, for a clean close
+      local got, data = pcall(sock.xread, sock, -65536, "b", 0.2)
+      ok = got and data ~= nil
     end
-    sock:close()
+    pcall(sock.close, sock)
   end)
 end
 
@@ -450,8 +450,17 @@ function Server:port()
   return port
 end
 
+--- Runs the server until it is closed. A coroutine's error is logged and
+-- the others go on (one request never ends the server).
 function Server:loop()
-  return self.cq:loop()
+  while true do
+    local ok, err = self.cq:loop()
+    if ok then
+      return true
+    end
+    self.stats.errors = self.stats.errors + 1
+    self.log("web: " .. tostring(err))
+  end
 end
 
 --- Stops listening and lets every client go (the store stays open).
