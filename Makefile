@@ -9,7 +9,7 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race web agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint test-tsan \
+.PHONY: all deps build demo race web web-bench agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint test-tsan \
         test-fuzz check-rock lint format clean
 
 MAKEFLAGS += --no-print-directory
@@ -33,6 +33,10 @@ race: build
 # CHATSTREAM_WEB_PORT, CHATSTREAM_DSN as the example says.
 web: build
 	@$(RUN_LUA) examples/web.lua $(ARGS)
+
+# SSE clients of examples/web.lua beside the same delivery without HTTP (needs CHATSTREAM_DSN)
+web-bench: build
+	@$(RUN_LUA) examples/web_bench.lua $(ARGS)
 
 # The merge micro-benchmark (core/bench/bench_merge.c), optimised build.
 BENCH_BUILD ?= build-bench

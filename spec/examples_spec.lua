@@ -145,6 +145,20 @@ describe("examples on PostgreSQL", function()
     end)
   end)
 
+  it("web_bench.lua streams to SSE clients and to subscriptions without HTTP, every event once", function()
+    H.with_instance("postgresql", function(inst)
+      local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
+      local out = run("web_bench.lua", { "--clients", "30", "--chats", "3", "--rate", "60", "--seconds", "1" }, env)
+      local rows = {}
+      for mode, got, want, lost, twice in out:gmatch("\n(%a+) +30 +3 +[%d.]+ +(%d+)/(%d+) +(%d+) +(%d+)") do
+        rows[#rows + 1] = mode
+        assert.are.same({ "600", "0", "0" }, { want, lost, twice }, mode .. "\n" .. out)
+        assert.are.equal(want, got, mode .. "\n" .. out)
+      end
+      assert.are.same({ "http", "direct" }, rows, out)
+    end)
+  end)
+
   it("catchup.lua measures a reader catching up, paged and in one pass", function()
     H.with_instance("postgresql", function(inst)
       local env = { CHATSTREAM_DSN = H.dsn, CHATSTREAM_SCHEMA = inst.schema }
