@@ -495,11 +495,13 @@ body { font: 15px system-ui, sans-serif; max-width: 44em; margin: 2em auto; }
 #messages li.user { background: #efe; }
 #state { color: #777; }
 #part { color: #777; white-space: pre-wrap; }
+#queue li { color: #777; }
 </style></head>
 <body>
 <h1>chat CHAT_ID <small id="state">connecting</small></h1>
 <ol id="messages"></ol>
 <div id="part"></div>
+<ul id="queue"></ul>
 <form id="form"><input id="text" size="50" autocomplete="off" autofocus> <button>Send</button></form>
 <script>
 "use strict";
@@ -507,11 +509,13 @@ const chat = CHAT_ID;
 const list = document.getElementById("messages");
 const state = document.getElementById("state");
 const part = document.getElementById("part");
+const queue = document.getElementById("queue");
 // What the page got, for whoever looks (a test reads it): every message
-// event's id in arrival order, the connections opened and the errors seen.
-window.chatstream = {ids: [], opens: 0, errors: 0, status: null, sent: 0};
+// event's id in arrival order, the connections opened and the errors seen,
+// the chat's status and queue as last heard.
+window.chatstream = {ids: [], opens: 0, errors: 0, status: null, queue: [], sent: 0};
 const es = new EventSource("/chats/" + chat + "/events");
-es.onopen = () => { chatstream.opens++; state.textContent = "live"; };
+es.onopen = () => { chatstream.opens++; state.textContent = chatstream.status || "live"; };
 es.onerror = () => { chatstream.errors++; state.textContent = "reconnecting"; };
 es.addEventListener("message", (e) => {
   const m = JSON.parse(e.data);
@@ -525,6 +529,15 @@ es.addEventListener("message", (e) => {
 });
 es.addEventListener("status", (e) => {
   chatstream.status = JSON.parse(e.data).status;
+  state.textContent = chatstream.status;
+});
+es.addEventListener("queue", (e) => {
+  chatstream.queue = JSON.parse(e.data).items.map((i) => i.content);
+  queue.replaceChildren(...chatstream.queue.map((text) => {
+    const li = document.createElement("li");
+    li.textContent = "queued: " + text;
+    return li;
+  }));
 });
 es.addEventListener("part", (e) => { part.textContent += JSON.parse(e.data).text; });
 const key = () => Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
