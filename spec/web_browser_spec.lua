@@ -65,14 +65,16 @@ describe("the chat page in a browser", function()
           local status = S.request("POST", s.url .. "/chats/" .. chat .. "/messages", "from elsewhere")
           assert.are.equal(201, status)
           page:wait("chatstream.queue.length === 1", 10)
-          assert.are.equal("queued: from elsewhere", page:eval("document.querySelector('#queue li').textContent"))
+          local queued = page:eval("document.querySelector('#queue li').textContent")
+          assert.are.equal("queued: from elsewhere", queued)
           if kind == "postgresql" then
             -- a worker (this process) takes the turn and replies: shown live
             local worker = inst:open()
             assert.are.same({ chat }, worker:acquire({ worker = "w1" }))
             assert(worker:append(chat, { role = "assistant", content = "a reply" }, { worker = "w1" }))
             page:wait("document.querySelectorAll('#messages li').length === 2", 10)
-            assert.are.equal("assistant: a reply", page:eval("document.querySelectorAll('#messages li')[1].textContent"))
+            local reply = page:eval("document.querySelectorAll('#messages li')[1].textContent")
+            assert.are.equal("assistant: a reply", reply)
             assert.are.same(W.db_ids(worker, chat), page:eval("chatstream.ids"))
           end
           assert.are.equal(1, page:eval("chatstream.opens"))
