@@ -8,8 +8,13 @@
 -- next(0) over every subscription (mode "sweep", the way before the ready
 -- list); "both" runs the two one after the other, side by side.
 --
+-- --share 1 opens the reader with share_events (one event table per
+-- message for all its subscriptions), --share 0 without; "both" (the
+-- default) runs each mode both ways.
+--
 --   CHATSTREAM_DSN=postgresql://... lua5.4 examples/fanout.lua [--subs S]
 --       [--chats C] [--messages M] [--queue Q] [--mode ready|sweep|both]
+--       [--share 0|1|both]
 local chatstream = require("chatstream")
 
 local DSN = os.getenv("CHATSTREAM_DSN")
@@ -44,17 +49,21 @@ local function main()
     end
     return writer(chats, tonumber(arg[2]))
   end
-  local o = { subs = 100000, chats = 10, messages = 20, queue = 64, mode = "ready" }
+  local o = { subs = 100000, chats = 10, messages = 20, queue = 64, mode = "ready", share = "both" }
   local i = 1
   while arg[i] do
     local k = arg[i]:match("^%-%-(%w+)$")
     if not k or o[k] == nil or not arg[i + 1] then
-      io.stderr:write("usage: fanout.lua [--subs S] [--chats C] [--messages M] [--queue Q] [--mode ready|sweep|both]\n")
+      io.stderr:write("usage: fanout.lua [--subs S] [--chats C] [--messages M] [--queue Q] [--mode ready|sweep|both]"
+        .. " [--share 0|1|both]\n")
       os.exit(2)
     end
     if k == "mode" then
       o.mode = arg[i + 1]
       assert(o.mode == "ready" or o.mode == "sweep" or o.mode == "both", "bad --mode")
+    elseif k == "share" then
+      o.share = arg[i + 1]
+      assert(o.share == "0" or o.share == "1" or o.share == "both", "bad --share")
     else
       o[k] = math.tointeger(tonumber(arg[i + 1])) or error("bad --" .. k)
     end
@@ -62,16 +71,18 @@ local function main()
   end
   print(("fan-out: %d subscriptions over %d chats in one store, %d messages per chat (queue_size %d)")
     :format(o.subs, o.chats, o.messages, o.queue))
-  print(("%-7s %12s %12s %12s %10s %10s %10s %12s"):format("mode", "subscribe s", "sub queries", "delivered",
-    "p50 ms", "p99 ms", "max ms", "queries/msg"))
+  print(("%-7s %-6s %12s %12s %12s %10s %10s %10s %12s"):format("mode", "share", "subscribe s", "sub queries",
+    "delivered", "p50 ms", "p99 ms", "max ms", "queries/msg"))
   for _, mode in ipairs(o.mode == "both" and { "sweep", "ready" } or { o.mode }) do
-    run(o, mode)
-    collectgarbage()
+    for _, share in ipairs(o.share == "both" and { false, true } or { o.share == "1" }) do
+      run(o, mode, share)
+      collectgarbage()
+    end
   end
 end
 
-run = function(o, mode)
-  local r = assert(chatstream.open({ dsn = DSN, schema = SCHEMA, queue_size = o.queue }))
+run = function(o, mode, share)
+  local r = assert(chatstream.open({ dsn = DSN, schema = SCHEMA, queue_size = o.queue, share_events = share }))
   assert(r:migrate())
   local chats = {}
   for c = 1, o.chats do
@@ -120,7 +131,8 @@ run = function(o, mode)
   local function pct(p)
     return #lat > 0 and lat[math.max(1, math.ceil(#lat * p))] * 1000 or 0
   end
-  print(("%-7s %12.2f %12d %12s %10.1f %10.1f %10.1f %12.4f"):format(mode, t_sub, q_sub, ("%d/%d"):format(got, want),
+  print(("%-7s %-6s %12.2f %12d %12s %10.1f %10.1f %10.1f %12.4f"):format(mode, share and "yes" or "no", t_sub, q_sub,
+    ("%d/%d"):format(got, want),
     pct(0.5), pct(0.99), pct(1), (r:stats().queries - q1) / math.max(1, got)))
   r:close()
 end

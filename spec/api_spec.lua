@@ -744,6 +744,42 @@ describe("Subscription", function()
       store:close()
     end)
 
+    it("shares a message's event table between subscriptions with share_events, and only then", function()
+      local shared = ctx.inst:open({ share_events = true })
+      local function firsts(st)
+        local a, b = st:subscribe(chat), st:subscribe(chat)
+        local ea, eb = after_status(read_all(a), chat), after_status(read_all(b), chat)
+        a:close()
+        b:close()
+        return ea, eb
+      end
+      local sa, sb = firsts(shared)
+      assert.are.equal(3, #sa)
+      for i = 1, 3 do
+        assert.are.equal(ids[i], sa[i].id)
+        assert.is_true(rawequal(sa[i], sb[i]), "one table for message " .. i)
+        assert.are.equal(sa[i].id, sa[i].cursor)
+      end
+      -- a later message, live, to both: one table as well
+      local a, b = shared:subscribe(chat), shared:subscribe(chat)
+      read_all(a)
+      read_all(b)
+      local id = store:append(chat, msg("user", "live"))[1]
+      local la = H.next_message(a, 2)
+      local lb = H.next_message(b, 2)
+      assert.are.same({ id, "live" }, { la.id, la.content })
+      assert.is_true(rawequal(la, lb))
+      a:close()
+      b:close()
+      local pa, pb = firsts(store) -- a store without the option: a table each
+      assert.are.same(pa, pb)
+      for i = 1, 3 do
+        assert.is_false(rawequal(pa[i], pb[i]))
+      end
+      shared:close()
+      contains("option 'share_events' must be a boolean", raises(ctx.inst.open, ctx.inst, { share_events = 1 }))
+    end)
+
     it("delivers the snapshot first, ascending, with every message field", function()
       local sub = store:subscribe(chat)
       assert.are.equal("chatstream.Subscription", getmetatable(sub).__name)

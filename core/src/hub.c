@@ -225,7 +225,9 @@ int cs_hub_fd(const cs_hub *hub)
 /* Reads the store's notifications and routes them. */
 int cs_hub_read(cs_hub *hub)
 {
-    hub->last_step = now();
+    if (hub->store.ops->remote)
+        hub->last_step =
+            now(); /* only a server's reads are spaced (STEP_GAP) */
     hub->stats.steps++;
     int rc = hub->store.ops->poll(hub->store.st, cs_hub_route, hub);
     return rc < 0 ? cs_hub_fail(hub, rc, NULL) : rc;

@@ -706,13 +706,13 @@ int cs_sub_try(cs_sub *s, cs_event *ev)
 
 int cs_sub_wait(cs_sub *s, double timeout, cs_event *ev)
 {
-    double deadline = now() + (timeout > 0 ? timeout : 0);
+    double deadline = timeout > 0 ? now() + timeout : 0; /* next(0): no clock */
     /* A call that may wait reads the store each time: libpq may hold
      * notifications it read while the listener ran a LISTEN, and then its
      * socket is not readable. */
     for (;;) {
         int rc = sub_next(s, ev, timeout > 0);
-        if (rc != CS_IDLE)
+        if (rc != CS_IDLE || timeout <= 0)
             return rc;
         double left = deadline - now();
         if (left <= 0)

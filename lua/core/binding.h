@@ -34,7 +34,9 @@ typedef struct {
     lua_State *L; /* the thread of the call in progress (authorizer) */
     int auth_ref; /* the authorize function in the registry, or 0 */
     cs_authorizer auth;
-    ljob job; /* the store's engine (loop.c) */
+    ljob job;              /* the store's engine (loop.c) */
+    struct evshare *share; /* open{share_events = true}: sub.c's cache of
+                              recent message events, or NULL */
     /* Closes that came while a call was under way on the engine (a
      * finalizer cannot touch the hub then): done when it returns. */
     cs_sub **dsubs;
@@ -50,6 +52,7 @@ typedef struct {
     cs_sub *sub;       /* first: the generic accessors read it */
     int busy;          /* inside next: a close must wait (finalizers) */
     int close_pending; /* closed while busy: done when next returns */
+    lstore *store;     /* its store (kept alive by the handle's uservalue) */
 } lsub;
 
 /* ---- handles and failures (module.c) ---------------------------------- */
@@ -170,6 +173,9 @@ int pub_publish(lua_State *L);
 
 /* sub.c */
 int store_subscribe(lua_State *L);
+/* share_events: a store's cache of message event tables (sub.c) */
+void evshare_open(lua_State *L, lstore *u);
+void evshare_close(lua_State *L, lstore *u);
 int sub_gc(lua_State *L);
 int sub_tostring(lua_State *L);
 int sub_next(lua_State *L);

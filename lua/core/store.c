@@ -24,10 +24,13 @@ cs_hub *peek_store(lua_State *L, int i)
     return check_open(L, i, STORE_MT, "store");
 }
 
-static const char *const open_keys[] = {
-    "memory",        "dsn",       "schema",    "cache_size",    "queue_size",
-    "poll_interval", "authorize", "max_chats", "query_timeout", "stale_after",
-    "notify_bodies", "page_size", NULL};
+static const char *const open_keys[] = {"memory",        "dsn",
+                                        "schema",        "cache_size",
+                                        "queue_size",    "poll_interval",
+                                        "authorize",     "max_chats",
+                                        "query_timeout", "stale_after",
+                                        "notify_bodies", "page_size",
+                                        "share_events",  NULL};
 
 /* The chat as the authorizer sees it: metadata only. */
 static void push_chat_meta(lua_State *L, const cs_chat_info *c)
@@ -197,6 +200,14 @@ int l_open(lua_State *L)
         read_open_options(L, &o);
     if (o.dsn && o.memory)
         return luaL_error(L, "options 'dsn' and 'memory' exclude each other");
+    int share = 0;
+    if (lua_istable(L, 1)) {
+        int t = lua_getfield(L, 1, "share_events");
+        if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+            return luaL_error(L, "option 'share_events' must be a boolean");
+        share = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
     lstore *u = new_handle(L, sizeof *u, STORE_MT, 0);
     set_authorizer(L, u, &o);
     u->L = L;
@@ -206,6 +217,8 @@ int l_open(lua_State *L)
         return luaL_error(L, "not enough memory");
     if (rc < 0)
         return push_fail(L, rc, err);
+    if (share)
+        evshare_open(L, u);
     return 1;
 }
 
@@ -217,6 +230,7 @@ int store_gc(lua_State *L)
     store_engine_close(L, u); /* a call under way finishes first */
     cs_hub_close(u->hub);
     u->hub = NULL;
+    evshare_close(L, u);
     if (u->auth_ref) {
         luaL_unref(L, LUA_REGISTRYINDEX, u->auth_ref);
         u->auth_ref = 0;

@@ -3,6 +3,8 @@
  * in progress. */
 #include "binding.h"
 
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char *const sub_keys[] = {"after", "strategy", "ordered", "actor",
@@ -40,6 +42,7 @@ int store_subscribe(lua_State *L)
         o.actor = opt_str_field(L, 3, "actor");
     }
     lsub *u = new_handle(L, sizeof *u, SUB_MT, 1);
+    u->store = lua_touserdata(L, 1);
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1); /* the subscription keeps its store alive */
     int rc = cs_sub_open(hub, chat, &o, &u->sub);
@@ -103,6 +106,80 @@ int sub_tostring(lua_State *L)
     return handle_tostring(L, SUB_MT, "chatstream.Subscription");
 }
 
+/* open{share_events = true}: the subscriptions of a store that get the same
+ * message at the same cursor get the same event table (a fan-out of one
+ * chat to many subscriptions builds one table per message, not one per
+ * subscription). The recent ones live in a registry table, slot by (chat,
+ * id); a slot matches only the same chat, id and cursor. Tables of at most
+ * SHARE_BYTES of text in all are kept. */
+#define SHARE_SLOTS 512
+#define SHARE_BYTES ((size_t)4 << 20)
+
+typedef struct evshare {
+    int ref; /* the registry table of the slots' event tables */
+    size_t bytes;
+    struct {
+        int64_t chat_id, id, cursor; /* id 0: empty */
+        size_t len;
+    } key[SHARE_SLOTS];
+} evshare;
+
+void evshare_open(lua_State *L, lstore *u)
+{
+    evshare *sh = calloc(1, sizeof *sh);
+    if (!sh)
+        luaL_error(L, "not enough memory");
+    lua_createtable(L, SHARE_SLOTS, 0);
+    sh->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    u->share = sh;
+}
+
+void evshare_close(lua_State *L, lstore *u)
+{
+    if (!u->share)
+        return;
+    luaL_unref(L, LUA_REGISTRYINDEX, u->share->ref);
+    free(u->share);
+    u->share = NULL;
+}
+
+static size_t share_slot(const cs_event *e)
+{
+    uint64_t h = (uint64_t)e->id * 0x9E3779B97F4A7C15u ^ (uint64_t)e->chat_id;
+    return (size_t)(h >> 32) % SHARE_SLOTS;
+}
+
+/* Pushes the shared table of e and returns 1, or returns 0 (none kept). */
+static int share_get(lua_State *L, const evshare *sh, const cs_event *e)
+{
+    size_t i = share_slot(e);
+    if (sh->key[i].id != e->id || sh->key[i].chat_id != e->chat_id ||
+        sh->key[i].cursor != e->cursor)
+        return 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sh->ref);
+    lua_rawgeti(L, -1, (lua_Integer)i + 1);
+    lua_remove(L, -2);
+    return 1;
+}
+
+/* Keeps the event table on top of the stack as e's (it stays there). */
+static void share_put(lua_State *L, evshare *sh, const cs_event *e)
+{
+    size_t i = share_slot(e);
+    size_t bytes = sh->bytes - (sh->key[i].id ? sh->key[i].len : 0);
+    if (bytes + e->text_len > SHARE_BYTES)
+        return; /* built for this subscription only */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sh->ref);
+    lua_pushvalue(L, -2);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+    lua_pop(L, 1);
+    sh->key[i].chat_id = e->chat_id;
+    sh->key[i].id = e->id;
+    sh->key[i].cursor = e->cursor;
+    sh->key[i].len = e->text_len;
+    sh->bytes = bytes + e->text_len;
+}
+
 /* Pushes the next event, or nil, "timeout", "ETIMEDOUT", or nil, msg, code.
  * The event is
  * consumed only once its table exists: if building it raises (out of
@@ -141,12 +218,21 @@ int sub_try(lua_State *L)
 static int sub_result(lua_State *L, lsub *u, int rc, const cs_event *e)
 {
     cs_sub *s = u->sub;
+    evshare *sh = u->store ? u->store->share : NULL;
+    if (rc == CS_EVENT && sh && e->kind == CS_EV_MESSAGE) {
+        if (share_get(L, sh, e)) {
+            sub_done(u);
+            return 1;
+        }
+    }
     if (rc == CS_EVENT) {
         lua_pushcfunction(L, push_event_protected);
         lua_pushlightuserdata(L, (void *)e); /* an argument, not a handle */
         int ok = lua_pcall(L, 1, 1, 0) == LUA_OK;
         if (!ok && !u->close_pending)
             cs_sub_unread(s);
+        if (ok && sh && e->kind == CS_EV_MESSAGE)
+            share_put(L, sh, e); /* cannot raise: the slots exist */
         sub_done(u);
         if (!ok)
             return lua_error(L);
