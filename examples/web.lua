@@ -54,7 +54,10 @@ local function main()
   local o = options()
   local dsn = os.getenv("CHATSTREAM_DSN")
   dsn = dsn ~= "" and dsn or nil
-  local store = assert(cs.open(dsn and { dsn = dsn, schema = os.getenv("CHATSTREAM_SCHEMA") } or nil))
+  -- share_events: the server only reads events, so each message's table
+  -- (and its text) serves all its clients
+  local store = assert(cs.open({ dsn = dsn, schema = dsn and os.getenv("CHATSTREAM_SCHEMA") or nil,
+    share_events = true }))
   if dsn then
     assert(store:migrate())
   end

@@ -151,7 +151,7 @@ local function run(o, mode)
     end
   else
     cq:wrap(function()
-      store = assert(cs.open({ dsn = DSN, schema = SCHEMA }))
+      store = assert(cs.open({ dsn = DSN, schema = SCHEMA, share_events = true })) -- as examples/web.lua
       local last = {}
       for i = 1, o.clients do
         local sub = assert(store:subscribe(chats[(i - 1) % o.chats + 1]))

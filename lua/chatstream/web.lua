@@ -7,7 +7,8 @@
 --   assert(srv:loop())
 --
 -- where store was opened by chatstream.cqueues (so its calls yield to the
--- loop). The endpoints:
+-- loop; with share_events = true a message is formatted once for all its
+-- clients). The endpoints:
 --
 --   POST /chats                 -> 201 {"id": N}   (a JSON body {"title": ...} is optional)
 --   POST /chats/N/messages      -> 201 {"id": M, "queued": false}: the body is the text of a user
@@ -135,13 +136,23 @@ local function read_body(stream, req, max)
   return body
 end
 
+-- The text of message events already formatted, by event table: a store
+-- opened with share_events hands the same table to every subscription that
+-- gets the message, so it is encoded once, not once per client.
+local formatted = setmetatable({}, { __mode = "k" })
+
 -- One SSE event's text for a chatstream event.
 local function sse(ev)
   local k = ev.kind
   if k == "message" then
-    local data = { id = ev.id, chat_id = ev.chat_id, role = ev.role, content = ev.content, prev_id = ev.prev_id,
-      tool_calls = ev.tool_calls, tool_call_id = ev.tool_call_id }
-    return ("event: message\nid: %d\ndata: %s\n\n"):format(ev.cursor, cjson.encode(data))
+    local text = formatted[ev]
+    if not text then
+      local data = { id = ev.id, chat_id = ev.chat_id, role = ev.role, content = ev.content, prev_id = ev.prev_id,
+        tool_calls = ev.tool_calls, tool_call_id = ev.tool_call_id }
+      text = ("event: message\nid: %d\ndata: %s\n\n"):format(ev.cursor, cjson.encode(data))
+      formatted[ev] = text
+    end
+    return text
   elseif k == "status" then
     return ("event: status\ndata: %s\n\n"):format(cjson.encode({ chat_id = ev.chat_id, status = ev.status,
       version = ev.version }))
