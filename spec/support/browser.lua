@@ -2,30 +2,32 @@
 --
 --   local B = require("support.browser")
 --   local ok, why = B.available()     -- false, "...: apt-get install chromium" when it cannot run
---   local b = B.launch({ timeout = 10 })               -- b.pid, b.port, b.dir
---   local page = b:open("http://127.0.0.1:8080/")      -- returns once the load event has passed
---   page:eval("document.title")       -- the value as JSON has it; raises if the page throws
+--   local b = B.launch({ timeout = 10 })   -- b.pid, b.port, b.dir, b.launch_time (seconds)
+--   local page = b:open(url)          -- a new tab, returned once document.readyState is "complete"
+--   page:eval("document.title")       -- the value (awaited if a promise); raises if the page throws
 --   page:wait("document.querySelectorAll('li').length >= 5", 5)   -- the first truthy value
+--   page:navigate(url); page:call(method, params); b:call(method, params)   -- raw CDP
 --   page:close(); b:close()           -- both may be called twice; b:close() also on __close/__gc
---   B.close_all()                     -- closes every browser still open (for a teardown)
+--   B.close_all()                     -- every browser still open (for a teardown or finally)
+--   b:pids()                          -- the pids of it still running, zombies aside: {} once closed
 --
--- Every call is blocking, bounded by opts.timeout (10 s by default) or its own timeout
--- argument, and drives the browser's own cqueues controller until its reply arrives. One
--- websocket to the browser carries every page, each page a flat session (CDP sessionId);
--- replies are matched by id and events are ignored, but for a page being detached or crashed.
+-- Every call blocks, bounded by opts.timeout (10 s by default) or its own timeout argument,
+-- stepping the browser's own cqueues controller until the reply with its id arrives. One
+-- websocket carries every page as a flat session; events are ignored but for a page detached
+-- or crashed. Values come as JSON has them, integral numbers as integers, a top-level null or
+-- undefined as nil, a nested null as B.null.
 --
--- Chromium runs in a session of its own (setsid), so that its pid is also the process group
--- of every renderer, zygote and utility process it forks; close() kills that group and waits
--- until none of it runs. A watchdog shell in the group kills it as well once the Lua process
--- that launched it has gone, so a spec process that dies leaves no browser behind.
--- Sanitizer variables are removed from its environment: an ASan build's LD_PRELOAD is for
--- the spec process, not for Chromium.
+-- Chromium runs in a session of its own (setsid): its pid is the process group of every
+-- process it forks but the crash handlers, which leave the group but name b.dir. close()
+-- kills both and waits until none runs (orphaned zombies are init's to reap). A watchdog in
+-- the group kills it once the Lua process that launched it is gone. Chromium and the helper
+-- commands run without the sanitizer variables: an ASan build's LD_PRELOAD is for the spec.
 local B = {}
 
 local function need(name)
   local ok, m = pcall(require, name)
   if not ok and not package.path:find("/usr/share/lua/5.3/", 1, true) then
-    -- Debian installs lua-http as pure Lua under the 5.3 and 5.2 paths only.
+    -- Debian installs lua-http under the 5.3 and 5.2 paths only; it runs on 5.4.
     package.path = package.path .. ";/usr/share/lua/5.3/?.lua;/usr/share/lua/5.3/?/init.lua"
       .. ";/usr/share/lua/5.2/?.lua;/usr/share/lua/5.2/?/init.lua"
     ok, m = pcall(require, name)
@@ -35,78 +37,70 @@ end
 
 local cqueues, websocket, cjson = need("cqueues"), need("http.websocket"), need("cjson")
 local ETIMEDOUT = (need("cqueues.errno") or {}).ETIMEDOUT
+local now = cqueues and cqueues.monotime
 B.null = cjson and cjson.null
+
+-- Beyond --headless and the port: no sandbox (root in a container), no first-run, update,
+-- extension or other background traffic, shared memory under /tmp rather than a small
+-- /dev/shm, full-speed timers in tabs not in front, no keyring lookup.
 B.FLAGS = {
   "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0", "--no-first-run",
-  "--no-default-browser-check", "--disable-dev-shm-usage",
-  "--disable-background-networking", "--disable-component-update", "--disable-extensions",
-  "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-  "--disable-backgrounding-occluded-windows", "--password-store=basic",
+  "--no-default-browser-check", "--disable-dev-shm-usage", "--disable-background-networking",
+  "--disable-component-update", "--disable-extensions", "--disable-background-timer-throttling",
+  "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows", "--password-store=basic",
 }
+
+-- Under an ASan runtime ps hangs and mktemp aborts on a leak; commands run without it.
+local CLEAN = "unset LD_PRELOAD ASAN_OPTIONS LSAN_OPTIONS UBSAN_OPTIONS TSAN_OPTIONS; "
 
 local function shq(s)
   return "'" .. (tostring(s):gsub("'", "'\\''")) .. "'"
 end
 
-local function slurp(path)
-  local f = io.open(path, "r")
-  if not f then
-    return nil
-  end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
 local function sh(cmd)
-  local h = io.popen(cmd, "r")
+  local h = io.popen(CLEAN .. cmd, "r")
   local out = h:read("a")
   h:close()
   return out
 end
 
 local function pause(s)
-  os.execute("sleep " .. s)
+  os.execute(CLEAN .. "sleep " .. s)
 end
 
---- The Chromium executable: $CHATSTREAM_CHROMIUM, Debian's binary behind its wrapper script, or PATH.
-function B.binary()
-  local b = os.getenv("CHATSTREAM_CHROMIUM")
-  if b and b ~= "" then
-    return b
-  end
-  local f = io.open("/usr/lib/chromium/chromium", "r")
+local function slurp(path)
+  local f = io.open(path, "r")
+  local s = f and f:read("a")
   if f then
     f:close()
-    return "/usr/lib/chromium/chromium"
   end
-  local found = sh("command -v chromium chromium-browser google-chrome 2>/dev/null"):match("[^\n]+")
-  return found
+  return s or ""
+end
+
+--- $CHATSTREAM_CHROMIUM, Debian's binary (not its wrapper script, which adds flags), or one on PATH.
+function B.binary()
+  local env = os.getenv("CHATSTREAM_CHROMIUM") or ""
+  local list = env ~= "" and shq(env) or "/usr/lib/chromium/chromium chromium chromium-browser"
+  return sh("for c in " .. list .. "; do command -v \"$c\" && break; done"):match("[^\n]+")
 end
 
 function B.available()
   if not (cqueues and websocket and cjson) then
-    return false, "lua-http, lua-cqueues or lua-cjson missing: apt-get install lua-http lua-cjson"
-  end
-  if not B.binary() then
+    return false, "lua-http, lua-cqueues or lua-cjson missing: apt-get install lua-http lua-cqueues lua-cjson"
+  elseif not B.binary() then
     return false, "chromium not found: apt-get install chromium (or set CHATSTREAM_CHROMIUM)"
   end
   return true
 end
 
--- Runs fn inside the browser's controller and steps it until fn returns; every wait inside
--- fn has a deadline, so the steps end.
+-- Runs fn in the browser's controller until it returns; each wait in fn has a deadline.
 local function run(b, fn, ...)
-  local box
-  local args = table.pack(...)
+  local args, box = table.pack(...), nil
   b.cq:wrap(function()
     box = table.pack(pcall(fn, table.unpack(args, 1, args.n)))
   end)
   while not box do
-    local ok, err = b.cq:step()
-    if not ok then
-      error(err, 0)
-    end
+    assert(b.cq:step())
   end
   if not box[1] then
     error(box[2], 0)
@@ -114,61 +108,47 @@ local function run(b, fn, ...)
   return table.unpack(box, 2, box.n)
 end
 
-local function log_tail(b)
-  local lines = {}
-  for l in (slurp(b.dir .. "/log") or ""):gmatch("[^\n]+") do
-    if not l:find("dbus", 1, true) then
-      lines[#lines + 1] = l
-    end
-  end
-  return table.concat(lines, "\n", math.max(1, #lines - 5))
-end
-
 local function exited(b)
-  return (slurp(b.dir .. "/status") or ""):match("%d+")
+  return slurp(b.dir .. "/status"):match("%d+")
 end
 
 local function lost(b, why)
   b.dead = true
-  local t0 = cqueues.monotime()
-  while not exited(b) and cqueues.monotime() - t0 < 0.5 do
-    pause(0.02) -- a dying browser notes its status within moments
+  local t0 = now()
+  while not exited(b) and now() - t0 < 0.5 do
+    pause(0.02)
   end
-  local status = exited(b)
-  error(string.format("chromium (pid %s) %s: %s\n%s", b.pid, status and ("exited with status " .. status)
-    or "connection lost", tostring(why), log_tail(b)), 0)
+  local log = slurp(b.dir .. "/log"):gsub("[^\n]*dbus[^\n]*\n", "")
+  error(string.format("chromium (pid %s) %s: %s\n%s", b.pid, exited(b) and ("exited with status " .. exited(b))
+    or "connection lost", tostring(why), log:sub(-600)), 0)
 end
 
--- Sends one command and waits for the reply with its id; inside run().
+-- Sends a command and reads until its reply; inside run().
 local function request(b, method, params, session, timeout)
-  local id = b.next_id
+  local id, deadline = b.next_id, now() + timeout
   b.next_id = id + 1
-  local deadline = cqueues.monotime() + timeout
-  local ok, err = b.ws:send(cjson.encode({ id = id, method = method, params = params or {}, sessionId = session }),
+  local sent, err = b.ws:send(cjson.encode({ id = id, method = method, params = params or {}, sessionId = session }),
     "text", timeout)
-  if not ok then
+  if not sent then
     lost(b, err)
   end
   while true do
     if session and b.gone[session] then
       error(method .. ": " .. b.gone[session], 0)
     end
-    local left = deadline - cqueues.monotime()
-    local data, rerr, errno
+    local left, data, errno = deadline - now(), nil, nil
     if left > 0 then
-      data, rerr, errno = b.ws:receive(left)
+      data, err, errno = b.ws:receive(left)
     end
-    if not data then
-      if left <= 0 or errno == ETIMEDOUT then
-        error(string.format("%s: no reply from chromium within %g s", method, timeout), 0)
-      end
-      lost(b, rerr)
+    if not data and (left <= 0 or errno == ETIMEDOUT) then
+      error(string.format("%s: no reply from chromium within %g s", method, timeout), 0)
+    elseif not data then
+      lost(b, err)
     end
     local m = cjson.decode(data)
-    if m.id == id then
-      if m.error then
-        error(method .. ": " .. tostring(m.error.message) .. (m.error.data and (" " .. m.error.data) or ""), 0)
-      end
+    if m.id == id and m.error then
+      error(method .. ": " .. tostring(m.error.message) .. (m.error.data and (" " .. m.error.data) or ""), 0)
+    elseif m.id == id then
       return m.result
     elseif m.method == "Target.detachedFromTarget" then
       b.gone[m.params.sessionId] = "the page was closed or its renderer went away"
@@ -191,11 +171,8 @@ end
 
 function B.launch(opts)
   opts = opts or {}
-  local ok, why = B.available()
-  if not ok then
-    error(why, 2)
-  end
-  local dir = sh("mktemp -d /tmp/chatstream-browser.XXXXXX"):match("[^\n]+")
+  assert(B.available())
+  local dir = assert(sh("mktemp -d /tmp/chatstream-browser.XXXXXX"):match("^/[^\n]+"), "mktemp -d failed")
   local b = setmetatable({ dir = dir, timeout = opts.timeout or 10, cq = cqueues.new(), next_id = 1, gone = {} },
     Browser)
   live[b] = true
@@ -203,79 +180,71 @@ function B.launch(opts)
   for _, f in ipairs(B.FLAGS) do
     argv[#argv + 1] = shq(f)
   end
-  argv[#argv + 1] = shq("--user-data-dir=" .. dir .. "/profile")
-  argv[#argv + 1] = "about:blank"
-  -- Inside the new session: record the pid, start the watchdog, become Chromium.
-  local inner = string.format("echo $$ >%s; (while kill -0 %s; do sleep 1; done; kill -KILL -$$) "
-    .. ">/dev/null 2>&1 </dev/null & exec %s", shq(dir .. "/pid"), "$0", table.concat(argv, " "))
-  -- $PPID of the shell is this Lua process. A background subshell waits for Chromium and notes
-  -- its exit status; nothing here waits for it (a popen handle would block in its own __gc).
-  os.execute(string.format("exec 2>/dev/null; (env -u LD_PRELOAD -u ASAN_OPTIONS -u LSAN_OPTIONS -u UBSAN_OPTIONS -u TSAN_OPTIONS "
-    .. "XDG_CONFIG_HOME=%s XDG_CACHE_HOME=%s setsid -w sh -c %s \"$PPID\" >%s 2>&1 </dev/null; echo $? >%s) &",
-    shq(dir .. "/config"), shq(dir .. "/cache"), shq(inner), shq(dir .. "/log"), shq(dir .. "/status")))
-  local t0 = cqueues.monotime()
-  local found = pcall(run, b, function()
-    while cqueues.monotime() - t0 < b.timeout and not exited(b) do
-      local port, path = (slurp(dir .. "/profile/DevToolsActivePort") or ""):match("^(%d+)\n(/%S+)")
-      b.pid = b.pid or math.tointeger(tonumber((slurp(dir .. "/pid") or ""):match("%d+")))
+  argv[#argv + 1] = shq("--user-data-dir=" .. dir .. "/profile") .. " about:blank"
+  -- In the new session ($0 is this Lua process): note the pid, start the watchdog, become
+  -- Chromium. A background subshell waits for it and notes its status. The crash handlers'
+  -- database goes under XDG_CONFIG_HOME, so they name dir.
+  local inner = string.format("echo $$ >%s; (while kill -0 $0; do sleep 1; done; kill -KILL -$$) "
+    .. ">/dev/null 2>&1 </dev/null & exec %s", shq(dir .. "/pid"), table.concat(argv, " "))
+  os.execute(string.format("%s exec 2>/dev/null; (XDG_CONFIG_HOME=%s XDG_CACHE_HOME=%s setsid -w sh -c %s \"$PPID\" "
+    .. ">%s 2>&1 </dev/null; echo $? >%s) &", CLEAN, shq(dir .. "/config"), shq(dir .. "/cache"), shq(inner),
+    shq(dir .. "/log"), shq(dir .. "/status")))
+  local t0 = now()
+  local ok, err = pcall(run, b, function()
+    while now() - t0 < b.timeout and not exited(b) do
+      local port, path = slurp(dir .. "/profile/DevToolsActivePort"):match("^(%d+)\n(/%S+)")
+      b.pid = b.pid or math.tointeger(tonumber(slurp(dir .. "/pid"):match("%d+")))
       if port and b.pid then
         b.port = math.tointeger(tonumber(port))
         b.ws = websocket.new_from_uri(string.format("ws://127.0.0.1:%s%s", port, path))
-        return assert(b.ws:connect(b.timeout - (cqueues.monotime() - t0)))
+        return assert(b.ws:connect(b.timeout - (now() - t0)))
       end
       cqueues.sleep(0.02)
     end
-    error("no DevToolsActivePort")
+    error(exited(b) and ("it exited with status " .. exited(b)) or ("no DevTools port within " .. b.timeout .. " s"), 0)
   end)
-  if not found then
-    local msg = string.format("chromium did not start within %g s (%s)\n%s", b.timeout,
-      exited(b) and ("exit status " .. exited(b)) or "still no DevTools port", log_tail(b))
+  if not ok then
+    local log = slurp(dir .. "/log"):gsub("[^\n]*dbus[^\n]*\n", "")
     b:close()
-    error(msg, 2)
+    error("chromium did not start: " .. tostring(err) .. "\n" .. log:sub(-600), 2)
   end
-  b.launch_time = cqueues.monotime() - t0
+  b.launch_time = now() - t0
   return b
 end
 
--- The pids of b's processes still running: those of its session, and the crash handlers,
--- which leave the session but name b.dir (their database is under XDG_CONFIG_HOME).
-local function running(b)
+function Browser:pids()
   local pids = {}
   for pid, sid, st, args in sh("ps -eo pid=,sid=,stat=,args="):gmatch(" *(%d+) +(%d+) +(%S+) ([^\n]*)") do
-    if not st:find("^Z") and (tonumber(sid) == b.pid or args:find(b.dir, 1, true)) then
+    if self.pid and not st:find("^Z") and (tonumber(sid) == self.pid or args:find(self.dir, 1, true)) then
       pids[#pids + 1] = pid
     end
   end
   return pids
 end
 
--- Stops Chromium: if polite, asks it to quit and gives it 2 s; then kills its process group
--- and whatever else of it runs, until nothing does but zombies (at most 5 s more); removes
--- its directory.
--- Not polite from __gc, which may run inside a step of the controller.
+-- If polite, asks Chromium to quit (2 s at most); then kills what runs of it until nothing
+-- does (5 s more at most) and removes its directory. Not polite from __gc, which may run
+-- inside a step of the controller.
 local function shut(b, polite)
   if b.closed then
     return
   end
   b.closed, live[b] = true, nil
-  local t0 = cqueues.monotime()
+  local t0 = now()
   if polite and b.ws and not b.dead then
     pcall(run, b, request, b, "Browser.close", nil, nil, 2)
-    while not exited(b) and cqueues.monotime() - t0 < 2 do
+    while not exited(b) and now() - t0 < 2 do
       pause(0.02)
     end
   end
   b.ws = nil
-  if b.pid then
-    os.execute("kill -KILL -" .. b.pid .. " 2>/dev/null")
-    local pids = running(b)
-    while #pids > 0 and cqueues.monotime() - t0 < 7 do
-      os.execute("kill -KILL " .. table.concat(pids, " ") .. " 2>/dev/null")
-      pause(0.05)
-      pids = running(b)
-    end
+  local pids = b.pid and { "-" .. b.pid } or {}
+  while #pids > 0 and now() - t0 < 7 do
+    os.execute(CLEAN .. "kill -KILL " .. table.concat(pids, " ") .. " 2>/dev/null")
+    pause(0.05)
+    pids = b:pids()
   end
-  os.execute("rm -rf " .. shq(b.dir))
+  os.execute(CLEAN .. "rm -rf " .. shq(b.dir))
 end
 
 function Browser:close()
@@ -292,13 +261,12 @@ function B.close_all()
   end
 end
 
---- A new tab at url (about:blank if nil), once its load event has passed.
 function Browser:open(url, timeout)
   local target = self:call("Target.createTarget", { url = "about:blank" }).targetId
   local session = self:call("Target.attachToTarget", { targetId = target, flatten = true }).sessionId
   local page = setmetatable({ browser = self, target = target, session = session }, Page)
   local ok, err = pcall(function()
-    self:call("Inspector.enable", nil, session)
+    page:call("Inspector.enable")
     if url and url ~= "about:blank" then
       page:navigate(url, timeout)
     end
@@ -325,7 +293,6 @@ function Page:navigate(url, timeout)
   self:wait("document.readyState === 'complete' && location.href !== 'about:blank'", timeout)
 end
 
--- A JSON value as Lua has it: integral numbers as integers.
 local function lua_value(v)
   if math.type(v) == "float" and math.tointeger(v) then
     return math.tointeger(v)
@@ -337,28 +304,17 @@ local function lua_value(v)
   return v
 end
 
--- The value of a Runtime.evaluate result: undefined and null as nil, NaN and the like as numbers.
-local function value(r)
-  local u = r.unserializableValue
-  if u then
-    return ({ NaN = 0 / 0, Infinity = math.huge, ["-Infinity"] = -math.huge, ["-0"] = -0.0 })[u]
-      or math.tointeger(tonumber((u:gsub("n$", "")))) or u
-  end
-  if r.value == cjson.null then
-    return nil
-  end
-  return lua_value(r.value)
-end
-
 -- Evaluates js; returns true and its value, or false and the text of what it threw.
 local function evaluate(page, js, timeout)
   local r = page:call("Runtime.evaluate", { expression = js, returnByValue = true, awaitPromise = true }, timeout)
-  local d = r.exceptionDetails
+  local d, res = r.exceptionDetails, r.result
   if d then
-    local e = d.exception
-    return false, (e and (e.description or (e.value ~= nil and tostring(e.value)))) or d.text or "exception"
+    local e = d.exception or {}
+    return false, e.description or (e.value ~= nil and tostring(e.value)) or d.text or "exception"
+  elseif res.unserializableValue then -- a BigInt or -0 as a number, NaN or Infinity by name
+    return true, tonumber((res.unserializableValue:gsub("n$", ""))) or res.unserializableValue
   end
-  return true, value(r.result)
+  return true, res.value ~= cjson.null and lua_value(res.value) or nil
 end
 
 function Page:eval(expr, timeout)
@@ -369,49 +325,37 @@ function Page:eval(expr, timeout)
   return v
 end
 
-local function show(v)
-  local ok, s = pcall(cjson.encode, v)
-  return ok and s or tostring(v)
-end
-
---- Evaluates expr (awaited if a promise) every interval seconds until it is truthy in
--- JavaScript's sense and returns it. A throw counts as not yet, and so does a CDP error
--- (a navigation in between); a syntax error, a lost browser or a gone page raise at once.
+--- Evaluates expr every interval seconds until it is truthy as JavaScript sees it. A throw,
+-- or a CDP error (a navigation in between), is a not yet; a syntax error, a lost browser or
+-- a closed page raise at once.
 function Page:wait(expr, timeout, interval)
   timeout = timeout or self.browser.timeout
-  local deadline = cqueues.monotime() + timeout
+  local b, deadline, last = self.browser, now() + timeout, "(none yet)"
   local js = "(async () => { try { const v = await (" .. expr .. "\n); return { ok: !!v, v: v }; }"
     .. " catch (e) { return { err: String(e && e.stack || e) }; } })()"
-  local b, last = self.browser, "(none yet)"
-  while true do
-    local left = deadline - cqueues.monotime()
-    if left <= 0 then
-      break
-    end
-    local ok, thrown, r = pcall(evaluate, self, js, left)
-    if ok and not thrown then
+  while deadline - now() > 0 do
+    local ok, fine, r = pcall(evaluate, self, js, deadline - now())
+    if ok and not fine then
       error(string.format("page cannot evaluate %s: %s", expr, r), 2)
-    elseif not ok and (b.closed or b.dead or b.gone[self.session]) then
-      error(thrown, 2)
+    elseif not ok and (self.closed or b.closed or b.dead or b.gone[self.session]) then
+      error(fine, 2)
     elseif ok and r.ok then
       return r.v ~= cjson.null and r.v or nil
     end
-    last = not ok and thrown or r.err or show(r.v)
-    left = deadline - cqueues.monotime()
-    if left > 0 then
-      run(b, cqueues.sleep, math.min(interval or 0.05, left))
+    last = not ok and fine or r.err or select(2, pcall(cjson.encode, r.v))
+    if deadline - now() > 0 then
+      run(b, cqueues.sleep, math.min(interval or 0.05, deadline - now()))
     end
   end
   error(string.format("timed out after %g s waiting for %s; last value: %s", timeout, expr, last), 2)
 end
 
 function Page:close()
-  if self.closed then
-    return
-  end
-  self.closed = true
-  if not self.browser.closed and not self.browser.gone[self.session] then
-    pcall(self.browser.call, self.browser, "Target.closeTarget", { targetId = self.target })
+  if not self.closed then
+    self.closed = true
+    if not self.browser.closed and not self.browser.gone[self.session] then
+      pcall(self.browser.call, self.browser, "Target.closeTarget", { targetId = self.target })
+    end
   end
 end
 Page.__close = Page.close
