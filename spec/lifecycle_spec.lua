@@ -90,6 +90,48 @@ describe("chat lifecycle", function()
       return chat, { uid, ids[1] }, "call-" .. uid
     end
 
+    describe("queue limit", function()
+      it("refuses a send past max_queue with EFULL, writing nothing; a keyed retry goes once there is room", function()
+        local small = inst:open({ max_queue = 2 })
+        local chat = small:create_chat()
+        assert.are.same({ 1, false }, { small:send(chat, { content = "first" }) }) -- appended: pending
+        local q1 = assert(small:send(chat, { content = "q1" }))
+        local q2 = assert(small:send(chat, { content = "q2" }))
+        local sub <close> = assert(small:subscribe(chat))
+        settle_events(sub, 0)
+        local v = small:chat(chat).version
+        local r, err, code = small:send(chat, { content = "q3", idempotency_key = "k3" })
+        assert.is_nil(r)
+        assert.are.equal("EFULL", code)
+        H.contains("EFULL: chat " .. chat .. "'s queue holds 2 items (max_queue)", err)
+        local items = small:queued(chat)
+        assert.are.same({ q1, q2 }, { items[1].id, items[2].id })
+        assert.are.equal(2, #items)
+        assert.are.equal(v, small:chat(chat).version)
+        assert.are.equal(1, count_messages(small, chat))
+        assert.are.same({}, settle_events(sub, 0.2)) -- no event: nothing was written
+        assert(small:delete_queued(chat, q2))
+        local q3, queued = small:send(chat, { content = "q3", idempotency_key = "k3" })
+        assert.is_true(queued)
+        assert.are.same({ q3, true }, { small:send(chat, { content = "q3", idempotency_key = "k3" }) })
+        assert.are.equal(2, #small:queued(chat))
+      end)
+
+      it("holds 20 items by default, and checks the option", function()
+        local chat = store:create_chat()
+        assert(store:send(chat, { content = "first" }))
+        for i = 1, 20 do
+          local _, queued = assert(store:send(chat, { content = "q" .. i }))
+          assert.is_true(queued)
+        end
+        local r, _, code = store:send(chat, { content = "q21" })
+        assert.are.same({ nil, "EFULL" }, { r, code })
+        assert.are.equal(20, #store:queued(chat))
+        H.contains("max_queue is at most 1000000", H.raises(inst.open, inst, { max_queue = 1000001 }))
+        H.contains("max_queue", H.raises(inst.open, inst, { max_queue = -1 }))
+      end)
+    end)
+
     describe("status", function()
       it("starts waiting at version 0, and the snapshot starts with it", function()
         local chat = store:create_chat({ owner = "alice", title = "t" })

@@ -32,8 +32,10 @@ enum {
                           connection broke or the deadline passed after the
                           send): it may have committed. Retry with the same
                           idempotency key. */
-    CS_EBUSY = -11     /* a call on this handle is in progress on its engine
+    CS_EBUSY = -11,    /* a call on this handle is in progress on its engine
                           (see cs_engine): one call at a time */
+    CS_EFULL = -12     /* the chat's queue holds max_queue items: a send that
+                          would queue one more wrote nothing */
 };
 /* CS_AGAIN: the call has work that needs the store's server; run it where
  * it may wait (cs_sub_try). */
@@ -94,9 +96,14 @@ typedef struct cs_hub_options {
      * stays bounded however far a reader fell behind. 0: 500. (rescan, the
      * reference fix, always reads everything.) */
     size_t page_size;
+    /* A chat's queue holds at most this many items: a send that would queue
+     * one more fails with CS_EFULL and writes nothing. 0: 20. */
+    size_t max_queue;
 } cs_hub_options;
 
 #define CS_DEFAULT_STALE_AFTER 30.0
+#define CS_DEFAULT_MAX_QUEUE 20
+#define CS_MAX_MAX_QUEUE 1000000
 
 #define CS_DEFAULT_PG_POLL_INTERVAL 10.0
 

@@ -59,6 +59,7 @@ struct cs_hub {
     cs_merge_counts counts;   /* merge counters, folded into stats */
     cs_authorizer auth;       /* fn NULL: the actor must be the owner */
     double stale_after;       /* a worker's heartbeat older than this is dead */
+    size_t max_queue;         /* a send that would queue past it: CS_EFULL */
     bool plain_notifications; /* appends never carry the message */
     /* The event-loop contract: pollfd (an epoll set of the store's fd and
      * wakefd) is readable while the store has notifications or the ready

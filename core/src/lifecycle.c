@@ -128,27 +128,33 @@ static int send_unkeyed(cs_publish *p, cs_chat_row *row)
      * head is promoted now instead of waiting for its finish. */
     bool interrupted = row->status == CS_STATUS_WAITING && row->worker[0];
     /* An idle chat with a backlog (left by a finish with error, say): the
-     * message queues behind it and the head goes first (FIFO). */
-    bool backlog = false;
-    if (idle(row->status) && !interrupted) {
-        cs_queue q = {0};
-        int rc = ops->queue_list(hub->store.st, row->id, &q);
-        backlog = q.n > 0;
-        cs_queue_free(&q);
-        if (rc < 0)
-            return rc;
-    }
+     * message queues behind it and the head goes first (FIFO). The queue's
+     * length is also what max_queue bounds. */
+    cs_queue q = {0};
+    int rc = ops->queue_list(hub->store.st, row->id, &q);
+    size_t queued = q.n;
+    cs_queue_free(&q);
+    if (rc < 0)
+        return rc;
+    bool backlog = idle(row->status) && !interrupted && queued > 0;
     if (idle(row->status) && !interrupted && !backlog) {
         cs_msg_in m = {CS_ROLE_USER, a->content, a->len, NULL};
-        int rc = ops->tx_insert(hub->store.st, row, &m, 1, &p->committed);
+        rc = ops->tx_insert(hub->store.st, row, &m, 1, &p->committed);
         if (rc < 0)
             return rc;
         a->id = p->committed.items[0]->id;
         a->queued = 0;
         return set_status(p, row, CS_STATUS_PENDING, NULL, false);
     }
-    int rc = ops->tx_queue_add(hub->store.st, row->id, a->actor, a->content,
-                               a->len, &a->id);
+    if (queued >= hub->max_queue) {
+        char msg[96];
+        snprintf(msg, sizeof msg,
+                 "chat %lld's queue holds %zu items (max_queue)",
+                 (long long)row->id, queued);
+        return cs_hub_fail(hub, CS_EFULL, msg);
+    }
+    rc = ops->tx_queue_add(hub->store.st, row->id, a->actor, a->content, a->len,
+                           &a->id);
     if (rc < 0)
         return rc;
     a->queued = 1;

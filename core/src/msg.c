@@ -320,6 +320,7 @@ const char *cs_errname(int rc)
     case CS_ETIMEDOUT: return "ETIMEDOUT";
     case CS_EUNKNOWN: return "EUNKNOWN";
     case CS_EBUSY: return "EBUSY";
+    case CS_EFULL: return "EFULL";
     case CS_EVENT: return "EVENT";
     case CS_IDLE: return "IDLE";
     case CS_AGAIN: return "AGAIN";
@@ -342,6 +343,7 @@ const char *cs_strerror(int rc)
     case CS_ETIMEDOUT: return "timeout";
     case CS_EUNKNOWN: return "outcome unknown: it may have committed";
     case CS_EBUSY: return "busy: another call on this store is in progress";
+    case CS_EFULL: return "the chat's queue is full";
     case CS_EVENT: return "event";
     case CS_IDLE: return "idle";
     case CS_AGAIN: return "needs the store";

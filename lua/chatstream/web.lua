@@ -25,7 +25,8 @@
 -- Bad input gets a status, never a crash: 400 (an id that is not a number,
 -- an empty or invalid body, a cursor past the chat's end), 404 (an unknown
 -- chat or path), 405 (a method the path has not), 413 (a body past
--- max_body), 409 (the chat's state refuses it), 503 (the store failed);
+-- max_body), 409 (the chat's state refuses it), 429 (the chat's queue is
+-- full: max_queue), 503 (the store failed);
 -- every error body is {"error": "..."}.
 --
 -- One subscription per event stream, all served by one dispatcher over
@@ -69,7 +70,7 @@ W.DEFAULTS = {
   owner = "web", -- the owner of the chats POST /chats creates
 }
 
-local STATUS_OF = { ENOTFOUND = 404, EINVAL = 400, EAUTH = 403, ESTATE = 409 }
+local STATUS_OF = { ENOTFOUND = 404, EINVAL = 400, EAUTH = 403, ESTATE = 409, EFULL = 429 }
 
 -- Raised by a handler to answer with status and {"error": msg}.
 local function refuse(status, msg)

@@ -24,13 +24,12 @@ cs_hub *peek_store(lua_State *L, int i)
     return check_open(L, i, STORE_MT, "store");
 }
 
-static const char *const open_keys[] = {"memory",        "dsn",
-                                        "schema",        "cache_size",
-                                        "queue_size",    "poll_interval",
-                                        "authorize",     "max_chats",
-                                        "query_timeout", "stale_after",
-                                        "notify_bodies", "page_size",
-                                        "share_events",  NULL};
+static const char *const open_keys[] = {
+    "memory",       "dsn",           "schema",
+    "cache_size",   "queue_size",    "poll_interval",
+    "authorize",    "max_chats",     "query_timeout",
+    "stale_after",  "notify_bodies", "page_size",
+    "share_events", "max_queue",     NULL};
 
 /* The chat as the authorizer sees it: metadata only. */
 static void push_chat_meta(lua_State *L, const cs_chat_info *c)
@@ -103,6 +102,7 @@ static void read_sizes(lua_State *L, cs_hub_options *o)
     o->queue_size = (size_t)opt_int_field(L, 1, "queue_size", 0, 1);
     o->max_chats = (size_t)opt_int_field(L, 1, "max_chats", 0, 1);
     o->page_size = (size_t)opt_int_field(L, 1, "page_size", 0, 1);
+    o->max_queue = (size_t)opt_int_field(L, 1, "max_queue", 0, 1);
     if (o->cache_size > CS_MAX_CACHE_SIZE ||
         o->queue_size > CS_MAX_QUEUE_SIZE || o->max_chats > CS_MAX_CACHE_SIZE ||
         o->page_size > CS_MAX_PAGE_SIZE)
@@ -110,6 +110,8 @@ static void read_sizes(lua_State *L, cs_hub_options *o)
                    "cache_size, queue_size, max_chats and "
                    "page_size are at most %d",
                    (int)CS_MAX_CACHE_SIZE);
+    if (o->max_queue > CS_MAX_MAX_QUEUE)
+        luaL_error(L, "max_queue is at most %d", (int)CS_MAX_MAX_QUEUE);
 }
 
 /* poll_interval and query_timeout (seconds) of the table at 1. */
