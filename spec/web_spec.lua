@@ -104,6 +104,13 @@ H.each_backend(_ENV, function(kind)
       local status, body = post(s, "/chats/" .. chat .. "/messages", ("y"):rep(64 * 1024))
       assert.are.equal(201, status)
       assert.are.equal(1, body.id)
+      -- the turn is pending: 20 more wait in the queue (max_queue), the next is refused
+      for i = 1, 20 do
+        local st, b = post(s, "/chats/" .. chat .. "/messages", "q" .. i)
+        assert.are.same({ 201, true }, { st, b.queued }, i)
+      end
+      check(429, "POST", "/chats/" .. chat .. "/messages", "q21", nil,
+        "EFULL: chat " .. chat .. "'s queue holds 20")
     end)
   end)
 
