@@ -134,6 +134,9 @@ local function read_body(stream, req, max)
   if #body > max then
     refuse(413, ("the body is limited to %d bytes"):format(max))
   end
+  if len and #body ~= tonumber(len) then -- the client went away mid-body: nothing is written
+    refuse(400, ("the body ended after %d of its %s bytes"):format(#body, len))
+  end
   return body
 end
 
