@@ -90,8 +90,65 @@ describe("chat lifecycle", function()
       return chat, { uid, ids[1] }, "call-" .. uid
     end
 
+    describe("interrupt", function()
+      it("interrupts a running turn; its worker may append partial output till a new acquire", function()
+        local chat = store:create_chat({ owner = "alice" })
+        assert(store:send(chat, { content = "work" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+        local sub <close> = assert(store:subscribe(chat))
+        settle_events(sub, 0)
+        local v = store:chat(chat).version
+        local c = assert(store:interrupt(chat, { actor = "alice" }))
+        assert.are.same({ "waiting", v + 1, chat }, { c.status, c.version, c.id })
+        assert.is_nil(c.worker)
+        assert.are.equal("w1", c.interrupted_worker)
+        assert.is_nil(store:chat(chat).worker)
+        assert.are.same({ false, "waiting" }, { store:heartbeat(chat, "w1") })
+        assert.are.same({}, store:acquire({ worker = "w2" })) -- not pending
+        -- the interrupted worker appends what it had produced
+        local partial = assert(store:append(chat, { role = "assistant", content = "half an answer" },
+          { worker = "w1" }))
+        local q = assert(store:send(chat, { content = "next" })) -- queued behind the interrupted turn
+        assert.are.equal(1, #store:queued(chat))
+        local _, final = assert(store:finish(chat, "waiting", { worker = "w1" }))
+        assert.are.equal("pending", final) -- the finish promoted the queued message
+        local hist = agent.history(store, chat)
+        assert.are.same({ "work", "half an answer", "next" }, { hist[1].content, hist[2].content, hist[3].content })
+        assert.is_true(partial[1] < hist[3].id, "the partial output precedes the promoted message")
+        assert.are.same({ chat }, store:acquire({ worker = "w2" }))
+        local r, _, code = store:append(chat, { role = "assistant", content = "late" }, { worker = "w1" })
+        assert.are.same({ nil, "ESTATE" }, { r, code }) -- another worker has it now
+        local evs = collect(sub, function(e) return last_status(e) and last_status(e).status == "running" end)
+        local sts = {}
+        for _, ev in ipairs(of_kind(evs, "status")) do
+          sts[#sts + 1] = ev.status
+        end
+        assert.are.same({ "waiting", "pending", "running" }, sts)
+        local _ = q
+      end)
+
+      it("sets a pending chat waiting, leaves idle ones alone, and checks the actor", function()
+        local s = inst:open({ authorize = function(actor, chat) return actor == nil or actor == chat.owner end })
+        local chat = s:create_chat({ owner = "alice" })
+        assert(s:send(chat, { content = "work" }))
+        local c = assert(s:interrupt(chat))
+        assert.are.same({ "waiting", 2 }, { c.status, c.version })
+        assert.is_nil(c.worker)
+        assert.is_nil(c.interrupted_worker)
+        assert.are.same({}, s:acquire({ worker = "w1" }))
+        c = assert(s:interrupt(chat)) -- idle: nothing changes
+        assert.are.same({ "waiting", 2 }, { c.status, c.version })
+        local r, err, code = s:interrupt(chat, { actor = "mallory" })
+        assert.are.same({ nil, "EAUTH" }, { r, code })
+        H.contains("mallory may not interrupt", err)
+        r, _, code = s:interrupt(99999)
+        assert.are.same({ nil, "ENOTFOUND" }, { r, code })
+        H.contains("unknown option 'worker'", H.raises(s.interrupt, s, chat, { worker = "w" }))
+      end)
+    end)
+
     describe("queue limit", function()
-      it("refuses a send past max_queue with EFULL, writing nothing; a keyed retry goes once there is room", function()
+      it("refuses a send past max_queue with EFULL, writing nothing; a keyed retry goes once there's room", function()
         local small = inst:open({ max_queue = 2 })
         local chat = small:create_chat()
         assert.are.same({ 1, false }, { small:send(chat, { content = "first" }) }) -- appended: pending
@@ -354,7 +411,8 @@ describe("chat lifecycle", function()
         assert.are.same({}, assert(store:promote_queued(chat, b)))
         local c = store:chat(chat)
         assert.are.equal("waiting", c.status) -- interrupted
-        assert.are.equal("w1", c.worker)
+        assert.is_nil(c.worker)
+        assert.are.equal("w1", c.interrupted_worker)
         assert.are.same({ b, a }, { store:queued(chat)[1].id, store:queued(chat)[2].id })
         assert.are.equal(before, count_messages(store, chat))
         local held, st = store:heartbeat(chat, "w1")

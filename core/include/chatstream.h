@@ -313,7 +313,7 @@ typedef struct cs_chat_info {
 
 /* Authorisation: may `actor` do `op` ("subscribe", "send", "queued",
  * "promote_queued", "delete_queued", "move_queued", "append", "finish",
- * "publish_part", "chat") on chat? Called with the chat's metadata only,
+ * "interrupt", "publish_part", "chat") on chat? Called with the chat's metadata only,
  * before any of its messages, status or queue is read. Returns 1 to allow,
  * 0 to refuse (a reason may be written to why), or a CS_E* error. */
 typedef struct cs_authorizer {
@@ -385,6 +385,14 @@ int cs_hub_heartbeat(cs_hub *hub, int64_t chat_id, const char *worker,
  * status set. */
 int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
                   const char *actor, cs_status status, cs_status *final);
+/* Interrupts the chat's turn: a running chat goes waiting (version + 1)
+ * with its worker kept as the interrupted one (its heartbeat then returns 0
+ * with status waiting; it may still append what it had produced, with its
+ * worker name, and finish, until another worker acquires the chat); a
+ * pending chat goes waiting. Other statuses: nothing changes. *out (may be
+ * NULL) receives the chat afterwards. */
+int cs_hub_interrupt(cs_hub *hub, int64_t chat_id, const char *actor,
+                     cs_chat_info *out);
 /* A non-durable streaming delta to every subscriber of the chat, in every
  * process; text longer than one notification is split (on UTF-8 character
  * boundaries) into several parts. */

@@ -200,11 +200,13 @@ int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,
 }
 
 /* A worker's append, under the chat's lock: CS_ESTATE unless the chat runs
- * on worker (NULL: anyone may). */
+ * on worker, or was interrupted while it did (waiting, still naming it: its
+ * partial output) (NULL: anyone may). */
 static int check_worker(cs_hub *hub, const cs_chat_row *row, const char *worker)
 {
-    if (!worker ||
-        (row->status == CS_STATUS_RUNNING && strcmp(row->worker, worker) == 0))
+    if (!worker || ((row->status == CS_STATUS_RUNNING ||
+                     row->status == CS_STATUS_WAITING) &&
+                    strcmp(row->worker, worker) == 0))
         return CS_OK;
     char buf[CS_NAME_MAX + 96];
     snprintf(buf, sizeof buf, "chat %lld is %s, not running on worker %s",

@@ -588,6 +588,36 @@ int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
     return CS_OK;
 }
 
+static int run_interrupt(cs_publish *p, cs_chat_row *row)
+{
+    cs_chat_row *out = p->arg;
+    int rc = CS_OK;
+    if (row->status == CS_STATUS_RUNNING)
+        rc = set_status(p, row, CS_STATUS_WAITING, row->worker, false);
+    else if (row->status == CS_STATUS_PENDING)
+        rc = set_status(p, row, CS_STATUS_WAITING, NULL, false);
+    *out = *row;
+    return rc;
+}
+
+int cs_hub_interrupt(cs_hub *hub, int64_t chat_id, const char *actor,
+                     cs_chat_info *out)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    int rc = cs_hub_authorize(hub, chat_id, actor, "interrupt");
+    if (rc < 0)
+        return rc;
+    cs_chat_row row;
+    if ((rc = run_publish(hub, chat_id, run_interrupt, &row)) < 0)
+        return rc;
+    if (out)
+        return cs_hub_chat_info(hub, chat_id, NULL, out);
+    return CS_OK;
+}
+
 /* ---- parts --------------------------------------------------------------- */
 
 /* Room for the text in one part payload: "1:p:<after>:" takes at most 25. */

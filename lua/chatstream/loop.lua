@@ -39,7 +39,7 @@ local DIRECT = {
 -- lock, the readers' in-memory work (sub:try, try_step) goes on beside it.
 local WRITES = {
   create_chat = true, append = true, append_many = true, send = true, delete_queued = true, move_queued = true,
-  promote_queued = true, acquire = true, heartbeat = true, finish = true, publish_part = true,
+  promote_queued = true, acquire = true, heartbeat = true, finish = true, interrupt = true, publish_part = true,
   chat = true, queued = true, migrate = true,
   commit = true, cache = true, notify = true, publish = true, -- Publish
 }

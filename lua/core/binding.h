@@ -160,6 +160,7 @@ int store_promote_queued(lua_State *L);
 int store_acquire(lua_State *L);
 int store_heartbeat(lua_State *L);
 int store_finish(lua_State *L);
+int store_interrupt(lua_State *L);
 int store_publish_part(lua_State *L);
 
 /* publish.c */

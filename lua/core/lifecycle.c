@@ -25,12 +25,35 @@ int store_chat(lua_State *L)
     set_int(L, "version", c->version);
     set_int(L, "last_message_id", c->last_message_id);
     if (c->worker[0]) {
+        /* A waiting chat has no worker: one named there was interrupted
+         * (it may still append its partial output and finish). */
         lua_pushstring(L, c->worker);
-        lua_setfield(L, -2, "worker");
+        lua_setfield(L, -2,
+                     c->status == CS_STATUS_WAITING ? "interrupted_worker"
+                                                    : "worker");
         lua_pushnumber(L, c->heartbeat_age);
         lua_setfield(L, -2, "heartbeat_age");
     }
     return 1;
+}
+
+/* store:interrupt(chat_id, {actor = ...}) -> the chat (as store:chat) */
+int store_interrupt(lua_State *L)
+{
+    static const char *const keys[] = {"actor", NULL};
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    const char *actor = NULL;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        check_keys(L, 3, keys);
+        actor = opt_str_field(L, 3, "actor");
+    }
+    int rc = cs_hub_interrupt(hub, chat, actor, NULL);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_settop(L, 2);
+    return store_chat(L);
 }
 
 /* store:send(chat_id, {content = ..., role = "user", actor = ...}) ->

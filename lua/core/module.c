@@ -124,6 +124,7 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
                                        {"acquire", store_acquire},
                                        {"heartbeat", store_heartbeat},
                                        {"finish", store_finish},
+                                       {"interrupt", store_interrupt},
                                        {"publish_part", store_publish_part},
                                        {"pollfd", store_pollfd},
                                        {"events", store_events},

@@ -98,8 +98,9 @@ bool pg_build_prepared(pg_store *s)
         else
             snprintf(sql, sizeof sql,
                      "WITH c AS (SELECT id, last_message_id FROM %1$s.chats "
-                     "WHERE id = $1 AND ($5::text = '' OR (status = "
-                     "'running' AND worker_id = $5::text)) FOR UPDATE), "
+                     "WHERE id = $1 AND ($5::text = '' OR (status IN "
+                     "('running', 'waiting') AND worker_id = $5::text)) FOR "
+                     "UPDATE), "
                      "m AS (INSERT INTO %1$s.messages (chat_id, role, "
                      "content, prev_id, tool) SELECT c.id, $2, $3, "
                      "c.last_message_id, $4 FROM c RETURNING id, prev_id), "
