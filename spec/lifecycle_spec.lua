@@ -90,6 +90,56 @@ describe("chat lifecycle", function()
       return chat, { uid, ids[1] }, "call-" .. uid
     end
 
+    describe("submit_tool_results", function()
+      it("appends the results of the open calls and sets pending in one transaction", function()
+        local chat, ids, call = in_requires_action()
+        local sub <close> = assert(store:subscribe(chat, { after = ids[2] }))
+        settle_events(sub, 0)
+        local v = store:chat(chat).version
+        local got = assert(store:submit_tool_results(chat, { { tool_call_id = call, content = "42" } }))
+        assert.are.equal(1, #got)
+        local c = store:chat(chat)
+        assert.are.same({ "pending", v + 1 }, { c.status, c.version })
+        local hist = agent.history(store, chat)
+        local last = hist[#hist]
+        assert.are.same({ got[1], "tool", call, "42" }, { last.id, last.role, last.tool_call_id, last.content })
+        local evs = collect(sub, function(e) return #ids_of(e) == 1 and last_status(e) ~= nil end)
+        assert.are.same(got, ids_of(evs))
+        assert.are.equal("pending", last_status(evs).status)
+        assert.are.same({ chat }, store:acquire({ worker = "w2" })) -- a worker resumes it
+      end)
+
+      it("refuses calls that are not open, twice given, or a chat in another status, writing nothing", function()
+        local chat, _, call = in_requires_action()
+        local before = count_messages(store, chat)
+        local v = store:chat(chat).version
+        local function refused(results, code, msg)
+          local r, err, c = store:submit_tool_results(chat, results)
+          assert.are.same({ nil, code }, { r, c })
+          H.contains(msg, err)
+          assert.are.equal(before, count_messages(store, chat))
+          assert.are.equal(v, store:chat(chat).version)
+        end
+        refused({ { tool_call_id = "call-nope", content = "x" } }, "EINVAL",
+          "tool_call_id call-nope is not an open call of chat " .. chat .. "'s last turn")
+        refused({ { tool_call_id = call, content = "x" }, { tool_call_id = call, content = "y" } }, "EINVAL",
+          "(given twice)")
+        refused({ { tool_call_id = call, content = "x" }, { tool_call_id = "call-nope", content = "y" } }, "EINVAL",
+          "call-nope")
+        assert(store:submit_tool_results(chat, { { tool_call_id = call, content = "done" } }))
+        local r, err, code = store:submit_tool_results(chat, { { tool_call_id = call, content = "again" } })
+        assert.are.same({ nil, "ESTATE" }, { r, code })
+        H.contains("is pending, not requires_action", err)
+        H.contains("expected a list of 1 to 4096", H.raises(store.submit_tool_results, store, chat, {}))
+        H.contains("tool_call_id must be a string",
+          H.raises(store.submit_tool_results, store, chat, { { content = "x" } }))
+        H.contains("unknown option 'role'",
+          H.raises(store.submit_tool_results, store, chat, { { tool_call_id = call, content = "x", role = "user" } }))
+        r, _, code = store:submit_tool_results(99999, { { tool_call_id = call, content = "x" } })
+        assert.are.same({ nil, "ENOTFOUND" }, { r, code })
+      end)
+    end)
+
     describe("interrupt", function()
       it("interrupts a running turn; its worker may append partial output till a new acquire", function()
         local chat = store:create_chat({ owner = "alice" })

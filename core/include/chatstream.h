@@ -313,9 +313,10 @@ typedef struct cs_chat_info {
 
 /* Authorisation: may `actor` do `op` ("subscribe", "send", "queued",
  * "promote_queued", "delete_queued", "move_queued", "append", "finish",
- * "interrupt", "publish_part", "chat") on chat? Called with the chat's metadata only,
- * before any of its messages, status or queue is read. Returns 1 to allow,
- * 0 to refuse (a reason may be written to why), or a CS_E* error. */
+ * "interrupt", "submit_tool_results", "publish_part", "chat") on chat? Called
+ * with the chat's metadata only, before any of its messages, status or queue is
+ * read. Returns 1 to allow, 0 to refuse (a reason may be written to why), or a
+ * CS_E* error. */
 typedef struct cs_authorizer {
     int (*fn)(void *ud, const char *actor, const cs_chat_info *chat,
               const char *op, char *why, size_t whylen);
@@ -385,6 +386,15 @@ int cs_hub_heartbeat(cs_hub *hub, int64_t chat_id, const char *worker,
  * status set. */
 int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
                   const char *actor, cs_status status, cs_status *final);
+/* Submits the results of a requires_action chat's client tool calls: msgs
+ * (n of them, role CS_ROLE_TOOL, tool = the call's ID) are appended and the
+ * chat set pending, in one transaction; ids (n entries) receives their IDs.
+ * A call ID that is not an open call of the chat's last turn (a call of its
+ * assistant messages after the last user message, without a result yet,
+ * given once) is CS_EINVAL, a chat in another status CS_ESTATE: nothing is
+ * written. */
+int cs_hub_submit_tool_results(cs_hub *hub, int64_t chat_id, const char *actor,
+                               const cs_msg_in *msgs, size_t n, int64_t *ids);
 /* Interrupts the chat's turn: a running chat goes waiting (version + 1)
  * with its worker kept as the interrupted one (its heartbeat then returns 0
  * with status waiting; it may still append what it had produced, with its

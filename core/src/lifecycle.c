@@ -588,6 +588,104 @@ int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
     return CS_OK;
 }
 
+/* ---- tool results ---------------------------------------------------------
+ */
+
+typedef struct results_arg {
+    const cs_msg_in *msgs;
+    size_t n;
+    int64_t *ids;
+} results_arg;
+
+/* Whether id is one of the space-separated IDs of list. */
+static bool in_list(const char *list, const char *id)
+{
+    size_t len = strlen(id);
+    for (const char *c = list; *c;) {
+        const char *end = strchr(c, ' ');
+        size_t l = end ? (size_t)(end - c) : strlen(c);
+        if (l == len && memcmp(c, id, len) == 0)
+            return true;
+        c += l + (end ? 1 : 0);
+    }
+    return false;
+}
+
+/* Whether id is an open call of the turn in tail (the messages after the
+ * last user message): an assistant's call with no tool result yet. */
+static bool open_call(const cs_msglist *tail, const char *id)
+{
+    bool called = false;
+    for (size_t i = 0; i < tail->n; i++) {
+        const cs_msg *m = tail->items[i];
+        if (m->role == CS_ROLE_ASSISTANT && in_list(m->tool, id))
+            called = true;
+        else if (m->role == CS_ROLE_TOOL && strcmp(m->tool, id) == 0)
+            return false; /* answered */
+    }
+    return called;
+}
+
+static int run_submit(cs_publish *p, cs_chat_row *row)
+{
+    results_arg *a = p->arg;
+    cs_hub *hub = p->hub;
+    char buf[CS_MAX_TOOL + 96];
+    if (row->status != CS_STATUS_REQUIRES_ACTION) {
+        snprintf(buf, sizeof buf, "chat %lld is %s, not requires_action",
+                 (long long)row->id, cs_status_name(row->status));
+        return cs_hub_fail(hub, CS_ESTATE, buf);
+    }
+    cs_msglist tail = {0};
+    int rc = hub->store.ops->tx_tail(hub->store.st, row->id, &tail);
+    for (size_t i = 0; rc == CS_OK && i < a->n; i++) {
+        bool twice = false;
+        for (size_t k = 0; k < i && !twice; k++)
+            twice = strcmp(a->msgs[k].tool, a->msgs[i].tool) == 0;
+        if (twice || !open_call(&tail, a->msgs[i].tool)) {
+            snprintf(buf, sizeof buf,
+                     "tool_call_id %s is not an open call of chat %lld's "
+                     "last turn%s",
+                     a->msgs[i].tool, (long long)row->id,
+                     twice ? " (given twice)" : "");
+            rc = cs_hub_fail(hub, CS_EINVAL, buf);
+        }
+    }
+    cs_msglist_free(&tail);
+    if (rc < 0)
+        return rc;
+    size_t base = p->committed.n;
+    rc = hub->store.ops->tx_insert(hub->store.st, row, a->msgs, a->n,
+                                   &p->committed);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < a->n; i++)
+        a->ids[i] = p->committed.items[base + i]->id;
+    return set_status(p, row, CS_STATUS_PENDING, NULL, false);
+}
+
+int cs_hub_submit_tool_results(cs_hub *hub, int64_t chat_id, const char *actor,
+                               const cs_msg_in *msgs, size_t n, int64_t *ids)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    if (n == 0 || n > CS_MAX_BATCH)
+        return cs_hub_fail(hub, CS_EINVAL, "1 to 4096 tool results");
+    for (size_t i = 0; i < n; i++)
+        if (msgs[i].role != CS_ROLE_TOOL || !msgs[i].tool || !*msgs[i].tool)
+            return cs_hub_fail(hub, CS_EINVAL,
+                               "a tool result has role tool and a call id");
+    int rc = cs_check_msgs(hub, msgs, n);
+    if (rc < 0)
+        return rc;
+    if ((rc = cs_hub_authorize(hub, chat_id, actor, "submit_tool_results")) < 0)
+        return rc;
+    results_arg a = {msgs, n, ids};
+    return run_publish(hub, chat_id, run_submit, &a);
+}
+
 static int run_interrupt(cs_publish *p, cs_chat_row *row)
 {
     cs_chat_row *out = p->arg;

@@ -37,6 +37,48 @@ int store_chat(lua_State *L)
     return 1;
 }
 
+/* store:submit_tool_results(chat_id, {{tool_call_id = ..., content = ...},
+ * ...}, {actor = ...}) -> ids */
+int store_submit_tool_results(lua_State *L)
+{
+    static const char *const keys[] = {"tool_call_id", "content", NULL};
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    luaL_checktype(L, 3, LUA_TTABLE);
+    const char *actor = opt_actor(L, 4, NULL);
+    lua_Integer count = luaL_len(L, 3);
+    if (count < 1 || count > CS_MAX_BATCH)
+        return luaL_argerror(L, 3, "expected a list of 1 to 4096 tool results");
+    /* As messages: {role = "tool", tool_call_id = ..., content = ...}. */
+    lua_createtable(L, (int)count, 0);
+    int list = lua_gettop(L);
+    for (lua_Integer i = 1; i <= count; i++) {
+        if (lua_geti(L, 3, i) != LUA_TTABLE)
+            return luaL_argerror(
+                L, 3, "a tool result is {tool_call_id = ..., content = ...}");
+        check_keys(L, lua_gettop(L), keys);
+        lua_createtable(L, 0, 3);
+        lua_pushliteral(L, "tool");
+        lua_setfield(L, -2, "role");
+        if (lua_getfield(L, -2, "tool_call_id") != LUA_TSTRING)
+            return luaL_argerror(L, 3, "tool_call_id must be a string");
+        lua_setfield(L, -2, "tool_call_id");
+        lua_getfield(L, -2, "content");
+        lua_setfield(L, -2, "content");
+        lua_rawseti(L, list, i);
+        lua_pop(L, 1);
+    }
+    size_t n;
+    cs_msg_in *msgs = read_msgs(L, list, &n);
+    int64_t *ids = lua_newuserdatauv(L, n * sizeof *ids, 0);
+    lua_createtable(L, (int)n, 0);
+    int rc = cs_hub_submit_tool_results(hub, chat, actor, msgs, n, ids);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    fill_ids(L, ids, n);
+    return 1;
+}
+
 /* store:interrupt(chat_id, {actor = ...}) -> the chat (as store:chat) */
 int store_interrupt(lua_State *L)
 {
