@@ -140,6 +140,76 @@ describe("chat lifecycle", function()
       end)
     end)
 
+    describe("recorded errors", function()
+      it("finish with error records the error: store:chat, the status events, cleared by the next turn", function()
+        local chat = store:create_chat()
+        assert(store:send(chat, { content = "work" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+        local reader = inst:open() -- another hub: the notification carries the error
+        local sub <close> = assert(reader:subscribe(chat))
+        settle_events(sub, 0)
+        assert(store:finish(chat, "error", { worker = "w1", error = "the model timed out" }))
+        local evs = collect(sub, function(e) return last_status(e) and last_status(e).status == "error" end)
+        assert.are.equal("the model timed out", last_status(evs).error)
+        assert.are.equal("the model timed out", store:chat(chat).last_error)
+        -- a late joiner's snapshot says it too
+        local late <close> = assert(reader:subscribe(chat))
+        local first = settle_events(late, 0)[1]
+        assert.are.same({ "error", "the model timed out" }, { first.status, first.error })
+        -- the next turn: the error stays until it finishes otherwise
+        assert(store:send(chat, { content = "again" }))
+        assert.are.equal("the model timed out", store:chat(chat).last_error)
+        assert.are.same({ chat }, store:acquire({ worker = "w2" }))
+        assert(store:finish(chat, "completed", { worker = "w2" }))
+        assert.is_nil(store:chat(chat).last_error)
+        evs = collect(sub, function(e) return last_status(e) and last_status(e).status == "completed" end)
+        for _, ev in ipairs(of_kind(evs, "status")) do
+          assert.is_nil(ev.error, ev.status)
+        end
+        -- an error status without a text records none
+        assert(store:send(chat, { content = "third" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w3" }))
+        assert(store:finish(chat, "error", { worker = "w3" }))
+        assert.is_nil(store:chat(chat).last_error)
+      end)
+
+      it("reaches a reader that missed the notification, through the backstop poll (memory knobs)", function()
+        if kind ~= "memory" then
+          return -- the knob that loses notifications is the memory store's
+        end
+        local chat = store:create_chat()
+        assert(store:send(chat, { content = "work" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+        local reader = inst:open({ poll_interval = 0.05 })
+        local sub <close> = assert(reader:subscribe(chat))
+        settle_events(sub, 0)
+        inst.memdb:drop_notifies(5) -- the finish's status hint is lost
+        assert(store:finish(chat, "error", { worker = "w1", error = "lost, then found" }))
+        local evs = collect(sub, function(e) return last_status(e) and last_status(e).status == "error" end)
+        assert.are.equal("lost, then found", last_status(evs).error)
+        inst.memdb:drop_notifies(0)
+      end)
+
+      it("refuses an error with another status, too long, not UTF-8, or with a NUL", function()
+        local chat = store:create_chat()
+        assert(store:send(chat, { content = "work" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+        local function refused(status, err, msg)
+          local r, e, code = store:finish(chat, status, { worker = "w1", error = err })
+          assert.are.same({ nil, "EINVAL" }, { r, code })
+          H.contains(msg, e)
+        end
+        refused("waiting", "x", "an error is recorded by a finish with error")
+        refused("error", ("e"):rep(1025), "at most 1024 bytes")
+        refused("error", "\xff", "UTF-8")
+        H.contains("error must not contain a NUL byte",
+          H.raises(store.finish, store, chat, "error", { worker = "w1", error = "a\0b" }))
+        assert.are.equal("running", store:chat(chat).status) -- nothing was written
+        assert(store:finish(chat, "error", { worker = "w1", error = ("e"):rep(1024) }))
+        assert.are.equal(1024, #store:chat(chat).last_error)
+      end)
+    end)
+
     describe("interrupt", function()
       it("interrupts a running turn; its worker may append partial output till a new acquire", function()
         local chat = store:create_chat({ owner = "alice" })

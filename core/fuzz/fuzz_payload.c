@@ -20,11 +20,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         char buf[CS_PAYLOAD_MAX + 1];
         int n = cs_payload_encode(&h, buf, sizeof buf);
         if (n < 0) {
-            /* Only a part or a message body carrying a NUL byte cannot be
-             * re-encoded. */
+            /* Only a part, a message body or a status's error carrying a
+             * NUL byte cannot be re-encoded. */
             bool nul = (h.text_len && memchr(h.text, '\0', h.text_len)) ||
-                       (h.tool_len && memchr(h.tool, '\0', h.tool_len));
-            if (!((h.kind == CS_HINT_PART || h.body) && nul))
+                       (h.tool_len && memchr(h.tool, '\0', h.tool_len)) ||
+                       (h.error_len && memchr(h.error, '\0', h.error_len));
+            if (!((h.kind == CS_HINT_PART || h.body || h.error_len) && nul))
                 abort();
         } else {
             cs_hint h2;
@@ -34,7 +35,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 (h.text_len && memcmp(h.text, h2.text, h.text_len) != 0) ||
                 h2.body != h.body || h2.role != h.role ||
                 h2.tool_len != h.tool_len ||
-                (h.tool_len && memcmp(h.tool, h2.tool, h.tool_len) != 0))
+                (h.tool_len && memcmp(h.tool, h2.tool, h.tool_len) != 0) ||
+                h2.error_len != h.error_len ||
+                (h.error_len && memcmp(h.error, h2.error, h.error_len) != 0))
                 abort();
         }
     }

@@ -302,6 +302,7 @@ int cs_status_parse(const char *s, size_t len); /* -1 if unknown */
 const char *cs_status_name(cs_status s);
 
 /* What a chat is now. */
+#define CS_ERROR_MAX 1024 /* bytes of a recorded error (finish with error) */
 typedef struct cs_chat_info {
     int64_t id, version, last_message_id;
     cs_status status;
@@ -309,6 +310,9 @@ typedef struct cs_chat_info {
     char owner[CS_NAME_MAX + 1];
     char title[CS_TITLE_MAX + 1];
     char worker[CS_NAME_MAX + 1]; /* "" when no worker holds it */
+    /* The error the last turn recorded (finish with error and an error
+     * text), "" when none: the next turn that finishes otherwise clears it. */
+    char last_error[CS_ERROR_MAX + 1];
 } cs_chat_info;
 
 /* Authorisation: may `actor` do `op` ("subscribe", "send", "queued",
@@ -386,6 +390,13 @@ int cs_hub_heartbeat(cs_hub *hub, int64_t chat_id, const char *worker,
  * status set. */
 int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
                   const char *actor, cs_status status, cs_status *final);
+/* cs_hub_finish recording error (status CS_STATUS_ERROR only; at most
+ * CS_ERROR_MAX bytes of UTF-8 without NUL; NULL or "": none) as the chat's
+ * last_error; status events for it carry it. A finish with another status
+ * clears the chat's last_error. */
+int cs_hub_finish_error(cs_hub *hub, int64_t chat_id, const char *worker,
+                        const char *actor, cs_status status, const char *error,
+                        cs_status *final);
 /* Submits the results of a requires_action chat's client tool calls: msgs
  * (n of them, role CS_ROLE_TOOL, tool = the call's ID) are appended and the
  * chat set pending, in one transaction; ids (n entries) receives their IDs.
@@ -528,6 +539,8 @@ typedef struct cs_event {
     int64_t version;       /* status */
     cs_status status;      /* status */
     const cs_queue *queue; /* queue: the whole queue, in order */
+    const char *error;     /* status error: the recorded error, or NULL */
+    size_t error_len;
     /* The resume point just after this event: every message of the chat
      * with id <= cursor has been returned, this one included (see
      * cs_sub_cursor). */

@@ -155,7 +155,8 @@ static int pub_send_extras(cs_publish *p)
     cs_hub *hub = p->hub;
     pub_extras *x = &p->extras;
     if (x->status) {
-        int rc = cs_hub_notify_status(hub, p->chat_id, x->version, x->st);
+        int rc =
+            cs_hub_notify_status(hub, p->chat_id, x->version, x->st, x->error);
         if (rc < 0)
             return rc;
         x->status = false;
@@ -463,14 +464,18 @@ int cs_pub_notify(cs_publish *p, size_t i)
 }
 
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
-                         cs_status st)
+                         cs_status st, const char *error)
 {
-    char buf[64];
+    char buf[64 + CS_ERROR_MAX];
     const char *name = cs_status_name(st);
     cs_hint h = {.kind = CS_HINT_STATUS,
                  .version = version,
                  .text = name,
                  .text_len = strlen(name)};
+    if (st == CS_STATUS_ERROR && error && *error) {
+        h.error = error;
+        h.error_len = strlen(error);
+    }
     int len = cs_payload_encode(&h, buf, sizeof buf);
     int rc = len < 0 ? len
                      : hub->store.ops->notify(hub->store.st, chat_id, buf,

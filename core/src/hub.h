@@ -83,7 +83,7 @@ typedef struct qhint {
     cs_hint_kind kind;
     int64_t a, b; /* message: after, id; status: version, status; part:
                      after */
-    char *text;   /* part: owned */
+    char *text;   /* part; status: the recorded error, or NULL: owned */
     size_t len;
 } qhint;
 
@@ -92,7 +92,7 @@ typedef struct oevent {
     cs_event_kind kind; /* 0: empty */
     cs_msg *msg;        /* message */
     int64_t a, b;       /* status: version, status; part: after */
-    char *text;         /* part */
+    char *text;         /* part; status: the recorded error, or NULL */
     size_t len;
     cs_queue *queue; /* queue */
 } oevent;
@@ -149,6 +149,7 @@ typedef struct pub_extras {
     bool status, queue; /* still to send */
     int64_t version;
     cs_status st;
+    char error[CS_ERROR_MAX + 1]; /* an error status: what it recorded */
 } pub_extras;
 
 /* The transaction of a publish: fills p->committed (and p->extras), under
@@ -184,7 +185,7 @@ int cs_pub_new(cs_hub *hub, int64_t chat_id, pub_run_fn run, void *arg,
 void cs_pub_publish_all(cs_publish *p);
 /* Sends a status hint for the chat (counted in publish_errors on failure). */
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
-                         cs_status st);
+                         cs_status st, const char *error);
 /* The chat's messages of ids (n, ascending), read from the store into out
  * (a retry's replay publishes them again). CS_ENOTFOUND if one is gone. */
 int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,

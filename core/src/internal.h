@@ -124,6 +124,8 @@ typedef struct cs_hint {
     cs_role role;     /* message body */
     const char *tool; /* message body: tool_len bytes, not NUL-terminated */
     size_t tool_len;
+    const char *error; /* status: the recorded error (error_len bytes) */
+    size_t error_len;
 } cs_hint;
 
 /* The longest header of a message hint with its body ("1:M:" two ids, role,

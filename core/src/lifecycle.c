@@ -34,6 +34,7 @@ static int set_status(cs_publish *p, cs_chat_row *row, cs_status st,
     p->extras.status = true;
     p->extras.version = row->version;
     p->extras.st = st;
+    memcpy(p->extras.error, row->last_error, sizeof p->extras.error);
     return CS_OK;
 }
 
@@ -493,7 +494,7 @@ int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
     for (size_t i = 0; i < got; i++) {
         ids[i] = rows[i].id;
         if (cs_hub_notify_status(hub, rows[i].id, rows[i].version,
-                                 rows[i].status) < 0)
+                                 rows[i].status, NULL) < 0)
             hub->stats.publish_errors++;
     }
     free(rows);
@@ -505,6 +506,7 @@ typedef struct worker_arg {
     const char *worker;
     int held;
     cs_status status, final;
+    const char *error; /* finish: the error to record, or NULL */
 } worker_arg;
 
 static int run_heartbeat(cs_publish *p, cs_chat_row *row)
@@ -528,7 +530,7 @@ int cs_hub_heartbeat(cs_hub *hub, int64_t chat_id, const char *worker,
         return rc;
     if (chat_id < 1)
         return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
-    worker_arg a = {worker, 0, 0, 0};
+    worker_arg a = {worker, 0, 0, 0, NULL};
     if ((rc = run_publish(hub, chat_id, run_heartbeat, &a)) < 0)
         return rc;
     if (status)
@@ -552,6 +554,9 @@ static int run_finish(cs_publish *p, cs_chat_row *row)
                  (long long)row->id, a->worker);
         return cs_hub_fail(hub, CS_ESTATE, buf);
     }
+    /* An error turn records its error; any other ends the last one's. */
+    snprintf(row->last_error, sizeof row->last_error, "%s",
+             a->status == CS_STATUS_ERROR && a->error ? a->error : "");
     int rc;
     if (interrupted || a->status == CS_STATUS_WAITING ||
         a->status == CS_STATUS_COMPLETED)
@@ -565,6 +570,14 @@ static int run_finish(cs_publish *p, cs_chat_row *row)
 int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
                   const char *actor, cs_status status, cs_status *final)
 {
+    return cs_hub_finish_error(hub, chat_id, worker, actor, status, NULL,
+                               final);
+}
+
+int cs_hub_finish_error(cs_hub *hub, int64_t chat_id, const char *worker,
+                        const char *actor, cs_status status, const char *error,
+                        cs_status *final)
+{
     if (!hub)
         return CS_ECLOSED;
     if (chat_id < 1)
@@ -577,10 +590,20 @@ int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
         return cs_hub_fail(hub, CS_EINVAL,
                            "a worker finishes with waiting, completed, error, "
                            "paused or requires_action");
+    if (error && *error) {
+        size_t len = strlen(error);
+        if (status != CS_STATUS_ERROR)
+            return cs_hub_fail(hub, CS_EINVAL,
+                               "an error is recorded by a finish with error");
+        if (len > CS_ERROR_MAX || !cs_utf8_text(error, len))
+            return cs_hub_fail(hub, CS_EINVAL,
+                               "the error is UTF-8 text of at most 1024 "
+                               "bytes");
+    }
     int rc = cs_hub_authorize(hub, chat_id, actor, "finish");
     if (rc < 0)
         return rc;
-    worker_arg a = {worker, 0, status, status};
+    worker_arg a = {worker, 0, status, status, error};
     if ((rc = run_publish(hub, chat_id, run_finish, &a)) < 0)
         return rc;
     if (final)

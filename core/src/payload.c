@@ -62,8 +62,13 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
     case CS_HINT_STATUS:
         if (h->version < 0 || !h->text || !known_status(h->text, h->text_len))
             return CS_EINVAL;
-        n = snprintf(buf, cap, "%d:s:%lld:%.*s", CS_PAYLOAD_VERSION,
-                     (long long)h->version, (int)h->text_len, h->text);
+        if (h->error_len && (h->error_len > CS_ERROR_MAX ||
+                             memchr(h->error, '\0', h->error_len)))
+            return CS_EINVAL;
+        n = snprintf(buf, cap, "%d:s:%lld:%.*s%s%.*s", CS_PAYLOAD_VERSION,
+                     (long long)h->version, (int)h->text_len, h->text,
+                     h->error_len ? ":" : "", (int)h->error_len,
+                     h->error_len ? h->error : "");
         break;
     case CS_HINT_QUEUE:
         n = snprintf(buf, cap, "%d:q", CS_PAYLOAD_VERSION);
@@ -157,12 +162,22 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
     case 's':
         if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
             return CS_EPROTO;
-        if (!field(&cur, end, &f, &flen, true) || !known_status(f, flen))
+        /* The status, then (an error status only) the error it recorded:
+         * not empty, so that every hint has one text. */
+        bool more = memchr(cur, ':', (size_t)(end - cur)) != NULL;
+        if (!field(&cur, end, &f, &flen, !more) || !known_status(f, flen))
             return CS_EPROTO;
         h.kind = CS_HINT_STATUS;
         h.version = a;
         h.text = f;
         h.text_len = flen;
+        if (more) {
+            if (cur == end || flen != 5 || memcmp(f, "error", 5) != 0 ||
+                (size_t)(end - cur) > CS_ERROR_MAX)
+                return CS_EPROTO;
+            h.error = cur;
+            h.error_len = (size_t)(end - cur);
+        }
         break;
     case 'p':
         if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))

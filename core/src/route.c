@@ -147,7 +147,10 @@ static void sub_collapse(cs_sub *s)
             a = h->a < a ? h->a : a;
             n = h->b > n ? h->b : n;
             break;
-        case CS_HINT_STATUS: s->status_dirty = true; break;
+        case CS_HINT_STATUS:
+            free(h->text); /* the status is read again, with its error */
+            s->status_dirty = true;
+            break;
         case CS_HINT_QUEUE: s->queue_dirty = true; break;
         case CS_HINT_PART:
             free(h->text);
@@ -174,6 +177,16 @@ static void sub_enqueue(cs_sub *s, const cs_hint *h)
     case CS_HINT_STATUS:
         q.a = h->version;
         q.b = cs_status_parse(h->text, h->text_len);
+        if (h->error_len) {
+            q.len = h->error_len;
+            if (!(q.text = malloc(h->error_len + 1))) {
+                s->status_dirty = true; /* read with its error instead */
+                cs_sub_ready(s);
+                return;
+            }
+            memcpy(q.text, h->error, h->error_len);
+            q.text[h->error_len] = '\0';
+        }
         break;
     case CS_HINT_QUEUE: break;
     case CS_HINT_PART:
@@ -283,8 +296,12 @@ void cs_sub_polled(cs_sub *s, const cs_chat_state *st)
         work = true;
     }
     if (st->version > s->status_version && st->version > s->poll_version) {
-        s->poll_version = st->version;
-        s->poll_status = st->status;
+        if (st->status == CS_STATUS_ERROR) {
+            s->status_dirty = true; /* the row has the error it recorded */
+        } else {
+            s->poll_version = st->version;
+            s->poll_status = st->status;
+        }
         work = true;
     }
     if (st->queue_sig != s->queue_sig && !s->queue_dirty) {

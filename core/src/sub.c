@@ -268,12 +268,21 @@ static void sub_free(cs_sub *s)
     free(s);
 }
 
-/* Delivers the status if newer than the last delivered. */
-static int sub_take_status(cs_sub *s, int64_t version, cs_status st)
+/* Delivers the status (with the error it recorded: error, len; copied) if
+ * newer than the last delivered. */
+static int sub_take_status(cs_sub *s, int64_t version, cs_status st,
+                           const char *error, size_t len)
 {
     if (version <= s->status_version)
         return CS_OK;
     oevent e = {.kind = CS_EV_STATUS, .a = version, .b = st};
+    if (len) {
+        if (!(e.text = malloc(len + 1)))
+            return CS_ENOMEM;
+        memcpy(e.text, error, len);
+        e.text[len] = '\0';
+        e.len = len;
+    }
     int rc = ev_push(s, e);
     if (rc == CS_OK)
         s->status_version = version;
@@ -299,7 +308,9 @@ static int sub_read_status(cs_sub *s)
         free(row);
         return cs_hub_fail(hub, rc, NULL);
     }
-    rc = sub_take_status(s, row->version, row->status);
+    rc = sub_take_status(
+        s, row->version, row->status, row->last_error,
+        row->status == CS_STATUS_ERROR ? strlen(row->last_error) : 0);
     free(row);
     return rc;
 }
@@ -375,7 +386,9 @@ static int sub_snapshot(cs_sub *s, int64_t after)
         rc = cs_hub_fail(hub, CS_EINVAL, buf);
     }
     if (rc == CS_OK)
-        rc = sub_take_status(s, row->version, row->status);
+        rc = sub_take_status(
+            s, row->version, row->status, row->last_error,
+            row->status == CS_STATUS_ERROR ? strlen(row->last_error) : 0);
     if (rc == CS_OK) {
         rc = sub_take_queue(s, q, true);
         q = NULL; /* taken, or freed */
@@ -515,7 +528,7 @@ static void sub_process(cs_sub *s)
         s->poll_id = 0;
     }
     if (s->poll_version > s->status_version &&
-        sub_take_status(s, s->poll_version, s->poll_status) < 0)
+        sub_take_status(s, s->poll_version, s->poll_status, NULL, 0) < 0)
         return;
     if (s->status_dirty) {
         if (sub_read_status(s) < 0)
@@ -557,10 +570,18 @@ static void sub_process(cs_sub *s)
                 return; /* the hint stays: its next page on the next call */
         } else if (h->kind == CS_HINT_STATUS) {
             if (h->a > s->status_version && h->b >= 0) {
-                oevent e = {.kind = CS_EV_STATUS, .a = h->a, .b = h->b};
+                oevent e = {.kind = CS_EV_STATUS,
+                            .a = h->a,
+                            .b = h->b,
+                            .text = h->text,
+                            .len = h->len};
+                h->text = NULL; /* the event owns it now */
                 rc = ev_push(s, e);
                 if (rc == CS_OK)
                     s->status_version = h->a;
+            } else {
+                free(h->text);
+                h->text = NULL;
             }
         } else if (h->kind == CS_HINT_QUEUE) {
             while (take < s->qn &&
@@ -615,6 +636,8 @@ static void fill_event(cs_sub *s, const oevent *e, cs_event *ev)
         ev->status = (cs_status)e->b;
         ev->text = cs_status_name(ev->status);
         ev->text_len = strlen(ev->text);
+        ev->error = e->text;
+        ev->error_len = e->len;
         break;
     case CS_EV_QUEUE: ev->queue = e->queue; break;
     case CS_EV_PART:

@@ -11,7 +11,8 @@ typedef struct parsed {
     cs_hint h;
     char text[CS_PAYLOAD_MAX + 1];
     char tool[CS_PAYLOAD_MAX + 1];
-    int in_bounds; /* h.text (and h.tool) lay inside the input */
+    char error[CS_ERROR_MAX + 1];
+    int in_bounds; /* h.text (and h.tool, h.error) lay inside the input */
 } parsed;
 
 /* Parses len bytes of s from an exactly-sized heap copy, no terminator, so
@@ -38,6 +39,14 @@ static void parse_exact(const void *s, size_t len, parsed *out)
             memcpy(out->tool, out->h.tool, out->h.tool_len);
         out->in_bounds = out->in_bounds && in;
         out->h.tool = out->tool;
+    }
+    if (out->rc == CS_OK && out->h.error) {
+        bool in = out->h.error >= buf && out->h.error_len <= len &&
+                  (size_t)(out->h.error - buf) <= len - out->h.error_len;
+        if (in && out->h.error_len <= CS_ERROR_MAX)
+            memcpy(out->error, out->h.error, out->h.error_len);
+        out->in_bounds = out->in_bounds && in;
+        out->h.error = out->error;
     }
     free(buf);
 }
@@ -176,6 +185,24 @@ static void test_roundtrip(void)
     parse_exact(buf, (size_t)n, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_I64(p.h.version, INT64_MAX);
+    CHECK_EQ_I64(p.h.error_len, 0);
+
+    /* an error status with the error it recorded (colons in it too) */
+    cs_hint he = {.kind = CS_HINT_STATUS,
+                  .version = 7,
+                  .text = "error",
+                  .text_len = 5,
+                  .error = "timeout: 30 s",
+                  .error_len = 13};
+    n = cs_payload_encode(&he, buf, sizeof buf);
+    CHECK_EQ_STR(buf, "1:s:7:error:timeout: 30 s");
+    parse_exact(buf, (size_t)n, &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK_EQ_MEM(p.h.text, p.h.text_len, "error");
+    CHECK_EQ_MEM(p.h.error, p.h.error_len, "timeout: 30 s");
+    CHECK(p.in_bounds);
+    he.error_len = CS_ERROR_MAX + 1; /* too long: refused */
+    CHECK_EQ_I64(cs_payload_encode(&he, buf, sizeof buf), CS_EINVAL);
 
     cs_hint hq = {.kind = CS_HINT_QUEUE};
     n = cs_payload_encode(&hq, buf, sizeof buf);
@@ -358,6 +385,10 @@ static void test_reject(void)
         "1:s:1:runningg",
         "1:s:1:requires-action",
         "1:s:1:done",
+        /* an error text: only after error, never empty */
+        "1:s:1:running:x",
+        "1:s:1:error:",
+        "1:s:1:running:",
         /* short */
         "",
         "1",

@@ -34,6 +34,10 @@ int store_chat(lua_State *L)
         lua_pushnumber(L, c->heartbeat_age);
         lua_setfield(L, -2, "heartbeat_age");
     }
+    if (c->last_error[0]) {
+        lua_pushstring(L, c->last_error);
+        lua_setfield(L, -2, "last_error");
+    }
     return 1;
 }
 
@@ -280,15 +284,24 @@ static cs_status check_status(lua_State *L, int idx)
 /* store:finish(chat_id, status, {worker =, actor =}) -> true, final status */
 int store_finish(lua_State *L)
 {
-    static const char *const keys[] = {"worker", "actor", NULL};
+    static const char *const keys[] = {"worker", "actor", "error", NULL};
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
     cs_status st = check_status(L, 3);
     const char *actor = opt_actor(L, 4, keys);
     const char *worker =
         lua_istable(L, 4) ? opt_str_field(L, 4, "worker") : NULL;
+    const char *error = NULL;
+    if (lua_istable(L, 4) && (error = opt_str_field(L, 4, "error")) != NULL) {
+        size_t len;
+        lua_getfield(L, 4, "error");
+        lua_tolstring(L, -1, &len);
+        lua_pop(L, 1);
+        if (len != strlen(error))
+            return luaL_argerror(L, 4, "error must not contain a NUL byte");
+    }
     cs_status final;
-    int rc = cs_hub_finish(hub, chat, worker, actor, st, &final);
+    int rc = cs_hub_finish_error(hub, chat, worker, actor, st, error, &final);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     lua_pushboolean(L, 1);

@@ -291,6 +291,10 @@ static void push_event(lua_State *L, const cs_event *ev)
         lua_pushlstring(L, ev->text, ev->text_len);
         lua_setfield(L, -2, "status");
         set_int(L, "version", ev->version);
+        if (ev->error) {
+            lua_pushlstring(L, ev->error, ev->error_len);
+            lua_setfield(L, -2, "error");
+        }
         break;
     case CS_EV_QUEUE:
         lua_pushliteral(L, "queue");

@@ -31,6 +31,7 @@ typedef struct mem_chat {
     int64_t version;
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at; /* wall clock seconds; 0: none */
+    char last_error[CS_ERROR_MAX + 1];
     mem_queue queue;
     char *key; /* the idempotency key it was made with, or NULL */
     struct mem_key {
@@ -50,6 +51,7 @@ typedef struct mem_tx {
     int64_t version;
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at;
+    char last_error[CS_ERROR_MAX + 1];
     mem_queue queue; /* a copy of the item pointers */
     size_t nkeys;
 } mem_tx;
@@ -235,6 +237,7 @@ static void row_of(const mem_chat *ch, cs_chat_row *row)
     snprintf(row->owner, sizeof row->owner, "%s", ch->owner);
     snprintf(row->title, sizeof row->title, "%s", ch->title);
     snprintf(row->worker, sizeof row->worker, "%s", ch->worker);
+    memcpy(row->last_error, ch->last_error, sizeof row->last_error);
 }
 
 /* The fault knob: the next n reads fail. */
@@ -291,6 +294,7 @@ static int m_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     tx->version = ch->version;
     memcpy(tx->worker, ch->worker, sizeof tx->worker);
     tx->heartbeat_at = ch->heartbeat_at;
+    memcpy(tx->last_error, ch->last_error, sizeof tx->last_error);
     tx->nkeys = ch->nkeys;
     db->tx = tx;
     row_of(ch, row);
@@ -318,6 +322,7 @@ static int m_tx_end(void *st, bool commit)
         ch->version = tx->version;
         memcpy(ch->worker, tx->worker, sizeof ch->worker);
         ch->heartbeat_at = tx->heartbeat_at;
+        memcpy(ch->last_error, tx->last_error, sizeof ch->last_error);
         while (ch->nkeys > tx->nkeys) {
             ch->nkeys--;
             free(ch->keys[ch->nkeys].key);
@@ -442,6 +447,7 @@ static int m_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
     ch->status = row->status;
     ch->version = row->version;
     snprintf(ch->worker, sizeof ch->worker, "%s", row->worker);
+    memcpy(ch->last_error, row->last_error, sizeof ch->last_error);
     if (!ch->worker[0])
         ch->heartbeat_at = 0;
     else if (heartbeat)

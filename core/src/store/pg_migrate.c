@@ -61,6 +61,8 @@ static const char *const migrations[] = {
     "ALTER TABLE %1$s.chats ADD COLUMN idempotency_key text;"
     "CREATE UNIQUE INDEX chats_owner_key ON %1$s.chats (owner, idempotency_key)"
     " WHERE idempotency_key IS NOT NULL;",
+    /* 4: the error a turn recorded (finish with error) */
+    "ALTER TABLE %1$s.chats ADD COLUMN last_error text NOT NULL DEFAULT '';",
 };
 
 int pg_migrate(void *st)

@@ -45,22 +45,25 @@ bool pg_build_prepared(pg_store *s)
     for (int k = 0; k < PREP_COUNT; k++) {
         if (k == PREP_SNAPSHOT)
             /* A snapshot, one statement (one view): the chat's row
-             * (columns 0-7), its queue (13-16) and the first page of its
-             * messages (8-12), told apart by k and sorted by it. */
+             * (columns 0-7, its last_error 20), its queue (13-16) and the
+             * first page of its messages (8-12), told apart by k and
+             * sorted by it. */
             snprintf(
                 sql, sizeof sql,
                 "SELECT " CHAT_COLS ", NULL::bigint, NULL::bigint, "
                 "NULL::text, NULL::text, NULL::text, NULL::bigint, "
                 "NULL::text, NULL::text, NULL::bigint, 0 AS k, 0::bigint AS "
-                "o1, 0::bigint AS o2 FROM %1$s.chats WHERE id = $1::bigint "
+                "o1, 0::bigint AS o2, last_error FROM %1$s.chats WHERE id = "
+                "$1::bigint "
                 "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
                 "NULL, NULL, NULL, NULL, NULL, NULL, q.id, q.content, "
                 "coalesce(q.actor, ''), (extract(epoch FROM q.created_at) * "
-                "1000000)::bigint, 1, q.position, q.id FROM "
+                "1000000)::bigint, 1, q.position, q.id, NULL FROM "
                 "%1$s.queued_messages q WHERE q.chat_id = $1::bigint "
                 "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
                 "NULL, m.id, m.prev_id, m.role, m.content, m.tool, NULL, "
-                "NULL, NULL, NULL, 2, m.id, 0 FROM (SELECT id, prev_id, role, "
+                "NULL, NULL, NULL, 2, m.id, 0, NULL FROM (SELECT id, prev_id, "
+                "role, "
                 "content, tool FROM %1$s.messages WHERE chat_id = $1::bigint "
                 "AND id > $2::bigint ORDER BY id LIMIT $3::bigint) m "
                 "ORDER BY k, o1, o2",
@@ -167,9 +170,17 @@ static bool col_usec(PGresult *r, int row, int col, double *out)
     return true;
 }
 
-static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row)
+/* Row i of r, read with CHAT_COLS (and last_error in column err, or none:
+ * -1). */
+static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row, int err)
 {
     memset(row, 0, sizeof *row);
+    if (err >= 0 && !PQgetisnull(r, i, err)) {
+        if (PQgetlength(r, i, err) > CS_ERROR_MAX)
+            return pg_fail(s, CS_EBACKEND, "bad chat row", NULL);
+        snprintf(row->last_error, sizeof row->last_error, "%s",
+                 PQgetvalue(r, i, err));
+    }
     const char *status = PQgetvalue(r, i, 3);
     int st = cs_status_parse(status, strlen(status));
     if (!pg_col_id(r, i, 0, &row->id) || !pg_col_id(r, i, 4, &row->version) ||
@@ -255,13 +266,15 @@ int pg_chat_get(void *st, int64_t chat_id, cs_chat_row *row)
     pg_store *s = st;
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
-             "SELECT " CHAT_COLS " FROM %1$s.chats WHERE id = $1", s->schema);
+             "SELECT " CHAT_COLS ", last_error FROM %1$s.chats WHERE id = $1",
+             s->schema);
     pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
     PGresult *r = pg_run_retry(s, sql, 1, vals);
     if (!r)
         return CS_EBACKEND;
-    int rc = PQntuples(r) == 1 ? chat_row(s, r, 0, row) : no_chat(s, chat_id);
+    int rc =
+        PQntuples(r) == 1 ? chat_row(s, r, 0, row, 8) : no_chat(s, chat_id);
     PQclear(r);
     return rc;
 }
@@ -273,7 +286,8 @@ int pg_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     pg_store *s = st;
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
-             "SELECT " CHAT_COLS " FROM %1$s.chats WHERE id = $1 FOR UPDATE",
+             "SELECT " CHAT_COLS ", last_error FROM %1$s.chats WHERE id = $1 "
+             "FOR UPDATE",
              s->schema);
     pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
@@ -287,7 +301,7 @@ int pg_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
         else if (PQntuples(r) != 1)
             rc = no_chat(s, chat_id);
         else
-            rc = chat_row(s, r, 0, row);
+            rc = chat_row(s, r, 0, row, 8);
         PQclear(r);
     }
     if (rc < 0) {
@@ -552,13 +566,14 @@ int pg_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
              "worker_id = nullif($4::text, ''), "
              "heartbeat_at = CASE WHEN $4::text = '' THEN NULL "
              "WHEN $5::boolean THEN clock_timestamp() ELSE heartbeat_at END, "
-             "updated_at = now() WHERE id = $1::bigint",
+             "last_error = $6::text, updated_at = now() WHERE id = $1::bigint",
              s->schema);
     pg_i64s(chat, row->id);
     pg_i64s(version, row->version);
-    const char *vals[5] = {chat, cs_status_name(row->status), version,
-                           row->worker, heartbeat ? "t" : "f"};
-    PGresult *r = pg_run(s, s->q, sql, 5, vals);
+    const char *vals[6] = {
+        chat,        cs_status_name(row->status), version,
+        row->worker, heartbeat ? "t" : "f",       row->last_error};
+    PGresult *r = pg_run(s, s->q, sql, 6, vals);
     if (!r)
         return CS_EBACKEND;
     rc = one_row(r) ? CS_OK : no_chat(s, row->id);
@@ -807,7 +822,7 @@ int pg_acquire(void *st, const char *worker, size_t limit, double stale_after,
         } else {
             got = (size_t)PQntuples(r);
             for (size_t i = 0; rc == CS_OK && i < got; i++)
-                rc = chat_row(s, r, (int)i, &rows[i]);
+                rc = chat_row(s, r, (int)i, &rows[i], -1);
         }
         PQclear(r);
     }
@@ -871,7 +886,7 @@ int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
     for (int i = 0; rc == CS_OK && i < rows; i++) {
         const char *k = PQgetvalue(r, i, 17);
         if (k[0] == '0') {
-            rc = chat_row(s, r, i, row);
+            rc = chat_row(s, r, i, row, 20);
             found = rc == CS_OK;
         } else if (k[0] == '1') {
             int64_t id;
