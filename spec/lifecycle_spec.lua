@@ -140,6 +140,84 @@ describe("chat lifecycle", function()
       end)
     end)
 
+    describe("recovery", function()
+      it("moves a chat left in requires_action past action_timeout to error, in acquire and recover", function()
+        local s = inst:open({ action_timeout = 0.2 })
+        local function stuck_chat()
+          local chat = s:create_chat()
+          assert(s:send(chat, { content = "/tool please" }))
+          assert.are.same({ chat }, s:acquire({ worker = "w1" }))
+          local final = agent.turn(s, chat, { worker = "w1", stream = false })
+          assert.are.equal("requires_action", final)
+          return chat
+        end
+        local a, b = stuck_chat(), stuck_chat()
+        local sub <close> = assert(s:subscribe(a))
+        settle_events(sub, 0)
+        assert.are.same({ expired = 0, revived = 0, released = 0, promoted = 0 }, s:recover()) -- not yet
+        sleep(0.4)
+        assert.are.same({}, s:acquire({ worker = "w2" })) -- expires both on its way
+        for _, chat in ipairs({ a, b }) do
+          local c = s:chat(chat)
+          assert.are.same({ "error", "requires_action for more than 0.2 s (action_timeout)" },
+            { c.status, c.last_error })
+          assert.is_nil(c.worker)
+        end
+        local evs = collect(sub, function(e) return last_status(e) and last_status(e).status == "error" end)
+        assert.are.equal("requires_action for more than 0.2 s (action_timeout)", last_status(evs).error)
+        local c3 = stuck_chat()
+        sleep(0.4)
+        assert.are.same({ expired = 1, revived = 0, released = 0, promoted = 0 }, s:recover())
+        assert.are.equal("error", s:chat(c3).status)
+        -- and through the agent's worker loop, which runs a recovery pass
+        local c4 = stuck_chat()
+        sleep(0.4)
+        agent.run(s, { worker = "w9", idle = 0 })
+        assert.are.equal("error", s:chat(c4).status)
+        -- the default is 300 s: nothing expires here
+        local chat = store:create_chat()
+        assert(store:send(chat, { content = "/tool" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+        agent.turn(store, chat, { worker = "w1", stream = false })
+        assert.are.equal(0, store:recover().expired)
+        assert.are.equal("requires_action", store:chat(chat).status)
+        H.contains("option 'action_timeout' must be a number > 0", H.raises(inst.open, inst, { action_timeout = 0 }))
+      end)
+
+      it("releases silent workers' chats, revives interrupted ones and promotes stranded queues", function()
+        local s = inst:open({ stale_after = 0.2 })
+        -- running on a worker that went silent: pending for anyone
+        local run = s:create_chat()
+        assert(s:send(run, { content = "work" }))
+        assert.are.same({ run }, s:acquire({ worker = "w1" }))
+        -- interrupted by a promote, then its worker went silent
+        local int = s:create_chat()
+        assert(s:send(int, { content = "work" }))
+        assert.are.same({ int }, s:acquire({ worker = "w2" }))
+        local q = assert(s:send(int, { content = "instead" }))
+        assert(s:promote_queued(int, q))
+        assert.are.equal("w2", s:chat(int).interrupted_worker)
+        -- an error turn that left a queue behind
+        local err = s:create_chat()
+        assert(s:send(err, { content = "work" }))
+        assert.are.same({ err }, s:acquire({ worker = "w3" }))
+        assert(s:send(err, { content = "queued" }))
+        assert(s:finish(err, "error", { worker = "w3" }))
+        assert.are.same({ "error", 1 }, { s:chat(err).status, #s:queued(err) })
+        sleep(0.4)
+        assert.are.same({ expired = 0, revived = 1, released = 1, promoted = 1 }, s:recover())
+        for _, chat in ipairs({ run, int, err }) do
+          local c = s:chat(chat)
+          assert.are.equal("pending", c.status, chat)
+          assert.is_nil(c.worker)
+        end
+        assert.are.equal("queued", agent.history(s, err)[#agent.history(s, err)].content)
+        assert.are.equal(0, #s:queued(err))
+        assert.are.same({ expired = 0, revived = 0, released = 0, promoted = 0 }, s:recover()) -- nothing left
+        H.contains("limit must be 1 to 1024", H.raises(s.recover, s, { limit = 2000 }))
+      end)
+    end)
+
     describe("recorded errors", function()
       it("finish with error records the error: store:chat, the status events, cleared by the next turn", function()
         local chat = store:create_chat()

@@ -99,10 +99,15 @@ typedef struct cs_hub_options {
     /* A chat's queue holds at most this many items: a send that would queue
      * one more fails with CS_EFULL and writes nothing. 0: 20. */
     size_t max_queue;
+    /* A chat left in requires_action longer than this (seconds) is moved to
+     * error by acquire and cs_hub_recover (its error recorded). 0: 300;
+     * negative: never. */
+    double action_timeout;
 } cs_hub_options;
 
 #define CS_DEFAULT_STALE_AFTER 30.0
 #define CS_DEFAULT_MAX_QUEUE 20
+#define CS_DEFAULT_ACTION_TIMEOUT 300.0
 #define CS_MAX_MAX_QUEUE 1000000
 
 #define CS_DEFAULT_PG_POLL_INTERVAL 10.0
@@ -397,6 +402,23 @@ int cs_hub_finish(cs_hub *hub, int64_t chat_id, const char *worker,
 int cs_hub_finish_error(cs_hub *hub, int64_t chat_id, const char *worker,
                         const char *actor, cs_status status, const char *error,
                         cs_status *final);
+/* What a recovery pass did (cs_hub_recover). */
+typedef struct cs_recovered {
+    size_t expired;  /* requires_action past action_timeout: now error */
+    size_t revived;  /* interrupted, their worker silent: head promoted or
+                        released */
+    size_t released; /* running, their worker silent for stale_after: now
+                        pending for any worker */
+    size_t promoted; /* idle with a queue: its head promoted */
+} cs_recovered;
+/* The periodic recovery pass a service runs (at most limit chats of each
+ * kind; 0: 1024): chats left in requires_action past action_timeout go to
+ * error, with "requires_action for more than N s" recorded; interrupted
+ * chats whose worker went silent are revived; running chats whose worker
+ * went silent (stale_after) go pending; idle chats with a queue get its
+ * head promoted. Each under the chat's lock, re-checked there: a chat that
+ * moved on meanwhile is left alone. *out (may be NULL) counts them. */
+int cs_hub_recover(cs_hub *hub, size_t limit, cs_recovered *out);
 /* Submits the results of a requires_action chat's client tool calls: msgs
  * (n of them, role CS_ROLE_TOOL, tool = the call's ID) are appended and the
  * chat set pending, in one transaction; ids (n entries) receives their IDs.

@@ -48,7 +48,8 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
         o.page_size > CS_MAX_PAGE_SIZE || o.max_chats > CS_MAX_CACHE_SIZE ||
         (o.dsn && o.memory) || o.poll_interval != o.poll_interval ||
         !(o.query_timeout >= 0 && o.query_timeout <= 86400) ||
-        !(o.stale_after >= 0) || o.max_queue > CS_MAX_MAX_QUEUE) {
+        !(o.stale_after >= 0) || o.max_queue > CS_MAX_MAX_QUEUE ||
+        o.action_timeout != o.action_timeout) {
         if (errbuf && errlen)
             snprintf(errbuf, errlen, "bad hub options");
         return CS_EINVAL;
@@ -64,6 +65,8 @@ int cs_hub_open_err(const cs_hub_options *opts, cs_hub **out, char *errbuf,
         o.stale_after > 0 ? o.stale_after : CS_DEFAULT_STALE_AFTER;
     hub->plain_notifications = o.plain_notifications;
     hub->max_queue = o.max_queue ? o.max_queue : CS_DEFAULT_MAX_QUEUE;
+    hub->action_timeout =
+        o.action_timeout != 0 ? o.action_timeout : CS_DEFAULT_ACTION_TIMEOUT;
     if (o.authorizer)
         hub->auth = *o.authorizer;
     int rc = CS_OK;

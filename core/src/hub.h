@@ -60,6 +60,7 @@ struct cs_hub {
     cs_authorizer auth;       /* fn NULL: the actor must be the owner */
     double stale_after;       /* a worker's heartbeat older than this is dead */
     size_t max_queue;         /* a send that would queue past it: CS_EFULL */
+    double action_timeout;    /* requires_action longer than this: error */
     bool plain_notifications; /* appends never carry the message */
     /* The event-loop contract: pollfd (an epoll set of the store's fd and
      * wakefd) is readable while the store has notifications or the ready

@@ -439,13 +439,134 @@ int cs_promote_prepare(cs_hub *hub, int64_t chat_id, const char *actor,
 /* An interrupted chat whose worker went silent: under the chat's lock, if
  * it still is, its queue's head is promoted, or it is released (waiting, no
  * worker) when the queue is empty. */
+typedef struct stuck_arg {
+    int64_t version; /* as the listing saw it */
+    double stale_after;
+    bool done;
+} stuck_arg;
+
 static int run_revive(cs_publish *p, cs_chat_row *row)
 {
     cs_hub *hub = p->hub;
     if (!(row->status == CS_STATUS_WAITING && row->worker[0] &&
           !fresh_worker(hub, row)))
         return CS_OK; /* moved on meanwhile */
+    if (p->arg)
+        ((stuck_arg *)p->arg)->done = true;
     return promote_head(p, row, CS_STATUS_WAITING);
+}
+
+/* ---- recovery -------------------------------------------------------------
+ */
+
+/* requires_action past action_timeout (unchanged since it was listed):
+ * error, with why recorded. */
+static int run_expire(cs_publish *p, cs_chat_row *row)
+{
+    stuck_arg *a = p->arg;
+    if (row->status != CS_STATUS_REQUIRES_ACTION || row->version != a->version)
+        return CS_OK; /* moved on meanwhile */
+    snprintf(row->last_error, sizeof row->last_error,
+             "requires_action for more than %g s (action_timeout)",
+             p->hub->action_timeout);
+    a->done = true;
+    return set_status(p, row, CS_STATUS_ERROR, NULL, false);
+}
+
+/* Running on a worker silent for stale_after: pending, for any worker. */
+static int run_release(cs_publish *p, cs_chat_row *row)
+{
+    stuck_arg *a = p->arg;
+    if (row->status != CS_STATUS_RUNNING || row->version != a->version ||
+        (row->heartbeat_age >= 0 && row->heartbeat_age <= a->stale_after))
+        return CS_OK;
+    a->done = true;
+    return set_status(p, row, CS_STATUS_PENDING, NULL, false);
+}
+
+/* Idle with a queue: its head promoted. */
+static int run_stranded(cs_publish *p, cs_chat_row *row)
+{
+    stuck_arg *a = p->arg;
+    if (!idle(row->status) || row->worker[0] || row->version != a->version)
+        return CS_OK;
+    int64_t v = row->version;
+    int rc = promote_head(p, row, -1);
+    a->done = rc == CS_OK && row->version != v;
+    return rc;
+}
+
+/* Runs run on each chat stuck in the way kind says (at most limit);
+ * returns how many it changed, or an error of the listing. */
+static int recover_kind(cs_hub *hub, int kind, double age, size_t limit,
+                        pub_run_fn run, size_t *count)
+{
+    int64_t *ids = malloc(2 * limit * sizeof *ids);
+    if (!ids)
+        return CS_ENOMEM;
+    size_t n = 0;
+    int rc = hub->store.ops->stuck(hub->store.st, kind, age, limit, ids,
+                                   ids + limit, &n);
+    for (size_t i = 0; rc == CS_OK && i < n; i++) {
+        stuck_arg a = {ids[limit + i], age, false};
+        if (run_publish(hub, ids[i], run, &a) < 0)
+            hub->stats.publish_errors++; /* gone, or another's turn: fine */
+        else if (a.done)
+            (*count)++;
+    }
+    free(ids);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
+}
+
+/* Interrupted chats whose worker went silent: their queue's head promoted
+ * (they become pending), or released, so they cannot stay stuck. */
+static int revive_interrupted(cs_hub *hub, double stale_after, size_t limit,
+                              size_t *count)
+{
+    int64_t *stuck = malloc(limit * sizeof *stuck);
+    size_t nstuck = 0;
+    if (!stuck)
+        return CS_ENOMEM;
+    int rc = hub->store.ops->stale_interrupted(hub->store.st, stale_after,
+                                               limit, stuck, &nstuck);
+    for (size_t i = 0; rc == CS_OK && i < nstuck; i++) {
+        double keep = hub->stale_after;
+        hub->stale_after = stale_after;
+        stuck_arg a = {0, stale_after, false};
+        if (run_publish(hub, stuck[i], run_revive, &a) < 0)
+            hub->stats.publish_errors++; /* another worker's turn: fine */
+        else if (a.done)
+            (*count)++;
+        hub->stale_after = keep;
+    }
+    free(stuck);
+    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
+}
+
+int cs_hub_recover(cs_hub *hub, size_t limit, cs_recovered *out)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (limit > ACQUIRE_MAX)
+        return cs_hub_fail(hub, CS_EINVAL, "limit must be 1 to 1024");
+    if (limit == 0)
+        limit = ACQUIRE_MAX;
+    cs_recovered r = {0};
+    int rc = CS_OK;
+    if (hub->action_timeout >= 0)
+        rc = recover_kind(hub, CS_STUCK_ACTION, hub->action_timeout, limit,
+                          run_expire, &r.expired);
+    if (rc == CS_OK)
+        rc = revive_interrupted(hub, hub->stale_after, limit, &r.revived);
+    if (rc == CS_OK)
+        rc = recover_kind(hub, CS_STUCK_RUNNING, hub->stale_after, limit,
+                          run_release, &r.released);
+    if (rc == CS_OK)
+        rc = recover_kind(hub, CS_STUCK_QUEUE, 0, limit, run_stranded,
+                          &r.promoted);
+    if (out)
+        *out = r;
+    return rc;
 }
 
 int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
@@ -460,25 +581,16 @@ int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
         return cs_hub_fail(hub, CS_EINVAL, "limit must be 1 to 1024");
     if (stale_after == 0)
         stale_after = hub->stale_after;
-    /* First the chats whose worker was interrupted and then went silent:
-     * their queue's head is promoted (they become pending), or they are
-     * released, so they cannot stay stuck. */
-    int64_t *stuck = malloc(limit * sizeof *stuck);
-    size_t nstuck = 0;
-    if (!stuck)
-        return CS_ENOMEM;
-    rc = hub->store.ops->stale_interrupted(hub->store.st, stale_after, limit,
-                                           stuck, &nstuck);
-    for (size_t i = 0; rc == CS_OK && i < nstuck; i++) {
-        double keep = hub->stale_after;
-        hub->stale_after = stale_after;
-        if (run_publish(hub, stuck[i], run_revive, NULL) < 0)
-            hub->stats.publish_errors++; /* another worker's turn: fine */
-        hub->stale_after = keep;
-    }
-    free(stuck);
-    if (rc < 0)
-        return cs_hub_fail(hub, rc, NULL);
+    /* First the chats left in requires_action past action_timeout (to
+     * error), and those whose worker was interrupted and then went silent
+     * (revived), so they cannot stay stuck. */
+    size_t done = 0;
+    if (hub->action_timeout >= 0 &&
+        (rc = recover_kind(hub, CS_STUCK_ACTION, hub->action_timeout,
+                           ACQUIRE_MAX, run_expire, &done)) < 0)
+        return rc;
+    if ((rc = revive_interrupted(hub, stale_after, limit, &done)) < 0)
+        return rc;
     cs_chat_row *rows = malloc(limit * sizeof *rows);
     if (!rows)
         return CS_ENOMEM;

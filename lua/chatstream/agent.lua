@@ -9,6 +9,8 @@
 --
 --   local agent = require("chatstream.agent")
 --   agent.run(store, { worker = "w1", agent = agent.scripted, idle = 5 })
+local core = require("chatstream.core")
+
 local M = {}
 
 --- A deterministic agent for demos and specs (no model behind it).
@@ -133,13 +135,20 @@ end
 -- opts: worker, agent, stream, limit (chats per acquire, default 1), poll
 -- (seconds between acquires when there is nothing, default 0.02),
 -- stale_after (take over chats of workers silent this long), on_turn
--- (function(chat_id, final_status, ids) called after each turn).
--- Returns the number of turns run.
+-- (function(chat_id, final_status, ids) called after each turn), recover
+-- (seconds between the store's recovery passes, store:recover(): chats left
+-- in requires_action past action_timeout, silent workers, stranded queues;
+-- default 5; false: none). Returns the number of turns run.
 function M.run(store, opts)
   local worker = assert(opts.worker, "worker expected")
   local poll = opts.poll or 0.02
-  local idle, turns = 0, 0
+  local every = opts.recover == nil and 5 or opts.recover
+  local idle, turns, recovered = 0, 0, nil
   while not opts.turns or turns < opts.turns do
+    if every and (not recovered or core.now() - recovered >= every) then
+      assert(store:recover())
+      recovered = core.now()
+    end
     local ids = assert(store:acquire({ worker = worker, limit = opts.limit or 1,
       stale_after = opts.stale_after }))
     if #ids == 0 then

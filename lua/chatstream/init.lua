@@ -11,7 +11,7 @@ local OPEN_KEYS = {
   memory = true, dsn = true, schema = true, cache_size = true, queue_size = true,
   poll_interval = true, authorize = true, max_chats = true, query_timeout = true,
   stale_after = true, notify_bodies = true, page_size = true, share_events = true,
-  max_queue = true,
+  max_queue = true, action_timeout = true,
 }
 
 --- Opens a store.

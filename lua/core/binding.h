@@ -162,6 +162,7 @@ int store_heartbeat(lua_State *L);
 int store_finish(lua_State *L);
 int store_interrupt(lua_State *L);
 int store_submit_tool_results(lua_State *L);
+int store_recover(lua_State *L);
 int store_publish_part(lua_State *L);
 
 /* publish.c */

@@ -83,6 +83,32 @@ int store_submit_tool_results(lua_State *L)
     return 1;
 }
 
+/* store:recover({limit = n}) -> {expired =, revived =, released =,
+ * promoted =} */
+int store_recover(lua_State *L)
+{
+    static const char *const keys[] = {"limit", NULL};
+    cs_hub *hub = check_store(L, 1);
+    lua_Integer limit = 0;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        check_keys(L, 2, keys);
+        limit = opt_int_field(L, 2, "limit", 0, 1);
+        if (limit > 1024)
+            return luaL_error(L, "limit must be 1 to 1024");
+    }
+    cs_recovered r;
+    int rc = cs_hub_recover(hub, (size_t)limit, &r);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_createtable(L, 0, 4);
+    set_int(L, "expired", (int64_t)r.expired);
+    set_int(L, "revived", (int64_t)r.revived);
+    set_int(L, "released", (int64_t)r.released);
+    set_int(L, "promoted", (int64_t)r.promoted);
+    return 1;
+}
+
 /* store:interrupt(chat_id, {actor = ...}) -> the chat (as store:chat) */
 int store_interrupt(lua_State *L)
 {

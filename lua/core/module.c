@@ -126,6 +126,7 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
         {"heartbeat", store_heartbeat},
         {"finish", store_finish},
         {"interrupt", store_interrupt},
+        {"recover", store_recover},
         {"submit_tool_results", store_submit_tool_results},
         {"publish_part", store_publish_part},
         {"pollfd", store_pollfd},

@@ -25,11 +25,10 @@ cs_hub *peek_store(lua_State *L, int i)
 }
 
 static const char *const open_keys[] = {
-    "memory",       "dsn",           "schema",
-    "cache_size",   "queue_size",    "poll_interval",
-    "authorize",    "max_chats",     "query_timeout",
-    "stale_after",  "notify_bodies", "page_size",
-    "share_events", "max_queue",     NULL};
+    "memory",        "dsn",           "schema",         "cache_size",
+    "queue_size",    "poll_interval", "authorize",      "max_chats",
+    "query_timeout", "stale_after",   "notify_bodies",  "page_size",
+    "share_events",  "max_queue",     "action_timeout", NULL};
 
 /* The chat as the authorizer sees it: metadata only. */
 static void push_chat_meta(lua_State *L, const cs_chat_info *c)
@@ -163,6 +162,12 @@ static void read_open_options(lua_State *L, cs_hub_options *o)
     if (lua_getfield(L, 1, "authorize") != LUA_TNIL &&
         lua_type(L, -1) != LUA_TFUNCTION)
         luaL_error(L, "option 'authorize' must be a function");
+    lua_pop(L, 1);
+    if (lua_getfield(L, 1, "action_timeout") != LUA_TNIL) {
+        if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
+            luaL_error(L, "option 'action_timeout' must be a number > 0");
+        o->action_timeout = (double)lua_tonumber(L, -1);
+    }
     lua_pop(L, 1);
     if (lua_getfield(L, 1, "stale_after") != LUA_TNIL) {
         if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))

@@ -31,6 +31,7 @@ typedef struct mem_chat {
     int64_t version;
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at; /* wall clock seconds; 0: none */
+    double updated_at;   /* wall clock seconds of the last status write */
     char last_error[CS_ERROR_MAX + 1];
     mem_queue queue;
     char *key; /* the idempotency key it was made with, or NULL */
@@ -50,7 +51,7 @@ typedef struct mem_tx {
     cs_status status;
     int64_t version;
     char worker[CS_NAME_MAX + 1];
-    double heartbeat_at;
+    double heartbeat_at, updated_at;
     char last_error[CS_ERROR_MAX + 1];
     mem_queue queue; /* a copy of the item pointers */
     size_t nkeys;
@@ -294,6 +295,7 @@ static int m_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     tx->version = ch->version;
     memcpy(tx->worker, ch->worker, sizeof tx->worker);
     tx->heartbeat_at = ch->heartbeat_at;
+    tx->updated_at = ch->updated_at;
     memcpy(tx->last_error, ch->last_error, sizeof tx->last_error);
     tx->nkeys = ch->nkeys;
     db->tx = tx;
@@ -322,6 +324,7 @@ static int m_tx_end(void *st, bool commit)
         ch->version = tx->version;
         memcpy(ch->worker, tx->worker, sizeof ch->worker);
         ch->heartbeat_at = tx->heartbeat_at;
+        ch->updated_at = tx->updated_at;
         memcpy(ch->last_error, tx->last_error, sizeof ch->last_error);
         while (ch->nkeys > tx->nkeys) {
             ch->nkeys--;
@@ -448,6 +451,7 @@ static int m_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
     ch->version = row->version;
     snprintf(ch->worker, sizeof ch->worker, "%s", row->worker);
     memcpy(ch->last_error, row->last_error, sizeof ch->last_error);
+    ch->updated_at = wall_now();
     if (!ch->worker[0])
         ch->heartbeat_at = 0;
     else if (heartbeat)
@@ -630,6 +634,35 @@ static int m_stale_interrupted(void *st, double stale_after, size_t limit,
         if (ch->status == CS_STATUS_WAITING && ch->worker[0] &&
             (ch->heartbeat_at <= 0 || t - ch->heartbeat_at > stale_after))
             ids[(*n)++] = ch->id;
+    }
+    return CS_OK;
+}
+
+static int m_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
+                   int64_t *versions, size_t *n)
+{
+    mem_conn *c = st;
+    cs_memdb *db = c->db;
+    double t = wall_now();
+    *n = 0;
+    for (size_t i = 0; i < db->nchats && *n < limit; i++) {
+        mem_chat *ch = db->chats[i];
+        bool hit;
+        if (kind == CS_STUCK_ACTION)
+            hit = ch->status == CS_STATUS_REQUIRES_ACTION &&
+                  t - ch->updated_at > age;
+        else if (kind == CS_STUCK_RUNNING)
+            hit = ch->status == CS_STATUS_RUNNING &&
+                  (ch->heartbeat_at <= 0 || t - ch->heartbeat_at > age);
+        else
+            hit = ch->queue.n > 0 && !ch->worker[0] &&
+                  (ch->status == CS_STATUS_WAITING ||
+                   ch->status == CS_STATUS_COMPLETED ||
+                   ch->status == CS_STATUS_ERROR);
+        if (hit) {
+            ids[*n] = ch->id;
+            versions[(*n)++] = ch->version;
+        }
     }
     return CS_OK;
 }
@@ -907,6 +940,7 @@ static const cs_store_ops memory_ops = {
     .acquire = m_acquire,
     .notify_part = m_notify_part,
     .stale_interrupted = m_stale_interrupted,
+    .stuck = m_stuck,
     .messages_after = m_messages_after,
     .messages_after_many = m_messages_after_many,
     .snapshot = m_snapshot,

@@ -262,6 +262,7 @@ static const cs_store_ops pg_ops = {
     .acquire = pg_acquire,
     .notify_part = pg_notify_part,
     .stale_interrupted = pg_stale_interrupted,
+    .stuck = pg_stuck,
     .append1 = pg_append1,
     .append1_many = pg_append1_many,
     .messages_after_many = pg_messages_after_many,

@@ -778,6 +778,54 @@ int pg_stale_interrupted(void *st, double stale_after, size_t limit,
     return rc;
 }
 
+int pg_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
+             int64_t *versions, size_t *n)
+{
+    pg_store *s = st;
+    *n = 0;
+    if (limit == 0)
+        return CS_OK;
+    char sql[SQL_MAX], lim[24], old[24];
+    if (kind == CS_STUCK_QUEUE)
+        snprintf(sql, sizeof sql,
+                 "SELECT id, version FROM %1$s.chats c WHERE status IN "
+                 "('waiting', 'completed', 'error') AND worker_id IS NULL AND "
+                 "$2::bigint >= 0 AND EXISTS (SELECT 1 FROM "
+                 "%1$s.queued_messages q WHERE q.chat_id = c.id) ORDER BY "
+                 "updated_at, id LIMIT $1::bigint",
+                 s->schema);
+    else
+        snprintf(sql, sizeof sql,
+                 "SELECT id, version FROM %1$s.chats c WHERE %2$s < "
+                 "clock_timestamp() - $2::bigint * interval '1 microsecond' "
+                 "ORDER BY updated_at, id LIMIT $1::bigint",
+                 s->schema,
+                 kind == CS_STUCK_ACTION
+                     ? "status = 'requires_action' AND updated_at"
+                     : "status = 'running' AND coalesce(heartbeat_at, "
+                       "'-infinity')");
+    pg_i64s(lim, (int64_t)limit);
+    pg_i64s(old, stale_usec(age));
+    const char *vals[2] = {lim, old};
+    if (s->in_tx)
+        return pg_fail(s, CS_EINVAL, "a transaction is open", NULL);
+    PGresult *r = pg_run_retry(s, sql, 2, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int rows = PQntuples(r), rc = CS_OK;
+    for (int i = 0; i < rows && (size_t)i < limit; i++) {
+        if (!pg_col_id(r, i, 0, &ids[i]) || !pg_col_id(r, i, 1, &versions[i])) {
+            rc = pg_fail(s, CS_EBACKEND, "bad chat id", NULL);
+            break;
+        }
+        *n = (size_t)i + 1;
+    }
+    PQclear(r);
+    if (rc < 0)
+        *n = 0;
+    return rc;
+}
+
 int pg_acquire(void *st, const char *worker, size_t limit, double stale_after,
                cs_chat_row *rows, size_t *n)
 {

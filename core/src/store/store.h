@@ -32,6 +32,11 @@ typedef struct cs_chat_state {
 int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
                   const char *actor, double created_at);
 
+/* What stuck lists: chats in requires_action with no change for `age`
+ * seconds; running chats whose worker's heartbeat is older than `age`;
+ * idle chats (waiting with no worker, completed, error) with a queue. */
+enum { CS_STUCK_ACTION, CS_STUCK_RUNNING, CS_STUCK_QUEUE };
+
 /* append1's notify: none (a notify step follows), the plain hint, or the
  * hint with the message when it fits. */
 enum { CS_APPEND_SILENT, CS_APPEND_PLAIN, CS_APPEND_BODY };
@@ -117,6 +122,10 @@ typedef struct cs_store_ops {
      * caller revives each under its lock. */
     int (*stale_interrupted)(void *st, double stale_after, size_t limit,
                              int64_t *ids, size_t *n);
+    /* Up to limit chats stuck in one way (CS_STUCK_*), oldest first, with
+     * their versions: read only; the caller acts on each under its lock. */
+    int (*stuck)(void *st, int kind, double age, size_t limit, int64_t *ids,
+                 int64_t *versions, size_t *n);
     /* Notifies "1:p:<last_message_id>:<text>" on the chat's channel, the
      * chat's last message ID read by the store. CS_ENOTFOUND if no chat. */
     int (*notify_part)(void *st, int64_t chat_id, const char *text, size_t len);
