@@ -36,7 +36,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 h2.body != h.body || h2.role != h.role ||
                 h2.tool_len != h.tool_len ||
                 (h.tool_len && memcmp(h.tool, h2.tool, h.tool_len) != 0) ||
-                h2.error_len != h.error_len ||
+                h2.error_len != h.error_len || h2.archived != h.archived ||
                 (h.error_len && memcmp(h.error, h2.error, h.error_len) != 0))
                 abort();
         }

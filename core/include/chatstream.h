@@ -318,11 +318,13 @@ typedef struct cs_chat_info {
     /* The error the last turn recorded (finish with error and an error
      * text), "" when none: the next turn that finishes otherwise clears it. */
     char last_error[CS_ERROR_MAX + 1];
+    bool archived; /* archived: refuses send and promote_queued */
 } cs_chat_info;
 
 /* Authorisation: may `actor` do `op` ("subscribe", "send", "queued",
  * "promote_queued", "delete_queued", "move_queued", "append", "finish",
- * "interrupt", "submit_tool_results", "publish_part", "chat") on chat? Called
+ * "interrupt", "submit_tool_results", "archive", "unarchive",
+ * "publish_part", "chat") on chat? Called
  * with the chat's metadata only, before any of its messages, status or queue is
  * read. Returns 1 to allow, 0 to refuse (a reason may be written to why), or a
  * CS_E* error. */
@@ -428,6 +430,13 @@ int cs_hub_recover(cs_hub *hub, size_t limit, cs_recovered *out);
  * written. */
 int cs_hub_submit_tool_results(cs_hub *hub, int64_t chat_id, const char *actor,
                                const cs_msg_in *msgs, size_t n, int64_t *ids);
+/* Archives (archived true) or unarchives the chat: version + 1 and a status
+ * event saying so. An archived chat refuses send and promote_queued
+ * (CS_ESTATE) and keeps its queue; archiving interrupts its turn as
+ * cs_hub_interrupt does. The same state again changes nothing. *out (may be
+ * NULL) receives the chat afterwards. */
+int cs_hub_archive(cs_hub *hub, int64_t chat_id, const char *actor,
+                   bool archived, cs_chat_info *out);
 /* Interrupts the chat's turn: a running chat goes waiting (version + 1)
  * with its worker kept as the interrupted one (its heartbeat then returns 0
  * with status waiting; it may still append what it had produced, with its
@@ -563,6 +572,7 @@ typedef struct cs_event {
     const cs_queue *queue; /* queue: the whole queue, in order */
     const char *error;     /* status error: the recorded error, or NULL */
     size_t error_len;
+    bool archived; /* status: the chat is archived */
     /* The resume point just after this event: every message of the chat
      * with id <= cursor has been returned, this one included (see
      * cs_sub_cursor). */

@@ -155,8 +155,8 @@ static int pub_send_extras(cs_publish *p)
     cs_hub *hub = p->hub;
     pub_extras *x = &p->extras;
     if (x->status) {
-        int rc =
-            cs_hub_notify_status(hub, p->chat_id, x->version, x->st, x->error);
+        int rc = cs_hub_notify_status(hub, p->chat_id, x->version, x->st,
+                                      x->error, x->archived);
         if (rc < 0)
             return rc;
         x->status = false;
@@ -464,7 +464,7 @@ int cs_pub_notify(cs_publish *p, size_t i)
 }
 
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
-                         cs_status st, const char *error)
+                         cs_status st, const char *error, bool archived)
 {
     char buf[64 + CS_ERROR_MAX];
     const char *name = cs_status_name(st);
@@ -476,6 +476,7 @@ int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
         h.error = error;
         h.error_len = strlen(error);
     }
+    h.archived = archived;
     int len = cs_payload_encode(&h, buf, sizeof buf);
     int rc = len < 0 ? len
                      : hub->store.ops->notify(hub->store.st, chat_id, buf,

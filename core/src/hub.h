@@ -80,10 +80,14 @@ struct cs_hub {
 #define CS_EWOULDBLOCK (-100)
 
 /* A pending notification for one subscription. */
+#define CS_ARCHIVED_BIT                                                        \
+    0x100 /* or'ed into a status hint's or event's status                      \
+           */
+
 typedef struct qhint {
     cs_hint_kind kind;
-    int64_t a, b; /* message: after, id; status: version, status; part:
-                     after */
+    int64_t a, b; /* message: after, id; status: version, status (with
+                     CS_ARCHIVED_BIT when archived); part: after */
     char *text;   /* part; status: the recorded error, or NULL: owned */
     size_t len;
 } qhint;
@@ -113,10 +117,10 @@ struct cs_sub {
     int64_t resync_after, resync_id;
     bool status_dirty, queue_dirty; /* re-read them from the store */
     /* Found by the backstop poll: the chat's messages reach poll_id (a DB
-     * pass is due while the merge's cursor is below it; 0: none), and its
-     * status is poll_status at poll_version (-1: none). */
-    int64_t poll_id, poll_version;
-    cs_status poll_status;
+     * pass is due while the merge's cursor is below it; 0: none). A status
+     * it finds newer is read again (status_dirty): the row has its error
+     * and whether it is archived. */
+    int64_t poll_id;
     bool memo_ok;           /* the next DB pass may use the memo */
     int64_t need;           /* ... if the memo reaches this id */
     int64_t status_version; /* of the last status delivered; -1 */
@@ -151,6 +155,7 @@ typedef struct pub_extras {
     int64_t version;
     cs_status st;
     char error[CS_ERROR_MAX + 1]; /* an error status: what it recorded */
+    bool archived;
 } pub_extras;
 
 /* The transaction of a publish: fills p->committed (and p->extras), under
@@ -186,7 +191,7 @@ int cs_pub_new(cs_hub *hub, int64_t chat_id, pub_run_fn run, void *arg,
 void cs_pub_publish_all(cs_publish *p);
 /* Sends a status hint for the chat (counted in publish_errors on failure). */
 int cs_hub_notify_status(cs_hub *hub, int64_t chat_id, int64_t version,
-                         cs_status st, const char *error);
+                         cs_status st, const char *error, bool archived);
 /* The chat's messages of ids (n, ascending), read from the store into out
  * (a retry's replay publishes them again). CS_ENOTFOUND if one is gone. */
 int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,

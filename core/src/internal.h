@@ -126,6 +126,7 @@ typedef struct cs_hint {
     size_t tool_len;
     const char *error; /* status: the recorded error (error_len bytes) */
     size_t error_len;
+    bool archived; /* status: the chat is archived */
 } cs_hint;
 
 /* The longest header of a message hint with its body ("1:M:" two ids, role,

@@ -11,6 +11,7 @@
 #include <string.h>
 
 static bool fresh_worker(const cs_hub *hub, const cs_chat_row *row);
+static int not_archived(cs_hub *hub, const cs_chat_row *row);
 static int promote_head(cs_publish *p, cs_chat_row *row, int otherwise);
 
 static bool idle(cs_status s)
@@ -35,6 +36,7 @@ static int set_status(cs_publish *p, cs_chat_row *row, cs_status st,
     p->extras.version = row->version;
     p->extras.st = st;
     memcpy(p->extras.error, row->last_error, sizeof p->extras.error);
+    p->extras.archived = row->archived;
     return CS_OK;
 }
 
@@ -124,6 +126,8 @@ static int send_unkeyed(cs_publish *p, cs_chat_row *row)
     send_arg *a = p->arg;
     cs_hub *hub = p->hub;
     const cs_store_ops *ops = hub->store.ops;
+    if (not_archived(hub, row) < 0)
+        return CS_ESTATE;
     /* Interrupted (waiting, a worker still on it): its queue's head goes
      * first, so the message queues behind it; if that worker is gone, the
      * head is promoted now instead of waiting for its finish. */
@@ -367,13 +371,14 @@ out:
     return rc;
 }
 
-/* Promotes the head of the chat's queue; with an empty queue, sets the
- * status `otherwise` (no worker), or leaves the chat as it is (-1). */
+/* Promotes the head of the chat's queue; with an empty queue (or an
+ * archived chat, which keeps its queue), sets the status `otherwise` (no
+ * worker), or leaves the chat as it is (-1). */
 static int promote_head(cs_publish *p, cs_chat_row *row, int otherwise)
 {
     cs_queue q = {0};
     int rc = p->hub->store.ops->queue_list(p->hub->store.st, row->id, &q);
-    if (rc == CS_OK && q.n > 0)
+    if (rc == CS_OK && q.n > 0 && !row->archived) /* archived: kept */
         rc = promote_item(p, row, &q.items[0]);
     else if (rc == CS_OK && otherwise >= 0)
         rc = set_status(p, row, (cs_status)otherwise, NULL, false);
@@ -390,6 +395,8 @@ static bool fresh_worker(const cs_hub *hub, const cs_chat_row *row)
 static int run_promote(cs_publish *p, cs_chat_row *row)
 {
     cs_hub *hub = p->hub;
+    if (not_archived(hub, row) < 0)
+        return CS_ESTATE;
     cs_queue q = {0};
     int rc = hub->store.ops->queue_list(hub->store.st, row->id, &q);
     if (rc < 0)
@@ -606,7 +613,7 @@ int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
     for (size_t i = 0; i < got; i++) {
         ids[i] = rows[i].id;
         if (cs_hub_notify_status(hub, rows[i].id, rows[i].version,
-                                 rows[i].status, NULL) < 0)
+                                 rows[i].status, NULL, rows[i].archived) < 0)
             hub->stats.publish_errors++;
     }
     free(rows);
@@ -766,6 +773,8 @@ static int run_submit(cs_publish *p, cs_chat_row *row)
     results_arg *a = p->arg;
     cs_hub *hub = p->hub;
     char buf[CS_MAX_TOOL + 96];
+    if (not_archived(hub, row) < 0)
+        return CS_ESTATE;
     if (row->status != CS_STATUS_REQUIRES_ACTION) {
         snprintf(buf, sizeof buf, "chat %lld is %s, not requires_action",
                  (long long)row->id, cs_status_name(row->status));
@@ -819,6 +828,52 @@ int cs_hub_submit_tool_results(cs_hub *hub, int64_t chat_id, const char *actor,
         return rc;
     results_arg a = {msgs, n, ids};
     return run_publish(hub, chat_id, run_submit, &a);
+}
+
+/* ---- archive --------------------------------------------------------------
+ */
+
+static int run_archive(cs_publish *p, cs_chat_row *row)
+{
+    bool *archived = p->arg;
+    if (row->archived == *archived)
+        return CS_OK;
+    row->archived = *archived;
+    cs_status st = row->status;
+    const char *worker = row->worker;
+    if (*archived && st == CS_STATUS_RUNNING) { /* interrupted */
+        st = CS_STATUS_WAITING;
+    } else if (*archived && st == CS_STATUS_PENDING) {
+        st = CS_STATUS_WAITING;
+        worker = NULL;
+    }
+    return set_status(p, row, st, worker, false);
+}
+
+int cs_hub_archive(cs_hub *hub, int64_t chat_id, const char *actor,
+                   bool archived, cs_chat_info *out)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    int rc = cs_hub_authorize(hub, chat_id, actor,
+                              archived ? "archive" : "unarchive");
+    if (rc < 0)
+        return rc;
+    if ((rc = run_publish(hub, chat_id, run_archive, &archived)) < 0)
+        return rc;
+    return out ? cs_hub_chat_info(hub, chat_id, NULL, out) : CS_OK;
+}
+
+/* CS_ESTATE for an archived chat (nothing written). */
+static int not_archived(cs_hub *hub, const cs_chat_row *row)
+{
+    if (!row->archived)
+        return CS_OK;
+    char buf[64];
+    snprintf(buf, sizeof buf, "chat %lld is archived", (long long)row->id);
+    return cs_hub_fail(hub, CS_ESTATE, buf);
 }
 
 static int run_interrupt(cs_publish *p, cs_chat_row *row)

@@ -62,13 +62,16 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
     case CS_HINT_STATUS:
         if (h->version < 0 || !h->text || !known_status(h->text, h->text_len))
             return CS_EINVAL;
+        /* "1:s:V:STATUS", then, when archived or an error was recorded,
+         * ":FLAGS" ("a": archived, or empty) and ":ERROR". */
         if (h->error_len && (h->error_len > CS_ERROR_MAX ||
                              memchr(h->error, '\0', h->error_len)))
             return CS_EINVAL;
-        n = snprintf(buf, cap, "%d:s:%lld:%.*s%s%.*s", CS_PAYLOAD_VERSION,
+        n = snprintf(buf, cap, "%d:s:%lld:%.*s%s%s%s%.*s", CS_PAYLOAD_VERSION,
                      (long long)h->version, (int)h->text_len, h->text,
-                     h->error_len ? ":" : "", (int)h->error_len,
-                     h->error_len ? h->error : "");
+                     h->archived || h->error_len ? ":" : "",
+                     h->archived ? "a" : "", h->error_len ? ":" : "",
+                     (int)h->error_len, h->error_len ? h->error : "");
         break;
     case CS_HINT_QUEUE:
         n = snprintf(buf, cap, "%d:q", CS_PAYLOAD_VERSION);
@@ -162,8 +165,9 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
     case 's':
         if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
             return CS_EPROTO;
-        /* The status, then (an error status only) the error it recorded:
-         * not empty, so that every hint has one text. */
+        /* The status; then its flags ("a": archived) and (an error status
+         * only, not empty) the error it recorded. Only the canonical form
+         * parses: a payload has one encoding. */
         bool more = memchr(cur, ':', (size_t)(end - cur)) != NULL;
         if (!field(&cur, end, &f, &flen, !more) || !known_status(f, flen))
             return CS_EPROTO;
@@ -172,11 +176,22 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
         h.text = f;
         h.text_len = flen;
         if (more) {
-            if (cur == end || flen != 5 || memcmp(f, "error", 5) != 0 ||
-                (size_t)(end - cur) > CS_ERROR_MAX)
+            const char *fl;
+            size_t fllen;
+            bool err = memchr(cur, ':', (size_t)(end - cur)) != NULL;
+            field(&cur, end, &fl, &fllen, !err);
+            if (fllen > 1 || (fllen == 1 && fl[0] != 'a'))
                 return CS_EPROTO;
-            h.error = cur;
-            h.error_len = (size_t)(end - cur);
+            h.archived = fllen == 1;
+            if (err) {
+                if (cur == end || flen != 5 || memcmp(f, "error", 5) != 0 ||
+                    (size_t)(end - cur) > CS_ERROR_MAX)
+                    return CS_EPROTO;
+                h.error = cur;
+                h.error_len = (size_t)(end - cur);
+            } else if (!h.archived) {
+                return CS_EPROTO; /* ":" with nothing after it */
+            }
         }
         break;
     case 'p':

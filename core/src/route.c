@@ -177,6 +177,8 @@ static void sub_enqueue(cs_sub *s, const cs_hint *h)
     case CS_HINT_STATUS:
         q.a = h->version;
         q.b = cs_status_parse(h->text, h->text_len);
+        if (q.b >= 0 && h->archived)
+            q.b |= CS_ARCHIVED_BIT;
         if (h->error_len) {
             q.len = h->error_len;
             if (!(q.text = malloc(h->error_len + 1))) {
@@ -295,13 +297,8 @@ void cs_sub_polled(cs_sub *s, const cs_chat_state *st)
         s->poll_id = st->last_message_id;
         work = true;
     }
-    if (st->version > s->status_version && st->version > s->poll_version) {
-        if (st->status == CS_STATUS_ERROR) {
-            s->status_dirty = true; /* the row has the error it recorded */
-        } else {
-            s->poll_version = st->version;
-            s->poll_status = st->status;
-        }
+    if (st->version > s->status_version && !s->status_dirty) {
+        s->status_dirty = true; /* a notification was missed: read the row */
         work = true;
     }
     if (st->queue_sig != s->queue_sig && !s->queue_dirty) {

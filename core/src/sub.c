@@ -154,8 +154,7 @@ void cs_sub_unread(cs_sub *s)
 static bool sub_has_work(const cs_sub *s)
 {
     return s->evpos < s->evn || s->out.n || s->qn || s->resync ||
-           s->status_dirty || s->queue_dirty || s->poll_id ||
-           s->poll_version > s->status_version;
+           s->status_dirty || s->queue_dirty || s->poll_id;
 }
 
 /* ---- subscriptions ---------------------------------------------------- */
@@ -268,9 +267,21 @@ static void sub_free(cs_sub *s)
     free(s);
 }
 
+/* A row's status as an event carries it: with CS_ARCHIVED_BIT when
+ * archived; and the length of the error it recorded (an error status). */
+static int row_status(const cs_chat_row *row)
+{
+    return (int)row->status | (row->archived ? CS_ARCHIVED_BIT : 0);
+}
+
+static size_t row_error_len(const cs_chat_row *row)
+{
+    return row->status == CS_STATUS_ERROR ? strlen(row->last_error) : 0;
+}
+
 /* Delivers the status (with the error it recorded: error, len; copied) if
  * newer than the last delivered. */
-static int sub_take_status(cs_sub *s, int64_t version, cs_status st,
+static int sub_take_status(cs_sub *s, int64_t version, int st,
                            const char *error, size_t len)
 {
     if (version <= s->status_version)
@@ -308,9 +319,8 @@ static int sub_read_status(cs_sub *s)
         free(row);
         return cs_hub_fail(hub, rc, NULL);
     }
-    rc = sub_take_status(
-        s, row->version, row->status, row->last_error,
-        row->status == CS_STATUS_ERROR ? strlen(row->last_error) : 0);
+    rc = sub_take_status(s, row->version, row_status(row), row->last_error,
+                         row_error_len(row));
     free(row);
     return rc;
 }
@@ -386,9 +396,8 @@ static int sub_snapshot(cs_sub *s, int64_t after)
         rc = cs_hub_fail(hub, CS_EINVAL, buf);
     }
     if (rc == CS_OK)
-        rc = sub_take_status(
-            s, row->version, row->status, row->last_error,
-            row->status == CS_STATUS_ERROR ? strlen(row->last_error) : 0);
+        rc = sub_take_status(s, row->version, row_status(row), row->last_error,
+                             row_error_len(row));
     if (rc == CS_OK) {
         rc = sub_take_queue(s, q, true);
         q = NULL; /* taken, or freed */
@@ -436,7 +445,6 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     }
     s->qcap = hub->queue_size;
     s->status_version = -1;
-    s->poll_version = -1;
     s->hub = hub;
     s->chat_id = chat_id;
     s->rw = o.after;
@@ -527,9 +535,6 @@ static void sub_process(cs_sub *s)
         }
         s->poll_id = 0;
     }
-    if (s->poll_version > s->status_version &&
-        sub_take_status(s, s->poll_version, s->poll_status, NULL, 0) < 0)
-        return;
     if (s->status_dirty) {
         if (sub_read_status(s) < 0)
             return;
@@ -633,7 +638,8 @@ static void fill_event(cs_sub *s, const oevent *e, cs_event *ev)
         break;
     case CS_EV_STATUS:
         ev->version = e->a;
-        ev->status = (cs_status)e->b;
+        ev->status = (cs_status)(e->b & ~CS_ARCHIVED_BIT);
+        ev->archived = (e->b & CS_ARCHIVED_BIT) != 0;
         ev->text = cs_status_name(ev->status);
         ev->text_len = strlen(ev->text);
         ev->error = e->text;

@@ -195,12 +195,31 @@ static void test_roundtrip(void)
                   .error = "timeout: 30 s",
                   .error_len = 13};
     n = cs_payload_encode(&he, buf, sizeof buf);
-    CHECK_EQ_STR(buf, "1:s:7:error:timeout: 30 s");
+    CHECK_EQ_STR(buf, "1:s:7:error::timeout: 30 s");
     parse_exact(buf, (size_t)n, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_MEM(p.h.text, p.h.text_len, "error");
     CHECK_EQ_MEM(p.h.error, p.h.error_len, "timeout: 30 s");
     CHECK(p.in_bounds);
+    CHECK(!p.h.archived);
+    he.archived = true; /* and archived */
+    n = cs_payload_encode(&he, buf, sizeof buf);
+    CHECK_EQ_STR(buf, "1:s:7:error:a:timeout: 30 s");
+    parse_exact(buf, (size_t)n, &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK(p.h.archived);
+    CHECK_EQ_MEM(p.h.error, p.h.error_len, "timeout: 30 s");
+    cs_hint ha = {.kind = CS_HINT_STATUS,
+                  .version = 8,
+                  .text = "waiting",
+                  .text_len = 7,
+                  .archived = true};
+    n = cs_payload_encode(&ha, buf, sizeof buf);
+    CHECK_EQ_STR(buf, "1:s:8:waiting:a");
+    parse_exact(buf, (size_t)n, &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK(p.h.archived);
+    CHECK_EQ_I64(p.h.error_len, 0);
     he.error_len = CS_ERROR_MAX + 1; /* too long: refused */
     CHECK_EQ_I64(cs_payload_encode(&he, buf, sizeof buf), CS_EINVAL);
 
@@ -387,8 +406,13 @@ static void test_reject(void)
         "1:s:1:done",
         /* an error text: only after error, never empty */
         "1:s:1:running:x",
+        "1:s:1:running::x",
         "1:s:1:error:",
+        "1:s:1:error::",
+        "1:s:1:error:a:",
+        "1:s:1:error:boom",
         "1:s:1:running:",
+        "1:s:1:running:aa",
         /* short */
         "",
         "1",

@@ -159,7 +159,7 @@ local function sse(ev)
     return text
   elseif k == "status" then
     return ("event: status\ndata: %s\n\n"):format(cjson.encode({ chat_id = ev.chat_id, status = ev.status,
-      version = ev.version, error = ev.error }))
+      version = ev.version, error = ev.error, archived = ev.archived }))
   elseif k == "queue" then
     local items = ev.items
     if #items == 0 then

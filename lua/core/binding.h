@@ -163,6 +163,8 @@ int store_finish(lua_State *L);
 int store_interrupt(lua_State *L);
 int store_submit_tool_results(lua_State *L);
 int store_recover(lua_State *L);
+int store_archive(lua_State *L);
+int store_unarchive(lua_State *L);
 int store_publish_part(lua_State *L);
 
 /* publish.c */

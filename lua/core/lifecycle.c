@@ -38,7 +38,34 @@ int store_chat(lua_State *L)
         lua_pushstring(L, c->last_error);
         lua_setfield(L, -2, "last_error");
     }
+    lua_pushboolean(L, c->archived);
+    lua_setfield(L, -2, "archived");
     return 1;
+}
+
+/* store:archive(chat_id, {actor = ...}) / store:unarchive(...) -> the chat
+ * (as store:chat) */
+static int archive(lua_State *L, bool archived)
+{
+    static const char *const keys[] = {"actor", NULL};
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    const char *actor = opt_actor(L, 3, keys);
+    int rc = cs_hub_archive(hub, chat, actor, archived, NULL);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    lua_settop(L, 2);
+    return store_chat(L);
+}
+
+int store_archive(lua_State *L)
+{
+    return archive(L, true);
+}
+
+int store_unarchive(lua_State *L)
+{
+    return archive(L, false);
 }
 
 /* store:submit_tool_results(chat_id, {{tool_call_id = ..., content = ...},

@@ -295,6 +295,10 @@ static void push_event(lua_State *L, const cs_event *ev)
             lua_pushlstring(L, ev->error, ev->error_len);
             lua_setfield(L, -2, "error");
         }
+        if (ev->archived) {
+            lua_pushboolean(L, 1);
+            lua_setfield(L, -2, "archived");
+        }
         break;
     case CS_EV_QUEUE:
         lua_pushliteral(L, "queue");

@@ -127,6 +127,8 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
         {"finish", store_finish},
         {"interrupt", store_interrupt},
         {"recover", store_recover},
+        {"archive", store_archive},
+        {"unarchive", store_unarchive},
         {"submit_tool_results", store_submit_tool_results},
         {"publish_part", store_publish_part},
         {"pollfd", store_pollfd},

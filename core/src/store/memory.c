@@ -32,6 +32,7 @@ typedef struct mem_chat {
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at; /* wall clock seconds; 0: none */
     double updated_at;   /* wall clock seconds of the last status write */
+    bool archived;
     char last_error[CS_ERROR_MAX + 1];
     mem_queue queue;
     char *key; /* the idempotency key it was made with, or NULL */
@@ -52,6 +53,7 @@ typedef struct mem_tx {
     int64_t version;
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at, updated_at;
+    bool archived;
     char last_error[CS_ERROR_MAX + 1];
     mem_queue queue; /* a copy of the item pointers */
     size_t nkeys;
@@ -239,6 +241,7 @@ static void row_of(const mem_chat *ch, cs_chat_row *row)
     snprintf(row->title, sizeof row->title, "%s", ch->title);
     snprintf(row->worker, sizeof row->worker, "%s", ch->worker);
     memcpy(row->last_error, ch->last_error, sizeof row->last_error);
+    row->archived = ch->archived;
 }
 
 /* The fault knob: the next n reads fail. */
@@ -296,6 +299,7 @@ static int m_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     memcpy(tx->worker, ch->worker, sizeof tx->worker);
     tx->heartbeat_at = ch->heartbeat_at;
     tx->updated_at = ch->updated_at;
+    tx->archived = ch->archived;
     memcpy(tx->last_error, ch->last_error, sizeof tx->last_error);
     tx->nkeys = ch->nkeys;
     db->tx = tx;
@@ -325,6 +329,7 @@ static int m_tx_end(void *st, bool commit)
         memcpy(ch->worker, tx->worker, sizeof ch->worker);
         ch->heartbeat_at = tx->heartbeat_at;
         ch->updated_at = tx->updated_at;
+        ch->archived = tx->archived;
         memcpy(ch->last_error, tx->last_error, sizeof ch->last_error);
         while (ch->nkeys > tx->nkeys) {
             ch->nkeys--;
@@ -452,6 +457,7 @@ static int m_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
     snprintf(ch->worker, sizeof ch->worker, "%s", row->worker);
     memcpy(ch->last_error, row->last_error, sizeof ch->last_error);
     ch->updated_at = wall_now();
+    ch->archived = row->archived;
     if (!ch->worker[0])
         ch->heartbeat_at = 0;
     else if (heartbeat)
@@ -655,7 +661,7 @@ static int m_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
             hit = ch->status == CS_STATUS_RUNNING &&
                   (ch->heartbeat_at <= 0 || t - ch->heartbeat_at > age);
         else
-            hit = ch->queue.n > 0 && !ch->worker[0] &&
+            hit = ch->queue.n > 0 && !ch->worker[0] && !ch->archived &&
                   (ch->status == CS_STATUS_WAITING ||
                    ch->status == CS_STATUS_COMPLETED ||
                    ch->status == CS_STATUS_ERROR);

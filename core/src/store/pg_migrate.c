@@ -63,6 +63,9 @@ static const char *const migrations[] = {
     " WHERE idempotency_key IS NOT NULL;",
     /* 4: the error a turn recorded (finish with error) */
     "ALTER TABLE %1$s.chats ADD COLUMN last_error text NOT NULL DEFAULT '';",
+    /* 5: archived chats */
+    "ALTER TABLE %1$s.chats ADD COLUMN archived boolean NOT NULL DEFAULT "
+    "false;",
 };
 
 int pg_migrate(void *st)

@@ -53,16 +53,18 @@ bool pg_build_prepared(pg_store *s)
                 "SELECT " CHAT_COLS ", NULL::bigint, NULL::bigint, "
                 "NULL::text, NULL::text, NULL::text, NULL::bigint, "
                 "NULL::text, NULL::text, NULL::bigint, 0 AS k, 0::bigint AS "
-                "o1, 0::bigint AS o2, last_error FROM %1$s.chats WHERE id = "
+                "o1, 0::bigint AS o2, last_error, archived FROM %1$s.chats "
+                "WHERE id = "
                 "$1::bigint "
                 "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
                 "NULL, NULL, NULL, NULL, NULL, NULL, q.id, q.content, "
                 "coalesce(q.actor, ''), (extract(epoch FROM q.created_at) * "
-                "1000000)::bigint, 1, q.position, q.id, NULL FROM "
+                "1000000)::bigint, 1, q.position, q.id, NULL, NULL FROM "
                 "%1$s.queued_messages q WHERE q.chat_id = $1::bigint "
                 "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
                 "NULL, m.id, m.prev_id, m.role, m.content, m.tool, NULL, "
-                "NULL, NULL, NULL, 2, m.id, 0, NULL FROM (SELECT id, prev_id, "
+                "NULL, NULL, NULL, 2, m.id, 0, NULL, NULL FROM (SELECT id, "
+                "prev_id, "
                 "role, "
                 "content, tool FROM %1$s.messages WHERE chat_id = $1::bigint "
                 "AND id > $2::bigint ORDER BY id LIMIT $3::bigint) m "
@@ -170,11 +172,13 @@ static bool col_usec(PGresult *r, int row, int col, double *out)
     return true;
 }
 
-/* Row i of r, read with CHAT_COLS (and last_error in column err, or none:
- * -1). */
+/* Row i of r, read with CHAT_COLS (and last_error in column err, archived
+ * in err + 1, or neither: err -1). */
 static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row, int err)
 {
     memset(row, 0, sizeof *row);
+    if (err >= 0) /* archived: the column after last_error */
+        row->archived = PQgetvalue(r, i, err + 1)[0] == 't';
     if (err >= 0 && !PQgetisnull(r, i, err)) {
         if (PQgetlength(r, i, err) > CS_ERROR_MAX)
             return pg_fail(s, CS_EBACKEND, "bad chat row", NULL);
@@ -266,7 +270,8 @@ int pg_chat_get(void *st, int64_t chat_id, cs_chat_row *row)
     pg_store *s = st;
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
-             "SELECT " CHAT_COLS ", last_error FROM %1$s.chats WHERE id = $1",
+             "SELECT " CHAT_COLS
+             ", last_error, archived FROM %1$s.chats WHERE id = $1",
              s->schema);
     pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
@@ -286,7 +291,8 @@ int pg_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     pg_store *s = st;
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
-             "SELECT " CHAT_COLS ", last_error FROM %1$s.chats WHERE id = $1 "
+             "SELECT " CHAT_COLS
+             ", last_error, archived FROM %1$s.chats WHERE id = $1 "
              "FOR UPDATE",
              s->schema);
     pg_i64s(chat, chat_id);
@@ -566,14 +572,19 @@ int pg_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
              "worker_id = nullif($4::text, ''), "
              "heartbeat_at = CASE WHEN $4::text = '' THEN NULL "
              "WHEN $5::boolean THEN clock_timestamp() ELSE heartbeat_at END, "
-             "last_error = $6::text, updated_at = now() WHERE id = $1::bigint",
+             "last_error = $6::text, archived = $7::boolean, updated_at = "
+             "now() WHERE id = $1::bigint",
              s->schema);
     pg_i64s(chat, row->id);
     pg_i64s(version, row->version);
-    const char *vals[6] = {
-        chat,        cs_status_name(row->status), version,
-        row->worker, heartbeat ? "t" : "f",       row->last_error};
-    PGresult *r = pg_run(s, s->q, sql, 6, vals);
+    const char *vals[7] = {chat,
+                           cs_status_name(row->status),
+                           version,
+                           row->worker,
+                           heartbeat ? "t" : "f",
+                           row->last_error,
+                           row->archived ? "t" : "f"};
+    PGresult *r = pg_run(s, s->q, sql, 7, vals);
     if (!r)
         return CS_EBACKEND;
     rc = one_row(r) ? CS_OK : no_chat(s, row->id);
@@ -790,6 +801,7 @@ int pg_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
         snprintf(sql, sizeof sql,
                  "SELECT id, version FROM %1$s.chats c WHERE status IN "
                  "('waiting', 'completed', 'error') AND worker_id IS NULL AND "
+                 "NOT archived AND "
                  "$2::bigint >= 0 AND EXISTS (SELECT 1 FROM "
                  "%1$s.queued_messages q WHERE q.chat_id = c.id) ORDER BY "
                  "updated_at, id LIMIT $1::bigint",
