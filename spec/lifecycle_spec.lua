@@ -1043,6 +1043,48 @@ describe("chat lifecycle", function()
         assert.are.equal(text, table.concat(got))
       end)
 
+      it("of the turn in progress reach a late joiner in any store first, once, then the live ones", function()
+        local chat = store:create_chat()
+        assert(store:send(chat, { content = "work" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+        assert(store:publish_part(chat, "Hel"))
+        assert(store:publish_part(chat, "lo"))
+        local late = inst:open() -- another store: another process's view
+        local sub <close> = assert(late:subscribe(chat))
+        local evs = settle_events(sub, 0)
+        local kinds = {}
+        for _, ev in ipairs(evs) do
+          kinds[#kinds + 1] = ev.kind
+        end
+        assert.are.same({ "status", "message", "part", "part" }, kinds)
+        assert.are.same({ "Hel", "lo" }, { evs[3].text, evs[4].text })
+        assert.are.same({ 1, 1 }, { evs[3].after, evs[4].after })
+        assert(store:publish_part(chat, "!"))
+        local more = collect(sub, function(e) return #of_kind(e, "part") >= 1 end)
+        assert.are.same({ "!" }, { of_kind(more, "part")[1].text })
+        assert.are.same({}, of_kind(settle_events(sub, 0.2), "part")) -- none twice
+        -- a joiner on the writer's own store too
+        local own <close> = assert(store:subscribe(chat))
+        local texts = {}
+        for _, ev in ipairs(of_kind(settle_events(own, 0.1), "part")) do
+          texts[#texts + 1] = ev.text
+        end
+        assert.are.same({ "Hel", "lo", "!" }, texts)
+        -- once the turn's message commits, its parts are history: never replayed
+        assert(store:append(chat, { role = "assistant", content = "Hello!" }, { worker = "w1" }))
+        assert(store:finish(chat, "waiting", { worker = "w1" }))
+        local after <close> = assert(inst:open():subscribe(chat))
+        assert.are.same({}, of_kind(settle_events(after, 0.1), "part"))
+        -- and the next turn's parts are the only ones a joiner gets
+        assert(store:publish_part(chat, "next"))
+        local next_sub <close> = assert(inst:open():subscribe(chat))
+        texts = {}
+        for _, ev in ipairs(of_kind(settle_events(next_sub, 0.1), "part")) do
+          texts[#texts + 1] = ev.text
+        end
+        assert.are.same({ "next" }, texts)
+      end)
+
       it("of a message committed since are not replayed to a late subscriber", function()
         local chat = store:create_chat()
         local early = inst:open()

@@ -87,7 +87,7 @@ struct cs_hub {
 typedef struct qhint {
     cs_hint_kind kind;
     int64_t a, b; /* message: after, id; status: version, status (with
-                     CS_ARCHIVED_BIT when archived); part: after */
+                     CS_ARCHIVED_BIT when archived); part: after, seq */
     char *text;   /* part; status: the recorded error, or NULL: owned */
     size_t len;
 } qhint;
@@ -124,6 +124,7 @@ struct cs_sub {
     bool memo_ok;           /* the next DB pass may use the memo */
     int64_t need;           /* ... if the memo reaches this id */
     int64_t status_version; /* of the last status delivered; -1 */
+    int64_t part_seq;       /* of the last part delivered (0: none) */
     uint64_t queue_sig;     /* of the last queue delivered */
     cs_msglist out;         /* the merge's output */
     /* events ready for the reader, in order */

@@ -115,7 +115,8 @@ typedef enum cs_hint_kind {
 typedef struct cs_hint {
     cs_hint_kind kind;
     int64_t after, id; /* message: after = prev_id of id; part: after = the
-                          chat's last message when the part was sent */
+                          chat's last message when the part was sent, id =
+                          its seq */
     int64_t version;   /* status */
     const char *text;  /* status name, part text or message content: points
                           into the payload */

@@ -908,8 +908,9 @@ int cs_hub_interrupt(cs_hub *hub, int64_t chat_id, const char *actor,
 
 /* ---- parts --------------------------------------------------------------- */
 
-/* Room for the text in one part payload: "1:p:<after>:" takes at most 25. */
-#define PART_CHUNK (CS_PAYLOAD_MAX - 32)
+/* Room for the text in one part payload: "1:p:<after>:<seq>:" takes at most
+ * 46. */
+#define PART_CHUNK (CS_PAYLOAD_MAX - 48)
 
 int cs_hub_publish_part(cs_hub *hub, int64_t chat_id, const char *actor,
                         const char *text, size_t len)

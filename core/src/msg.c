@@ -350,3 +350,32 @@ const char *cs_strerror(int rc)
     default: return "unknown error";
     }
 }
+
+int cs_parts_push(cs_parts *p, int64_t seq, int64_t after, const char *text,
+                  size_t len)
+{
+    if (p->n == p->cap) {
+        size_t cap = p->cap ? p->cap * 2 : 8;
+        cs_part *items = realloc(p->items, cap * sizeof *items);
+        if (!items)
+            return CS_ENOMEM;
+        p->items = items;
+        p->cap = cap;
+    }
+    char *t = malloc(len + 1);
+    if (!t)
+        return CS_ENOMEM;
+    if (len)
+        memcpy(t, text, len);
+    t[len] = '\0';
+    p->items[p->n++] = (cs_part){seq, after, t, len};
+    return CS_OK;
+}
+
+void cs_parts_free(cs_parts *p)
+{
+    for (size_t i = 0; i < p->n; i++)
+        free(p->items[i].text);
+    free(p->items);
+    *p = (cs_parts){0};
+}

@@ -81,8 +81,11 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
         if (h->after < 0 || !h->text || h->text_len > CS_PAYLOAD_MAX ||
             memchr(h->text, '\0', h->text_len))
             return CS_EINVAL;
-        n = snprintf(buf, cap, "%d:p:%lld:%.*s", CS_PAYLOAD_VERSION,
-                     (long long)h->after, (int)h->text_len, h->text);
+        if (h->id < 1)
+            return CS_EINVAL; /* its seq */
+        n = snprintf(buf, cap, "%d:p:%lld:%lld:%.*s", CS_PAYLOAD_VERSION,
+                     (long long)h->after, (long long)h->id, (int)h->text_len,
+                     h->text);
         break;
     default: return CS_EINVAL;
     }
@@ -197,9 +200,13 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
     case 'p':
         if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
             return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &b) ||
+            b < 1)
+            return CS_EPROTO;
         field(&cur, end, &f, &flen, true);
         h.kind = CS_HINT_PART;
         h.after = a;
+        h.id = b; /* its seq */
         h.text = f;
         h.text_len = flen;
         break;

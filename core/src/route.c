@@ -193,6 +193,7 @@ static void sub_enqueue(cs_sub *s, const cs_hint *h)
     case CS_HINT_QUEUE: break;
     case CS_HINT_PART:
         q.a = h->after;
+        q.b = h->id; /* its seq */
         q.len = h->text_len;
         q.text = malloc(h->text_len + 1);
         if (!q.text) {

@@ -366,19 +366,41 @@ static int sub_read_queue(cs_sub *s)
     return sub_take_queue(s, q, false);
 }
 
+/* The parts of the turn in progress a snapshot read, ahead of every hint
+ * (they come before any part notified meanwhile, which seq then drops as
+ * a repeat); handed over after the snapshot's messages. */
+static void sub_take_parts(cs_sub *s, const cs_parts *parts)
+{
+    for (size_t i = parts->n; i-- > 0;) {
+        const cs_part *p = &parts->items[i];
+        qhint q = {.kind = CS_HINT_PART, .a = p->after, .b = p->seq};
+        if (s->qn == s->qcap || !(q.text = malloc(p->len + 1))) {
+            s->hub->stats.parts_dropped++;
+            continue;
+        }
+        memcpy(q.text, p->text, p->len + 1);
+        q.len = p->len;
+        s->qhead = (s->qhead + s->qcap - 1) % s->qcap;
+        s->q[s->qhead] = q;
+        s->qn++;
+    }
+}
+
 /* The snapshot, one statement: status, queue (when not empty), the first
- * page of messages. A cursor past the chat's last message is refused. */
+ * page of messages, the parts of the turn in progress. A cursor past the
+ * chat's last message is refused. */
 static int sub_snapshot(cs_sub *s, int64_t after)
 {
     cs_hub *hub = s->hub;
     cs_chat_row *row = malloc(sizeof *row);
     cs_queue *q = calloc(1, sizeof *q);
     cs_msglist rows = {0};
+    cs_parts parts = {0};
     int rc = row && q ? CS_OK : CS_ENOMEM;
     if (rc == CS_OK) {
         hub->counts.queries++;
         rc = hub->store.ops->snapshot(hub->store.st, s->chat_id, after,
-                                      sub_page(s), row, q, &rows);
+                                      sub_page(s), row, q, &rows, &parts);
         if (rc < 0) {
             if (rc == CS_EBACKEND)
                 hub->counts.query_errors++;
@@ -413,6 +435,9 @@ static int sub_snapshot(cs_sub *s, int64_t after)
         s->resync_after = INT64_MAX;
         s->resync_id = 0;
     }
+    if (rc == CS_OK)
+        sub_take_parts(s, &parts);
+    cs_parts_free(&parts);
     cs_msglist_free(&rows);
     if (q) {
         cs_queue_free(q);
@@ -599,8 +624,10 @@ static void sub_process(cs_sub *s)
                 take = 1;
             }
         } else if (h->kind == CS_HINT_PART) {
-            /* A part of a message this reader already has is stale. */
-            if (h->a >= s->merge.last) {
+            /* A part of a message this reader already has is stale, and
+             * one it was handed already (by the snapshot) a repeat. */
+            if (h->a >= s->merge.last && h->b > s->part_seq) {
+                s->part_seq = h->b;
                 oevent e = {.kind = CS_EV_PART,
                             .a = h->a,
                             .text = h->text,

@@ -237,24 +237,26 @@ static void test_roundtrip(void)
     for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) {
         cs_hint h = {.kind = CS_HINT_PART,
                      .after = 7,
+                     .id = 3,
                      .text = parts[i],
                      .text_len = strlen(parts[i])};
         n = cs_payload_encode(&h, buf, sizeof buf);
-        CHECK_EQ_I64(n, 6 + (int64_t)strlen(parts[i]));
-        CHECK(strncmp(buf, "1:p:7:", 6) == 0);
+        CHECK_EQ_I64(n, 8 + (int64_t)strlen(parts[i]));
+        CHECK(strncmp(buf, "1:p:7:3:", 8) == 0);
         parse_exact(buf, (size_t)(n > 0 ? n : 0), &p);
         CHECK_EQ_I64(p.rc, CS_OK);
         CHECK_EQ_I64(p.h.kind, CS_HINT_PART);
         CHECK_EQ_I64(p.h.after, 7);
+        CHECK_EQ_I64(p.h.id, 3);
         CHECK_EQ_MEM(p.h.text, p.h.text_len, parts[i]);
         CHECK(p.in_bounds);
     }
     /* the largest part that fits */
-    size_t big = CS_PAYLOAD_MAX - 6; /* "1:p:0:" */
+    size_t big = CS_PAYLOAD_MAX - 8; /* "1:p:0:1:" */
     char *text = malloc(big + 1);
     memset(text, 'z', big);
     text[big] = '\0';
-    cs_hint hp = {.kind = CS_HINT_PART, .text = text, .text_len = big};
+    cs_hint hp = {.kind = CS_HINT_PART, .id = 1, .text = text, .text_len = big};
     n = cs_payload_encode(&hp, buf, sizeof buf);
     CHECK_EQ_I64(n, CS_PAYLOAD_MAX);
     parse_exact(buf, (size_t)(n > 0 ? n : 0), &p);
@@ -273,7 +275,7 @@ static void test_roundtrip(void)
 
     /* Part text with an embedded NUL: the payload is NUL-terminated text, so
      * the encoder must refuse it (CS_EINVAL) or carry it whole. */
-    cs_hint hn = {.kind = CS_HINT_PART, .text = "a\0b", .text_len = 3};
+    cs_hint hn = {.kind = CS_HINT_PART, .id = 1, .text = "a\0b", .text_len = 3};
     n = cs_payload_encode(&hn, buf, sizeof buf);
     CHECK_EQ_I64(n, CS_EINVAL);
 }
@@ -307,15 +309,18 @@ static void test_encode_errors(void)
     s.text = NULL;
     CHECK_EQ_I64(cs_payload_encode(&s, buf, sizeof buf), CS_EINVAL);
 
-    cs_hint p = {.kind = CS_HINT_PART, .text = NULL, .text_len = 0};
+    cs_hint p = {.kind = CS_HINT_PART, .id = 1, .text = NULL, .text_len = 0};
     CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), CS_EINVAL);
     p.text = "0123456789012345678901234567890123456789012345678901234567890";
-    p.text_len = 58; /* "1:p:0:" + 58 does not fit 64 */
+    p.text_len = 56; /* "1:p:0:1:" + 56 does not fit 64 */
     CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), CS_EINVAL);
     p.after = -1;
-    p.text_len = 57;
+    p.text_len = 55;
     CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), CS_EINVAL);
-    p.after = 0; /* 63 fits */
+    p.after = 0;
+    p.id = 0; /* a part has a seq */
+    CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), CS_EINVAL);
+    p.id = 1; /* 63 fits */
     CHECK_EQ_I64(cs_payload_encode(&p, buf, sizeof buf), 63);
 
     cs_hint bad = {.kind = (cs_hint_kind)0};
@@ -455,13 +460,13 @@ static void test_reject(void)
     /* over CS_PAYLOAD_MAX: a part one byte too long */
     size_t n = CS_PAYLOAD_MAX + 1;
     char *big = malloc(n);
-    memcpy(big, "1:p:0:", 6);
-    memset(big + 6, 'y', n - 6);
+    memcpy(big, "1:p:0:1:", 8);
+    memset(big + 8, 'y', n - 8);
     parse_exact(big, n, &p);
     CHECK_EQ_I64(p.rc, CS_EPROTO);
     parse_exact(big, n - 1, &p); /* exactly the limit */
     CHECK_EQ_I64(p.rc, CS_OK);
-    CHECK_EQ_SIZE(p.h.text_len, CS_PAYLOAD_MAX - 6);
+    CHECK_EQ_SIZE(p.h.text_len, CS_PAYLOAD_MAX - 8);
     /* a message hint padded with leading zeros to over the limit */
     memcpy(big, "1:m:", 4);
     memset(big + 4, '0', n - 4);
@@ -477,20 +482,25 @@ static void test_reject(void)
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_I64(p.h.after, 0);
     CHECK_EQ_I64(p.h.id, 1);
-    parse_exact("1:p:0:", 6, &p);
+    parse_exact("1:p:0:1:", 8, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_I64(p.h.kind, CS_HINT_PART);
     CHECK_EQ_SIZE(p.h.text_len, 0);
-    parse_exact("1:p:3:a:b", 9, &p);
+    parse_exact("1:p:3:2:a:b", 11, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
     CHECK_EQ_I64(p.h.after, 3);
+    CHECK_EQ_I64(p.h.id, 2);
     CHECK_EQ_MEM(p.h.text, p.h.text_len, "a:b");
-    /* a part without its after, or with a bad one */
+    /* a part without its after or seq, or with a bad one */
     parse_exact("1:p:", 4, &p);
     CHECK_EQ_I64(p.rc, CS_EPROTO);
     parse_exact("1:p:a:b", 7, &p);
     CHECK_EQ_I64(p.rc, CS_EPROTO);
-    parse_exact("1:p:01:b", 8, &p);
+    parse_exact("1:p:01:1:b", 10, &p);
+    CHECK_EQ_I64(p.rc, CS_EPROTO);
+    parse_exact("1:p:3:b", 7, &p);
+    CHECK_EQ_I64(p.rc, CS_EPROTO);
+    parse_exact("1:p:3:0:b", 9, &p);
     CHECK_EQ_I64(p.rc, CS_EPROTO);
     parse_exact("1:s:0:waiting", 13, &p);
     CHECK_EQ_I64(p.rc, CS_OK);
@@ -533,7 +543,7 @@ static void test_truncation(void)
         "1:q",
         "1:s:7:running",
         "1:s:12:requires_action",
-        "1:p:5:hello",
+        "1:p:5:2:hello",
         "1:m:9223372036854775806:9223372036854775807",
     };
     /* how many strict prefixes are themselves valid payloads */
@@ -571,7 +581,7 @@ static void test_fuzz(void)
     static const char *const seeds[] = {
         "1:m:4:5",         "1:m:12:345",
         "1:s:3:paused",    "1:q",
-        "1:p:4:delta",     "1:m:9223372036854775806:9223372036854775807",
+        "1:p:4:1:delta",   "1:m:9223372036854775806:9223372036854775807",
         "1:s:0:completed",
     };
     check_rng rng = {0x5EED};

@@ -33,6 +33,7 @@ typedef struct mem_chat {
     double heartbeat_at; /* wall clock seconds; 0: none */
     double updated_at;   /* wall clock seconds of the last status write */
     bool archived;
+    cs_parts parts; /* of the turn in progress (not durable: not rolled back) */
     char last_error[CS_ERROR_MAX + 1];
     mem_queue queue;
     char *key; /* the idempotency key it was made with, or NULL */
@@ -75,6 +76,7 @@ struct cs_memdb {
     mem_conn *conns; /* every store opened on this database */
     int64_t fail_queries, drop_notifies;
     int64_t next_queue_id;
+    int64_t next_part_seq;
     mem_tx *tx; /* the open transaction, or NULL */
 };
 
@@ -135,6 +137,7 @@ static void memdb_unref(cs_memdb *db)
         for (size_t k = 0; k < c->queue.n; k++)
             qitem_free(c->queue.items[k]);
         free(c->queue.items);
+        cs_parts_free(&c->parts);
         free(c);
     }
     free(db->chats);
@@ -684,6 +687,19 @@ static int m_notify_part(void *st, int64_t chat_id, const char *text,
         return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
     cs_hint h = {.kind = CS_HINT_PART, .text = text, .text_len = len};
     h.after = ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0;
+    /* The parts of turns that ended go; this one is kept for late joiners
+     * (a snapshot reads them). */
+    size_t keep = 0;
+    for (size_t i = 0; i < ch->parts.n; i++) {
+        if (ch->parts.items[i].after < h.after)
+            free(ch->parts.items[i].text);
+        else
+            ch->parts.items[keep++] = ch->parts.items[i];
+    }
+    ch->parts.n = keep;
+    h.id = ++c->db->next_part_seq;
+    if (cs_parts_push(&ch->parts, h.id, h.after, text, len) < 0)
+        return CS_ENOMEM;
     char *buf = malloc(CS_PAYLOAD_MAX + 1);
     if (!buf)
         return CS_ENOMEM;
@@ -755,7 +771,8 @@ static int m_messages_after_many(void *st, const int64_t *chats,
 
 /* One read, as one statement: the fault knob counts it once. */
 static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
-                      cs_chat_row *row, cs_queue *queue, cs_msglist *msgs)
+                      cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
+                      cs_parts *parts)
 {
     mem_conn *c = st;
     if (injected_failure(c, chat_id))
@@ -767,9 +784,20 @@ static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
     int rc = chat_queue(ch, queue);
     if (rc < 0)
         return rc;
+    size_t mbase = msgs->n, pbase = parts->n;
     rc = chat_messages_after(ch, after, limit, msgs);
+    int64_t last = ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0;
+    for (size_t i = 0; rc == CS_OK && i < ch->parts.n; i++) {
+        const cs_part *pt = &ch->parts.items[i];
+        if (pt->after == last)
+            rc = cs_parts_push(parts, pt->seq, pt->after, pt->text, pt->len);
+    }
     if (rc < 0) {
         unpush_queue(queue, qbase);
+        while (msgs->n > mbase)
+            cs_msg_unref(msgs->items[--msgs->n]);
+        while (parts->n > pbase)
+            free(parts->items[--parts->n].text);
         return rc;
     }
     row_of(ch, row);

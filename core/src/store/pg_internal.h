@@ -174,7 +174,8 @@ int pg_acquire(void *st, const char *worker, size_t limit, double stale_after,
 int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,
                       cs_msglist *out);
 int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
-                cs_chat_row *row, cs_queue *queue, cs_msglist *msgs);
+                cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
+                cs_parts *parts);
 int pg_chats_state(void *st, const int64_t *ids, size_t n, cs_chat_state *out,
                    size_t *nout);
 int pg_notify(void *st, int64_t chat_id, const char *payload, size_t len);

@@ -66,6 +66,13 @@ static const char *const migrations[] = {
     /* 5: archived chats */
     "ALTER TABLE %1$s.chats ADD COLUMN archived boolean NOT NULL DEFAULT "
     "false;",
+    /* 6: the parts of turns in progress, for late joiners (not durable) */
+    "CREATE UNLOGGED TABLE %1$s.parts ("
+    " seq bigserial PRIMARY KEY,"
+    " chat_id bigint NOT NULL REFERENCES %1$s.chats (id) ON DELETE CASCADE,"
+    " after bigint NOT NULL,"
+    " text text NOT NULL);"
+    "CREATE INDEX parts_chat ON %1$s.parts (chat_id, after, seq);",
 };
 
 int pg_migrate(void *st)

@@ -45,9 +45,10 @@ bool pg_build_prepared(pg_store *s)
     for (int k = 0; k < PREP_COUNT; k++) {
         if (k == PREP_SNAPSHOT)
             /* A snapshot, one statement (one view): the chat's row
-             * (columns 0-7, its last_error 20), its queue (13-16) and the
-             * first page of its messages (8-12), told apart by k and
-             * sorted by it. */
+             * (columns 0-7, its last_error 20, archived 21), its queue
+             * (13-16), the first page of its messages (8-12) and the parts
+             * of its turn in progress (seq 8, after 9, text 11), told apart
+             * by k and sorted by it. */
             snprintf(
                 sql, sizeof sql,
                 "SELECT " CHAT_COLS ", NULL::bigint, NULL::bigint, "
@@ -68,6 +69,11 @@ bool pg_build_prepared(pg_store *s)
                 "role, "
                 "content, tool FROM %1$s.messages WHERE chat_id = $1::bigint "
                 "AND id > $2::bigint ORDER BY id LIMIT $3::bigint) m "
+                "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+                "NULL, p.seq, p.after, NULL, p.text, NULL, NULL, NULL, NULL, "
+                "NULL, 3, p.seq, 0, NULL, NULL FROM %1$s.parts p JOIN "
+                "%1$s.chats c ON c.id = p.chat_id AND p.after = "
+                "c.last_message_id WHERE p.chat_id = $1::bigint "
                 "ORDER BY k, o1, o2",
                 s->schema);
         else if (k == PREP_STATE)
@@ -926,7 +932,8 @@ int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,
 /* The snapshot in one round trip (PREP_SNAPSHOT): one statement, so the
  * row, the queue and the messages are one view of the chat. */
 int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
-                cs_chat_row *row, cs_queue *queue, cs_msglist *msgs)
+                cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
+                cs_parts *parts)
 {
     pg_store *s = st;
     int rc = pg_claim_q(s);
@@ -941,7 +948,7 @@ int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
     if (!r)
         return CS_EBACKEND;
     int rows = PQntuples(r);
-    size_t qbase = queue->n, mbase = msgs->n;
+    size_t qbase = queue->n, mbase = msgs->n, pbase = parts->n;
     bool found = false;
     for (int i = 0; rc == CS_OK && i < rows; i++) {
         const char *k = PQgetvalue(r, i, 17);
@@ -957,6 +964,13 @@ int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
                 rc = cs_queue_push(queue, id, PQgetvalue(r, i, 14),
                                    (size_t)PQgetlength(r, i, 14),
                                    PQgetvalue(r, i, 15), created);
+        } else if (k[0] == '3') {
+            int64_t seq, pafter;
+            if (!pg_col_id(r, i, 8, &seq) || !pg_col_id(r, i, 9, &pafter))
+                rc = pg_fail(s, CS_EBACKEND, "bad part row", NULL);
+            else
+                rc = cs_parts_push(parts, seq, pafter, PQgetvalue(r, i, 11),
+                                   (size_t)PQgetlength(r, i, 11));
         } else {
             rc = push_msg(s, r, i, 8, chat_id, msgs);
         }
@@ -967,6 +981,8 @@ int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
     if (rc < 0) {
         unpush_queue(queue, qbase);
         unpush_msgs(msgs, mbase);
+        while (parts->n > pbase)
+            free(parts->items[--parts->n].text);
     }
     return rc;
 }
@@ -1072,7 +1088,7 @@ int pg_notify(void *st, int64_t chat_id, const char *payload, size_t len)
 }
 
 /* "1:p:<last_message_id>:" takes at most 4 + 19 + 1 bytes. */
-#define PART_HEAD 24
+#define PART_HEAD 46
 
 /* The chat's last message ID is read in the same statement that notifies. */
 int pg_notify_part(void *st, int64_t chat_id, const char *text, size_t len)
@@ -1084,9 +1100,17 @@ int pg_notify_part(void *st, int64_t chat_id, const char *text, size_t len)
         return CS_EINVAL;
     }
     char sql[SQL_MAX], channel[128], chat[24];
+    /* Kept for late joiners (a snapshot reads the parts since the chat's
+     * last message; those of turns that ended go here), then notified with
+     * its seq. */
     snprintf(sql, sizeof sql,
-             "SELECT pg_notify($1, '1:p:' || last_message_id || ':' || "
-             "$2::text) FROM %1$s.chats WHERE id = $3",
+             "WITH c AS (SELECT id, last_message_id FROM %1$s.chats WHERE id = "
+             "$3::bigint), d AS (DELETE FROM %1$s.parts p USING c WHERE "
+             "p.chat_id = c.id AND p.after < c.last_message_id), i AS (INSERT "
+             "INTO %1$s.parts (chat_id, after, text) SELECT id, "
+             "last_message_id, $2::text FROM c RETURNING seq, after) SELECT "
+             "pg_notify($1, '1:p:' || after || ':' || seq || ':' || $2::text) "
+             "FROM i",
              s->schema);
     pg_channel_of(s, chat_id, channel, sizeof channel);
     pg_i64s(chat, chat_id);

@@ -32,6 +32,23 @@ typedef struct cs_chat_state {
 int cs_queue_push(cs_queue *q, int64_t id, const char *content, size_t len,
                   const char *actor, double created_at);
 
+/* The parts of a chat's turn in progress (published since its last
+ * message), as a snapshot reads them: seq orders them (and tells a part
+ * read with the snapshot from the same part notified live). */
+typedef struct cs_part {
+    int64_t seq, after;
+    char *text; /* malloc'd, NUL-terminated */
+    size_t len;
+} cs_part;
+typedef struct cs_parts {
+    cs_part *items;
+    size_t n, cap;
+} cs_parts;
+/* Appends a copy; CS_ENOMEM leaves p as it was. */
+int cs_parts_push(cs_parts *p, int64_t seq, int64_t after, const char *text,
+                  size_t len);
+void cs_parts_free(cs_parts *p);
+
 /* What stuck lists: chats in requires_action with no change for `age`
  * seconds; running chats whose worker's heartbeat is older than `age`;
  * idle chats (waiting with no worker, completed, error) with a queue. */
@@ -126,8 +143,10 @@ typedef struct cs_store_ops {
      * their versions: read only; the caller acts on each under its lock. */
     int (*stuck)(void *st, int kind, double age, size_t limit, int64_t *ids,
                  int64_t *versions, size_t *n);
-    /* Notifies "1:p:<last_message_id>:<text>" on the chat's channel, the
-     * chat's last message ID read by the store. CS_ENOTFOUND if no chat. */
+    /* Keeps the part (with the next seq; the chat's parts of turns that
+     * ended go) and notifies "1:p:<last_message_id>:<seq>:<text>" on the
+     * chat's channel, the chat's last message ID read by the store.
+     * CS_ENOTFOUND if no chat. */
     int (*notify_part)(void *st, int64_t chat_id, const char *text, size_t len);
     /* Messages with id > after, ascending: the lowest limit of them (0:
      * all). */
@@ -140,12 +159,15 @@ typedef struct cs_store_ops {
                                const int64_t *afters, size_t n, size_t limit,
                                cs_msglist *out);
     /* A subscription's snapshot in one statement, one consistent view: the
-     * chat's row, its queue in order (appended to queue) and its messages
+     * chat's row, its queue in order (appended to queue), its messages
      * with id > after, ascending, the lowest limit of them (0: all;
-     * appended to msgs). CS_ENOTFOUND if there is no chat. On failure
-     * queue and msgs are as they were. */
+     * appended to msgs) and the parts of its turn in progress (those
+     * published since its last message, by seq; appended to parts).
+     * CS_ENOTFOUND if there is no chat. On failure queue, msgs and parts
+     * are as they were. */
     int (*snapshot)(void *st, int64_t chat_id, int64_t after, size_t limit,
-                    cs_chat_row *row, cs_queue *queue, cs_msglist *msgs);
+                    cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
+                    cs_parts *parts);
     /* The state of each chat of ids (n of them, at most CS_POLL_CHUNK) in
      * one statement: a row in out (room for n) per chat that exists, in any
      * order; *nout receives how many. */
