@@ -183,6 +183,25 @@ describe("chat lifecycle", function()
       end)
     end)
 
+    describe("a keyed retry", function()
+      it("tells readers the chat's status as it is: archived, with its error (memory knobs)", function()
+        if kind ~= "memory" then
+          return -- the knob that loses notifications is the memory store's
+        end
+        local chat = store:create_chat()
+        assert(store:send(chat, { content = "work", idempotency_key = "k" }))
+        local reader = inst:open()
+        local sub <close> = assert(reader:subscribe(chat))
+        settle_events(sub, 0)
+        inst.memdb:drop_notifies(1) -- the archive's status hint is lost
+        assert(store:archive(chat))
+        inst.memdb:drop_notifies(0)
+        assert(store:send(chat, { content = "work", idempotency_key = "k" })) -- the retry re-sends the status
+        local evs = collect(sub, function(e) return last_status(e) and last_status(e).version == 2 end)
+        assert.are.same({ "waiting", true }, { last_status(evs).status, last_status(evs).archived })
+      end)
+    end)
+
     describe("recovery", function()
       it("moves a chat left in requires_action past action_timeout to error, in acquire and recover", function()
         local s = inst:open({ action_timeout = 0.2 })
@@ -1043,7 +1062,7 @@ describe("chat lifecycle", function()
         assert.are.equal(text, table.concat(got))
       end)
 
-      it("of the turn in progress reach a late joiner in any store first, once, then the live ones", function()
+      it("of the turn in progress reach a late joiner in any store first (as one), then the live ones", function()
         local chat = store:create_chat()
         assert(store:send(chat, { content = "work" }))
         assert.are.same({ chat }, store:acquire({ worker = "w1" }))
@@ -1056,20 +1075,32 @@ describe("chat lifecycle", function()
         for _, ev in ipairs(evs) do
           kinds[#kinds + 1] = ev.kind
         end
-        assert.are.same({ "status", "message", "part", "part" }, kinds)
-        assert.are.same({ "Hel", "lo" }, { evs[3].text, evs[4].text })
-        assert.are.same({ 1, 1 }, { evs[3].after, evs[4].after })
+        assert.are.same({ "status", "message", "part" }, kinds)
+        assert.are.same({ "Hello", 1 }, { evs[3].text, evs[3].after }) -- the turn's text so far
         assert(store:publish_part(chat, "!"))
         local more = collect(sub, function(e) return #of_kind(e, "part") >= 1 end)
         assert.are.same({ "!" }, { of_kind(more, "part")[1].text })
         assert.are.same({}, of_kind(settle_events(sub, 0.2), "part")) -- none twice
+        -- many parts (more than a subscription's queue holds): all of them
+        local big = inst:open({ queue_size = 8 })
+        local many = {}
+        for i = 1, 40 do
+          many[i] = "p" .. i .. " "
+          assert(store:publish_part(chat, many[i]))
+        end
+        local bsub <close> = assert(big:subscribe(chat))
+        local btexts = {}
+        for _, ev in ipairs(of_kind(settle_events(bsub, 0.1), "part")) do
+          btexts[#btexts + 1] = ev.text
+        end
+        assert.are.same({ "Hello!" .. table.concat(many) }, btexts)
         -- a joiner on the writer's own store too
         local own <close> = assert(store:subscribe(chat))
         local texts = {}
         for _, ev in ipairs(of_kind(settle_events(own, 0.1), "part")) do
           texts[#texts + 1] = ev.text
         end
-        assert.are.same({ "Hel", "lo", "!" }, texts)
+        assert.are.same({ "Hello!" .. table.concat(many) }, texts)
         -- once the turn's message commits, its parts are history: never replayed
         assert(store:append(chat, { role = "assistant", content = "Hello!" }, { worker = "w1" }))
         assert(store:finish(chat, "waiting", { worker = "w1" }))

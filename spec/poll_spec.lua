@@ -138,6 +138,31 @@ describe("the backstop poll", function()
       assert.are.same({ [1] = 1, [200] = 1 }, costs)
     end)
 
+    it("reads no status again for subscriptions whose status notification is queued (200 on a chat)", function()
+      local reader = inst:open({ poll_interval = POLL })
+      local chat = assert(writer:create_chat({ owner = "alice" }))
+      local subs = {}
+      for i = 1, 200 do
+        subs[i] = assert(reader:subscribe(chat))
+      end
+      sweep(subs)
+      local n0 = reader:stats().notifications
+      assert(writer:send(chat, { content = "go" })) -- a message, and the status pending
+      H.settle(reader, n0 + 2) -- routed: each subscription has them queued, unread
+      local q0 = reader:stats().queries
+      until_poll(reader) -- the poll sees the newer version: already on its way
+      local got = sweep(subs)
+      reader:step()
+      local cost = reader:stats().queries - q0
+      assert.is_true(cost <= 3, "the poll and the subscriptions cost " .. cost .. " statements")
+      for i = 1, 200 do
+        assert.are.equal(1, #got[i])
+      end
+      for _, sub in ipairs(subs) do
+        sub:close()
+      end
+    end)
+
     it("costs one statement whatever the number of idle chats it follows (1 or 300)", function()
       local costs = {}
       for _, n in ipairs({ 1, 300 }) do

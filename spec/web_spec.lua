@@ -250,6 +250,42 @@ describe("web server on PostgreSQL", function()
     end)
   end)
 
+  it("does not spin while a client that stops reading has a full outbox", function()
+    H.with_instance("postgresql", function(inst)
+      local writer = inst:open()
+      local chat = assert(writer:create_chat({ owner = "web" }))
+      local s = W.start(inst, { "--max-pending", "4096", "--write-timeout", "60" })
+      local ok, err = pcall(function()
+        local stalled = assert(socket.connect("127.0.0.1", s.port))
+        stalled:setmode("b", "b")
+        assert(stalled:write(("GET /chats/%d/events HTTP/1.1\r\nHost: x\r\n\r\n"):format(chat)))
+        assert(stalled:flush())
+        local big = ("z"):rep(60000)
+        for i = 1, 200 do -- more than the sockets hold: its events wait in its subscription
+          assert(writer:append(chat, { role = "user", content = i .. big }))
+        end
+        local function cpu() -- the server's CPU seconds
+          local f = assert(io.open("/proc/" .. s.pid .. "/stat"))
+          local st = f:read("a")
+          f:close()
+          local fields = {}
+          for x in st:match("%) (.*)$"):gmatch("%S+") do
+            fields[#fields + 1] = x
+          end
+          return (tonumber(fields[12]) + tonumber(fields[13])) / 100
+        end
+        os.execute("sleep 1") -- the appends' notifications are in
+        local c0 = cpu()
+        os.execute("sleep 2")
+        local used = cpu() - c0
+        assert.is_true(used < 0.5, ("the server used %.2f s of CPU in 2 s while idle"):format(used))
+        stalled:close()
+      end)
+      local stderr = W.stop(s)
+      assert(ok, tostring(err) .. "\n" .. stderr)
+    end)
+  end)
+
   it("lets a client that stops reading go, while the others get everything at once; it resumes losslessly", function()
     H.with_instance("postgresql", function(inst)
       local writer = inst:open()

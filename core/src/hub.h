@@ -124,9 +124,14 @@ struct cs_sub {
     bool memo_ok;           /* the next DB pass may use the memo */
     int64_t need;           /* ... if the memo reaches this id */
     int64_t status_version; /* of the last status delivered; -1 */
-    int64_t part_seq;       /* of the last part delivered (0: none) */
-    uint64_t queue_sig;     /* of the last queue delivered */
-    cs_msglist out;         /* the merge's output */
+    int64_t status_queued;  /* the newest status hint queued; -1: none */
+    /* The seqs of the parts a snapshot handed over (as one part event),
+     * ascending: the same parts notified live are repeats. */
+    int64_t *snap_seqs;
+    size_t snap_n;
+    oevent snap_part;   /* that event, while the snapshot's pages are read */
+    uint64_t queue_sig; /* of the last queue delivered */
+    cs_msglist out;     /* the merge's output */
     /* events ready for the reader, in order */
     oevent *ev;
     size_t evpos, evn, evcap;

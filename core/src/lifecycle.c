@@ -110,6 +110,8 @@ static int run_send(cs_publish *p, cs_chat_row *row)
         p->extras.status = p->extras.queue = true;
         p->extras.version = row->version;
         p->extras.st = row->status;
+        memcpy(p->extras.error, row->last_error, sizeof p->extras.error);
+        p->extras.archived = row->archived;
         if (!a->queued &&
             cs_pub_load(hub, row->id, &a->id, 1, &p->committed) < 0)
             hub->stats.publish_errors++;

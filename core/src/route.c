@@ -176,6 +176,8 @@ static void sub_enqueue(cs_sub *s, const cs_hint *h)
         break;
     case CS_HINT_STATUS:
         q.a = h->version;
+        if (h->version > s->status_queued)
+            s->status_queued = h->version;
         q.b = cs_status_parse(h->text, h->text_len);
         if (q.b >= 0 && h->archived)
             q.b |= CS_ARCHIVED_BIT;
@@ -298,7 +300,8 @@ void cs_sub_polled(cs_sub *s, const cs_chat_state *st)
         s->poll_id = st->last_message_id;
         work = true;
     }
-    if (st->version > s->status_version && !s->status_dirty) {
+    if (st->version > s->status_version && st->version > s->status_queued &&
+        !s->status_dirty) {
         s->status_dirty = true; /* a notification was missed: read the row */
         work = true;
     }

@@ -263,6 +263,8 @@ static void sub_free(cs_sub *s)
         oevent_free(&s->ev[i]);
     free(s->ev);
     oevent_free(&s->current);
+    oevent_free(&s->snap_part);
+    free(s->snap_seqs);
     free(s->ret);
     free(s);
 }
@@ -366,24 +368,55 @@ static int sub_read_queue(cs_sub *s)
     return sub_take_queue(s, q, false);
 }
 
-/* The parts of the turn in progress a snapshot read, ahead of every hint
- * (they come before any part notified meanwhile, which seq then drops as
- * a repeat); handed over after the snapshot's messages. */
-static void sub_take_parts(cs_sub *s, const cs_parts *parts)
+/* The parts of the turn in progress a snapshot read: one part event with
+ * their text, handed over after the snapshot's messages (at once, or once
+ * its pages are read: paged); their seqs are kept, so the same parts
+ * notified meanwhile are dropped as repeats (a part with another seq, from
+ * a concurrent publisher, still comes). */
+static int sub_take_parts(cs_sub *s, const cs_parts *parts, bool paged)
 {
-    for (size_t i = parts->n; i-- > 0;) {
-        const cs_part *p = &parts->items[i];
-        qhint q = {.kind = CS_HINT_PART, .a = p->after, .b = p->seq};
-        if (s->qn == s->qcap || !(q.text = malloc(p->len + 1))) {
-            s->hub->stats.parts_dropped++;
-            continue;
-        }
-        memcpy(q.text, p->text, p->len + 1);
-        q.len = p->len;
-        s->qhead = (s->qhead + s->qcap - 1) % s->qcap;
-        s->q[s->qhead] = q;
-        s->qn++;
+    if (parts->n == 0)
+        return CS_OK;
+    size_t len = 0;
+    for (size_t i = 0; i < parts->n; i++)
+        len += parts->items[i].len;
+    oevent e = {.kind = CS_EV_PART, .a = parts->items[0].after};
+    int64_t *seqs = malloc(parts->n * sizeof *seqs);
+    if (!seqs || !(e.text = malloc(len + 1))) {
+        free(seqs);
+        s->hub->stats.parts_dropped += (int64_t)parts->n;
+        return CS_OK; /* parts may be lost, messages never */
     }
+    for (size_t i = 0, o = 0; i < parts->n; i++) {
+        memcpy(e.text + o, parts->items[i].text, parts->items[i].len);
+        o += parts->items[i].len;
+        seqs[i] = parts->items[i].seq;
+    }
+    e.text[len] = '\0';
+    e.len = len;
+    free(s->snap_seqs);
+    s->snap_seqs = seqs;
+    s->snap_n = parts->n;
+    if (paged) {
+        s->snap_part = e;
+        return CS_OK;
+    }
+    return ev_push(s, e);
+}
+
+static bool snap_has(const cs_sub *s, int64_t seq)
+{
+    size_t lo = 0, hi = s->snap_n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (s->snap_seqs[mid] == seq)
+            return true;
+        if (s->snap_seqs[mid] < seq)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return false;
 }
 
 /* The snapshot, one statement: status, queue (when not empty), the first
@@ -436,7 +469,7 @@ static int sub_snapshot(cs_sub *s, int64_t after)
         s->resync_id = 0;
     }
     if (rc == CS_OK)
-        sub_take_parts(s, &parts);
+        rc = sub_take_parts(s, &parts, s->resync);
     cs_parts_free(&parts);
     cs_msglist_free(&rows);
     if (q) {
@@ -470,6 +503,7 @@ int cs_sub_open(cs_hub *hub, int64_t chat_id, const cs_sub_options *opts,
     }
     s->qcap = hub->queue_size;
     s->status_version = -1;
+    s->status_queued = -1;
     s->hub = hub;
     s->chat_id = chat_id;
     s->rw = o.after;
@@ -543,6 +577,12 @@ static void sub_process(cs_sub *s)
         if (rc < 0 || rc == CS_MERGE_MORE)
             return; /* retried, or the next page, on the next call */
         s->resync = false;
+        if (s->snap_part.kind) { /* the snapshot's pages are read: its parts */
+            oevent e = s->snap_part;
+            s->snap_part = (oevent){0};
+            if (ev_push(s, e) < 0)
+                s->hub->stats.parts_dropped++;
+        }
     }
     if (s->poll_id) {
         /* The poll saw the chat's messages reach poll_id: a pass up to it,
@@ -605,10 +645,14 @@ static void sub_process(cs_sub *s)
                             .b = h->b,
                             .text = h->text,
                             .len = h->len};
-                h->text = NULL; /* the event owns it now */
-                rc = ev_push(s, e);
-                if (rc == CS_OK)
+                rc = ev_push(s, e); /* takes the text, or frees it */
+                h->text = NULL;
+                if (rc == CS_OK) {
                     s->status_version = h->a;
+                } else {
+                    s->status_dirty = true; /* read again, with its error */
+                    rc = CS_OK;
+                }
             } else {
                 free(h->text);
                 h->text = NULL;
@@ -626,8 +670,7 @@ static void sub_process(cs_sub *s)
         } else if (h->kind == CS_HINT_PART) {
             /* A part of a message this reader already has is stale, and
              * one it was handed already (by the snapshot) a repeat. */
-            if (h->a >= s->merge.last && h->b > s->part_seq) {
-                s->part_seq = h->b;
+            if (h->a >= s->merge.last && !snap_has(s, h->b)) {
                 oevent e = {.kind = CS_EV_PART,
                             .a = h->a,
                             .text = h->text,

@@ -146,7 +146,10 @@ function M.run(store, opts)
   local idle, turns, recovered = 0, 0, nil
   while not opts.turns or turns < opts.turns do
     if every and (not recovered or core.now() - recovered >= every) then
-      assert(store:recover())
+      local ok, err = store:recover() -- housekeeping: a failure is tried again later
+      if not ok then
+        io.stderr:write("chatstream.agent: recover: ", tostring(err), "\n")
+      end
       recovered = core.now()
     end
     local ids = assert(store:acquire({ worker = worker, limit = opts.limit or 1,

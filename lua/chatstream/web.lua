@@ -219,8 +219,8 @@ end
 -- subscription (which keeps at most queue_size of them, then resyncs from
 -- its cursor: nothing is lost). When every subscription with events is
 -- passed over, the dispatcher waits for a writer to drain its outbox, new
--- notifications or the store's deadline (the store's fd stays readable
--- while those events wait).
+-- notifications or a quarter of a second (the store's fd stays readable
+-- while those events wait, and its timeout is 0).
 function Server:dispatch()
   while not self.closed do
     local ready, served = self.store:ready(), false
@@ -232,8 +232,8 @@ function Server:dispatch()
       end
     end
     if #ready > 0 and not served then
-      local t = self.store:timeout()
-      cqueues.poll(self.wake, { pollfd = self.store:notify_fd(), events = "r" }, t and math.min(t, 1) or 1)
+      -- (not the store's timeout: that is 0 while any subscription is ready)
+      cqueues.poll(self.wake, { pollfd = self.store:notify_fd(), events = "r" }, 0.25)
     else
       cs.wait(self.store, 1)
     end

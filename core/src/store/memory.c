@@ -31,7 +31,7 @@ typedef struct mem_chat {
     int64_t version;
     char worker[CS_NAME_MAX + 1];
     double heartbeat_at; /* wall clock seconds; 0: none */
-    double updated_at;   /* wall clock seconds of the last status write */
+    double updated_at;   /* wall clock seconds of the last write to it */
     bool archived;
     cs_parts parts; /* of the turn in progress (not durable: not rolled back) */
     char last_error[CS_ERROR_MAX + 1];
@@ -440,6 +440,7 @@ static int m_tx_insert(void *st, cs_chat_row *row, const cs_msg_in *msgs,
     }
     db->next_msg_id = id;
     row->last_message_id = prev;
+    ch->updated_at = wall_now(); /* as PostgreSQL's appends do */
     return CS_OK;
 oom:
     while (ch->msgs.n > base)

@@ -64,8 +64,8 @@ static const char *const migrations[] = {
     /* 4: the error a turn recorded (finish with error) */
     "ALTER TABLE %1$s.chats ADD COLUMN last_error text NOT NULL DEFAULT '';",
     /* 5: archived chats */
-    "ALTER TABLE %1$s.chats ADD COLUMN archived boolean NOT NULL DEFAULT "
-    "false;",
+    ("ALTER TABLE %1$s.chats ADD COLUMN archived boolean NOT NULL DEFAULT "
+     "false;"),
     /* 6: the parts of turns in progress, for late joiners (not durable) */
     "CREATE UNLOGGED TABLE %1$s.parts ("
     " seq bigserial PRIMARY KEY,"
@@ -73,6 +73,9 @@ static const char *const migrations[] = {
     " after bigint NOT NULL,"
     " text text NOT NULL);"
     "CREATE INDEX parts_chat ON %1$s.parts (chat_id, after, seq);",
+    /* 7: the requires_action deadline's look-up (acquire runs it) */
+    ("CREATE INDEX chats_action ON %1$s.chats (updated_at, id) WHERE status = "
+     "'requires_action';"),
 };
 
 int pg_migrate(void *st)
