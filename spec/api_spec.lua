@@ -149,6 +149,14 @@ describe("chatstream module", function()
     contains("exclude each other", raises(chatstream.open, { dsn = "host=x", memory = chatstream.memory() }))
   end)
 
+  it("formats status events with their recorded error and archived flag", function()
+    assert.are.equal("status error (version 3), archived: the model timed out",
+      chatstream.format_event({ kind = "status", status = "error", version = 3, archived = true,
+        error = "the model timed out" }))
+    assert.are.equal("status waiting (version 0)", chatstream.format_event({ kind = "status", status = "waiting",
+      version = 0 }))
+  end)
+
   it("raises on an unknown option key", function()
     contains("unknown option 'bogus'", raises(chatstream.open, { bogus = 1 }))
     contains("unknown option", raises(chatstream.open, { [1] = "x" }))

@@ -72,7 +72,8 @@ function M.format_event(ev)
     end
     return ("message #%d %s: %s%s"):format(ev.id, ev.role, ev.content, extra)
   elseif ev.kind == "status" then
-    return ("status %s (version %d)"):format(ev.status, ev.version)
+    return ("status %s (version %d)%s%s"):format(ev.status, ev.version, ev.archived and ", archived" or "",
+      ev.error and (": " .. ev.error) or "")
   elseif ev.kind == "queue" then
     local items = {}
     for i, it in ipairs(ev.items) do
