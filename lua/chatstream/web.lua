@@ -37,18 +37,7 @@
 -- write_timeout is let go (its stream ends; a browser reconnects from its
 -- Last-Event-ID), so memory stays bounded and nothing is lost.
 
--- lua-http is packaged under the Lua 5.1-5.3 paths; under 5.4 its pure Lua
--- runs as it is (its C parts, cqueues, luaossl and lpeg, have 5.4 builds).
-local function lua_http_path()
-  if pcall(require, "http.server") then
-    return
-  end
-  for _, v in ipairs({ "5.3", "5.2" }) do
-    local dir = "/usr/share/lua/" .. v
-    package.path = ("%s;%s/?.lua;%s/?/init.lua"):format(package.path, dir, dir)
-  end
-end
-lua_http_path()
+require("chatstream.lua_http") -- lua-http under 5.4: its 5.3/5.2 paths
 
 local cqueues = require("cqueues")
 local condition = require("cqueues.condition")

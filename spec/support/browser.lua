@@ -24,14 +24,10 @@
 -- commands run without the sanitizer variables: an ASan build's LD_PRELOAD is for the spec.
 local B = {}
 
+require("chatstream.lua_http") -- lua-http under 5.4: its 5.3/5.2 paths
+
 local function need(name)
   local ok, m = pcall(require, name)
-  if not ok and not package.path:find("/usr/share/lua/5.3/", 1, true) then
-    -- Debian installs lua-http under the 5.3 and 5.2 paths only; it runs on 5.4.
-    package.path = package.path .. ";/usr/share/lua/5.3/?.lua;/usr/share/lua/5.3/?/init.lua"
-      .. ";/usr/share/lua/5.2/?.lua;/usr/share/lua/5.2/?/init.lua"
-    ok, m = pcall(require, name)
-  end
   return ok and m or nil
 end
 

@@ -12,16 +12,7 @@
 --     response's); on_message(c, data, now) if given. c:stop() ends it.
 --   S.run_until(cq, pred, limit, what) steps cq until pred() is true; an
 --     error naming `what` after limit seconds.
-local function lua_http_path()
-  if pcall(require, "http.request") then
-    return
-  end
-  for _, v in ipairs({ "5.3", "5.2" }) do
-    local dir = "/usr/share/lua/" .. v
-    package.path = ("%s;%s/?.lua;%s/?/init.lua"):format(package.path, dir, dir)
-  end
-end
-lua_http_path()
+require("chatstream.lua_http") -- lua-http under 5.4: its 5.3/5.2 paths
 
 local cqueues = require("cqueues")
 local http_request = require("http.request")
