@@ -454,14 +454,16 @@ typedef struct stuck_arg {
     bool done;
 } stuck_arg;
 
+/* Interrupted, its worker silent for stale_after (unchanged since it was
+ * listed): the queue's head promoted, or the chat released. */
 static int run_revive(cs_publish *p, cs_chat_row *row)
 {
-    cs_hub *hub = p->hub;
-    if (!(row->status == CS_STATUS_WAITING && row->worker[0] &&
-          !fresh_worker(hub, row)))
+    stuck_arg *a = p->arg;
+    if (row->status != CS_STATUS_WAITING || !row->worker[0] ||
+        row->version != a->version ||
+        (row->heartbeat_age >= 0 && row->heartbeat_age <= a->stale_after))
         return CS_OK; /* moved on meanwhile */
-    if (p->arg)
-        ((stuck_arg *)p->arg)->done = true;
+    a->done = true;
     return promote_head(p, row, CS_STATUS_WAITING);
 }
 
@@ -527,31 +529,6 @@ static int recover_kind(cs_hub *hub, int kind, double age, size_t limit,
     return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
 }
 
-/* Interrupted chats whose worker went silent: their queue's head promoted
- * (they become pending), or released, so they cannot stay stuck. */
-static int revive_interrupted(cs_hub *hub, double stale_after, size_t limit,
-                              size_t *count)
-{
-    int64_t *stuck = malloc(limit * sizeof *stuck);
-    size_t nstuck = 0;
-    if (!stuck)
-        return CS_ENOMEM;
-    int rc = hub->store.ops->stale_interrupted(hub->store.st, stale_after,
-                                               limit, stuck, &nstuck);
-    for (size_t i = 0; rc == CS_OK && i < nstuck; i++) {
-        double keep = hub->stale_after;
-        hub->stale_after = stale_after;
-        stuck_arg a = {0, stale_after, false};
-        if (run_publish(hub, stuck[i], run_revive, &a) < 0)
-            hub->stats.publish_errors++; /* another worker's turn: fine */
-        else if (a.done)
-            (*count)++;
-        hub->stale_after = keep;
-    }
-    free(stuck);
-    return rc < 0 ? cs_hub_fail(hub, rc, NULL) : CS_OK;
-}
-
 int cs_hub_recover(cs_hub *hub, size_t limit, cs_recovered *out)
 {
     if (!hub)
@@ -566,7 +543,8 @@ int cs_hub_recover(cs_hub *hub, size_t limit, cs_recovered *out)
         rc = recover_kind(hub, CS_STUCK_ACTION, hub->action_timeout, limit,
                           run_expire, &r.expired);
     if (rc == CS_OK)
-        rc = revive_interrupted(hub, hub->stale_after, limit, &r.revived);
+        rc = recover_kind(hub, CS_STUCK_INTERRUPTED, hub->stale_after, limit,
+                          run_revive, &r.revived);
     if (rc == CS_OK)
         rc = recover_kind(hub, CS_STUCK_RUNNING, hub->stale_after, limit,
                           run_release, &r.released);
@@ -598,7 +576,8 @@ int cs_hub_acquire(cs_hub *hub, const char *worker, size_t limit,
         (rc = recover_kind(hub, CS_STUCK_ACTION, hub->action_timeout,
                            ACQUIRE_MAX, run_expire, &done)) < 0)
         return rc;
-    if ((rc = revive_interrupted(hub, stale_after, limit, &done)) < 0)
+    if ((rc = recover_kind(hub, CS_STUCK_INTERRUPTED, stale_after, limit,
+                           run_revive, &done)) < 0)
         return rc;
     cs_chat_row *rows = malloc(limit * sizeof *rows);
     if (!rows)

@@ -632,22 +632,6 @@ static int m_acquire(void *st, const char *worker, size_t limit,
     return CS_OK;
 }
 
-static int m_stale_interrupted(void *st, double stale_after, size_t limit,
-                               int64_t *ids, size_t *n)
-{
-    mem_conn *c = st;
-    cs_memdb *db = c->db;
-    double t = wall_now();
-    *n = 0;
-    for (size_t i = 0; i < db->nchats && *n < limit && stale_after >= 0; i++) {
-        mem_chat *ch = db->chats[i];
-        if (ch->status == CS_STATUS_WAITING && ch->worker[0] &&
-            (ch->heartbeat_at <= 0 || t - ch->heartbeat_at > stale_after))
-            ids[(*n)++] = ch->id;
-    }
-    return CS_OK;
-}
-
 static int m_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
                    int64_t *versions, size_t *n)
 {
@@ -655,15 +639,19 @@ static int m_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
     cs_memdb *db = c->db;
     double t = wall_now();
     *n = 0;
+    if (age < 0 && kind != CS_STUCK_QUEUE)
+        return CS_OK;
     for (size_t i = 0; i < db->nchats && *n < limit; i++) {
         mem_chat *ch = db->chats[i];
+        bool silent = ch->heartbeat_at <= 0 || t - ch->heartbeat_at > age;
         bool hit;
         if (kind == CS_STUCK_ACTION)
             hit = ch->status == CS_STATUS_REQUIRES_ACTION &&
                   t - ch->updated_at > age;
         else if (kind == CS_STUCK_RUNNING)
-            hit = ch->status == CS_STATUS_RUNNING &&
-                  (ch->heartbeat_at <= 0 || t - ch->heartbeat_at > age);
+            hit = ch->status == CS_STATUS_RUNNING && silent;
+        else if (kind == CS_STUCK_INTERRUPTED)
+            hit = ch->status == CS_STATUS_WAITING && ch->worker[0] && silent;
         else
             hit = ch->queue.n > 0 && !ch->worker[0] && !ch->archived &&
                   (ch->status == CS_STATUS_WAITING ||
@@ -974,7 +962,6 @@ static const cs_store_ops memory_ops = {
     .tx_queue_front = m_tx_queue_front,
     .acquire = m_acquire,
     .notify_part = m_notify_part,
-    .stale_interrupted = m_stale_interrupted,
     .stuck = m_stuck,
     .messages_after = m_messages_after,
     .messages_after_many = m_messages_after_many,

@@ -261,7 +261,6 @@ static const cs_store_ops pg_ops = {
     .tx_queue_front = pg_tx_queue_front,
     .acquire = pg_acquire,
     .notify_part = pg_notify_part,
-    .stale_interrupted = pg_stale_interrupted,
     .stuck = pg_stuck,
     .append1 = pg_append1,
     .append1_many = pg_append1_many,

@@ -167,8 +167,6 @@ int pg_tx_queue_del(void *st, int64_t chat_id, int64_t qid);
 int pg_tx_queue_front(void *st, int64_t chat_id, int64_t qid);
 int pg_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
              int64_t *versions, size_t *n);
-int pg_stale_interrupted(void *st, double stale_after, size_t limit,
-                         int64_t *ids, size_t *n);
 int pg_acquire(void *st, const char *worker, size_t limit, double stale_after,
                cs_chat_row *rows, size_t *n);
 int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,

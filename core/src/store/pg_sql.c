@@ -759,48 +759,14 @@ static int64_t stale_usec(double stale_after)
                                : (int64_t)(stale_after * 1e6);
 }
 
-int pg_stale_interrupted(void *st, double stale_after, size_t limit,
-                         int64_t *ids, size_t *n)
-{
-    pg_store *s = st;
-    *n = 0;
-    if (limit == 0 || !(stale_after >= 0))
-        return CS_OK;
-    char sql[SQL_MAX], lim[24], stale[24];
-    snprintf(sql, sizeof sql,
-             "SELECT id FROM %1$s.chats WHERE status = 'waiting' AND "
-             "worker_id IS NOT NULL AND (heartbeat_at IS NULL OR heartbeat_at "
-             "< clock_timestamp() - $2::bigint * interval '1 microsecond') "
-             "ORDER BY updated_at, id LIMIT $1::bigint",
-             s->schema);
-    pg_i64s(lim, (int64_t)limit);
-    pg_i64s(stale, stale_usec(stale_after));
-    const char *vals[2] = {lim, stale};
-    if (s->in_tx)
-        return pg_fail(s, CS_EINVAL, "a transaction is open", NULL);
-    PGresult *r = pg_run_retry(s, sql, 2, vals);
-    if (!r)
-        return CS_EBACKEND;
-    int rows = PQntuples(r), rc = CS_OK;
-    for (int i = 0; i < rows && (size_t)i < limit; i++) {
-        if (!pg_col_id(r, i, 0, &ids[i])) {
-            rc = pg_fail(s, CS_EBACKEND, "bad chat id", NULL);
-            break;
-        }
-        *n = (size_t)i + 1;
-    }
-    PQclear(r);
-    if (rc < 0)
-        *n = 0;
-    return rc;
-}
-
 int pg_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
              int64_t *versions, size_t *n)
 {
     pg_store *s = st;
     *n = 0;
     if (limit == 0)
+        return CS_OK;
+    if (age < 0 && kind != CS_STUCK_QUEUE)
         return CS_OK;
     char sql[SQL_MAX], lim[24], old[24];
     if (kind == CS_STUCK_QUEUE)
@@ -820,8 +786,11 @@ int pg_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
                  s->schema,
                  kind == CS_STUCK_ACTION
                      ? "status = 'requires_action' AND updated_at"
-                     : "status = 'running' AND coalesce(heartbeat_at, "
-                       "'-infinity')");
+                 : kind == CS_STUCK_RUNNING
+                     ? "status = 'running' AND coalesce(heartbeat_at, "
+                       "'-infinity')"
+                     : "status = 'waiting' AND worker_id IS NOT NULL AND "
+                       "coalesce(heartbeat_at, '-infinity')");
     pg_i64s(lim, (int64_t)limit);
     pg_i64s(old, stale_usec(age));
     const char *vals[2] = {lim, old};

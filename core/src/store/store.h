@@ -50,9 +50,16 @@ int cs_parts_push(cs_parts *p, int64_t seq, int64_t after, const char *text,
 void cs_parts_free(cs_parts *p);
 
 /* What stuck lists: chats in requires_action with no change for `age`
- * seconds; running chats whose worker's heartbeat is older than `age`;
- * idle chats (waiting with no worker, completed, error) with a queue. */
-enum { CS_STUCK_ACTION, CS_STUCK_RUNNING, CS_STUCK_QUEUE };
+ * seconds; running chats, or interrupted ones (waiting, a worker still on
+ * them), whose worker's heartbeat is older than `age` (< 0: none); idle
+ * chats (waiting with no worker, completed, error, not archived) with a
+ * queue. */
+enum {
+    CS_STUCK_ACTION,
+    CS_STUCK_RUNNING,
+    CS_STUCK_INTERRUPTED,
+    CS_STUCK_QUEUE
+};
 
 /* append1's notify: none (a notify step follows), the plain hint, or the
  * hint with the message when it fits. */
@@ -134,11 +141,6 @@ typedef struct cs_store_ops {
      * order (a NULL entry where none: failed, or no memory for a copy). */
     int (*append1_many)(void *st, const cs_append_req *reqs, size_t n,
                         int notify, cs_msglist *out, int64_t *ids, int *rcs);
-    /* Up to limit chats interrupted (waiting, a worker still on them) whose
-     * worker's heartbeat is older than stale_after seconds: read only; the
-     * caller revives each under its lock. */
-    int (*stale_interrupted)(void *st, double stale_after, size_t limit,
-                             int64_t *ids, size_t *n);
     /* Up to limit chats stuck in one way (CS_STUCK_*), oldest first, with
      * their versions: read only; the caller acts on each under its lock. */
     int (*stuck)(void *st, int kind, double age, size_t limit, int64_t *ids,
