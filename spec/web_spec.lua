@@ -195,6 +195,43 @@ describe("web server on PostgreSQL", function()
     end)
   end)
 
+  it("streams status events with a recorded error and the archived flag", function()
+    H.with_instance("postgresql", function(inst)
+      local store = inst:open()
+      local chat = assert(store:create_chat({ owner = "web" }))
+      local s = W.start(inst)
+      local ok, err = pcall(function()
+        local cq = cqueues.new()
+        local statuses = {}
+        local c = S.client(cq, s.url .. "/chats/" .. chat .. "/events", { reconnect = false })
+        S.run_until(cq, function() return c.chat_status == "waiting" end, 10, "the snapshot's status")
+        assert(store:send(chat, { content = "work" }))
+        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+        assert(store:finish(chat, "error", { worker = "w1", error = "the model timed out" }))
+        assert(store:archive(chat))
+        -- the client keeps each status event's data
+        S.run_until(cq, function()
+          for _, m in ipairs(c.statuses or {}) do
+            statuses[#statuses + 1] = m
+          end
+          c.statuses = {}
+          return #statuses > 0 and statuses[#statuses].archived == true
+        end, 10, "the archived status")
+        local errors = {}
+        for _, m in ipairs(statuses) do
+          if m.status == "error" then
+            errors[#errors + 1] = m.error
+          end
+        end
+        assert.are.same({ "the model timed out", "the model timed out" }, errors) -- the error, then archived
+        c:stop()
+        S.run_until(cq, function() return c.done end, 5, "the client's end")
+      end)
+      local stderr = W.stop(s)
+      assert(ok, tostring(err) .. "\n" .. stderr)
+    end)
+  end)
+
   it("serves 200 concurrent event streams in one process, each every message once", function()
     H.with_instance("postgresql", function(inst)
       local writer = inst:open()

@@ -9,7 +9,8 @@
 --     (the last id: it got). c.messages: the message events' data, decoded,
 --     in arrival order; c.ids: their ids; c.connects, c.comments (heartbeat
 --     lines), c.kinds[kind] (counts), c.last_id; c.status (the last
---     response's); on_message(c, data, now) if given. c:stop() ends it.
+--     response's); c.chat_status and c.statuses (the status events' data, a
+--     reader may empty it); on_message(c, data, now) if given. c:stop() ends it.
 --   S.run_until(cq, pred, limit, what) steps cq until pred() is true; an
 --     error naming `what` after limit seconds.
 require("chatstream.lua_http") -- lua-http under 5.4: its 5.3/5.2 paths
@@ -123,7 +124,10 @@ local function follow_once(c)
             c.on_message(c, m, cqueues.monotime())
           end
         elseif kind == "status" then
-          c.chat_status = cjson.decode(data).status
+          local st = decode(data)
+          c.chat_status = st.status
+          c.statuses = c.statuses or {}
+          c.statuses[#c.statuses + 1] = st
         end
       end
     end
