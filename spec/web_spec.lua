@@ -16,16 +16,7 @@ end
 
 local db_ids = W.db_ids
 
-local function with_server(kind, args, fn)
-  H.with_instance(kind, function(inst)
-    local s = W.start(inst, args)
-    local ok, err = pcall(fn, s, inst)
-    local stderr = W.stop(s)
-    if not ok then
-      error(tostring(err) .. "\nweb.lua's stderr:\n" .. stderr, 0)
-    end
-  end)
-end
+local with_server = W.with
 
 H.each_backend(_ENV, function(kind)
   it("answers the endpoint contract: chats, messages (the lifecycle's send), the page", function()
@@ -196,199 +187,179 @@ describe("web server on PostgreSQL", function()
   end)
 
   it("streams status events with a recorded error and the archived flag", function()
-    H.with_instance("postgresql", function(inst)
+    W.with("postgresql", nil, function(s, inst)
       local store = inst:open()
       local chat = assert(store:create_chat({ owner = "web" }))
-      local s = W.start(inst)
-      local ok, err = pcall(function()
-        local cq = cqueues.new()
-        local statuses = {}
-        local c = S.client(cq, s.url .. "/chats/" .. chat .. "/events", { reconnect = false })
-        S.run_until(cq, function() return c.chat_status == "waiting" end, 10, "the snapshot's status")
-        assert(store:send(chat, { content = "work" }))
-        assert.are.same({ chat }, store:acquire({ worker = "w1" }))
-        assert(store:finish(chat, "error", { worker = "w1", error = "the model timed out" }))
-        assert(store:archive(chat))
-        -- the client keeps each status event's data
-        S.run_until(cq, function()
-          for _, m in ipairs(c.statuses or {}) do
-            statuses[#statuses + 1] = m
-          end
-          c.statuses = {}
-          return #statuses > 0 and statuses[#statuses].archived == true
-        end, 10, "the archived status")
-        local errors = {}
-        for _, m in ipairs(statuses) do
-          if m.status == "error" then
-            errors[#errors + 1] = m.error
-          end
+      local cq = cqueues.new()
+      local statuses = {}
+      local c = S.client(cq, s.url .. "/chats/" .. chat .. "/events", { reconnect = false })
+      S.run_until(cq, function() return c.chat_status == "waiting" end, 10, "the snapshot's status")
+      assert(store:send(chat, { content = "work" }))
+      assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+      assert(store:finish(chat, "error", { worker = "w1", error = "the model timed out" }))
+      assert(store:archive(chat))
+      -- the client keeps each status event's data
+      S.run_until(cq, function()
+        for _, m in ipairs(c.statuses or {}) do
+          statuses[#statuses + 1] = m
         end
-        assert.are.same({ "the model timed out", "the model timed out" }, errors) -- the error, then archived
-        c:stop()
-        S.run_until(cq, function() return c.done end, 5, "the client's end")
-      end)
-      local stderr = W.stop(s)
-      assert(ok, tostring(err) .. "\n" .. stderr)
+        c.statuses = {}
+        return #statuses > 0 and statuses[#statuses].archived == true
+      end, 10, "the archived status")
+      local errors = {}
+      for _, m in ipairs(statuses) do
+        if m.status == "error" then
+          errors[#errors + 1] = m.error
+        end
+      end
+      assert.are.same({ "the model timed out", "the model timed out" }, errors) -- the error, then archived
+      c:stop()
+      S.run_until(cq, function() return c.done end, 5, "the client's end")
     end)
   end)
 
   it("serves 200 concurrent event streams in one process, each every message once", function()
-    H.with_instance("postgresql", function(inst)
+    W.with("postgresql", nil, function(s, inst)
       local writer = inst:open()
       local chats = {}
       for i = 1, 4 do
         chats[i] = assert(writer:create_chat({ owner = "web" }))
       end
-      local s = W.start(inst)
-      local ok, err = pcall(function()
-        local cq = cqueues.new()
-        local clients = {}
-        for i = 1, 200 do
-          local chat = chats[(i - 1) % 4 + 1]
-          clients[i] = S.client(cq, s.url .. "/chats/" .. chat .. "/events", { reconnect = false })
-          clients[i].chat = chat
+      local cq = cqueues.new()
+      local clients = {}
+      for i = 1, 200 do
+        local chat = chats[(i - 1) % 4 + 1]
+        clients[i] = S.client(cq, s.url .. "/chats/" .. chat .. "/events", { reconnect = false })
+        clients[i].chat = chat
+      end
+      S.run_until(cq, function()
+        for _, c in ipairs(clients) do
+          if (c.kinds.status or 0) < 1 then
+            return false
+          end
         end
-        S.run_until(cq, function()
-          for _, c in ipairs(clients) do
-            if (c.kinds.status or 0) < 1 then
-              return false
-            end
-          end
-          return true
-        end, 30, "200 snapshots")
-        for i = 1, 25 do
-          for _, chat in ipairs(chats) do
-            assert(writer:append(chat, { role = "user", content = "m" .. i }))
-          end
-          cq:step(0.01)
-        end
-        S.run_until(cq, function()
-          for _, c in ipairs(clients) do
-            if #c.ids < 25 then
-              return false
-            end
-          end
-          return true
-        end, 30, "every client's 25 messages")
-        cq:step(0.1)
-        local want = {}
+        return true
+      end, 30, "200 snapshots")
+      for i = 1, 25 do
         for _, chat in ipairs(chats) do
-          want[chat] = db_ids(writer, chat)
+          assert(writer:append(chat, { role = "user", content = "m" .. i }))
         end
-        for i, c in ipairs(clients) do
-          assert.are.same(want[c.chat], c.ids, "client " .. i)
-          assert.are.equal(1, c.connects)
-          c:stop()
+        cq:step(0.01)
+      end
+      S.run_until(cq, function()
+        for _, c in ipairs(clients) do
+          if #c.ids < 25 then
+            return false
+          end
         end
-        S.run_until(cq, function() return clients[200].done end, 5, "the clients' end")
-      end)
-      local stderr = W.stop(s)
-      assert(ok, tostring(err) .. "\n" .. stderr)
+        return true
+      end, 30, "every client's 25 messages")
+      cq:step(0.1)
+      local want = {}
+      for _, chat in ipairs(chats) do
+        want[chat] = db_ids(writer, chat)
+      end
+      for i, c in ipairs(clients) do
+        assert.are.same(want[c.chat], c.ids, "client " .. i)
+        assert.are.equal(1, c.connects)
+        c:stop()
+      end
+      S.run_until(cq, function() return clients[200].done end, 5, "the clients' end")
     end)
   end)
 
   it("does not spin while a client that stops reading has a full outbox", function()
-    H.with_instance("postgresql", function(inst)
+    W.with("postgresql", { "--max-pending", "4096", "--write-timeout", "60" }, function(s, inst)
       local writer = inst:open()
       local chat = assert(writer:create_chat({ owner = "web" }))
-      local s = W.start(inst, { "--max-pending", "4096", "--write-timeout", "60" })
-      local ok, err = pcall(function()
-        local stalled = assert(socket.connect("127.0.0.1", s.port))
-        stalled:setmode("b", "b")
-        assert(stalled:write(("GET /chats/%d/events HTTP/1.1\r\nHost: x\r\n\r\n"):format(chat)))
-        assert(stalled:flush())
-        local big = ("z"):rep(60000)
-        for i = 1, 200 do -- more than the sockets hold: its events wait in its subscription
-          assert(writer:append(chat, { role = "user", content = i .. big }))
+      local stalled = assert(socket.connect("127.0.0.1", s.port))
+      stalled:setmode("b", "b")
+      assert(stalled:write(("GET /chats/%d/events HTTP/1.1\r\nHost: x\r\n\r\n"):format(chat)))
+      assert(stalled:flush())
+      local big = ("z"):rep(60000)
+      for i = 1, 200 do -- more than the sockets hold: its events wait in its subscription
+        assert(writer:append(chat, { role = "user", content = i .. big }))
+      end
+      local function cpu() -- the server's CPU seconds
+        local f = assert(io.open("/proc/" .. s.pid .. "/stat"))
+        local st = f:read("a")
+        f:close()
+        local fields = {}
+        for x in st:match("%) (.*)$"):gmatch("%S+") do
+          fields[#fields + 1] = x
         end
-        local function cpu() -- the server's CPU seconds
-          local f = assert(io.open("/proc/" .. s.pid .. "/stat"))
-          local st = f:read("a")
-          f:close()
-          local fields = {}
-          for x in st:match("%) (.*)$"):gmatch("%S+") do
-            fields[#fields + 1] = x
-          end
-          return (tonumber(fields[12]) + tonumber(fields[13])) / 100
-        end
-        os.execute("sleep 1") -- the appends' notifications are in
-        local c0 = cpu()
-        os.execute("sleep 2")
-        local used = cpu() - c0
-        assert.is_true(used < 0.5, ("the server used %.2f s of CPU in 2 s while idle"):format(used))
-        stalled:close()
-      end)
-      local stderr = W.stop(s)
-      assert(ok, tostring(err) .. "\n" .. stderr)
+        return (tonumber(fields[12]) + tonumber(fields[13])) / 100
+      end
+      os.execute("sleep 1") -- the appends' notifications are in
+      local c0 = cpu()
+      os.execute("sleep 2")
+      local used = cpu() - c0
+      assert.is_true(used < 0.5, ("the server used %.2f s of CPU in 2 s while idle"):format(used))
+      stalled:close()
     end)
   end)
 
   it("lets a client that stops reading go, while the others get everything at once; it resumes losslessly", function()
-    H.with_instance("postgresql", function(inst)
+    W.with("postgresql", { "--max-pending", "262144", "--write-timeout", "1" }, function(s, inst)
       local writer = inst:open()
       local chat = assert(writer:create_chat({ owner = "web" }))
-      local s = W.start(inst, { "--max-pending", "262144", "--write-timeout", "1" })
-      local ok, err = pcall(function()
-        -- the stalled client: asks for the stream and reads nothing
-        local stalled = assert(socket.connect("127.0.0.1", s.port))
-        stalled:setmode("b", "b") -- bytes as they are (no CRLF translation): the chunk sizes count them
-        assert(stalled:write(("GET /chats/%d/events HTTP/1.1\r\nHost: x\r\n\r\n"):format(chat)))
-        assert(stalled:flush())
-        local cq = cqueues.new()
-        local live = S.client(cq, s.url .. "/chats/" .. chat .. "/events", { reconnect = false })
-        S.run_until(cq, function() return (live.kinds.status or 0) >= 1 end, 10, "the live client's snapshot")
-        -- 12 MB, more than the sockets' buffers hold, written from a
-        -- coroutine of the clients' loop (its appends yield to the client)
-        local w = assert(require("chatstream.cqueues").open({ dsn = H.dsn, schema = inst.schema }))
-        local t0 = cqueues.monotime()
-        cq:wrap(function()
-          local big = ("z"):rep(60000)
-          for i = 1, 200 do
-            assert(w:append(chat, { role = "user", content = i .. big }))
-          end
-        end)
-        S.run_until(cq, function() return #live.ids == 200 or live.done end, 30, "the live client's 200 messages")
-        assert.are.same({ 200, false }, { #live.ids, live.done or false }, table.concat(live.ends, "; "))
-        assert.are.equal(1, live.connects)
-        local secs = cqueues.monotime() - t0
-        w:close()
-        live:stop()
-        S.run_until(cq, function() return live.done end, 5, "the live client's end")
-        -- the stalled one: past its write timeout (1 s) the server lets it
-        -- go and closes the connection; what it got is a prefix, in order
-        local t1 = cqueues.monotime() + 2
-        S.run_until(cq, function() return cqueues.monotime() > t1 end, 5, "2 s")
-        stalled:settimeout(10)
-        local raw = {}
-        while true do
-          local data, rerr = stalled:read(-65536) -- what is there, up to 64 KiB
-          if not data then
-            assert.is_nil(rerr, "the stalled client's read after " .. #table.concat(raw) .. " bytes")
-            break
-          end
-          raw[#raw + 1] = data
+      -- the stalled client: asks for the stream and reads nothing
+      local stalled = assert(socket.connect("127.0.0.1", s.port))
+      stalled:setmode("b", "b") -- bytes as they are (no CRLF translation): the chunk sizes count them
+      assert(stalled:write(("GET /chats/%d/events HTTP/1.1\r\nHost: x\r\n\r\n"):format(chat)))
+      assert(stalled:flush())
+      local cq = cqueues.new()
+      local live = S.client(cq, s.url .. "/chats/" .. chat .. "/events", { reconnect = false })
+      S.run_until(cq, function() return (live.kinds.status or 0) >= 1 end, 10, "the live client's snapshot")
+      -- 12 MB, more than the sockets' buffers hold, written from a
+      -- coroutine of the clients' loop (its appends yield to the client)
+      local w = assert(require("chatstream.cqueues").open({ dsn = H.dsn, schema = inst.schema }))
+      local t0 = cqueues.monotime()
+      cq:wrap(function()
+        local big = ("z"):rep(60000)
+        for i = 1, 200 do
+          assert(w:append(chat, { role = "user", content = i .. big }))
         end
-        stalled:close()
-        local got = {}
-        for id in table.concat(raw):gmatch("\nid: (%d+)\n") do
-          got[#got + 1] = math.tointeger(tonumber(id))
-        end
-        assert.is_true(#got < 200, "let go before the end, got " .. #got)
-        for i, id in ipairs(got) do
-          assert.are.equal(i, id)
-        end
-        -- from the last id it got, a new stream brings the rest
-        local last = got[#got] or 0
-        local rest = S.client(cq, s.url .. "/chats/" .. chat .. "/events?after=" .. last, { reconnect = false })
-        S.run_until(cq, function() return #rest.ids == 200 - last end, 30, "the rest after a resume")
-        rest:stop()
-        S.run_until(cq, function() return rest.done end, 5, "the resumed client's end")
-        assert.are.same(db_ids(writer, chat), table.move(rest.ids, 1, #rest.ids, #got + 1, got))
-        print(("\n  web slow client: live got 200 in %.2f s; the stalled one %d before it was let go"):format(secs,
-          last))
       end)
-      local stderr = W.stop(s)
-      assert(ok, tostring(err) .. "\n" .. stderr)
+      S.run_until(cq, function() return #live.ids == 200 or live.done end, 30, "the live client's 200 messages")
+      assert.are.same({ 200, false }, { #live.ids, live.done or false }, table.concat(live.ends, "; "))
+      assert.are.equal(1, live.connects)
+      local secs = cqueues.monotime() - t0
+      w:close()
+      live:stop()
+      S.run_until(cq, function() return live.done end, 5, "the live client's end")
+      -- the stalled one: past its write timeout (1 s) the server lets it
+      -- go and closes the connection; what it got is a prefix, in order
+      local t1 = cqueues.monotime() + 2
+      S.run_until(cq, function() return cqueues.monotime() > t1 end, 5, "2 s")
+      stalled:settimeout(10)
+      local raw = {}
+      while true do
+        local data, rerr = stalled:read(-65536) -- what is there, up to 64 KiB
+        if not data then
+          assert.is_nil(rerr, "the stalled client's read after " .. #table.concat(raw) .. " bytes")
+          break
+        end
+        raw[#raw + 1] = data
+      end
+      stalled:close()
+      local got = {}
+      for id in table.concat(raw):gmatch("\nid: (%d+)\n") do
+        got[#got + 1] = math.tointeger(tonumber(id))
+      end
+      assert.is_true(#got < 200, "let go before the end, got " .. #got)
+      for i, id in ipairs(got) do
+        assert.are.equal(i, id)
+      end
+      -- from the last id it got, a new stream brings the rest
+      local last = got[#got] or 0
+      local rest = S.client(cq, s.url .. "/chats/" .. chat .. "/events?after=" .. last, { reconnect = false })
+      S.run_until(cq, function() return #rest.ids == 200 - last end, 30, "the rest after a resume")
+      rest:stop()
+      S.run_until(cq, function() return rest.done end, 5, "the resumed client's end")
+      assert.are.same(db_ids(writer, chat), table.move(rest.ids, 1, #rest.ids, #got + 1, got))
+      print(("\n  web slow client: live got 200 in %.2f s; the stalled one %d before it was let go"):format(secs,
+        last))
     end)
   end)
 end)

@@ -191,11 +191,11 @@ function Server:pump(c)
 end
 
 -- Ends a client's stream (its writer finishes it); nothing more is pumped.
-function Server:let_go(c, why)
+function Server:let_go(c)
   if c.gone then
     return
   end
-  c.gone, c.why, c.out, c.bytes = true, why, {}, 0
+  c.gone, c.out, c.bytes = true, {}, 0
   self.clients[c.sub] = nil
   if not c.pumping then
     c.sub:close()
@@ -277,7 +277,7 @@ function Server:events(stream, req, chat, query)
     self.stats.let_go = self.stats.let_go + 1
     self.log(("web: chat %d: a client's stream let go: %s"):format(chat, tostring(werr)))
   end
-  self:let_go(c, werr or "closed")
+  self:let_go(c)
   if ok then
     stream:write_chunk("", true, self.o.write_timeout) -- the end of a stream let go: the browser resumes
   end
@@ -471,7 +471,7 @@ end
 function Server:close()
   self.closed = true
   for _, c in pairs(self.clients) do
-    self:let_go(c, "closed")
+    self:let_go(c)
   end
   self.wake:signal()
   self.http:close()

@@ -2,7 +2,8 @@
 -- the web specs: W.start(inst, args) on the instance's store (PostgreSQL
 -- when inst has a schema, else the embedded one), on a free port unless
 -- args has --port; W.kill(s, sig) signals it and waits until it has gone
--- (its stderr); W.stop(s) ends it and removes its files; W.db_ids(store,
+-- (its stderr); W.stop(s) ends it and removes its files; W.with(kind,
+-- args, fn) runs fn(s, inst) with one on a fresh instance and stops it; W.db_ids(store,
 -- chat) the chat's message ids as the database has them, in order.
 local H = require("helpers")
 local P = require("support.procs")
@@ -68,6 +69,19 @@ function W.stop(s)
   os.remove(s.out)
   os.remove(s.err)
   return err
+end
+
+--- Runs fn(s, inst) with a server on a fresh instance of kind (args as
+-- W.start's), then stops it, even on error; a failure carries its stderr.
+function W.with(kind, args, fn)
+  H.with_instance(kind, function(inst)
+    local s = W.start(inst, args)
+    local ok, err = pcall(fn, s, inst)
+    local stderr = W.stop(s)
+    if not ok then
+      error(tostring(err) .. "\nweb.lua's stderr:\n" .. stderr, 0)
+    end
+  end)
 end
 
 function W.db_ids(store, chat)
