@@ -319,12 +319,14 @@ typedef struct cs_chat_info {
      * text), "" when none: the next turn that finishes otherwise clears it. */
     char last_error[CS_ERROR_MAX + 1];
     bool archived; /* archived: refuses send and promote_queued */
+    /* How many edits cut the chat's history (cs_hub_edit): 0 until one. */
+    int64_t history;
 } cs_chat_info;
 
 /* Authorisation: may `actor` do `op` ("subscribe", "send", "queued",
  * "promote_queued", "delete_queued", "move_queued", "append", "finish",
  * "interrupt", "submit_tool_results", "archive", "unarchive",
- * "publish_part", "chat") on chat? Called
+ * "publish_part", "edit", "chat") on chat? Called
  * with the chat's metadata only, before any of its messages, status or queue is
  * read. Returns 1 to allow, 0 to refuse (a reason may be written to why), or a
  * CS_E* error. */
@@ -437,6 +439,23 @@ int cs_hub_submit_tool_results(cs_hub *hub, int64_t chat_id, const char *actor,
  * NULL) receives the chat afterwards. */
 int cs_hub_archive(cs_hub *hub, int64_t chat_id, const char *actor,
                    bool archived, cs_chat_info *out);
+/* Edits user message message_id of the chat: in one transaction it and
+ * every later message leave the history (kept as soft-deleted rows, never
+ * read again), content is appended as a new user message after the edited
+ * one's prev_id, the queue is cleared, a worker on the chat is let go (its
+ * appends are refused from then on: CS_ESTATE) and the chat goes pending;
+ * its history counts one more. Subscribers get a truncate event (after =
+ * the edited message's prev_id), then the new message. *id receives it.
+ * CS_EINVAL: no such live user message in the chat; CS_ESTATE: archived. */
+int cs_hub_edit(cs_hub *hub, int64_t chat_id, int64_t message_id,
+                const char *actor, const char *content, size_t len,
+                int64_t *id);
+/* The same as a stepped publish (as cs_promote_prepare): its commit is the
+ * edit's transaction; its notify step sends the truncate hint, then the new
+ * message's. */
+int cs_edit_prepare(cs_hub *hub, int64_t chat_id, int64_t message_id,
+                    const char *actor, const char *content, size_t len,
+                    cs_publish **out);
 /* Interrupts the chat's turn: a running chat goes waiting (version + 1)
  * with its worker kept as the interrupted one (its heartbeat then returns 0
  * with status waiting; it may still append what it had produced, with its
@@ -554,7 +573,10 @@ typedef enum cs_event_kind {
     CS_EV_MESSAGE = 1,
     CS_EV_STATUS,
     CS_EV_QUEUE,
-    CS_EV_PART
+    CS_EV_PART,
+    /* The chat's history was cut by an edit: every message with id > after
+     * (prev_id) is gone; what follows continues from there. */
+    CS_EV_TRUNCATE
 } cs_event_kind;
 
 /* An event; every pointer is borrowed and valid until the next cs_sub_next
@@ -562,12 +584,13 @@ typedef enum cs_event_kind {
 typedef struct cs_event {
     cs_event_kind kind;
     int64_t chat_id;
-    int64_t id, prev_id; /* message; part: after (the message it follows) */
+    int64_t id, prev_id; /* message; part: after (the message it follows);
+                            truncate: after (prev_id) */
     const char *role;    /* message */
     const char *text;    /* message content, part text, status name */
     size_t text_len;
     const char *tool;      /* message: tool call IDs or the answered one */
-    int64_t version;       /* status */
+    int64_t version;       /* status; truncate: the chat's history */
     cs_status status;      /* status */
     const cs_queue *queue; /* queue: the whole queue, in order */
     const char *error;     /* status error: the recorded error, or NULL */

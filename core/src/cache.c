@@ -77,6 +77,22 @@ size_t cs_cache_trim(cs_cache *c, int64_t upto)
     return k;
 }
 
+size_t cs_cache_drop(cs_cache *c, int64_t lo, int64_t hi)
+{
+    size_t k = 0, out = 0;
+    for (size_t i = 0; i < c->n; i++) {
+        cs_msg *m = cs_cache_at(c, i);
+        if (m->id > lo && m->id < hi) {
+            cs_msg_unref(m);
+            k++;
+        } else {
+            *slot(c, out++) = m;
+        }
+    }
+    c->n = out;
+    return k;
+}
+
 bool cs_cache_after(const cs_cache *c, int64_t after, size_t *first,
                     size_t *count)
 {

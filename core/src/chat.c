@@ -180,7 +180,7 @@ int cs_pub_load(cs_hub *hub, int64_t chat_id, const int64_t *ids, size_t n,
 {
     cs_msglist rows = {0};
     int rc = n ? hub->store.ops->messages_after(hub->store.st, chat_id,
-                                                ids[0] - 1, n, &rows)
+                                                ids[0] - 1, n, &rows, NULL)
                : CS_OK;
     size_t base = out->n, k = 0;
     for (size_t i = 0; rc == CS_OK && i < rows.n && k < n; i++) {
@@ -424,11 +424,18 @@ int cs_pub_cache(cs_publish *p, size_t i)
     hub_chat *c = cs_hub_chat(p->hub, p->chat_id);
     if (!c)
         return CS_ENOMEM;
+    pub_extras *x = &p->extras;
+    if (x->cut_cache) {
+        /* An edit's cut goes first: what it removed leaves the cache, and
+         * a late publish of it is not taken back in. */
+        cs_chat_cut(c, x->cut_after, x->cut_id, x->cut_history);
+        x->cut_cache = false;
+    }
     size_t lo = i == CS_ALL ? 0 : i, hi = i == CS_ALL ? p->n : i + 1;
     for (size_t k = lo; k < hi; k++) {
         if (p->cached[k])
             continue;
-        cs_cache_append(&c->cache, p->committed.items[k]);
+        cs_chat_cache_put(c, p->committed.items[k]);
         p->cached[k] = 1;
     }
     return CS_OK;
@@ -440,6 +447,22 @@ int cs_pub_notify(cs_publish *p, size_t i)
     if (rc < 0)
         return rc;
     cs_hub *hub = p->hub;
+    pub_extras *x = &p->extras;
+    if (x->cut) {
+        /* An edit's truncate hint goes before its message. */
+        char buf[80];
+        cs_hint h = {.kind = CS_HINT_TRUNCATE,
+                     .version = x->cut_history,
+                     .after = x->cut_after,
+                     .id = x->cut_id};
+        int len = cs_payload_encode(&h, buf, sizeof buf);
+        rc = len < 0 ? len
+                     : hub->store.ops->notify(hub->store.st, p->chat_id, buf,
+                                              (size_t)len);
+        if (rc < 0)
+            return cs_hub_fail(hub, rc, NULL);
+        x->cut = false;
+    }
     size_t lo = i == CS_ALL ? 0 : i, hi = i == CS_ALL ? p->n : i + 1;
     for (size_t k = lo; k < hi; k++) {
         if (p->notified[k])

@@ -114,3 +114,18 @@ hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
     hub->nchats++;
     return c;
 }
+
+int cs_chat_cache_put(hub_chat *c, cs_msg *m)
+{
+    return m->id < c->dead_upto ? 0 : cs_cache_append(&c->cache, m);
+}
+
+void cs_chat_cut(hub_chat *c, int64_t after, int64_t upto, int64_t history)
+{
+    cs_cache_drop(&c->cache, after, upto);
+    if (upto > c->dead_upto)
+        c->dead_upto = upto;
+    if (history > c->history)
+        c->history = history;
+    cs_msglist_clear(&c->memo);
+}

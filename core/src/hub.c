@@ -267,9 +267,14 @@ static void hub_prefetch(cs_hub *hub, prefetch *p, size_t k)
         ids[k + i] = p[i].after;
     }
     cs_msglist out = {0};
+    int64_t *histories = malloc(k * sizeof *histories);
+    if (!histories) {
+        free(ids);
+        return;
+    }
     hub->counts.queries++;
-    int rc = hub->store.ops->messages_after_many(hub->store.st, ids, ids + k, k,
-                                                 hub->page_size, &out);
+    int rc = hub->store.ops->messages_after_many(
+        hub->store.st, ids, ids + k, k, hub->page_size, &out, histories);
     if (rc == CS_EBACKEND)
         hub->counts.query_errors++;
     for (size_t i = 0, j = 0; rc == CS_OK && i < k; i++) {
@@ -285,8 +290,10 @@ static void hub_prefetch(cs_hub *hub, prefetch *p, size_t k)
         for (size_t m = start; m < j; m++)
             cs_msglist_push(&c->memo, cs_msg_ref(out.items[m]));
         c->memo_after = p[i].after;
+        c->memo_history = histories[i];
     }
     cs_msglist_free(&out);
+    free(histories);
     free(ids);
 }
 

@@ -31,6 +31,11 @@ typedef struct hub_chat {
      * querying again when it reaches what they were notified of. */
     cs_msglist memo;
     int64_t memo_after;
+    int64_t memo_history; /* the chat's history when the memo was read */
+    /* Edits this hub knows of: the chat's history, and the newest edit's
+     * new message. The cache takes no message below it (a publish that
+     * committed before the edit and came late would bring one back). */
+    int64_t history, dead_upto;
 } hub_chat;
 
 /* A round of the backstop poll (poll.c): the chats followed when it began,
@@ -78,6 +83,9 @@ struct cs_hub {
 
 /* A read refused under hub->nodb (never returned by the public API). */
 #define CS_EWOULDBLOCK (-100)
+/* A DB pass found the chat's history moved (an edit): its rows are not
+ * used, the subscription catches up with the cut first. Internal too. */
+#define CS_EHISTORY (-101)
 
 /* A pending notification for one subscription. */
 #define CS_ARCHIVED_BIT                                                        \
@@ -87,7 +95,9 @@ struct cs_hub {
 typedef struct qhint {
     cs_hint_kind kind;
     int64_t a, b; /* message: after, id; status: version, status (with
-                     CS_ARCHIVED_BIT when archived); part: after, seq */
+                     CS_ARCHIVED_BIT when archived); part: after, seq;
+                     truncate: after, the edit's new message */
+    int64_t h;    /* truncate: the chat's history */
     char *text;   /* part; status: the recorded error, or NULL: owned */
     size_t len;
 } qhint;
@@ -96,8 +106,9 @@ typedef struct qhint {
 typedef struct oevent {
     cs_event_kind kind; /* 0: empty */
     cs_msg *msg;        /* message */
-    int64_t a, b;       /* status: version, status; part: after */
-    char *text;         /* part; status: the recorded error, or NULL */
+    int64_t a, b; /* status: version, status; part: after; truncate: after,
+                     history */
+    char *text;   /* part; status: the recorded error, or NULL */
     size_t len;
     cs_queue *queue; /* queue */
 } oevent;
@@ -131,7 +142,13 @@ struct cs_sub {
     size_t snap_n;
     oevent snap_part;   /* that event, while the snapshot's pages are read */
     uint64_t queue_sig; /* of the last queue delivered */
-    cs_msglist out;     /* the merge's output */
+    /* The chat's history as this subscription has it (its snapshot's, then
+     * each cut it handed over); history_dirty: it moved, the cuts are read
+     * from the store. Parts of turns before the last cut's new message
+     * (parts_floor) are stale. */
+    int64_t history, parts_floor;
+    bool history_dirty;
+    cs_msglist out; /* the merge's output */
     /* events ready for the reader, in order */
     oevent *ev;
     size_t evpos, evn, evcap;
@@ -162,6 +179,10 @@ typedef struct pub_extras {
     cs_status st;
     char error[CS_ERROR_MAX + 1]; /* an error status: what it recorded */
     bool archived;
+    /* An edit's cut: sent before the messages (cut), applied to the cache
+     * before they are cached (cut_cache). */
+    bool cut, cut_cache;
+    int64_t cut_history, cut_after, cut_id;
 } pub_extras;
 
 /* The transaction of a publish: fills p->committed (and p->extras), under
@@ -177,7 +198,7 @@ struct cs_publish {
     bool committed_done;
     pub_run_fn run; /* the transaction; NULL: append msgs */
     void *arg;      /* for run, valid until commit */
-    int64_t qid;    /* promote: the queue item */
+    int64_t qid;    /* promote: the queue item; edit: the edited message */
     char *worker;   /* append: only while the chat runs on it, or NULL */
     char *key;      /* append: its idempotency key, or NULL */
     bool oneshot;   /* committed and published in one go (not stepped) */
@@ -254,6 +275,13 @@ void cs_hub_stalled_wake(cs_hub *hub);
 /* The hub's state for a chat, created on first use (NULL on ENOMEM). */
 hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id);
 hub_chat *cs_hub_chat_find(const cs_hub *hub, int64_t chat_id);
+/* Into the chat's cache, unless an edit removed it (below dead_upto):
+ * 1 inserted, 0 not. */
+int cs_chat_cache_put(hub_chat *c, cs_msg *m);
+/* An edit cut the chat at history `history`: messages in (after, upto)
+ * leave the cache, which takes none below upto from now on, and the memo
+ * is dropped. */
+void cs_chat_cut(hub_chat *c, int64_t after, int64_t upto, int64_t history);
 
 /* ---- poll.c ------------------------------------------------------------ */
 

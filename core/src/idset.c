@@ -76,6 +76,17 @@ int cs_idset_remove(cs_idset *s, int64_t id)
     return 1;
 }
 
+void cs_idset_cut(cs_idset *s, int64_t w)
+{
+    if (s->watermark >= w) {
+        s->watermark = w; /* every id held is above the old one: all go */
+        s->n = 0;
+        return;
+    }
+    while (s->n > 0 && s->ids[s->n - 1] > w)
+        s->n--;
+}
+
 void cs_idset_advance_slow(cs_idset *s, int64_t w)
 {
     if (w <= s->watermark)

@@ -58,6 +58,9 @@ int cs_idset_add(cs_idset *s, int64_t id);
 bool cs_idset_has(const cs_idset *s, int64_t id);
 /* Removes id if held above the watermark; 1 removed, 0 not there. */
 int cs_idset_remove(cs_idset *s, int64_t id);
+/* Forgets everything above w: the watermark goes down to w if above it,
+ * ids > w are dropped (an edit cut the history there). */
+void cs_idset_cut(cs_idset *s, int64_t w);
 /* Raises the watermark to w (never lowers it) and drops ids <= w. */
 void cs_idset_advance_slow(cs_idset *s, int64_t w);
 static inline void cs_idset_advance(cs_idset *s, int64_t w)
@@ -90,6 +93,9 @@ void cs_cache_free(cs_cache *c);
  * id and raises max_evicted_id. An id <= max_evicted_id or already present is
  * ignored. Returns 1 inserted, 0 ignored. */
 int cs_cache_append(cs_cache *c, cs_msg *m);
+/* Drops the entries with lo < id < hi (an edit removed them); returns how
+ * many. The eviction mark stays: what is gone is not "maybe elsewhere". */
+size_t cs_cache_drop(cs_cache *c, int64_t lo, int64_t hi);
 /* Entries with id > after, in id order: cs_cache_at(c, *first) onwards,
  * *count of them. Returns false (a miss) when after < max_evicted_id, since
  * entries in (after, max_evicted_id] may be gone. */
@@ -109,15 +115,17 @@ typedef enum cs_hint_kind {
                             then the content to the end */
     CS_HINT_STATUS,      /* "1:s:<version>:<status>" */
     CS_HINT_QUEUE,       /* "1:q" */
-    CS_HINT_PART         /* "1:p:<after>:<text>" */
+    CS_HINT_PART,        /* "1:p:<after>:<seq>:<text>" */
+    CS_HINT_TRUNCATE     /* "1:t:<history>:<after>:<id>" */
 } cs_hint_kind;
 
 typedef struct cs_hint {
     cs_hint_kind kind;
     int64_t after, id; /* message: after = prev_id of id; part: after = the
                           chat's last message when the part was sent, id =
-                          its seq */
-    int64_t version;   /* status */
+                          its seq; truncate: every message above after is
+                          gone, id is the edit's new message */
+    int64_t version;   /* status; truncate: the chat's history */
     const char *text;  /* status name, part text or message content: points
                           into the payload */
     size_t text_len;
@@ -194,6 +202,10 @@ int cs_merge_snapshot(cs_merge *m, const cs_msglist *rows, cs_msglist *out);
 int cs_merge_notify(cs_merge *m, const cs_merge_source *src, int64_t after,
                     int64_t id, bool force_db, cs_msglist *out);
 int64_t cs_merge_cursor(const cs_merge *m);
+/* An edit cut the chat's history above after: the merge forgets what it
+ * delivered above it (floor, W, last and the delivered set go down to it),
+ * so what comes after the cut is delivered from there. */
+void cs_merge_cut(cs_merge *m, int64_t after);
 
 /* ---- the store interface: the ops table, the store open functions ----- */
 #include "store/store.h"

@@ -440,6 +440,98 @@ int cs_promote_prepare(cs_hub *hub, int64_t chat_id, const char *actor,
     return CS_OK;
 }
 
+/* ---- edit ------------------------------------------------------------------
+ */
+
+/* The edit's transaction: the cut and the new message (the store's
+ * tx_edit), the queue cleared, the worker let go, pending. Its publish
+ * sends the truncate hint before the message (chat.c). */
+static int run_edit(cs_publish *p, cs_chat_row *row)
+{
+    cs_hub *hub = p->hub;
+    const cs_store_ops *ops = hub->store.ops;
+    if (not_archived(hub, row) < 0)
+        return CS_ESTATE;
+    int64_t after;
+    int rc = ops->tx_edit(hub->store.st, row, p->qid, p->msgs, &p->committed,
+                          &after);
+    if (rc < 0)
+        return rc;
+    cs_queue q = {0};
+    rc = ops->queue_list(hub->store.st, row->id, &q);
+    for (size_t i = 0; rc == CS_OK && i < q.n; i++)
+        rc = ops->tx_queue_del(hub->store.st, row->id, q.items[i].id);
+    p->extras.queue = q.n > 0;
+    cs_queue_free(&q);
+    if (rc < 0)
+        return rc;
+    pub_extras *x = &p->extras;
+    x->cut = x->cut_cache = true;
+    x->cut_history = row->history;
+    x->cut_after = after;
+    x->cut_id = p->committed.items[p->committed.n - 1]->id;
+    /* The worker is let go (not kept as interrupted): what it appends now
+     * would land after the cut, so it is refused. */
+    return set_status(p, row, CS_STATUS_PENDING, NULL, false);
+}
+
+int cs_edit_prepare(cs_hub *hub, int64_t chat_id, int64_t message_id,
+                    const char *actor, const char *content, size_t len,
+                    cs_publish **out)
+{
+    if (!hub)
+        return CS_ECLOSED;
+    if (chat_id < 1 || message_id < 1)
+        return cs_hub_fail(hub, CS_EINVAL, "bad chat id or message id");
+    cs_msg_in m = {CS_ROLE_USER, content, len, NULL};
+    int rc = cs_check_msgs(hub, &m, 1);
+    if (rc < 0)
+        return rc;
+    if ((rc = cs_hub_authorize(hub, chat_id, actor, "edit")) < 0)
+        return rc;
+    cs_publish *p;
+    if ((rc = cs_pub_new(hub, chat_id, run_edit, NULL, &p)) < 0)
+        return rc;
+    /* The content is the publish's own until the commit (the stores take it
+     * as a C string). */
+    p->msgs = calloc(1, sizeof *p->msgs);
+    char *copy = malloc(len + 1);
+    char *tool = calloc(1, 1);
+    if (!p->msgs || !copy || !tool) {
+        free(copy);
+        free(tool);
+        cs_pub_close(p);
+        return CS_ENOMEM;
+    }
+    if (len)
+        memcpy(copy, content, len);
+    copy[len] = '\0';
+    p->msgs[0] = (cs_msg_in){CS_ROLE_USER, copy, len, tool};
+    p->n = 1;
+    p->qid = message_id;
+    *out = p;
+    return CS_OK;
+}
+
+int cs_hub_edit(cs_hub *hub, int64_t chat_id, int64_t message_id,
+                const char *actor, const char *content, size_t len, int64_t *id)
+{
+    cs_publish *p;
+    int rc = cs_edit_prepare(hub, chat_id, message_id, actor, content, len, &p);
+    if (rc < 0)
+        return rc;
+    const int64_t *ids;
+    size_t n;
+    rc = cs_pub_commit(p, &ids, &n);
+    if (rc == CS_OK) {
+        if (id)
+            *id = ids[n - 1];
+        cs_pub_publish_all(p);
+    }
+    cs_pub_close(p);
+    return rc;
+}
+
 /* ---- workers ----------------------------------------------------------------
  */
 

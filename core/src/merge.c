@@ -27,6 +27,15 @@ int64_t cs_merge_cursor(const cs_merge *m)
                                                 : m->last;
 }
 
+void cs_merge_cut(cs_merge *m, int64_t after)
+{
+    if (m->floor > after)
+        m->floor = after;
+    if (m->last > after)
+        m->last = after;
+    cs_idset_cut(&m->delivered, after);
+}
+
 /* Hands msg over: appends it to out and records it. */
 static int deliver(cs_merge *m, cs_msg *msg, cs_msglist *out)
 {

@@ -87,6 +87,15 @@ int cs_payload_encode(const cs_hint *h, char *buf, size_t cap)
                      (long long)h->after, (long long)h->id, (int)h->text_len,
                      h->text);
         break;
+    case CS_HINT_TRUNCATE:
+        /* "1:t:HISTORY:AFTER:ID": the chat's history reached HISTORY by an
+         * edit that removed every message above AFTER and appended ID. */
+        if (h->version < 1 || h->after < 0 || h->id <= h->after)
+            return CS_EINVAL;
+        n = snprintf(buf, cap, "%d:t:%lld:%lld:%lld", CS_PAYLOAD_VERSION,
+                     (long long)h->version, (long long)h->after,
+                     (long long)h->id);
+        break;
     default: return CS_EINVAL;
     }
     if (n < 0 || (size_t)n >= cap)
@@ -210,6 +219,22 @@ int cs_payload_parse(const char *p, size_t len, cs_hint *out)
         h.text = f;
         h.text_len = flen;
         break;
+    case 't': {
+        int64_t v;
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &v) ||
+            v < 1)
+            return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, false) || !cs_parse_id(f, flen, &a))
+            return CS_EPROTO;
+        if (!field(&cur, end, &f, &flen, true) || !cs_parse_id(f, flen, &b) ||
+            b <= a)
+            return CS_EPROTO;
+        h.kind = CS_HINT_TRUNCATE;
+        h.version = v;
+        h.after = a;
+        h.id = b;
+        break;
+    }
     default: return CS_EPROTO;
     }
     *out = h;

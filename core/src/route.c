@@ -156,6 +156,10 @@ static void sub_collapse(cs_sub *s)
             free(h->text);
             s->hub->stats.parts_dropped++;
             break;
+        case CS_HINT_TRUNCATE:
+            if (h->h > s->history)
+                s->history_dirty = true; /* the cuts are read from the store */
+            break;
         }
     }
     s->qhead = s->qn = 0;
@@ -193,6 +197,11 @@ static void sub_enqueue(cs_sub *s, const cs_hint *h)
         }
         break;
     case CS_HINT_QUEUE: break;
+    case CS_HINT_TRUNCATE:
+        q.a = h->after;
+        q.b = h->id;
+        q.h = h->version;
+        break;
     case CS_HINT_PART:
         q.a = h->after;
         q.b = h->id; /* its seq */
@@ -262,6 +271,10 @@ void cs_hub_route(void *ud, int64_t chat_id, const char *payload, size_t len)
     hub_chat *c = cs_hub_chat_find(hub, chat_id);
     if (!c)
         return;
+    if (h.kind == CS_HINT_TRUNCATE && h.version > c->history)
+        /* At once, for every subscription of the chat here: the cache
+         * holds nothing the edit removed from now on. */
+        cs_chat_cut(c, h.after, h.id, h.version);
     if (h.kind == CS_HINT_MESSAGE && h.body && c->subs) {
         /* The message itself, as its committing statement wrote it: into the
          * cache, where the merge finds it as it would a message this hub
@@ -280,7 +293,7 @@ void cs_hub_route(void *ud, int64_t chat_id, const char *payload, size_t len)
                                        h.text_len, h.tool, h.tool_len)
                         : NULL;
         if (m) {
-            hub->stats.bodies += cs_cache_append(&c->cache, m);
+            hub->stats.bodies += cs_chat_cache_put(c, m);
             cs_msg_unref(m);
         }
     }
@@ -307,6 +320,10 @@ void cs_sub_polled(cs_sub *s, const cs_chat_state *st)
     }
     if (st->queue_sig != s->queue_sig && !s->queue_dirty) {
         s->queue_dirty = true;
+        work = true;
+    }
+    if (st->history > s->history && !s->history_dirty) {
+        s->history_dirty = true; /* an edit's notification was missed */
         work = true;
     }
     if (work) {

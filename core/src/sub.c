@@ -130,6 +130,20 @@ static int ret_record(cs_sub *s, const cs_msg *m)
     return CS_OK;
 }
 
+/* A truncate returned to the reader: what it was handed above `after` is
+ * gone, its cursor goes down to it. (The messages it dropped from ret
+ * were all removed by the cut: every event queued before the truncate was
+ * at or below after, and every one after it comes after.) */
+static void ret_cut(cs_sub *s, int64_t after)
+{
+    s->undo_rw = s->rw;
+    s->undo_ret = false;
+    if (s->rw > after)
+        s->rw = after;
+    while (s->nret > 0 && s->ret[s->nret - 1].id > after)
+        s->nret--;
+}
+
 void cs_sub_unread(cs_sub *s)
 {
     if (!s || !s->current.kind)
@@ -141,6 +155,8 @@ void cs_sub_unread(cs_sub *s)
             s->rw = s->undo_rw;
             if (s->undo_ret)
                 ret_remove(s, s->current.msg->id);
+        } else if (s->current.kind == CS_EV_TRUNCATE) {
+            s->rw = s->undo_rw; /* what it dropped of ret was gone anyway */
         }
         if (s->hub && s->current.kind == CS_EV_MESSAGE)
             s->hub->stats.delivered--;
@@ -154,7 +170,7 @@ void cs_sub_unread(cs_sub *s)
 static bool sub_has_work(const cs_sub *s)
 {
     return s->evpos < s->evn || s->out.n || s->qn || s->resync ||
-           s->status_dirty || s->queue_dirty || s->poll_id;
+           s->status_dirty || s->queue_dirty || s->poll_id || s->history_dirty;
 }
 
 /* ---- subscriptions ---------------------------------------------------- */
@@ -182,6 +198,7 @@ static int sub_query(void *ud, int64_t after, cs_msglist *out)
     cs_msglist *memo = &c->memo;
     size_t limit = sub_page(s);
     if (s->memo_ok && memo->n > 0 && c->memo_after <= after &&
+        c->memo_history == s->history &&
         memo->items[memo->n - 1]->id >= s->need) {
         size_t base = out->n;
         for (size_t i = 0; i < memo->n; i++) {
@@ -207,10 +224,19 @@ static int sub_query(void *ud, int64_t after, cs_msglist *out)
         return CS_EWOULDBLOCK;
     }
     size_t base = out->n;
+    int64_t history = 0;
     int rc = hub->store.ops->messages_after(hub->store.st, s->chat_id, after,
-                                            limit, out);
+                                            limit, out, &history);
     if (rc < 0)
         return cs_hub_fail(hub, rc, NULL);
+    if (history > s->history) {
+        /* An edit cut the history since this subscription last looked: the
+         * rows are read again once it caught up with the cut. */
+        while (out->n > base)
+            cs_msg_unref(out->items[--out->n]);
+        s->history_dirty = true;
+        return CS_EHISTORY;
+    }
     /* Kept when small (at most a cache's worth): the memo is an
      * optimisation, its memory stays bounded. */
     cs_msglist_clear(memo);
@@ -222,6 +248,7 @@ static int sub_query(void *ud, int64_t after, cs_msglist *out)
                 break;
             }
         c->memo_after = after;
+        c->memo_history = history;
     }
     return rc;
 }
@@ -419,9 +446,79 @@ static bool snap_has(const cs_sub *s, int64_t seq)
     return false;
 }
 
+/* ---- edits: the cut --------------------------------------------------- */
+
+/* An edit cut the chat's history above `after` (its new message upto, the
+ * chat's history now `history`): the cache and memo forget what it removed,
+ * the merge what it delivered above the cut, the events not handed over yet
+ * lose the messages above it and every part (of a turn before the cut);
+ * then a truncate event is queued, and what comes next is merged from the
+ * cut. CS_ENOMEM changes nothing the next try would not do again. */
+static int sub_cut(cs_sub *s, int64_t after, int64_t upto, int64_t history)
+{
+    cs_chat_cut(s->chat, after, upto, history);
+    ev_take_merged(s);
+    size_t k = 0;
+    for (size_t i = 0; i < s->out.n; i++) {
+        if (s->out.items[i]->id > after)
+            cs_msg_unref(s->out.items[i]);
+        else
+            s->out.items[k++] = s->out.items[i];
+    }
+    s->out.n = k;
+    k = s->evpos;
+    for (size_t i = s->evpos; i < s->evn; i++) {
+        oevent *e = &s->ev[i];
+        if ((e->kind == CS_EV_MESSAGE && e->msg->id > after) ||
+            e->kind == CS_EV_PART)
+            oevent_free(e);
+        else
+            s->ev[k++] = *e;
+    }
+    s->evn = k;
+    oevent_free(&s->snap_part);
+    int rc =
+        ev_push(s, (oevent){.kind = CS_EV_TRUNCATE, .a = after, .b = history});
+    if (rc < 0)
+        return rc;
+    cs_merge_cut(&s->merge, after);
+    s->history = history;
+    if (upto > s->parts_floor)
+        s->parts_floor = upto;
+    return CS_OK;
+}
+
+/* The cuts since this subscription's history, read from the store (a
+ * truncate notification was missed, or a DB pass saw the history move):
+ * one truncate down to the lowest of them. */
+static int sub_catch_up(cs_sub *s)
+{
+    cs_hub *hub = s->hub;
+    if (hub->nodb) {
+        hub->wanted_db = true;
+        return CS_EWOULDBLOCK;
+    }
+    int64_t after, upto, history;
+    hub->counts.queries++;
+    int rc = hub->store.ops->cuts(hub->store.st, s->chat_id, s->history, &after,
+                                  &upto, &history);
+    if (rc < 0) {
+        if (rc == CS_EBACKEND)
+            hub->counts.query_errors++;
+        return cs_hub_fail(hub, rc, NULL);
+    }
+    if (after >= 0 && history > s->history)
+        rc = sub_cut(s, after, upto, history);
+    if (rc == CS_OK)
+        s->history_dirty = false;
+    return rc;
+}
+
 /* The snapshot, one statement: status, queue (when not empty), the first
  * page of messages, the parts of the turn in progress. A cursor past the
- * chat's last message is refused. */
+ * chat's last message is refused; one an edit left behind (it was handed
+ * messages the edit removed) gets a truncate down to the cut first, and the
+ * messages from there. */
 static int sub_snapshot(cs_sub *s, int64_t after)
 {
     cs_hub *hub = s->hub;
@@ -429,11 +526,12 @@ static int sub_snapshot(cs_sub *s, int64_t after)
     cs_queue *q = calloc(1, sizeof *q);
     cs_msglist rows = {0};
     cs_parts parts = {0};
+    int64_t cut = -1;
     int rc = row && q ? CS_OK : CS_ENOMEM;
     if (rc == CS_OK) {
         hub->counts.queries++;
         rc = hub->store.ops->snapshot(hub->store.st, s->chat_id, after,
-                                      sub_page(s), row, q, &rows, &parts);
+                                      sub_page(s), row, q, &rows, &parts, &cut);
         if (rc < 0) {
             if (rc == CS_EBACKEND)
                 hub->counts.query_errors++;
@@ -456,6 +554,13 @@ static int sub_snapshot(cs_sub *s, int64_t after)
     if (rc == CS_OK) {
         rc = sub_take_queue(s, q, true);
         q = NULL; /* taken, or freed */
+    }
+    if (rc == CS_OK)
+        s->history = row->history;
+    if (rc == CS_OK && cut >= 0) {
+        rc = ev_push(
+            s, (oevent){.kind = CS_EV_TRUNCATE, .a = cut, .b = row->history});
+        cs_merge_cut(&s->merge, cut);
     }
     if (rc == CS_OK)
         rc = cs_merge_snapshot(&s->merge, &rows, &s->out);
@@ -567,8 +672,9 @@ static int sub_pass(cs_sub *s, const cs_merge_source *src, int64_t after,
 }
 
 /* Runs the merge for everything pending, in arrival order. A failed read
- * leaves its work pending for the next call. */
-static void sub_process(cs_sub *s)
+ * leaves its work pending for the next call (a pass that found the history
+ * moved too: sub_process catches up with the cut and runs it again). */
+static void sub_work(cs_sub *s)
 {
     cs_merge_source src = {&s->chat->cache, sub_query, s, sub_page(s)};
     if (s->resync) {
@@ -669,8 +775,10 @@ static void sub_process(cs_sub *s)
             }
         } else if (h->kind == CS_HINT_PART) {
             /* A part of a message this reader already has is stale, and
-             * one it was handed already (by the snapshot) a repeat. */
-            if (h->a >= s->merge.last && !snap_has(s, h->b)) {
+             * one it was handed already (by the snapshot) a repeat; so is
+             * one of a turn an edit cut off (before parts_floor). */
+            if (h->a >= s->merge.last && h->a >= s->parts_floor &&
+                !snap_has(s, h->b)) {
                 oevent e = {.kind = CS_EV_PART,
                             .a = h->a,
                             .text = h->text,
@@ -684,11 +792,29 @@ static void sub_process(cs_sub *s)
                 free(h->text);
                 h->text = NULL;
             }
+        } else if (h->kind == CS_HINT_TRUNCATE && h->h > s->history) {
+            /* The next edit: its cut as notified; after several (some
+             * missed), the lowest of their cuts, read from the store. */
+            rc = h->h == s->history + 1 ? sub_cut(s, h->a, h->b, h->h)
+                                        : sub_catch_up(s);
         }
         if (rc < 0)
             return;
         s->qhead = (s->qhead + 1) % s->qcap;
         s->qn--;
+    }
+}
+
+static void sub_process(cs_sub *s)
+{
+    /* Bounded: edits that keep coming while a pass runs are caught up with
+     * on the next call. */
+    for (int i = 0; i < 4; i++) {
+        if (s->history_dirty && sub_catch_up(s) < 0)
+            return;
+        sub_work(s);
+        if (!s->history_dirty)
+            return;
     }
 }
 
@@ -721,6 +847,10 @@ static void fill_event(cs_sub *s, const oevent *e, cs_event *ev)
         ev->text = e->text;
         ev->text_len = e->len;
         break;
+    case CS_EV_TRUNCATE:
+        ev->prev_id = e->a;
+        ev->version = e->b;
+        break;
     }
 }
 
@@ -735,6 +865,8 @@ static int pop_event(cs_sub *s, cs_event *ev)
     oevent *e = &s->ev[s->evpos];
     if (e->kind == CS_EV_MESSAGE && ret_record(s, e->msg) < 0)
         return CS_ENOMEM;
+    if (e->kind == CS_EV_TRUNCATE)
+        ret_cut(s, e->a);
     s->current = *e; /* ownership moves to current */
     s->evpos++;
     fill_event(s, &s->current, ev);

@@ -161,6 +161,7 @@ int store_acquire(lua_State *L);
 int store_heartbeat(lua_State *L);
 int store_finish(lua_State *L);
 int store_interrupt(lua_State *L);
+int store_edit(lua_State *L);
 int store_submit_tool_results(lua_State *L);
 int store_recover(lua_State *L);
 int store_archive(lua_State *L);

@@ -40,6 +40,7 @@ int store_chat(lua_State *L)
     }
     lua_pushboolean(L, c->archived);
     lua_setfield(L, -2, "archived");
+    set_int(L, "history", c->history);
     return 1;
 }
 
@@ -153,6 +154,43 @@ int store_interrupt(lua_State *L)
         return hub_fail(L, hub, rc);
     lua_settop(L, 2);
     return store_chat(L);
+}
+
+/* store:edit(chat_id, message_id, {content = ..., actor = ..., prepare =})
+ * -> the new message's id, or a stepped publish with prepare = true */
+int store_edit(lua_State *L)
+{
+    static const char *const keys[] = {"content", "actor", "prepare", NULL};
+    cs_hub *hub = check_store(L, 1);
+    int64_t chat = check_id(L, 2, "chat id");
+    int64_t mid = check_id(L, 3, "message id");
+    luaL_checktype(L, 4, LUA_TTABLE);
+    check_keys(L, 4, keys);
+    size_t len;
+    if (lua_getfield(L, 4, "content") != LUA_TSTRING)
+        return luaL_argerror(L, 4, "the edited content must be a string");
+    const char *content = lua_tolstring(L, -1, &len);
+    const char *actor = opt_str_field(L, 4, "actor");
+    int t = lua_getfield(L, 4, "prepare");
+    if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+        return luaL_error(L, "option 'prepare' must be a boolean");
+    int prepare = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (!prepare) {
+        int64_t id;
+        int rc = cs_hub_edit(hub, chat, mid, actor, content, len, &id);
+        if (rc < 0)
+            return hub_fail(L, hub, rc);
+        lua_pushinteger(L, (lua_Integer)id);
+        return 1;
+    }
+    lpub *u = new_handle(L, sizeof *u, PUB_MT, 1);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    int rc = cs_edit_prepare(hub, chat, mid, actor, content, len, &u->pub);
+    if (rc < 0)
+        return hub_fail(L, hub, rc);
+    return 1;
 }
 
 /* store:send(chat_id, {content = ..., role = "user", actor = ...}) ->

@@ -313,6 +313,13 @@ static void push_event(lua_State *L, const cs_event *ev)
         lua_setfield(L, -2, "text");
         set_int(L, "after", ev->prev_id);
         break;
+    case CS_EV_TRUNCATE:
+        lua_pushliteral(L, "truncate");
+        lua_setfield(L, -2, "kind");
+        set_int(L, "after", ev->prev_id);
+        set_int(L, "history", ev->version);
+        set_int(L, "cursor", ev->cursor);
+        break;
     }
     set_int(L, "chat_id", ev->chat_id);
 }

@@ -126,6 +126,7 @@ EXPORT int luaopen_chatstream_core(lua_State *L)
         {"heartbeat", store_heartbeat},
         {"finish", store_finish},
         {"interrupt", store_interrupt},
+        {"edit", store_edit},
         {"recover", store_recover},
         {"archive", store_archive},
         {"unarchive", store_unarchive},

@@ -27,6 +27,12 @@ typedef struct mem_chat {
     int64_t id;
     char *owner, *title;
     cs_msglist msgs; /* ascending ids (commit order = id order) */
+    cs_msglist dead; /* soft-deleted by edits, in the order they went */
+    int64_t history; /* edits so far */
+    struct mem_cut {
+        int64_t history, after, id;
+    } * cuts; /* one per edit, by history */
+    size_t ncuts, capcuts;
     cs_status status;
     int64_t version;
     char worker[CS_NAME_MAX + 1];
@@ -58,6 +64,11 @@ typedef struct mem_tx {
     char last_error[CS_ERROR_MAX + 1];
     mem_queue queue; /* a copy of the item pointers */
     size_t nkeys;
+    /* an edit in the transaction: where the live messages were cut (keep:
+     * how many stayed; SIZE_MAX: none), the dead ones before it and the
+     * history */
+    size_t keep, ndead, ncuts;
+    int64_t history;
 } mem_tx;
 
 typedef struct mem_note {
@@ -134,6 +145,8 @@ static void memdb_unref(cs_memdb *db)
         }
         free(c->keys);
         cs_msglist_free(&c->msgs);
+        cs_msglist_free(&c->dead);
+        free(c->cuts);
         for (size_t k = 0; k < c->queue.n; k++)
             qitem_free(c->queue.items[k]);
         free(c->queue.items);
@@ -245,6 +258,7 @@ static void row_of(const mem_chat *ch, cs_chat_row *row)
     snprintf(row->worker, sizeof row->worker, "%s", ch->worker);
     memcpy(row->last_error, ch->last_error, sizeof row->last_error);
     row->archived = ch->archived;
+    row->history = ch->history;
 }
 
 /* The fault knob: the next n reads fail. */
@@ -305,6 +319,10 @@ static int m_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     tx->archived = ch->archived;
     memcpy(tx->last_error, ch->last_error, sizeof tx->last_error);
     tx->nkeys = ch->nkeys;
+    tx->keep = SIZE_MAX;
+    tx->ndead = ch->dead.n;
+    tx->ncuts = ch->ncuts;
+    tx->history = ch->history;
     db->tx = tx;
     row_of(ch, row);
     return CS_OK;
@@ -324,6 +342,17 @@ static int m_tx_end(void *st, bool commit)
             if (!queue_has(&ch->queue, tx->queue.items[i]))
                 qitem_free(tx->queue.items[i]);
     } else {
+        if (tx->keep != SIZE_MAX) {
+            /* An edit: what it inserted goes, what it cut comes back
+             * (msgs has room: it held them before). */
+            while (ch->msgs.n > tx->keep)
+                cs_msg_unref(ch->msgs.items[--ch->msgs.n]);
+            for (size_t i = tx->ndead; i < ch->dead.n; i++)
+                ch->msgs.items[ch->msgs.n++] = ch->dead.items[i];
+            ch->dead.n = tx->ndead;
+            ch->ncuts = tx->ncuts;
+            ch->history = tx->history;
+        }
         while (ch->msgs.n > tx->nmsgs)
             cs_msg_unref(ch->msgs.items[--ch->msgs.n]);
         db->next_msg_id = tx->next_msg_id;
@@ -466,6 +495,77 @@ static int m_tx_update(void *st, const cs_chat_row *row, bool heartbeat)
         ch->heartbeat_at = 0;
     else if (heartbeat)
         ch->heartbeat_at = wall_now();
+    return CS_OK;
+}
+
+static int m_tx_edit(void *st, cs_chat_row *row, int64_t message_id,
+                     const cs_msg_in *msg, cs_msglist *out, int64_t *after)
+{
+    mem_conn *c = st;
+    mem_chat *ch = tx_chat(c, row->id);
+    mem_tx *tx = c->db->tx;
+    if (!ch)
+        return CS_EINVAL;
+    if (tx->keep != SIZE_MAX)
+        return fail(c, CS_EINVAL, "one edit per transaction (chat %lld)",
+                    ch->id);
+    size_t k = 0;
+    while (k < ch->msgs.n && ch->msgs.items[k]->id < message_id)
+        k++;
+    if (k == ch->msgs.n || ch->msgs.items[k]->id != message_id ||
+        ch->msgs.items[k]->role != CS_ROLE_USER)
+        return fail(c, CS_EINVAL,
+                    "no user message with that id in chat %lld (edit)", ch->id);
+    size_t cut = ch->msgs.n - k;
+    if (cs_msglist_reserve(&ch->dead, cut) < 0)
+        return CS_ENOMEM;
+    if (ch->ncuts == ch->capcuts) {
+        size_t cap = ch->capcuts ? ch->capcuts * 2 : 4;
+        struct mem_cut *cs = realloc(ch->cuts, cap * sizeof *cs);
+        if (!cs)
+            return CS_ENOMEM;
+        ch->cuts = cs;
+        ch->capcuts = cap;
+    }
+    *after = ch->msgs.items[k]->prev_id;
+    memcpy(ch->dead.items + ch->dead.n, ch->msgs.items + k,
+           cut * sizeof *ch->msgs.items);
+    ch->dead.n += cut;
+    ch->msgs.n = k;
+    tx->keep = k;
+    ch->history++;
+    row->history = ch->history;
+    row->last_message_id = *after;
+    size_t base = out->n;
+    int rc = m_tx_insert(st, row, msg, 1, out);
+    if (rc < 0)
+        return rc; /* the rollback restores the cut */
+    ch->cuts[ch->ncuts++] =
+        (struct mem_cut){ch->history, *after, out->items[base]->id};
+    return CS_OK;
+}
+
+static int m_cuts(void *st, int64_t chat_id, int64_t since, int64_t *after,
+                  int64_t *upto, int64_t *history)
+{
+    mem_conn *c = st;
+    if (injected_failure(c, chat_id))
+        return CS_EBACKEND;
+    mem_chat *ch = find_chat(c->db, chat_id);
+    if (!ch)
+        return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    *after = -1;
+    *upto = 0;
+    *history = ch->history;
+    for (size_t i = 0; i < ch->ncuts; i++) {
+        const struct mem_cut *k = &ch->cuts[i];
+        if (k->history <= since)
+            continue;
+        if (*after < 0 || k->after < *after)
+            *after = k->after;
+        if (k->id > *upto)
+            *upto = k->id;
+    }
     return CS_OK;
 }
 
@@ -726,7 +826,7 @@ static int chat_messages_after(const mem_chat *ch, int64_t after, size_t limit,
 }
 
 static int m_messages_after(void *st, int64_t chat_id, int64_t after,
-                            size_t limit, cs_msglist *out)
+                            size_t limit, cs_msglist *out, int64_t *history)
 {
     mem_conn *c = st;
     if (injected_failure(c, chat_id))
@@ -734,13 +834,15 @@ static int m_messages_after(void *st, int64_t chat_id, int64_t after,
     mem_chat *ch = find_chat(c->db, chat_id);
     if (!ch)
         return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    if (history)
+        *history = ch->history;
     return chat_messages_after(ch, after, limit, out);
 }
 
 /* Many chats as one statement: the fault knob counts it once. */
 static int m_messages_after_many(void *st, const int64_t *chats,
                                  const int64_t *afters, size_t n, size_t limit,
-                                 cs_msglist *out)
+                                 cs_msglist *out, int64_t *histories)
 {
     mem_conn *c = st;
     if (n > 0 && injected_failure(c, chats[0]))
@@ -748,6 +850,7 @@ static int m_messages_after_many(void *st, const int64_t *chats,
     size_t base = out->n;
     for (size_t i = 0; i < n; i++) {
         mem_chat *ch = find_chat(c->db, chats[i]);
+        histories[i] = ch ? ch->history : -1;
         int rc = ch ? chat_messages_after(ch, afters[i], limit, out) : CS_OK;
         if (rc < 0) {
             while (out->n > base)
@@ -761,7 +864,7 @@ static int m_messages_after_many(void *st, const int64_t *chats,
 /* One read, as one statement: the fault knob counts it once. */
 static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
                       cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
-                      cs_parts *parts)
+                      cs_parts *parts, int64_t *cut)
 {
     mem_conn *c = st;
     if (injected_failure(c, chat_id))
@@ -774,7 +877,13 @@ static int m_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
     if (rc < 0)
         return rc;
     size_t mbase = msgs->n, pbase = parts->n;
-    rc = chat_messages_after(ch, after, limit, msgs);
+    *cut = -1;
+    for (size_t i = 0; i < ch->ncuts; i++) {
+        const struct mem_cut *k = &ch->cuts[i];
+        if (k->after < after && after < k->id && (*cut < 0 || k->after < *cut))
+            *cut = k->after;
+    }
+    rc = chat_messages_after(ch, *cut >= 0 ? *cut : after, limit, msgs);
     int64_t last = ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0;
     for (size_t i = 0; rc == CS_OK && i < ch->parts.n; i++) {
         const cs_part *pt = &ch->parts.items[i];
@@ -812,6 +921,7 @@ static int m_chats_state(void *st, const int64_t *ids, size_t n,
             .last_message_id =
                 ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0,
             .version = ch->version,
+            .history = ch->history,
             .status = ch->status,
             .queue_sig = cs_queue_sig_end(h, ch->queue.n),
         };
@@ -954,6 +1064,8 @@ static const cs_store_ops memory_ops = {
     .tx_insert = m_tx_insert,
     .tx_update = m_tx_update,
     .tx_tail = m_tx_tail,
+    .tx_edit = m_tx_edit,
+    .cuts = m_cuts,
     .queue_list = m_queue_list,
     .tx_key_get = m_tx_key_get,
     .tx_key_put = m_tx_key_put,

@@ -153,13 +153,17 @@ int pg_tx_key_put(void *st, int64_t chat_id, const char *key,
                   const cs_keyed *res);
 int pg_messages_after_many(void *st, const int64_t *chats,
                            const int64_t *afters, size_t n, size_t limit,
-                           cs_msglist *out);
+                           cs_msglist *out, int64_t *histories);
 int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
                     cs_msglist *out, int64_t *ids, int *rcs);
 int pg_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
                const char *worker, cs_msglist *out, int64_t *committed);
 int pg_tx_update(void *st, const cs_chat_row *row, bool heartbeat);
 int pg_tx_tail(void *st, int64_t chat_id, cs_msglist *out);
+int pg_tx_edit(void *st, cs_chat_row *row, int64_t message_id,
+               const cs_msg_in *msg, cs_msglist *out, int64_t *after);
+int pg_cuts(void *st, int64_t chat_id, int64_t since, int64_t *after,
+            int64_t *upto, int64_t *history);
 int pg_queue_list(void *st, int64_t chat_id, cs_queue *out);
 int pg_tx_queue_add(void *st, int64_t chat_id, const char *actor,
                     const char *content, size_t len, int64_t *qid);
@@ -170,10 +174,10 @@ int pg_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
 int pg_acquire(void *st, const char *worker, size_t limit, double stale_after,
                cs_chat_row *rows, size_t *n);
 int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,
-                      cs_msglist *out);
+                      cs_msglist *out, int64_t *history);
 int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
                 cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
-                cs_parts *parts);
+                cs_parts *parts, int64_t *cut);
 int pg_chats_state(void *st, const int64_t *ids, size_t n, cs_chat_state *out,
                    size_t *nout);
 int pg_notify(void *st, int64_t chat_id, const char *payload, size_t len);

@@ -76,6 +76,17 @@ static const char *const migrations[] = {
     /* 7: the requires_action deadline's look-up (acquire runs it) */
     ("CREATE INDEX chats_action ON %1$s.chats (updated_at, id) WHERE status = "
      "'requires_action';"),
+    /* 8: edits: soft-deleted messages, the chat's history, its cuts */
+    "ALTER TABLE %1$s.messages ADD COLUMN deleted boolean NOT NULL DEFAULT"
+    " false;"
+    "ALTER TABLE %1$s.chats ADD COLUMN history bigint NOT NULL DEFAULT 0;"
+    "CREATE TABLE %1$s.cuts ("
+    " chat_id bigint NOT NULL REFERENCES %1$s.chats (id) ON DELETE CASCADE,"
+    " history bigint NOT NULL,"
+    " after bigint NOT NULL,"
+    " id bigint NOT NULL,"
+    " created_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (chat_id, history));",
 };
 
 int pg_migrate(void *st)

@@ -45,66 +45,80 @@ bool pg_build_prepared(pg_store *s)
     for (int k = 0; k < PREP_COUNT; k++) {
         if (k == PREP_SNAPSHOT)
             /* A snapshot, one statement (one view): the chat's row
-             * (columns 0-7, its last_error 20, archived 21), its queue
-             * (13-16), the first page of its messages (8-12) and the parts
-             * of its turn in progress (seq 8, after 9, text 11), told apart
-             * by k and sorted by it. */
+             * (columns 0-7, its last_error 20, archived 21, history 22 and
+             * the cut a stale cursor reads from 23), its queue (13-16), the
+             * first page of its live messages (8-12) and the parts of its
+             * turn in progress (seq 8, after 9, text 11), told apart by k
+             * and sorted by it. */
             snprintf(
                 sql, sizeof sql,
                 "SELECT " CHAT_COLS ", NULL::bigint, NULL::bigint, "
                 "NULL::text, NULL::text, NULL::text, NULL::bigint, "
                 "NULL::text, NULL::text, NULL::bigint, 0 AS k, 0::bigint AS "
-                "o1, 0::bigint AS o2, last_error, archived FROM %1$s.chats "
+                "o1, 0::bigint AS o2, last_error, archived, history, (SELECT "
+                "min(after) FROM %1$s.cuts WHERE chat_id = $1::bigint AND "
+                "after < $2::bigint AND id > $2::bigint) FROM %1$s.chats "
                 "WHERE id = "
                 "$1::bigint "
                 "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
                 "NULL, NULL, NULL, NULL, NULL, NULL, q.id, q.content, "
                 "coalesce(q.actor, ''), (extract(epoch FROM q.created_at) * "
-                "1000000)::bigint, 1, q.position, q.id, NULL, NULL FROM "
+                "1000000)::bigint, 1, q.position, q.id, NULL, NULL, NULL, NULL "
+                "FROM "
                 "%1$s.queued_messages q WHERE q.chat_id = $1::bigint "
                 "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
                 "NULL, m.id, m.prev_id, m.role, m.content, m.tool, NULL, "
-                "NULL, NULL, NULL, 2, m.id, 0, NULL, NULL FROM (SELECT id, "
-                "prev_id, "
-                "role, "
-                "content, tool FROM %1$s.messages WHERE chat_id = $1::bigint "
-                "AND id > $2::bigint ORDER BY id LIMIT $3::bigint) m "
+                "NULL, NULL, NULL, 2, m.id, 0, NULL, NULL, NULL, NULL FROM "
+                "(SELECT "
+                "id, prev_id, role, content, tool FROM %1$s.messages WHERE "
+                "chat_id = $1::bigint AND NOT deleted AND id > "
+                "coalesce((SELECT min(after) FROM %1$s.cuts WHERE chat_id = "
+                "$1::bigint AND after < $2::bigint AND id > $2::bigint), "
+                "$2::bigint) ORDER BY id LIMIT $3::bigint) m "
                 "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
                 "NULL, p.seq, p.after, NULL, p.text, NULL, NULL, NULL, NULL, "
-                "NULL, 3, p.seq, 0, NULL, NULL FROM %1$s.parts p JOIN "
+                "NULL, 3, p.seq, 0, NULL, NULL, NULL, NULL FROM %1$s.parts p "
+                "JOIN "
                 "%1$s.chats c ON c.id = p.chat_id AND p.after = "
                 "c.last_message_id WHERE p.chat_id = $1::bigint "
                 "ORDER BY k, o1, o2",
                 s->schema);
         else if (k == PREP_STATE)
             /* The backstop poll: per chat, where its messages end, its
-             * status and version, and its queue's item ids in order (the
-             * signature is hashed from them as they are read). */
-            snprintf(sql, sizeof sql,
-                     "SELECT c.id, c.last_message_id, c.version, c.status, "
-                     "(SELECT array_agg(q.id ORDER BY q.position, q.id) "
-                     "FROM %1$s.queued_messages q WHERE q.chat_id = c.id) "
-                     "FROM %1$s.chats c WHERE c.id = ANY($1::bigint[])",
-                     s->schema);
+             * status and version, its queue's item ids in order (the
+             * signature is hashed from them as they are read) and its
+             * history. */
+            snprintf(
+                sql, sizeof sql,
+                "SELECT c.id, c.last_message_id, c.version, c.status, "
+                "(SELECT array_agg(q.id ORDER BY q.position, q.id) "
+                "FROM %1$s.queued_messages q WHERE q.chat_id = c.id), "
+                "c.history FROM %1$s.chats c WHERE c.id = ANY($1::bigint[])",
+                s->schema);
         else if (k == PREP_AFTER_MANY)
             /* A resync of many chats in one statement (one view): per
-             * chat, its messages after its own position, a page of them. */
+             * chat, its live messages after its own position, a page of
+             * them, with the chat's history. */
             snprintf(sql, sizeof sql,
                      "SELECT m.chat_id, m.id, m.prev_id, m.role, m.content, "
-                     "m.tool FROM unnest($1::bigint[], $2::bigint[]) AS "
-                     "w(chat_id, after) CROSS JOIN LATERAL (SELECT chat_id, "
+                     "m.tool, c.history FROM unnest($1::bigint[], "
+                     "$2::bigint[]) AS w(chat_id, after) JOIN %1$s.chats c ON "
+                     "c.id = w.chat_id CROSS JOIN LATERAL (SELECT chat_id, "
                      "id, prev_id, role, content, tool FROM %1$s.messages "
-                     "WHERE chat_id = w.chat_id AND id > w.after ORDER BY id "
-                     "LIMIT $3::bigint) m ORDER BY m.chat_id, m.id",
+                     "WHERE chat_id = w.chat_id AND NOT deleted AND id > "
+                     "w.after ORDER BY id LIMIT $3::bigint) m ORDER BY "
+                     "m.chat_id, m.id",
                      s->schema);
         else if (k == PREP_AFTER)
             /* The LEFT JOIN tells a chat with no new messages (one NULL row)
-             * from a missing chat (no row) in one round trip. */
+             * from a missing chat (no row) in one round trip; every row
+             * carries the chat's history. */
             snprintf(sql, sizeof sql,
-                     "SELECT m.id, m.prev_id, m.role, m.content, m.tool "
-                     "FROM %1$s.chats c "
+                     "SELECT m.id, m.prev_id, m.role, m.content, m.tool, "
+                     "c.history FROM %1$s.chats c "
                      "LEFT JOIN %1$s.messages m ON m.chat_id = c.id AND "
-                     "m.id > $2 WHERE c.id = $1 ORDER BY m.id LIMIT $3",
+                     "m.id > $2 AND NOT m.deleted WHERE c.id = $1 ORDER BY "
+                     "m.id LIMIT $3",
                      s->schema);
         else
             snprintf(sql, sizeof sql,
@@ -179,12 +193,14 @@ static bool col_usec(PGresult *r, int row, int col, double *out)
 }
 
 /* Row i of r, read with CHAT_COLS (and last_error in column err, archived
- * in err + 1, or neither: err -1). */
+ * in err + 1, history in err + 2, or none of them: err -1). */
 static int chat_row(pg_store *s, PGresult *r, int i, cs_chat_row *row, int err)
 {
     memset(row, 0, sizeof *row);
-    if (err >= 0) /* archived: the column after last_error */
+    if (err >= 0) /* archived and history: the columns after last_error */
         row->archived = PQgetvalue(r, i, err + 1)[0] == 't';
+    if (err >= 0 && !pg_col_id(r, i, err + 2, &row->history))
+        return pg_fail(s, CS_EBACKEND, "bad chat row", NULL);
     if (err >= 0 && !PQgetisnull(r, i, err)) {
         if (PQgetlength(r, i, err) > CS_ERROR_MAX)
             return pg_fail(s, CS_EBACKEND, "bad chat row", NULL);
@@ -277,7 +293,7 @@ int pg_chat_get(void *st, int64_t chat_id, cs_chat_row *row)
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
              "SELECT " CHAT_COLS
-             ", last_error, archived FROM %1$s.chats WHERE id = $1",
+             ", last_error, archived, history FROM %1$s.chats WHERE id = $1",
              s->schema);
     pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
@@ -298,7 +314,7 @@ int pg_tx_begin(void *st, int64_t chat_id, cs_chat_row *row)
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
              "SELECT " CHAT_COLS
-             ", last_error, archived FROM %1$s.chats WHERE id = $1 "
+             ", last_error, archived, history FROM %1$s.chats WHERE id = $1 "
              "FOR UPDATE",
              s->schema);
     pg_i64s(chat, chat_id);
@@ -607,9 +623,9 @@ int pg_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
     char sql[SQL_MAX], chat[24];
     snprintf(sql, sizeof sql,
              "SELECT id, prev_id, role, content, tool FROM %1$s.messages "
-             "WHERE chat_id = $1 AND id > coalesce((SELECT max(id) FROM "
-             "%1$s.messages WHERE chat_id = $1 AND role = 'user'), 0) "
-             "ORDER BY id",
+             "WHERE chat_id = $1 AND NOT deleted AND id > coalesce((SELECT "
+             "max(id) FROM %1$s.messages WHERE chat_id = $1 AND role = "
+             "'user' AND NOT deleted), 0) ORDER BY id",
              s->schema);
     pg_i64s(chat, chat_id);
     const char *vals[1] = {chat};
@@ -623,6 +639,91 @@ int pg_tx_tail(void *st, int64_t chat_id, cs_msglist *out)
     PQclear(r);
     if (rc < 0)
         unpush_msgs(out, base);
+    return rc;
+}
+
+int pg_tx_edit(void *st, cs_chat_row *row, int64_t message_id,
+               const cs_msg_in *msg, cs_msglist *out, int64_t *after)
+{
+    pg_store *s = st;
+    int rc = tx_check(s, row->id);
+    if (rc < 0)
+        return rc;
+    char sql[SQL_MAX], chat[24], mid[24], aft[24], hist[24], nid[24];
+    pg_i64s(chat, row->id);
+    pg_i64s(mid, message_id);
+    /* The edited message must be a live user message; it and every later
+     * one are soft-deleted, the chat's history counts one more and its last
+     * message becomes the edited one's prev_id. */
+    snprintf(sql, sizeof sql,
+             "WITH t AS (SELECT prev_id FROM %1$s.messages WHERE chat_id = $1 "
+             "AND id = $2 AND role = 'user' AND NOT deleted), d AS (UPDATE "
+             "%1$s.messages SET deleted = true WHERE chat_id = $1 AND id >= $2 "
+             "AND NOT deleted AND EXISTS (SELECT 1 FROM t)), c AS (UPDATE "
+             "%1$s.chats SET history = history + 1, last_message_id = "
+             "t.prev_id, updated_at = now() FROM t WHERE id = $1 RETURNING "
+             "history) SELECT t.prev_id, c.history FROM t, c",
+             s->schema);
+    const char *vals[2] = {chat, mid};
+    PGresult *r = pg_run(s, s->q, sql, 2, vals);
+    if (!r)
+        return CS_EBACKEND;
+    if (PQntuples(r) != 1) {
+        PQclear(r);
+        snprintf(s->err, sizeof s->err,
+                 "no user message %" PRId64 " in chat %" PRId64 " (edit)",
+                 message_id, row->id);
+        return CS_EINVAL;
+    }
+    if (!pg_col_id(r, 0, 0, after) || !pg_col_id(r, 0, 1, &row->history))
+        rc = pg_fail(s, CS_EBACKEND, "bad edit row", NULL);
+    PQclear(r);
+    if (rc < 0)
+        return rc;
+    row->last_message_id = *after;
+    size_t base = out->n;
+    if ((rc = pg_tx_insert(st, row, msg, 1, out)) < 0)
+        return rc;
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %1$s.cuts (chat_id, history, after, id) VALUES "
+             "($1, $2, $3, $4)",
+             s->schema);
+    pg_i64s(hist, row->history);
+    pg_i64s(aft, *after);
+    pg_i64s(nid, out->items[base]->id);
+    const char *cv[4] = {chat, hist, aft, nid};
+    rc = pg_exec(s, s->q, sql, 4, cv);
+    if (rc < 0)
+        unpush_msgs(out, base); /* the caller rolls back */
+    return rc;
+}
+
+int pg_cuts(void *st, int64_t chat_id, int64_t since, int64_t *after,
+            int64_t *upto, int64_t *history)
+{
+    pg_store *s = st;
+    char sql[SQL_MAX], chat[24], since_s[24];
+    snprintf(sql, sizeof sql,
+             "SELECT c.history, min(k.after), max(k.id) FROM %1$s.chats c "
+             "LEFT JOIN %1$s.cuts k ON k.chat_id = c.id AND k.history > $2 "
+             "WHERE c.id = $1 GROUP BY c.history",
+             s->schema);
+    pg_i64s(chat, chat_id);
+    pg_i64s(since_s, since);
+    const char *vals[2] = {chat, since_s};
+    PGresult *r = pg_run_retry(s, sql, 2, vals);
+    if (!r)
+        return CS_EBACKEND;
+    int rc = CS_OK;
+    *after = -1;
+    *upto = 0;
+    if (PQntuples(r) != 1)
+        rc = no_chat(s, chat_id);
+    else if (!pg_col_id(r, 0, 0, history) ||
+             (!PQgetisnull(r, 0, 1) &&
+              (!pg_col_id(r, 0, 1, after) || !pg_col_id(r, 0, 2, upto))))
+        rc = pg_fail(s, CS_EBACKEND, "bad cuts row", NULL);
+    PQclear(r);
     return rc;
 }
 
@@ -871,7 +972,7 @@ int pg_acquire(void *st, const char *worker, size_t limit, double stale_after,
 }
 
 int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,
-                      cs_msglist *out)
+                      cs_msglist *out, int64_t *history)
 {
     pg_store *s = st;
     PGconn *c = pg_qconn(s);
@@ -887,6 +988,8 @@ int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,
         return CS_EBACKEND;
     int rows = PQntuples(r), rc = rows == 0 ? no_chat(s, chat_id) : CS_OK;
     size_t base = out->n;
+    if (rc == CS_OK && history && !pg_col_id(r, 0, 5, history))
+        rc = pg_fail(s, CS_EBACKEND, "bad chat history", NULL);
     for (int i = 0; rc == CS_OK && i < rows; i++) {
         if (PQgetisnull(r, i, 0))
             continue; /* the chat exists, no message after */
@@ -902,9 +1005,10 @@ int pg_messages_after(void *st, int64_t chat_id, int64_t after, size_t limit,
  * row, the queue and the messages are one view of the chat. */
 int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
                 cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
-                cs_parts *parts)
+                cs_parts *parts, int64_t *cut)
 {
     pg_store *s = st;
+    *cut = -1;
     int rc = pg_claim_q(s);
     if (rc < 0)
         return rc;
@@ -924,6 +1028,8 @@ int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
         if (k[0] == '0') {
             rc = chat_row(s, r, i, row, 20);
             found = rc == CS_OK;
+            if (found && !PQgetisnull(r, i, 23) && !pg_col_id(r, i, 23, cut))
+                rc = pg_fail(s, CS_EBACKEND, "bad chat cut", NULL);
         } else if (k[0] == '1') {
             int64_t id;
             double created;
@@ -1029,7 +1135,8 @@ int pg_chats_state(void *st, const int64_t *ids, size_t n, cs_chat_state *out,
         if (!pg_col_id(r, i, 0, &c->id) ||
             !pg_col_id(r, i, 1, &c->last_message_id) ||
             !pg_col_id(r, i, 2, &c->version) || sv < 0 ||
-            !queue_sig_of(r, i, 4, &c->queue_sig))
+            !queue_sig_of(r, i, 4, &c->queue_sig) ||
+            !pg_col_id(r, i, 5, &c->history))
             rc = pg_fail(s, CS_EBACKEND, "bad chat state row", NULL);
         c->status = (cs_status)sv;
     }
@@ -1282,12 +1389,14 @@ int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
  * 0: all), in one statement: ordered by chat, then id. */
 int pg_messages_after_many(void *st, const int64_t *chats,
                            const int64_t *afters, size_t n, size_t limit,
-                           cs_msglist *out)
+                           cs_msglist *out, int64_t *histories)
 {
     pg_store *s = st;
     int rc = pg_claim_q(s);
     if (rc < 0)
         return rc;
+    for (size_t i = 0; i < n; i++)
+        histories[i] = -1;
     char *a = i64_array(chats, n), *b = i64_array(afters, n), lim[24];
     pg_i64s(lim, limit ? (int64_t)limit : INT64_MAX);
     const char *vals[3] = {a, b, lim};
@@ -1296,12 +1405,21 @@ int pg_messages_after_many(void *st, const int64_t *chats,
     rc = !a || !b ? CS_ENOMEM : r ? CS_OK : CS_EBACKEND;
     free(a);
     free(b);
-    size_t base = out->n;
+    size_t base = out->n, at = 0;
     for (int i = 0, rows = r ? PQntuples(r) : 0; rc == CS_OK && i < rows; i++) {
-        int64_t chat;
-        rc = pg_col_id(r, i, 0, &chat)
-                 ? push_msg(s, r, i, 1, chat, out)
-                 : pg_fail(s, CS_EBACKEND, "bad message row", NULL);
+        int64_t chat, history;
+        if (!pg_col_id(r, i, 0, &chat) || !pg_col_id(r, i, 6, &history)) {
+            rc = pg_fail(s, CS_EBACKEND, "bad message row", NULL);
+            break;
+        }
+        /* The chat's history goes to its entry (found once per chat: the
+         * rows come by chat). */
+        if (at >= n || chats[at] != chat)
+            for (at = 0; at < n && chats[at] != chat; at++)
+                ;
+        if (at < n)
+            histories[at] = history;
+        rc = push_msg(s, r, i, 1, chat, out);
     }
     PQclear(r);
     if (rc < 0)

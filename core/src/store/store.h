@@ -22,9 +22,10 @@ static inline uint64_t cs_queue_sig_end(uint64_t h, size_t n)
 uint64_t cs_queue_sig(const cs_queue *q);
 
 /* What the backstop poll reads of a chat: where its messages end, its
- * status with the version, and its queue's signature. */
+ * status with the version, its queue's signature and its history (the
+ * edits that cut it). */
 typedef struct cs_chat_state {
-    int64_t id, last_message_id, version;
+    int64_t id, last_message_id, version, history;
     cs_status status;
     uint64_t queue_sig;
 } cs_chat_state;
@@ -151,25 +152,44 @@ typedef struct cs_store_ops {
      * CS_ENOTFOUND if no chat. */
     int (*notify_part)(void *st, int64_t chat_id, const char *text, size_t len);
     /* Messages with id > after, ascending: the lowest limit of them (0:
-     * all). */
+     * all). Every read of messages leaves out the soft-deleted ones (an
+     * edit's). *history (may be NULL) receives the chat's history as of the
+     * same view. */
     int (*messages_after)(void *st, int64_t chat_id, int64_t after,
-                          size_t limit, cs_msglist *out);
+                          size_t limit, cs_msglist *out, int64_t *history);
     /* Optional: messages_after for n chats in one statement (one view),
      * each after its own position, at most limit per chat; out receives
-     * them ordered by chat, then id. A missing chat has no rows. */
+     * them ordered by chat, then id, and histories[i] the history of chat
+     * i (-1 when it has no rows). A missing chat has no rows. */
     int (*messages_after_many)(void *st, const int64_t *chats,
                                const int64_t *afters, size_t n, size_t limit,
-                               cs_msglist *out);
+                               cs_msglist *out, int64_t *histories);
+    /* An edit, in the chat's transaction: message_id must be a live user
+     * message of the chat (else CS_EINVAL, nothing done). It and every
+     * later message are soft-deleted, the chat's last message becomes its
+     * prev_id (*after), msg is inserted after it (into out, as tx_insert
+     * does), the history counts one more (row->history) and the cut is
+     * recorded (history, after, the new message's id). */
+    int (*tx_edit)(void *st, cs_chat_row *row, int64_t message_id,
+                   const cs_msg_in *msg, cs_msglist *out, int64_t *after);
+    /* The cuts of the chat recorded after history `since`: the lowest
+     * after of them (*after; -1 when there are none), the highest new
+     * message id (*upto) and the history now (*history). */
+    int (*cuts)(void *st, int64_t chat_id, int64_t since, int64_t *after,
+                int64_t *upto, int64_t *history);
     /* A subscription's snapshot in one statement, one consistent view: the
      * chat's row, its queue in order (appended to queue), its messages
      * with id > after, ascending, the lowest limit of them (0: all;
      * appended to msgs) and the parts of its turn in progress (those
      * published since its last message, by seq; appended to parts).
+     * A cursor an edit left behind (a cut with after < `after` < its new
+     * message) reads from the lowest such cut instead: *cut receives it
+     * (-1: none), and the messages are those above it.
      * CS_ENOTFOUND if there is no chat. On failure queue, msgs and parts
      * are as they were. */
     int (*snapshot)(void *st, int64_t chat_id, int64_t after, size_t limit,
                     cs_chat_row *row, cs_queue *queue, cs_msglist *msgs,
-                    cs_parts *parts);
+                    cs_parts *parts, int64_t *cut);
     /* The state of each chat of ids (n of them, at most CS_POLL_CHUNK) in
      * one statement: a row in out (room for n) per chat that exists, in any
      * order; *nout receives how many. */
