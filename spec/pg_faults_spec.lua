@@ -729,7 +729,7 @@ describe("the PostgreSQL store under faults", function()
       local store = inst:open()
       assert.is_true(store:migrate())
       assert.is_true(store:migrate())
-      assert.are.equal("7|7", psql_value("SELECT count(*), max(version) FROM " .. inst.schema .. ".schema_migrations"))
+      assert.are.equal("8|8", psql_value("SELECT count(*), max(version) FROM " .. inst.schema .. ".schema_migrations"))
 
       local schema = inst.schema .. "_m"
       local ok, err = pcall(function()
@@ -758,7 +758,7 @@ describe("the PostgreSQL store under faults", function()
           assert.are.equal("ok", out, "migrator " .. i)
           assert.is_true(fine == true, "migrator " .. i .. " exit")
         end
-        assert.are.equal("7|7|7", psql_value(
+        assert.are.equal("8|8|8", psql_value(
           "SELECT count(*), count(DISTINCT version), max(version) FROM " .. schema .. ".schema_migrations"))
         -- the schema works
         local s = assert(chatstream.open({ dsn = H.dsn, schema = schema, poll_interval = 0 }))

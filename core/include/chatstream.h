@@ -243,6 +243,11 @@ typedef struct cs_stats {
     int64_t cached_messages; /* messages in the hub's chat caches now */
     int64_t warnings;        /* WARNINGs the server sent (PostgreSQL), among
                                 them "NOTIFY queue is N% full" */
+    int64_t truncates;       /* truncate events handed to readers */
+    int64_t cut_reads;       /* edits' cuts read from the store (a truncate
+                                notification missed, or several edits) */
+    int64_t cut_refused;     /* messages an edit removed that a late publish
+                                offered to the cache (not taken) */
     int64_t listener_deaf;   /* times the listener stopped listening because
                                 nobody read its buffer (PostgreSQL: every
                                 subscription resyncs when the hub is back) */

@@ -16,7 +16,7 @@ static void cache_all(cs_hub *hub, const cs_msglist *out)
             continue;
         hub_chat *c = cs_hub_chat(hub, m->chat_id);
         if (c)
-            cs_chat_cache_put(c, m);
+            cs_chat_cache_put(hub, c, m);
         else
             hub->stats.publish_errors++; /* durable: readers query for it */
     }

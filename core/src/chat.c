@@ -435,7 +435,7 @@ int cs_pub_cache(cs_publish *p, size_t i)
     for (size_t k = lo; k < hi; k++) {
         if (p->cached[k])
             continue;
-        cs_chat_cache_put(c, p->committed.items[k]);
+        cs_chat_cache_put(p->hub, c, p->committed.items[k]);
         p->cached[k] = 1;
     }
     return CS_OK;

@@ -115,9 +115,13 @@ hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id)
     return c;
 }
 
-int cs_chat_cache_put(hub_chat *c, cs_msg *m)
+int cs_chat_cache_put(cs_hub *hub, hub_chat *c, cs_msg *m)
 {
-    return m->id < c->dead_upto ? 0 : cs_cache_append(&c->cache, m);
+    if (m->id < c->dead_upto) {
+        hub->stats.cut_refused++;
+        return 0;
+    }
+    return cs_cache_append(&c->cache, m);
 }
 
 void cs_chat_cut(hub_chat *c, int64_t after, int64_t upto, int64_t history)

@@ -275,9 +275,9 @@ void cs_hub_stalled_wake(cs_hub *hub);
 /* The hub's state for a chat, created on first use (NULL on ENOMEM). */
 hub_chat *cs_hub_chat(cs_hub *hub, int64_t chat_id);
 hub_chat *cs_hub_chat_find(const cs_hub *hub, int64_t chat_id);
-/* Into the chat's cache, unless an edit removed it (below dead_upto):
- * 1 inserted, 0 not. */
-int cs_chat_cache_put(hub_chat *c, cs_msg *m);
+/* Into the chat's cache, unless an edit removed it (below dead_upto:
+ * counted in cut_refused): 1 inserted, 0 not. */
+int cs_chat_cache_put(cs_hub *hub, hub_chat *c, cs_msg *m);
 /* An edit cut the chat at history `history`: messages in (after, upto)
  * leave the cache, which takes none below upto from now on, and the memo
  * is dropped. */

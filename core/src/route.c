@@ -293,7 +293,7 @@ void cs_hub_route(void *ud, int64_t chat_id, const char *payload, size_t len)
                                        h.text_len, h.tool, h.tool_len)
                         : NULL;
         if (m) {
-            hub->stats.bodies += cs_chat_cache_put(c, m);
+            hub->stats.bodies += cs_chat_cache_put(hub, c, m);
             cs_msg_unref(m);
         }
     }

@@ -157,6 +157,8 @@ void cs_sub_unread(cs_sub *s)
                 ret_remove(s, s->current.msg->id);
         } else if (s->current.kind == CS_EV_TRUNCATE) {
             s->rw = s->undo_rw; /* what it dropped of ret was gone anyway */
+            if (s->hub)
+                s->hub->stats.truncates--;
         }
         if (s->hub && s->current.kind == CS_EV_MESSAGE)
             s->hub->stats.delivered--;
@@ -500,6 +502,7 @@ static int sub_catch_up(cs_sub *s)
     }
     int64_t after, upto, history;
     hub->counts.queries++;
+    hub->stats.cut_reads++;
     int rc = hub->store.ops->cuts(hub->store.st, s->chat_id, s->history, &after,
                                   &upto, &history);
     if (rc < 0) {
@@ -875,6 +878,8 @@ static int pop_event(cs_sub *s, cs_event *ev)
         s->hub->stats.delivered++;
     else if (s->current.kind == CS_EV_PART)
         s->hub->stats.parts++;
+    else if (s->current.kind == CS_EV_TRUNCATE)
+        s->hub->stats.truncates++;
     return 1;
 }
 

@@ -331,6 +331,28 @@ static void test_trim(void)
     cs_cache_free(&c);
 }
 
+/* cs_cache_drop: what an edit removed leaves, in place, the rest keeps its
+ * order, the eviction mark does not move. */
+static void test_drop(void)
+{
+    cs_cache c;
+    CHECK_EQ_I64(cs_cache_init(&c, 4), CS_OK);
+    for (int64_t id = 1; id <= 6; id++) /* wraps: keeps 3..6 */
+        app(&c, id);
+    CHECK_EQ_SIZE(cs_cache_drop(&c, 3, 6), 2); /* 4 and 5 */
+    static const int64_t left[] = {3, 6};
+    CHECK(holds(&c, left, 2));
+    CHECK_EQ_I64(c.max_evicted_id, 2);
+    CHECK_EQ_SIZE(cs_cache_drop(&c, 6, 100), 0);
+    CHECK_EQ_I64(app(&c, 8), 1);
+    CHECK_EQ_I64(app(&c, 7), 1);
+    static const int64_t more[] = {3, 6, 7, 8};
+    CHECK(holds(&c, more, 4));
+    CHECK_EQ_SIZE(cs_cache_drop(&c, 0, 100), 4);
+    CHECK_EQ_SIZE(c.n, 0);
+    cs_cache_free(&c);
+}
+
 int main(void)
 {
     test_in_order();
@@ -339,5 +361,6 @@ int main(void)
     test_wrap_model();
     test_refcounts();
     test_trim();
+    test_drop();
     return check_done("test_cache");
 }

@@ -334,6 +334,30 @@ static void test_remove(void)
     cs_idset_free(&s);
 }
 
+/* cs_idset_cut: an edit's cut forgets everything above it. */
+static void test_cut(void)
+{
+    cs_idset s;
+    cs_idset_init(&s, 10);
+    CHECK_EQ_I64(cs_idset_add(&s, 12), 1);
+    CHECK_EQ_I64(cs_idset_add(&s, 15), 1);
+    CHECK_EQ_I64(cs_idset_add(&s, 20), 1);
+    cs_idset_cut(&s, 15); /* above W: the ids above go */
+    CHECK_EQ_I64(s.watermark, 10);
+    CHECK_EQ_SIZE(cs_idset_count(&s), 2);
+    CHECK(cs_idset_has(&s, 15));
+    CHECK(!cs_idset_has(&s, 20));
+    cs_idset_cut(&s, 7); /* below W: W goes down, nothing is held */
+    CHECK_EQ_I64(s.watermark, 7);
+    CHECK_EQ_SIZE(cs_idset_count(&s), 0);
+    CHECK(!cs_idset_has(&s, 8));
+    CHECK(cs_idset_has(&s, 7));
+    CHECK_EQ_I64(cs_idset_add(&s, 9), 1); /* and it goes on from there */
+    cs_idset_advance(&s, 9);
+    CHECK_EQ_I64(s.watermark, 9);
+    cs_idset_free(&s);
+}
+
 int main(void)
 {
     test_advance_empty(); /* first: the child inherits no heap */
@@ -343,5 +367,6 @@ int main(void)
     test_memory();
     test_random();
     test_remove();
+    test_cut();
     return check_done("test_idset");
 }

@@ -418,6 +418,17 @@ static void test_reject(void)
         "1:s:1:error:boom",
         "1:s:1:running:",
         "1:s:1:running:aa",
+        /* truncate: history >= 1, after < id, three fields */
+        "1:t",
+        "1:t:",
+        "1:t:1:2",
+        "1:t:0:2:3",
+        "1:t:1:3:3",
+        "1:t:1:4:3",
+        "1:t:1:2:3:",
+        "1:t:1:2:3:4",
+        "1:t:01:2:3",
+        "1:t:1:-2:3",
         /* short */
         "",
         "1",
@@ -776,6 +787,32 @@ static void test_body(void)
     CHECK(p.in_bounds);
 }
 
+/* The truncate hint: encoded, parsed back, and refused when it says
+ * nothing coherent. */
+static void test_truncate(void)
+{
+    char buf[80];
+    cs_hint h = {.kind = CS_HINT_TRUNCATE, .version = 3, .after = 41, .id = 57};
+    int n = cs_payload_encode(&h, buf, sizeof buf);
+    CHECK_EQ_I64(n, 11);
+    CHECK(strcmp(buf, "1:t:3:41:57") == 0);
+    parsed p;
+    parse_exact(buf, (size_t)n, &p);
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK_EQ_I64(p.h.kind, CS_HINT_TRUNCATE);
+    CHECK_EQ_I64(p.h.version, 3);
+    CHECK_EQ_I64(p.h.after, 41);
+    CHECK_EQ_I64(p.h.id, 57);
+    parse_exact("1:t:1:0:1", 9, &p); /* the first message edited */
+    CHECK_EQ_I64(p.rc, CS_OK);
+    CHECK_EQ_I64(p.h.after, 0);
+    h.version = 0; /* an edit makes the history at least 1 */
+    CHECK_EQ_I64(cs_payload_encode(&h, buf, sizeof buf), CS_EINVAL);
+    h.version = 1;
+    h.id = h.after; /* the new message comes after the cut */
+    CHECK_EQ_I64(cs_payload_encode(&h, buf, sizeof buf), CS_EINVAL);
+}
+
 int main(void)
 {
     test_parse_id();
@@ -784,6 +821,7 @@ int main(void)
     test_reject();
     test_body();
     test_truncation();
+    test_truncate();
     test_fuzz();
     return check_done("test_payload");
 }

@@ -40,7 +40,7 @@ local DIRECT = {
 local WRITES = {
   create_chat = true, append = true, append_many = true, send = true, delete_queued = true, move_queued = true,
   promote_queued = true, acquire = true, heartbeat = true, finish = true, interrupt = true, publish_part = true,
-  submit_tool_results = true, recover = true, archive = true, unarchive = true,
+  submit_tool_results = true, recover = true, archive = true, unarchive = true, edit = true,
   chat = true, queued = true, migrate = true,
   commit = true, cache = true, notify = true, publish = true, -- Publish
 }

@@ -365,6 +365,9 @@ int store_stats(lua_State *L)
     set_int(L, "malformed", s.malformed);
     set_int(L, "parts", s.parts);
     set_int(L, "parts_dropped", s.parts_dropped);
+    set_int(L, "truncates", s.truncates);
+    set_int(L, "cut_reads", s.cut_reads);
+    set_int(L, "cut_refused", s.cut_refused);
     set_int(L, "auth_checks", s.auth_checks);
     set_int(L, "auth_refusals", s.auth_refusals);
     set_int(L, "shared_passes", s.shared_passes);
