@@ -138,7 +138,8 @@ describe("store:edit", function()
       inst:close()
     end)
 
-    it("cuts the history at the edited message: the new content follows its prev_id; queue cleared, worker let go, pending", function()
+    it("cuts the history at the edited message: the new content follows its prev_id; queue cleared, "
+      .. "worker let go, pending", function()
       local store = inst:open()
       local chat, ids = two_turns(store)
       local nid = assert(store:edit(chat, ids.u2, { content = "second question, edited", actor = "alice" }))
@@ -167,8 +168,8 @@ describe("store:edit", function()
       assert.is_nil(ok)
       assert.are.equal("ESTATE", code, err)
       assert.is_false((store:heartbeat(chat, "w")))
-      _, _, code = store:finish(chat, "completed", { worker = "w" })
-      assert.are.equal("ESTATE", code)
+      local _, _, fcode = store:finish(chat, "completed", { worker = "w" })
+      assert.are.equal("ESTATE", fcode)
       -- The next worker takes the edited turn.
       assert.are.same({ chat }, store:acquire({ worker = "w2" }))
       local reply = store:append(chat, { role = "assistant", content = "answer to the edit" }, { worker = "w2" })[1]
@@ -177,7 +178,8 @@ describe("store:edit", function()
         -- Kept as soft-deleted rows: the edited message and its answer.
         assert.are.equal(
           tostring(ids.u2) .. "," .. tostring(ids.a2),
-          psql_value(("SELECT string_agg(id::text, ',' ORDER BY id) FROM %s.messages WHERE deleted"):format(inst.schema))
+          psql_value(("SELECT string_agg(id::text, ',' ORDER BY id) FROM %s.messages WHERE deleted")
+            :format(inst.schema))
         )
         assert.are.equal(
           ("1|%d|%d"):format(ids.a1, nid),
@@ -201,7 +203,8 @@ describe("store:edit", function()
       assert.are.equal(0, r.evs[#r.evs].prev_id)
     end)
 
-    it("refuses what is not a live user message of the chat, an archived chat and a stranger, writing nothing", function()
+    it("refuses what is not a live user message of the chat, an archived chat and a stranger, writing nothing",
+      function()
       local store = inst:open()
       local chat, ids = two_turns(store)
       local other = store:create_chat({ owner = "alice" })
@@ -231,7 +234,8 @@ describe("store:edit", function()
       H.contains("unknown option", H.raises(store.edit, store, chat, nid, { content = "x", colour = 1 }))
     end)
 
-    it("hands every subscriber a truncate at the cut, then the new message, in this process and on a replica", function()
+    it("hands every subscriber a truncate at the cut, then the new message, in this process and on a replica",
+      function()
       local store = inst:open()
       local replica = inst:open()
       local chat, ids = two_turns(store)
@@ -283,7 +287,8 @@ describe("store:edit", function()
       assert.is_true(store:stats().truncates >= 4)
     end)
 
-    it("resumes across a cut: a cursor the edit left behind gets the truncate first, a cursor past it nothing again", function()
+    it("resumes across a cut: a cursor the edit left behind gets the truncate first, a cursor past it nothing again",
+      function()
       local store = inst:open()
       local chat, ids = two_turns(store)
       local sub = assert(store:subscribe(chat))
@@ -310,7 +315,8 @@ describe("store:edit", function()
       end
     end)
 
-    it("catches up with an edit whose notifications never came (the poll, or the next DB pass, sees the history)", function()
+    it("catches up with an edit whose notifications never came (the poll, or the next DB pass, sees the history)",
+      function()
       local store = inst:open()
       local chat, ids = two_turns(store)
       local replica = inst:open({ poll_interval = 0.1 })
@@ -345,7 +351,8 @@ describe("store:edit", function()
     end)
 
     if kind == "memory" then
-      it("catches up with an edit whose truncate notification was dropped (the next DB pass sees the history)", function()
+      it("catches up with an edit whose truncate notification was dropped (the next DB pass sees the history)",
+        function()
         local store = inst:open()
         local chat, ids = two_turns(store)
         local replica = inst:open()
@@ -384,7 +391,8 @@ describe("the races of an edit", function()
     -- message is gone with the cut: no reader may show it after the
     -- truncate, on the writer's own hub (whose cache the late publish
     -- offers it to) or on a replica. An append after the edit fails.
-    it("a worker's append committed before the cut and published after it never survives the cut, under every strategy", function()
+    it("a worker's append committed before the cut and published after it never survives the cut, "
+      .. "under every strategy", function()
       local store = inst:open()
       local replica = inst:open()
       local chat, ids = two_turns(store)
