@@ -11,6 +11,7 @@ local STAT_KEYS = {
   "resyncs", "reconnects", "polls", "cached_chats",
   "parts", "parts_dropped", "auth_checks", "auth_refusals", "shared_passes",
   "bodies", "steps", "cached_messages", "warnings", "listener_deaf",
+  "truncates", "cut_reads", "cut_refused",
 }
 
 local raises, contains = H.raises, H.contains
@@ -155,6 +156,11 @@ describe("chatstream module", function()
         error = "the model timed out" }))
     assert.are.equal("status waiting (version 0)", chatstream.format_event({ kind = "status", status = "waiting",
       version = 0 }))
+  end)
+
+  it("formats a truncate event", function()
+    assert.are.equal("truncate: every message above 4 is gone (edit 2)",
+      chatstream.format_event({ kind = "truncate", after = 4, history = 2, chat_id = 1, cursor = 4 }))
   end)
 
   it("raises on an unknown option key", function()

@@ -218,6 +218,41 @@ describe("web server on PostgreSQL", function()
     end)
   end)
 
+  it("streams an edit as a truncate, then the new message; a reconnect from the truncate's id goes on from the cut",
+    function()
+    W.with("postgresql", nil, function(s, inst)
+      local store = inst:open()
+      local chat = assert(store:create_chat({ owner = "web" }))
+      local u1 = assert(store:send(chat, { content = "first" }))
+      assert.are.same({ chat }, store:acquire({ worker = "w1" }))
+      local a1 = store:append(chat, { role = "assistant", content = "reply" }, { worker = "w1" })[1]
+      local cq = cqueues.new()
+      local url = s.url .. "/chats/" .. chat .. "/events"
+      local c = S.client(cq, url, { reconnect = false })
+      S.run_until(cq, function() return #c.ids == 2 end, 10, "the snapshot's messages")
+      local nid = assert(store:edit(chat, u1, { content = "first, edited" }))
+      S.run_until(cq, function() return #c.ids == 3 end, 10, "the new message")
+      assert.are.same({ u1, a1, nid }, c.ids)
+      assert.are.same({ { after = 0, history = 1, id = "0" } }, c.truncates)
+      assert.are.equal(tostring(nid), c.last_id)
+      assert.are.same({ nid }, db_ids(store, chat))
+      -- a browser that got the truncate but not the new message resumes
+      -- from the truncate's id: the new message, no truncate again
+      local r = S.client(cq, url, { reconnect = false, last_id = c.truncates[1].id })
+      -- one that got neither resumes from its old cursor: the truncate first
+      local old = S.client(cq, url, { reconnect = false, last_id = tostring(a1) })
+      S.run_until(cq, function() return #r.ids == 1 and #old.ids == 1 end, 10, "the resumes")
+      assert.are.same({ nid }, r.ids)
+      assert.is_nil(r.truncates)
+      assert.are.same({ nid }, old.ids)
+      assert.are.same({ { after = 0, history = 1, id = "0" } }, old.truncates)
+      for _, x in ipairs({ c, r, old }) do
+        x:stop()
+      end
+      S.run_until(cq, function() return c.done and r.done and old.done end, 5, "the clients' end")
+    end)
+  end)
+
   it("serves 200 concurrent event streams in one process, each every message once", function()
     W.with("postgresql", nil, function(s, inst)
       local writer = inst:open()

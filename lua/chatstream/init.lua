@@ -82,6 +82,8 @@ function M.format_event(ev)
     return ("queue [%s]"):format(table.concat(items, ", "))
   elseif ev.kind == "part" then
     return ("part %q"):format(ev.text)
+  elseif ev.kind == "truncate" then
+    return ("truncate: every message above %d is gone (edit %d)"):format(ev.after, ev.history)
   end
   return "event " .. tostring(ev.kind)
 end

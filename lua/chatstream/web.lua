@@ -15,8 +15,9 @@
 --                                  message, sent through store:send (the lifecycle applies); an
 --                                  Idempotency-Key header is its idempotency key
 --   GET  /chats/N/events        -> text/event-stream: one event per chatstream event
---                                  (event: message|status|queue|part); a message carries
---                                  id: <ev.cursor>, so the browser's Last-Event-ID on a reconnect
+--                                  (event: message|status|queue|part|truncate); a message (and
+--                                  a truncate) carries id: <ev.cursor>, so the browser's
+--                                  Last-Event-ID on a reconnect
 --                                  resumes with nothing lost and nothing twice (?after=C when
 --                                  there is no Last-Event-ID); a comment line every `heartbeat` s
 --   GET  /chats/N               -> the chat's page: live through EventSource, posts what is typed
@@ -158,6 +159,11 @@ local function sse(ev)
   elseif k == "part" then
     return ("event: part\ndata: %s\n\n"):format(cjson.encode({ chat_id = ev.chat_id, text = ev.text,
       after = ev.after }))
+  elseif k == "truncate" then
+    -- An edit cut the history: every message above `after` is gone. Its id
+    -- is its cursor, so a reconnect resumes from the cut.
+    return ("event: truncate\nid: %d\ndata: %s\n\n"):format(ev.cursor, cjson.encode({ chat_id = ev.chat_id,
+      after = ev.after, history = ev.history }))
   end
   return ("event: %s\ndata: %s\n\n"):format(k, cjson.encode({ chat_id = ev.chat_id }))
 end
@@ -514,10 +520,10 @@ const list = document.getElementById("messages");
 const state = document.getElementById("state");
 const part = document.getElementById("part");
 const queue = document.getElementById("queue");
-// What the page got, for whoever looks (a test reads it): every message
-// event's id in arrival order, the connections opened and the errors seen,
-// the chat's status and queue as last heard.
-window.chatstream = {ids: [], opens: 0, errors: 0, status: null, queue: [], sent: 0};
+// What the page got, for whoever looks (a test reads it): the id of every
+// message it shows, in arrival order, the connections opened and the errors
+// seen, the chat's status and queue as last heard, the truncates (edits).
+window.chatstream = {ids: [], opens: 0, errors: 0, status: null, queue: [], sent: 0, truncates: 0};
 const es = new EventSource("/chats/" + chat + "/events");
 es.onopen = () => { chatstream.opens++; state.textContent = chatstream.status || "live"; };
 es.onerror = () => { chatstream.errors++; state.textContent = "reconnecting"; };
@@ -544,6 +550,14 @@ es.addEventListener("queue", (e) => {
   }));
 });
 es.addEventListener("part", (e) => { part.textContent += JSON.parse(e.data).text; });
+// An edit: every message above `after` is gone; what follows continues there.
+es.addEventListener("truncate", (e) => {
+  const after = JSON.parse(e.data).after;
+  chatstream.truncates++;
+  chatstream.ids = chatstream.ids.filter((id) => id <= after);
+  for (const li of [...list.children]) if (Number(li.dataset.id) > after) li.remove();
+  part.textContent = "";
+});
 const key = () => Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
 // Sends text; a failed try is tried again with the same Idempotency-Key,
 // so the message is written once however often it is tried.

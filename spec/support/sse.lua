@@ -6,11 +6,13 @@
 --   S.client(cq, url, opts) -> c: follows an event stream inside cq the way
 --     a browser's EventSource does: on the stream's end or an error it
 --     connects again after the stream's retry: delay, sending Last-Event-ID
---     (the last id: it got). c.messages: the message events' data, decoded,
---     in arrival order; c.ids: their ids; c.connects, c.comments (heartbeat
---     lines), c.kinds[kind] (counts), c.last_id; c.status (the last
---     response's); c.chat_status and c.statuses (the status events' data, a
---     reader may empty it); on_message(c, data, now) if given. c:stop() ends it.
+--     (the last id: it got; opts.last_id, the first connect's too).
+--     c.messages: the message events' data, decoded, in arrival order;
+--     c.ids: their ids; c.connects, c.comments (heartbeat lines),
+--     c.kinds[kind] (counts), c.last_id; c.status (the last response's);
+--     c.chat_status and c.statuses (the status events' data, a reader may
+--     empty it); c.truncates (the truncate events' after, history and id:);
+--     on_message(c, data, now) if given. c:stop() ends it.
 --   S.run_until(cq, pred, limit, what) steps cq until pred() is true; an
 --     error naming `what` after limit seconds.
 require("chatstream.lua_http") -- lua-http under 5.4: its 5.3/5.2 paths
@@ -123,6 +125,12 @@ local function follow_once(c)
           if c.on_message then
             c.on_message(c, m, cqueues.monotime())
           end
+        elseif kind == "truncate" then
+          -- an edit: the messages above after are gone (c.view drops them;
+          -- c.ids keeps every message event got)
+          local t = decode(data)
+          c.truncates = c.truncates or {}
+          c.truncates[#c.truncates + 1] = { after = t.after, history = t.history, id = id }
         elseif kind == "status" then
           local st = decode(data)
           c.chat_status = st.status
@@ -141,7 +149,7 @@ function S.client(cq, url, opts)
   local c = {
     url = url, messages = {}, ids = {}, kinds = {}, connects = 0, comments = 0, retry = 1, ends = {},
     timeout = opts.timeout or 10, on_message = opts.on_message, reconnect = opts.reconnect ~= false,
-    stopped = false,
+    stopped = false, last_id = opts.last_id,
   }
   function c.stop(self)
     self.stopped = true -- the reader ends within a quarter of a second
