@@ -445,7 +445,7 @@
 -- @return[2] nil
 -- @treturn[2] string message
 -- @treturn[2] string code
--- @codes EBACKEND
+-- @codes EINVAL (a bad worker name), EBACKEND
 -- @function Store:acquire
 
 --- The worker's heartbeat.
@@ -457,7 +457,7 @@
 -- @return[3] nil
 -- @treturn[3] string message
 -- @treturn[3] string code
--- @codes ENOTFOUND, EBACKEND
+-- @codes ENOTFOUND, EINVAL (a bad worker name), EBACKEND
 -- @function Store:heartbeat
 
 --- Ends a worker's turn. Ending waiting or completed (or after an interruption) with a queue

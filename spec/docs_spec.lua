@@ -196,7 +196,7 @@ end
 local function sample_events()
   local store <close> = chatstream.open()
   local chat = store:create_chat({ owner = "docs" })
-  assert(store:send(chat, { content = "hi" }))
+  local first = assert(store:send(chat, { content = "hi" }))
   local sub <close> = assert(store:subscribe(chat))
   assert(store:send(chat, { content = "queued" }))
   assert(store:acquire({ worker = "w" })[1] == chat)
@@ -206,6 +206,9 @@ local function sample_events()
     { role = "tool", tool_call_id = "call-1", content = "42" },
   }, { worker = "w" }))
   assert(store:finish(chat, "error", { worker = "w", error = "boom" }))
+  if store.edit then -- landing on main: then its truncate event is checked too
+    assert(store:edit(chat, first, { content = "edited" }))
+  end
   assert(store:archive(chat))
   local evs = {}
   for ev in sub:events(0) do
