@@ -160,7 +160,9 @@
 -- @table truncate
 -- @field kind "truncate"
 -- @field chat_id the chat
--- @field after the last message ID kept
+-- @field after the last message ID kept (the edited message's prev_id)
+-- @field history how many edits have cut the chat's history, this one included
+-- @field cursor the subscription's resume point once the cut is handed over
 
 --- Failure codes
 -- @section codes
@@ -368,7 +370,8 @@
 --- The chat's metadata and state.
 -- @tparam integer chat_id the chat
 -- @tparam[opt] table opts `{actor =}`
--- @treturn table `{id, owner, title, status, version, last_message_id, archived}`, plus
+-- @treturn table `{id, owner, title, status, version, last_message_id, archived}` (and
+-- `history`, the number of edits, once edit lands), plus
 -- `worker` and `heartbeat_age` while a worker holds it (`interrupted_worker` instead when
 -- waiting), `last_error` when one is recorded
 -- @return[2] nil
@@ -546,17 +549,22 @@
 -- @function Store:publish_part
 
 --- Edits a user message: soft-deletes it and every later message of the chat, appends the
--- edited content as a new user message, clears the queue, interrupts a running worker and sets
--- the chat pending, in one transaction. Subscribers get a `truncate` event (`after` = the last
--- message kept), then the new message. (Being added to the binding.)
+-- edited content as a new user message after the edited one's prev_id, clears the queue, lets
+-- a worker on the chat go (its appends are refused from then on: ESTATE) and sets the chat
+-- pending, in one transaction; the chat's `history` counts one more. Subscribers get a
+-- `truncate` event (`after` = the edited message's prev_id), then the new message. (Landing in
+-- the binding from main.)
 -- @tparam integer chat_id the chat
 -- @tparam integer message_id the user message to edit
--- @tparam table opts `{content =, actor =}`
--- @treturn integer the new message's ID
+-- @tparam table opts `{content = (required), actor =, prepare = true}`: prepare returns a
+-- stepped publish whose commit is the edit's transaction and whose notify sends the truncate
+-- hint, then the new message's
+-- @treturn integer|Publish the new message's ID, or the publish with prepare
 -- @return[2] nil
 -- @treturn[2] string message
 -- @treturn[2] string code
--- @codes EINVAL (not a user message of the chat), ENOTFOUND, EAUTH, ESTATE, EBACKEND
+-- @codes EINVAL (no such live user message in the chat), ESTATE (archived), ENOTFOUND, EAUTH,
+-- EBACKEND
 -- @function Store:edit
 
 --- Subscription

@@ -74,6 +74,8 @@
 ---@field kind "truncate"
 ---@field chat_id integer
 ---@field after integer the last message ID kept (an edit soft-deleted the rest)
+---@field history integer edits that have cut the chat's history, this one included
+---@field cursor integer the resume point once the cut is handed over
 
 ---@class chatstream.Chat
 ---@field id integer
@@ -83,6 +85,7 @@
 ---@field version integer
 ---@field last_message_id integer
 ---@field archived boolean
+---@field history? integer edits that cut the chat's history (once edit lands)
 ---@field worker? string
 ---@field interrupted_worker? string
 ---@field heartbeat_age? number
@@ -338,11 +341,11 @@ function Store:submit_tool_results(chat_id, results, opts) end
 ---@return chatstream.Code? code
 function Store:publish_part(chat_id, text, opts) end
 
----Edits a user message (being added to the binding): truncate event, then the new message.
+---Edits a user message (landing in the binding): truncate event, then the new message.
 ---@param chat_id integer
 ---@param message_id integer
----@param opts {content: string, actor?: string}
----@return integer? new_id
+---@param opts {content: string, actor?: string, prepare?: boolean}
+---@return integer|chatstream.Publish|nil new_id_or_pub
 ---@return string? err
 ---@return chatstream.Code? code
 function Store:edit(chat_id, message_id, opts) end
