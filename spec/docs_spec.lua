@@ -206,13 +206,18 @@ local function sample_events()
     { role = "tool", tool_call_id = "call-1", content = "42" },
   }, { worker = "w" }))
   assert(store:finish(chat, "error", { worker = "w", error = "boom" }))
-  if store.edit then -- landing on main: then its truncate event is checked too
-    assert(store:edit(chat, first, { content = "edited" }))
-  end
   assert(store:archive(chat))
   local evs = {}
-  for ev in sub:events(0) do
-    evs[#evs + 1] = ev
+  local function drain()
+    for ev in sub:events(0) do
+      evs[#evs + 1] = ev
+    end
+  end
+  drain()
+  if store.edit then -- landing on main: then its truncate event is checked too
+    assert(store:unarchive(chat))
+    assert(store:edit(chat, first, { content = "edited" }))
+    drain()
   end
   return evs
 end
@@ -242,8 +247,10 @@ describe("the reference (make docs) and the LuaLS annotations", function()
   end)
 
   it("the allow-lists are needed: edit is not in the binding yet", function()
-    -- When store:edit lands, this fails: empty NOT_YET and NOT_YET_EVENTS.
-    assert.is_false(edit_landed, "Store.edit exists now: empty NOT_YET and NOT_YET_EVENTS in spec/docs_spec.lua")
+    -- When store:edit lands, this fails: empty NOT_YET and NOT_YET_EVENTS,
+    -- and delete this test (checked against main's c5a5a14: the rest passes).
+    assert.is_false(edit_landed, "Store.edit exists now: empty NOT_YET and NOT_YET_EVENTS in spec/docs_spec.lua "
+      .. "and delete this test")
   end)
 
   it("documents every public function, method and field of the loaded module", function()
