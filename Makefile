@@ -61,8 +61,9 @@ bench: build
 	@$(RUN_LUA) examples/bench.lua $(ARGS)
 
 # Every test: C unit tests and busted specs (normal build), the same under
-# ASan+UBSan, valgrind, a short fuzz run, the luarocks install check and
-# luacheck. Every suite runs; the summary says which failed.
+# ASan+UBSan, valgrind, a short fuzz run, the luarocks install check,
+# luacheck and the reference (make docs, test-docs). Every suite runs; the
+# summary says which failed.
 test: deps
 	@scripts/run-tests
 
