@@ -10,7 +10,7 @@ RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" 
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
 .PHONY: all deps build demo race web web-bench agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint test-tsan \
-        test-fuzz check-rock lint format clean
+        test-fuzz test-docs check-rock lint format clean docs
 
 MAKEFLAGS += --no-print-directory
 
@@ -61,8 +61,9 @@ bench: build
 	@$(RUN_LUA) examples/bench.lua $(ARGS)
 
 # Every test: C unit tests and busted specs (normal build), the same under
-# ASan+UBSan, valgrind, a short fuzz run, the luarocks install check and
-# luacheck. Every suite runs; the summary says which failed.
+# ASan+UBSan, valgrind, a short fuzz run, the luarocks install check,
+# luacheck and the reference (make docs, test-docs). Every suite runs; the
+# summary says which failed.
 test: deps
 	@scripts/run-tests
 
@@ -127,11 +128,26 @@ test-fuzz: deps
 	    if [ $$rc -ne 0 ]; then grep -A20 -E 'ERROR|deadly' $(FUZZ_BUILD)/fuzz_$$f.log | head -30; exit 1; fi; \
 	done
 
+# The HTML reference (LDoc: doc/config.ld over doc/*.ldoc.lua) into
+# $(BUILD)/docs; a warning fails it. LDoc runs under lua5.4 (Debian's ldoc
+# script asks for 5.1/5.2, which may be missing).
+LDOC ?= $(LUA) /usr/bin/ldoc
+docs: deps
+	@$(LDOC) -q -c doc/config.ld -d $(BUILD)/docs --fatalwarnings doc
+	@echo "docs: $(BUILD)/docs/index.html"
+
+# The reference generated, then the specs that keep it and the README true:
+# spec/docs_spec.lua (every public name documented and annotated) and
+# spec/readme_spec.lua (the README's commands and Lua blocks). The unit
+# suite's busted run has them too; this suite is the one that builds the HTML.
+test-docs: build docs
+	@$(LUA) /usr/bin/busted --cpath="$(BUILD)/?.so" -o utfTerminal spec/docs_spec.lua spec/readme_spec.lua
+
 test-rock check-rock: deps
 	@scripts/check-rock
 
 test-lint lint: deps
-	@luacheck -q lua spec examples core/tests
+	@luacheck -q lua spec examples core/tests doc types
 
 format:
 	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.h core/src/store/*.c \

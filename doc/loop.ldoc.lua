@@ -1,0 +1,16 @@
+--- What the event-loop adapters share (lua/chatstream/loop.lua).
+--
+-- An adapter (`chatstream.cqueues`, `chatstream.luv`) hands a backend to
+-- `adapter` and gets back a module whose `open` makes stores whose calls,
+-- made from a coroutine the loop runs, yield wherever they would wait.
+-- LDoc source only, never required.
+-- @module chatstream.loop
+
+--- The adapter module for a backend. The first call wraps the methods of
+-- `chatstream.Store`, `Subscription` and `Publish` (once): a store no adapter
+-- opened, or a call outside a loop's coroutine, behaves exactly as before.
+-- @tparam table backend `can_yield()`, `wait(fd, timeout)`, `new_turn()` (a
+-- FIFO lock with `take`/`give`), `pause()`, optional `forget(fd)`
+-- @treturn table the adapter: `open`, `close`, `wait`, and chatstream's other
+-- functions through `__index` (see `chatstream.cqueues`)
+-- @function adapter
