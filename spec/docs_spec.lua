@@ -9,16 +9,6 @@ local core = require("chatstream.core")
 
 local ROOT = (debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./") .. "../"
 
--- Documented before the binding has it. Only while it is absent at runtime;
--- an entry for a name that exists fails (empty the list when edit lands).
-local NOT_YET = {
-  ["chatstream Store:edit"] = "store:edit is being added to the binding on main",
-  ["chatstream.Store:edit"] = "the same, in types/ (LuaLS)",
-}
--- Event kinds documented before anything produces them: truncate comes with
--- store:edit (same rule as NOT_YET: only while Store.edit is absent).
-local NOT_YET_EVENTS = { truncate = "the edit's event, with store:edit" }
-
 -- chatstream.web's Server methods that only the server itself calls (its
 -- coroutines, lua-http's onstream), not programs: not part of the API.
 local WEB_INTERNAL = {
@@ -231,7 +221,6 @@ local EVENT_CLASS = {
 
 describe("the reference (make docs) and the LuaLS annotations", function()
   local index, funcs, fields, problems, handles, targets
-  local edit_landed = core.Store.edit ~= nil
 
   setup(function()
     index = ldoc_index()
@@ -244,13 +233,6 @@ describe("the reference (make docs) and the LuaLS annotations", function()
     if handles then
       handles.close()
     end
-  end)
-
-  it("the allow-lists are needed: edit is not in the binding yet", function()
-    -- When store:edit lands, this fails: empty NOT_YET and NOT_YET_EVENTS,
-    -- and delete this test (checked against main's c5a5a14: the rest passes).
-    assert.is_false(edit_landed, "Store.edit exists now: empty NOT_YET and NOT_YET_EVENTS in spec/docs_spec.lua "
-      .. "and delete this test")
   end)
 
   it("documents every public function, method and field of the loaded module", function()
@@ -297,7 +279,7 @@ describe("the reference (make docs) and the LuaLS annotations", function()
     assert.are.same({}, missing, "missing LuaLS annotations in types/")
   end)
 
-  it("documents nothing the loaded module does not have (but for the allow-list)", function()
+  it("documents nothing the loaded module does not have", function()
     local by_doc, by_luals = {}, {}
     for _, t in ipairs(targets) do
       by_doc[t.doc .. " " .. t.prefix] = t.tbl
@@ -310,7 +292,7 @@ describe("the reference (make docs) and the LuaLS annotations", function()
         local prefix, member = name:match("^(%w+:)([%w_]+)$")
         local tbl = by_doc[mod .. " " .. (prefix or "")]
         member = member or name
-        if not (tbl and tbl[member] ~= nil) and not NOT_YET[key] then
+        if not (tbl and tbl[member] ~= nil) then
           stale[#stale + 1] = key .. " (LDoc)"
         end
       end
@@ -318,7 +300,7 @@ describe("the reference (make docs) and the LuaLS annotations", function()
     for key in pairs(funcs) do
       local cls, member = key:match("^(%S+) (.+)$")
       local tbl = by_luals[cls]
-      if not (tbl and tbl[member] ~= nil) and not NOT_YET[cls .. ":" .. member] then
+      if not (tbl and tbl[member] ~= nil) then
         stale[#stale + 1] = key .. " (types/)"
       end
     end
@@ -358,7 +340,7 @@ describe("the reference (make docs) and the LuaLS annotations", function()
     -- every documented event table (a table with a kind field) is produced
     for key, item in pairs(index) do
       local kind = key:match("^chatstream (%l+)$")
-      if kind and item.kind == "table" and item.fields.kind and not seen[kind] and not NOT_YET_EVENTS[kind] then
+      if kind and item.kind == "table" and item.fields.kind and not seen[kind] then
         problems_found[#problems_found + 1] = "LDoc documents a " .. kind .. " event nothing produced"
       end
     end
