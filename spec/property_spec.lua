@@ -281,12 +281,12 @@ local function run_seed(inst, seed)
       ascending = ascending and r.got[i] > r.got[i - 1]
     end
     -- shown but not in the history: removed by an edit, or never written
-    local live, extra = {}, 0
+    local in_history, extra = {}, 0
     for _, id in ipairs(want) do
-      live[id] = true
+      in_history[id] = true
     end
     for _, id in ipairs(r.got) do
-      if not live[id] then
+      if not in_history[id] then
         extra = extra + 1
       end
     end
