@@ -68,6 +68,10 @@ describe("the chatstream command", function()
     out, code = run(BIN, { "agent", "demo" })
     assert.are.equal(0, code, out)
     H.contains("chat 1 is waiting, queue: 0 item(s)", out)
+    -- web: lua-http found (on Debian's 5.3 paths), then web.lua's own usage
+    out, code = run(BIN, { "web", "--port" })
+    assert.are.equal(2, code, out)
+    H.contains("usage: web.lua [--port N]", out)
   end)
 
   describe("installed (no examples/ beside it)", function()
