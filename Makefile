@@ -9,8 +9,8 @@ LUA        ?= lua5.4
 RUN_LUA     = LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(BUILD)/?.so;;" $(LUA)
 VALGRIND    = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect
 
-.PHONY: all deps build demo race web web-bench agent tail stress bench bench-core test test-unit test-asan test-valgrind test-rock test-lint test-tsan \
-        test-fuzz test-docs check-rock lint format clean docs
+.PHONY: all deps build demo race web web-bench agent tail stress bench bench-core test test-quick test-unit test-asan \
+        test-valgrind test-rock test-lint test-tsan test-fuzz test-docs check-rock lint format dist clean docs
 
 MAKEFLAGS += --no-print-directory
 
@@ -69,6 +69,13 @@ test: deps
 
 test-unit: build
 	@cd $(BUILD) && ctest --output-on-failure
+
+# Quick: the C unit tests and the busted specs on the memory store only (the
+# PostgreSQL specs are listed as pending); no sanitizers, valgrind, fuzzing,
+# rock or lint. Under a minute.
+test-quick: build
+	@cd $(BUILD) && ctest --output-on-failure -E '^busted$$'
+	@env -u CHATSTREAM_TEST_DSN -u CI $(LUA) /usr/bin/busted --cpath="$(BUILD)/?.so" -o utfTerminal
 
 test-asan: deps
 	@cmake -S . -B $(ASAN_BUILD) -DCHATSTREAM_WERROR=ON -DCHATSTREAM_SANITIZE=ON \
@@ -147,11 +154,17 @@ test-rock check-rock: deps
 	@scripts/check-rock
 
 test-lint lint: deps
-	@luacheck -q lua spec examples core/tests doc types
+	@luacheck -q lua spec examples core/tests doc types bin/chatstream
+
+# The release rock from committed files: dist/chatstream-$(VERSION)-1.rockspec
+# and dist/chatstream-$(VERSION)-1.src.rock (scripts/dist).
+DIST ?= dist
+dist:
+	@scripts/dist "$(VERSION)" "$(DIST)"
 
 format:
 	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.h core/src/store/*.c \
 	    core/tests/*.c core/tests/*.h lua/core/*.c lua/core/*.h
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build.luarocks
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build.luarocks $(DIST)
