@@ -27,14 +27,13 @@ with "'cmake' program not found" without it) and libpq with its headers
 dependencies = {
   "lua >= 5.4, < 5.5",
 }
--- libpq: luarocks checks for the library itself (a missing libpq is its own
--- "Could not find library file for PQ" error) and passes PQ_INCDIR and
--- PQ_LIBDIR on to CMake. The header is not declared: Debian keeps it in
--- include/postgresql/, other systems in include/, and a rockspec names one
--- path; CMake looks in PQ_INCDIR and PQ_INCDIR/postgresql and says which
--- package to install when it is missing.
+-- libpq: luarocks checks for its header, under postgresql/ as Debian lays
+-- it out (libpq-dev: /usr/include/postgresql/libpq-fe.h), and its library,
+-- so a missing libpq is luarocks' own "Could not find ... for PQ" error; it
+-- passes PQ_INCDIR and PQ_LIBDIR on to CMake, which looks in PQ_INCDIR and
+-- PQ_INCDIR/postgresql. (Elsewhere: PQ_INCDIR=<dir holding postgresql/>.)
 external_dependencies = {
-  PQ = { library = "pq" },
+  PQ = { header = "postgresql/libpq-fe.h", library = "pq" },
 }
 build = {
   type = "cmake",
@@ -49,6 +48,9 @@ build = {
   },
   -- The examples the command runs, as modules (chatstream.examples.demo,
   -- ...): bin/chatstream finds them on package.path.
+  -- The LuaLS annotations (types/, for editors) and the LDoc sources go
+  -- into the rock's directory in the tree.
+  copy_directories = { "types", "doc" },
   install = {
     bin = { chatstream = "bin/chatstream" },
     lua = {
