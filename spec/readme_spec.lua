@@ -19,8 +19,16 @@ local ROOT = (debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./") .. "../
 
 -- export lines (env = true) hold for the later commands of their block.
 local SH = {
+  -- Install: the release rock into a tree of one's own, and its command
+  ["make dist VERSION=0.1.0"] = { skip = "writes dist/; scripts/check-rock (make test-rock) makes a release rock" },
+  ['luarocks --lua-version=5.4 --tree="$HOME/.chatstream" install dist/chatstream-0.1.0-1.src.rock'] = {
+    skip = "installs into $HOME; scripts/check-rock installs the rock it made into a fresh tree" },
+  ['export PATH="$HOME/.chatstream/bin:$PATH"'] = { skip = "the tree of the install above" },
+  ["chatstream demo"] = { skip = "the installed command; scripts/check-rock runs it from the fresh tree, "
+    .. "outside the clone" },
   -- Set up and run
   ["make demo"] = { run = true, expect = "last_id" },
+  ['export LUA_PATH="$PWD/lua/?.lua;$PWD/lua/?/init.lua;;" LUA_CPATH="$PWD/build/?.so;;"'] = { env = true },
   ["make test"] = { skip = "every suite (this spec among them): tens of minutes, and recursive; .ci/run runs it" },
   -- Chat lifecycle: the examples, embedded store, then PostgreSQL
   ['export LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/?.so;;"'] = { env = true },
