@@ -372,6 +372,46 @@ describe("store:edit", function()
         end
         assert.is_true(replica:stats().cut_reads >= 1)
       end)
+
+      it("a subscriber that joins after an edit its hub never heard of is not shown what the edit removed",
+        function()
+        -- The writer's hub has a removed message in its cache (its publish
+        -- came before the edit) and another still to publish; the edit's
+        -- notifications are lost. A reader joining there reads the edited
+        -- history: neither may come back from the cache.
+        local store = inst:open()
+        local editor = inst:open()
+        local chat, ids = two_turns(store)
+        local p1 = assert(store:prepare(chat, { role = "assistant", content = "cached" }, { worker = "w" }))
+        local x1 = p1:commit()[1]
+        p1:cache()
+        local p2 = assert(store:prepare(chat, { role = "assistant", content = "late" }, { worker = "w" }))
+        local x2 = p2:commit()[1]
+        inst.memdb:drop_notifies(10)
+        local nid = assert(editor:edit(chat, ids.u2, { content = "edited" }))
+        inst.memdb:drop_notifies(0)
+        local want = { ids.u1, ids.a1, nid }
+        local readers = {}
+        for _, opts in ipairs(READERS) do
+          local r = reader(assert(store:subscribe(chat, opts))).take()
+          r.name = reader_name(opts)
+          assert.are.same(want, r.view, r.name)
+          readers[#readers + 1] = r
+        end
+        p1:notify()
+        p2:cache()
+        p2:notify()
+        local p3 = assert(store:prepare(chat, { role = "assistant", content = "after" }))
+        local after = p3:commit()[1]
+        p3:publish()
+        want[#want + 1] = after
+        for _, r in ipairs(readers) do
+          r.take()
+          assert.are.same(want, sorted(r.view), r.name)
+          assert.is_nil(r.shown[x1], r.name)
+          assert.is_nil(r.shown[x2], r.name)
+        end
+      end)
     end
   end)
 end)

@@ -558,8 +558,15 @@ static int sub_snapshot(cs_sub *s, int64_t after)
         rc = sub_take_queue(s, q, true);
         q = NULL; /* taken, or freed */
     }
-    if (rc == CS_OK)
+    if (rc == CS_OK) {
         s->history = row->history;
+        if (row->history > s->chat->history)
+            /* Edits this hub has not cut its cache for (their notifications
+             * are to come, or were lost): it may hold what they removed, and
+             * a late publish may offer it again. Everything up to the
+             * chat's last message leaves the cache and stays out. */
+            cs_chat_cut(s->chat, -1, row->last_message_id + 1, row->history);
+    }
     if (rc == CS_OK && cut >= 0) {
         rc = ev_push(
             s, (oevent){.kind = CS_EV_TRUNCATE, .a = cut, .b = row->history});
