@@ -350,6 +350,54 @@ describe("store:edit", function()
       assert.is_true(replica:stats().cut_reads >= 1)
     end)
 
+    if kind == "postgresql" then
+      it("hands the truncate to readers in this process when another OS process edits while it appends", function()
+        local P = require("support.procs")
+        local store = inst:open()
+        local chat, ids = two_turns(store)
+        local readers = {}
+        for _, opts in ipairs(READERS) do
+          local r = reader(assert(store:subscribe(chat, opts)))
+          r.name = reader_name(opts)
+          readers[#readers + 1] = r
+        end
+        -- the other process: ten appends, the edit, ten more
+        local script = os.tmpname()
+        local f = assert(io.open(script, "w"))
+        f:write([[
+local chatstream = require("chatstream")
+local dsn, schema, chat, mid = arg[1], arg[2], tonumber(arg[3]), tonumber(arg[4])
+local s = assert(chatstream.open({ dsn = dsn, schema = schema, poll_interval = 0 }))
+for i = 1, 10 do assert(s:append(chat, { role = "assistant", content = "before " .. i })) end
+assert(s:edit(chat, mid, { content = "edited elsewhere" }))
+for i = 1, 10 do assert(s:append(chat, { role = "assistant", content = "after " .. i })) end
+io.write("done")
+]])
+        f:close()
+        local procs = {}
+        local w = P.spawn(procs, script, { H.dsn, inst.schema, tostring(chat), tostring(ids.u2) })
+        local deadline = chatstream.now() + 30
+        while not P.slurp(w.out):find("exit", 1, true) and chatstream.now() < deadline do
+          for _, r in ipairs(readers) do
+            r.take(0.02)
+          end
+        end
+        w.h:close()
+        os.remove(script)
+        assert.are.equal("done", (P.slurp(w.out):match("^pid %d+\n(.-)exit") or ""), P.slurp(w.err))
+        local want = truth(inst, chat)
+        assert.are.equal(3 + 10, #want) -- u1, a1, the new message, ten after
+        for _, r in ipairs(readers) do
+          repeat
+            r.take(0.1)
+          until #r.view == #want or chatstream.now() > deadline
+          assert.are.same(want, sorted(r.view), r.name)
+          assert.are.equal(1, #r.truncates(), r.name)
+          assert.are.same({}, r.twice, r.name)
+        end
+      end)
+    end
+
     if kind == "memory" then
       it("catches up with an edit whose truncate notification was dropped (the next DB pass sees the history)",
         function()
