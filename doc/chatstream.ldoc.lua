@@ -540,20 +540,21 @@
 -- boundaries when longer than one notification).
 -- @tparam integer chat_id the chat
 -- @tparam string text the delta
--- @tparam[opt] table opts `{actor =}`
+-- @tparam[opt] table opts `{actor =}` or `{worker =}`: with a worker, only while the chat runs
+-- on it (or was interrupted while it did), so a worker an edit or a takeover let go streams
+-- nothing into the next turn
 -- @treturn boolean true
 -- @return[2] nil
 -- @treturn[2] string message
 -- @treturn[2] string code
--- @codes ENOTFOUND, EAUTH, EBACKEND
+-- @codes ENOTFOUND, EAUTH, ESTATE (not this worker's chat), EBACKEND
 -- @function Store:publish_part
 
 --- Edits a user message: soft-deletes it and every later message of the chat, appends the
 -- edited content as a new user message after the edited one's prev_id, clears the queue, lets
 -- a worker on the chat go (its appends are refused from then on: ESTATE) and sets the chat
 -- pending, in one transaction; the chat's `history` counts one more. Subscribers get a
--- `truncate` event (`after` = the edited message's prev_id), then the new message. (Landing in
--- the binding from main.)
+-- `truncate` event (`after` = the edited message's prev_id), then the new message.
 -- @tparam integer chat_id the chat
 -- @tparam integer message_id the user message to edit
 -- @tparam table opts `{content = (required), actor =, prepare = true}`: prepare returns a

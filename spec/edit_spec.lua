@@ -188,6 +188,38 @@ describe("store:edit", function()
       end
     end)
 
+    it("refuses the parts of the worker it let go (publish_part with its worker), not the next worker's",
+      function()
+      local store = inst:open()
+      local chat, ids = two_turns(store)
+      assert(store:publish_part(chat, "of the cut turn ", { worker = "w" }))
+      local sub = assert(store:subscribe(chat))
+      quiet(store)
+      for _ in sub:events(0) do end
+      local nid = assert(store:edit(chat, ids.u2, { content = "edited" }))
+      local ok, err, code = store:publish_part(chat, "stale token", { worker = "w" })
+      assert.is_nil(ok)
+      assert.are.equal("ESTATE", code, err)
+      assert.are.same({ chat }, store:acquire({ worker = "w2" }))
+      assert(store:publish_part(chat, "fresh token", { worker = "w2" }))
+      quiet(store)
+      local parts = {}
+      for ev in sub:events(0) do
+        if ev.kind == "part" then
+          parts[#parts + 1] = ev.text .. "@" .. ev.after
+        end
+      end
+      assert.are.same({ "fresh token@" .. nid }, parts)
+      local late = {}
+      for ev in inst:open():subscribe(chat):events(0) do
+        if ev.kind == "part" then
+          late[#late + 1] = ev.text
+        end
+      end
+      assert.are.same({ "fresh token" }, late)
+      H.contains("exclude each other", H.raises(store.publish_part, store, chat, "x", { worker = "w2", actor = "a" }))
+    end)
+
     it("edits the first message (the cut is at 0) and an edited message again", function()
       local store = inst:open()
       local chat = store:create_chat({ owner = "alice" })

@@ -335,13 +335,13 @@ function Store:submit_tool_results(chat_id, results, opts) end
 
 ---@param chat_id integer
 ---@param text string
----@param opts? {actor?: string}
+---@param opts? {actor?: string, worker?: string}
 ---@return true? ok
 ---@return string? err
 ---@return chatstream.Code? code
 function Store:publish_part(chat_id, text, opts) end
 
----Edits a user message (landing in the binding): truncate event, then the new message.
+---Edits a user message: a truncate event, then the new message.
 ---@param chat_id integer
 ---@param message_id integer
 ---@param opts {content: string, actor?: string, prepare?: boolean}

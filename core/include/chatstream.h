@@ -474,6 +474,11 @@ int cs_hub_interrupt(cs_hub *hub, int64_t chat_id, const char *actor,
  * boundaries) into several parts. */
 int cs_hub_publish_part(cs_hub *hub, int64_t chat_id, const char *actor,
                         const char *text, size_t len);
+/* The same with a worker (or NULL): only while the chat runs on it, or was
+ * interrupted while it did (CS_ESTATE otherwise, nothing sent), so a worker
+ * an edit or a takeover let go streams nothing into the next turn. */
+int cs_hub_publish_part_as(cs_hub *hub, int64_t chat_id, const char *actor,
+                           const char *worker, const char *text, size_t len);
 
 #define CS_MAX_CONTENT (64u << 20)
 #define CS_MAX_BATCH 4096

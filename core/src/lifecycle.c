@@ -988,10 +988,20 @@ int cs_hub_interrupt(cs_hub *hub, int64_t chat_id, const char *actor,
 int cs_hub_publish_part(cs_hub *hub, int64_t chat_id, const char *actor,
                         const char *text, size_t len)
 {
+    return cs_hub_publish_part_as(hub, chat_id, actor, NULL, text, len);
+}
+
+int cs_hub_publish_part_as(cs_hub *hub, int64_t chat_id, const char *actor,
+                           const char *worker, const char *text, size_t len)
+{
     if (!hub)
         return CS_ECLOSED;
     if (chat_id < 1)
         return cs_hub_fail(hub, CS_EINVAL, "bad chat id");
+    if (worker && cs_check_name(hub, worker, "worker") < 0)
+        return CS_EINVAL;
+    if (worker && actor)
+        return cs_hub_fail(hub, CS_EINVAL, "an actor or a worker, not both");
     if (len > CS_MAX_CONTENT || (!text && len) ||
         (len && memchr(text, '\0', len)))
         return cs_hub_fail(hub, CS_EINVAL,
@@ -1014,7 +1024,8 @@ int cs_hub_publish_part(cs_hub *hub, int64_t chat_id, const char *actor,
         if (n)
             memcpy(chunk, text + off, n);
         chunk[n] = '\0';
-        rc = hub->store.ops->notify_part(hub->store.st, chat_id, chunk, n);
+        rc = hub->store.ops->notify_part(hub->store.st, chat_id, worker, chunk,
+                                         n);
         off += n;
     } while (rc == CS_OK && off < len);
     free(chunk);

@@ -510,7 +510,11 @@ static int sub_catch_up(cs_sub *s)
             hub->counts.query_errors++;
         return cs_hub_fail(hub, rc, NULL);
     }
-    if (after >= 0 && history > s->history)
+    if (after < 0 && history > s->history)
+        /* The history moved with no cut on record (cut rows removed by
+         * hand): everything is read again, from a truncate at 0. */
+        after = upto = 0;
+    if (history > s->history)
         rc = sub_cut(s, after, upto, history);
     if (rc == CS_OK)
         s->history_dirty = false;

@@ -105,7 +105,10 @@ function M.turn(store, chat_id, opts)
     local last = msgs[#msgs]
     if opts.stream ~= false and last.role == "assistant" then
       for _, w in ipairs(split_words(last.content)) do
-        assert(store:publish_part(chat_id, w))
+        -- only while the chat runs on this worker (ESTATE: it was let go)
+        if not store:publish_part(chat_id, w, { worker = worker }) then
+          break
+        end
       end
     end
     -- committed only while the chat still runs on this worker

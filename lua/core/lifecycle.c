@@ -400,14 +400,17 @@ int store_finish(lua_State *L)
     return 2;
 }
 
+/* store:publish_part(chat_id, text, {actor = ... | worker = ...}) -> true */
 int store_publish_part(lua_State *L)
 {
+    static const char *const keys[] = {"actor", "worker", NULL};
     cs_hub *hub = check_store(L, 1);
     int64_t chat = check_id(L, 2, "chat id");
     size_t len;
     const char *text = luaL_checklstring(L, 3, &len);
-    const char *actor = opt_actor(L, 4, NULL);
-    int rc = cs_hub_publish_part(hub, chat, actor, text, len);
+    const char *actor = opt_actor(L, 4, keys);
+    const char *worker = opt_worker(L, 4, actor);
+    int rc = cs_hub_publish_part_as(hub, chat, actor, worker, text, len);
     if (rc < 0)
         return hub_fail(L, hub, rc);
     lua_pushboolean(L, 1);

@@ -767,13 +767,19 @@ static int m_stuck(void *st, int kind, double age, size_t limit, int64_t *ids,
 
 static int m_notify(void *st, int64_t chat_id, const char *payload, size_t len);
 
-static int m_notify_part(void *st, int64_t chat_id, const char *text,
-                         size_t len)
+static int m_notify_part(void *st, int64_t chat_id, const char *worker,
+                         const char *text, size_t len)
 {
     mem_conn *c = st;
     mem_chat *ch = find_chat(c->db, chat_id);
     if (!ch)
         return fail(c, CS_ENOTFOUND, "no chat %lld", chat_id);
+    if (worker && *worker &&
+        !((ch->status == CS_STATUS_RUNNING ||
+           ch->status == CS_STATUS_WAITING) &&
+          strcmp(ch->worker, worker) == 0))
+        return fail(c, CS_ESTATE, "chat %lld does not run on that worker",
+                    chat_id);
     cs_hint h = {.kind = CS_HINT_PART, .text = text, .text_len = len};
     h.after = ch->msgs.n ? ch->msgs.items[ch->msgs.n - 1]->id : 0;
     /* The parts of turns that ended go; this one is kept for late joiners

@@ -181,7 +181,8 @@ int pg_snapshot(void *st, int64_t chat_id, int64_t after, size_t limit,
 int pg_chats_state(void *st, const int64_t *ids, size_t n, cs_chat_state *out,
                    size_t *nout);
 int pg_notify(void *st, int64_t chat_id, const char *payload, size_t len);
-int pg_notify_part(void *st, int64_t chat_id, const char *text, size_t len);
+int pg_notify_part(void *st, int64_t chat_id, const char *worker,
+                   const char *text, size_t len);
 
 /* ---- pg_listen.c -------------------------------------------------------- */
 int pg_make_pipe(int fds[2]);

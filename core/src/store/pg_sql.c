@@ -1167,7 +1167,8 @@ int pg_notify(void *st, int64_t chat_id, const char *payload, size_t len)
 #define PART_HEAD 46
 
 /* The chat's last message ID is read in the same statement that notifies. */
-int pg_notify_part(void *st, int64_t chat_id, const char *text, size_t len)
+int pg_notify_part(void *st, int64_t chat_id, const char *worker,
+                   const char *text, size_t len)
 {
     pg_store *s = st;
     if (len > CS_PAYLOAD_MAX - PART_HEAD) {
@@ -1181,7 +1182,9 @@ int pg_notify_part(void *st, int64_t chat_id, const char *text, size_t len)
      * its seq. */
     snprintf(sql, sizeof sql,
              "WITH c AS (SELECT id, last_message_id FROM %1$s.chats WHERE id = "
-             "$3::bigint), d AS (DELETE FROM %1$s.parts p USING c WHERE "
+             "$3::bigint AND ($4::text = '' OR (status IN ('running', "
+             "'waiting') AND worker_id = $4::text))), d AS (DELETE FROM "
+             "%1$s.parts p USING c WHERE "
              "p.chat_id = c.id AND p.after < c.last_message_id), i AS (INSERT "
              "INTO %1$s.parts (chat_id, after, text) SELECT id, "
              "last_message_id, $2::text FROM c RETURNING seq, after) SELECT "
@@ -1190,15 +1193,25 @@ int pg_notify_part(void *st, int64_t chat_id, const char *text, size_t len)
              s->schema);
     pg_channel_of(s, chat_id, channel, sizeof channel);
     pg_i64s(chat, chat_id);
-    const char *vals[3] = {channel, text ? text : "", chat};
+    const char *vals[4] = {channel, text ? text : "", chat,
+                           worker ? worker : ""};
     /* Not retried: a part that went out before the connection broke would
      * go out twice (a lost part is acceptable, a repeated one is not). */
     PGconn *c = pg_qconn(s);
-    PGresult *r = c ? pg_run(s, c, sql, 3, vals) : NULL;
+    PGresult *r = c ? pg_run(s, c, sql, 4, vals) : NULL;
     if (!r)
         return CS_EBACKEND;
     int rc = PQntuples(r) == 1 ? CS_OK : no_chat(s, chat_id);
     PQclear(r);
+    if (rc == CS_ENOTFOUND && worker && *worker) {
+        /* No row: no chat, or not this worker's any more. */
+        cs_chat_row row;
+        if (pg_chat_get(st, chat_id, &row) == CS_OK) {
+            snprintf(s->err, sizeof s->err,
+                     "chat %" PRId64 " does not run on that worker", chat_id);
+            rc = CS_ESTATE;
+        }
+    }
     return rc;
 }
 
@@ -1223,8 +1236,10 @@ static void pipe_params(pg_store *s, const cs_append_req *q, int mode,
     size_t tool_len = strlen(tool);
     bool body = mode == CS_APPEND_BODY &&
                 CS_BODY_HEAD + tool_len + msg->content_len <= CS_PAYLOAD_MAX;
-    p->k = body ? PREP_APPEND_BODY : PREP_APPEND_NOTIFY;
-    p->nvals = body ? 8 : 7;
+    p->k = mode == CS_APPEND_SILENT ? PREP_APPEND
+           : body                   ? PREP_APPEND_BODY
+                                    : PREP_APPEND_NOTIFY;
+    p->nvals = mode == CS_APPEND_SILENT ? 5 : body ? 8 : 7;
     pg_i64s(p->chat, q->chat_id);
     pg_channel_of(s, q->chat_id, p->channel, sizeof p->channel);
     snprintf(p->head, sizeof p->head, "%d:%c:", CS_PAYLOAD_VERSION,
@@ -1289,8 +1304,9 @@ static int pipe_take(pg_store *s, const cs_append_req *q, PGresult *r,
 
 /* One chunk in one round trip: each append its own autocommit statement
  * followed by a Sync, so each is its own transaction and one that fails
- * leaves the others; all are sent before any answer is read. */
-static void pipe_chunk(pg_store *s, PGconn *c, const cs_append_req *reqs,
+ * leaves the others; all are sent before any answer is read. False when
+ * the connection was lost (and dropped). */
+static bool pipe_chunk(pg_store *s, PGconn *c, const cs_append_req *reqs,
                        size_t n, int mode, pipe_req *p, cs_msglist *out,
                        int64_t *ids, int *rcs)
 {
@@ -1353,6 +1369,66 @@ static void pipe_chunk(pg_store *s, PGconn *c, const cs_append_req *reqs,
                 NULL);
         pg_drop_conn(s, c);
     }
+    return !lost;
+}
+
+/* The notifications of a chunk's committed appends (out's entries from
+ * base, n of them; NULL: none), in one statement of their own after them:
+ * one notifying transaction for the chunk, not one per append, which is
+ * what PostgreSQL's delivery costs most for (a commit that notifies takes
+ * the server's notification lock and wakes every listener). Each hint
+ * carries its message when mode says so and it fits. A failure is counted
+ * nowhere but costs no message: readers find them through the next DB pass
+ * or the backstop poll. */
+static void pipe_notify(pg_store *s, PGconn *c, const cs_msglist *out,
+                        size_t base, size_t n, int mode)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        k += out->items[base + i] != NULL;
+    if (k == 0)
+        return;
+    char *sql = malloc(32 + k * 40);
+    const char **vals = malloc(2 * k * sizeof *vals);
+    char *chan = malloc(k * 128);
+    char *pay = malloc(k * (CS_PAYLOAD_MAX + 1));
+    if (!sql || !vals || !chan || !pay)
+        goto done;
+    size_t o = (size_t)snprintf(sql, 32, "SELECT ");
+    for (size_t i = 0, j = 0; i < n; i++) {
+        const cs_msg *m = out->items[base + i];
+        if (!m)
+            continue;
+        char *ch = chan + j * 128, *pl = pay + j * (CS_PAYLOAD_MAX + 1);
+        pg_channel_of(s, m->chat_id, ch, 128);
+        cs_hint h = {.kind = CS_HINT_MESSAGE, .after = m->prev_id, .id = m->id};
+        size_t tl = strlen(m->tool);
+        if (mode == CS_APPEND_BODY &&
+            CS_BODY_HEAD + tl + m->content_len <= CS_PAYLOAD_MAX) {
+            h.body = true;
+            h.role = m->role;
+            h.tool = m->tool;
+            h.tool_len = tl;
+            h.text = m->content;
+            h.text_len = m->content_len;
+        }
+        if (cs_payload_encode(&h, pl, CS_PAYLOAD_MAX + 1) < 0) {
+            h.body = false; /* the plain hint always fits */
+            cs_payload_encode(&h, pl, CS_PAYLOAD_MAX + 1);
+        }
+        vals[2 * j] = ch;
+        vals[2 * j + 1] = pl;
+        o += (size_t)snprintf(sql + o, 40, "%spg_notify($%zu, $%zu)",
+                              j ? ", " : "", 2 * j + 1, 2 * j + 2);
+        j++;
+    }
+    if (pg_exec(s, c, sql, (int)(2 * k), vals) < 0)
+        s->err[0] = '\0'; /* the appends succeeded: not their error */
+done:
+    free(sql);
+    free(vals);
+    free(chan);
+    free(pay);
 }
 
 int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
@@ -1370,8 +1446,7 @@ int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
     for (size_t at = 0; at < n; at += PIPE_CHUNK) {
         size_t k = n - at < PIPE_CHUNK ? n - at : PIPE_CHUNK;
         PGconn *c = pg_live_qconn(s);
-        if (!c || !pg_prepare(s, c, PREP_APPEND_BODY, 8) ||
-            !pg_prepare(s, c, PREP_APPEND_NOTIFY, 7)) {
+        if (!c || !pg_prepare(s, c, PREP_APPEND, 5)) {
             for (size_t i = at; i < n; i++) {
                 rcs[i] = CS_EBACKEND;
                 ids[i] = 0;
@@ -1379,7 +1454,13 @@ int pg_append1_many(void *st, const cs_append_req *reqs, size_t n, int mode,
             }
             break;
         }
-        pipe_chunk(s, c, reqs + at, k, mode, p, out, ids + at, rcs + at);
+        /* The appends without their notifications, then those of the ones
+         * that committed, together (pipe_notify). */
+        size_t base = out->n;
+        if (pipe_chunk(s, c, reqs + at, k, CS_APPEND_SILENT, p, out, ids + at,
+                       rcs + at) &&
+            mode != CS_APPEND_SILENT)
+            pipe_notify(s, c, out, base, k, mode);
     }
     free(p);
     return CS_OK;
@@ -1414,9 +1495,16 @@ int pg_messages_after_many(void *st, const int64_t *chats,
         }
         /* The chat's history goes to its entry (found once per chat: the
          * rows come by chat). */
-        if (at >= n || chats[at] != chat)
-            for (at = 0; at < n && chats[at] != chat; at++)
-                ;
+        if (at >= n || chats[at] != chat) {
+            size_t from = at < n ? at : 0;
+            for (at = from; at < n && chats[at] != chat; at++)
+                ; /* forward first: the hub's list is sorted too */
+            if (at == n)
+                for (at = 0; at < from && chats[at] != chat; at++)
+                    ;
+            if (at == from && from < n && chats[at] != chat)
+                at = n;
+        }
         if (at < n)
             histories[at] = history;
         rc = push_msg(s, r, i, 1, chat, out);

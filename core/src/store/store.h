@@ -139,7 +139,11 @@ typedef struct cs_store_ops {
     /* Optional: append1 (no worker) for each of n requests, several in
      * flight at once, each its own transaction: rcs[i] and ids[i] as
      * append1's rc and *id; out receives the committed messages in request
-     * order (a NULL entry where none: failed, or no memory for a copy). */
+     * order (a NULL entry where none: failed, or no memory for a copy).
+     * Unless notify is CS_APPEND_SILENT, the notifications of those that
+     * committed follow them in one statement of their own (after the
+     * commits, as a publish's notify step: a connection lost in between
+     * loses them to the backstop poll, never the messages). */
     int (*append1_many)(void *st, const cs_append_req *reqs, size_t n,
                         int notify, cs_msglist *out, int64_t *ids, int *rcs);
     /* Up to limit chats stuck in one way (CS_STUCK_*), oldest first, with
@@ -149,8 +153,11 @@ typedef struct cs_store_ops {
     /* Keeps the part (with the next seq; the chat's parts of turns that
      * ended go) and notifies "1:p:<last_message_id>:<seq>:<text>" on the
      * chat's channel, the chat's last message ID read by the store.
-     * CS_ENOTFOUND if no chat. */
-    int (*notify_part)(void *st, int64_t chat_id, const char *text, size_t len);
+     * CS_ENOTFOUND if no chat. worker (or NULL): only while the chat runs
+     * on that worker, or was interrupted while it did, else CS_ESTATE (as
+     * a worker's append). */
+    int (*notify_part)(void *st, int64_t chat_id, const char *worker,
+                       const char *text, size_t len);
     /* Messages with id > after, ascending: the lowest limit of them (0:
      * all). Every read of messages leaves out the soft-deleted ones (an
      * edit's). *history (may be NULL) receives the chat's history as of the
