@@ -41,6 +41,36 @@ H.each_backend(_ENV, function(kind)
       end)
     end)
 
+    if kind == "postgresql" then
+      it("notifies a chunk after its commits, each hint carrying its message: a reader elsewhere asks nothing",
+        function()
+        H.with_instance(kind, function(inst)
+          local w, r = inst:open(), inst:open()
+          local a = assert(w:create_chat({ owner = "alice" }))
+          local b = assert(w:create_chat({ owner = "alice" }))
+          local sa, sb = assert(r:subscribe(a)), assert(r:subscribe(b))
+          H.drain(sa)
+          H.drain(sb)
+          local before = r:stats()
+          local reqs = {}
+          for i = 1, 100 do
+            reqs[i] = { i % 3 == 0 and b or a, { role = "assistant", content = "m" .. i } }
+          end
+          local ids, errs = w:append_many(reqs)
+          assert.are.same({}, errs)
+          H.settle(r, before.notifications + 100)
+          local got = {}
+          H.drain(sa, got)
+          H.drain(sb, got)
+          table.sort(got)
+          assert.are.same(ids, got)
+          local after = r:stats()
+          assert.are.equal(100, after.bodies - before.bodies, "every hint carried its message")
+          assert.are.equal(0, after.queries - before.queries, "no DB pass was needed")
+        end)
+      end)
+    end
+
     it("a failing entry fails alone, with its code; the others commit", function()
       H.with_instance(kind, function(inst)
         local w = inst:open()
