@@ -20,11 +20,11 @@ local function shq(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
-local function psql(sql)
-  local f = assert(io.popen(("env -u LD_PRELOAD psql -X -tA %s -c %s 2>&1"):format(shq(DSN), shq(sql))))
-  local s = f:read("a")
-  f:close()
-  return (s:gsub("%s+$", ""))
+-- psql in the background (it is not waited for: the loop goes on).
+local function psql_background(sql)
+  local h = io.popen(("env -u LD_PRELOAD psql -X -q %s -c %s >/dev/null 2>&1 & echo $!"):format(shq(DSN), shq(sql)))
+  h:read("a")
+  h:close()
 end
 
 -- A writer process: its share of the rate, for T seconds, into the chats.
@@ -113,16 +113,14 @@ local function run(o, mode)
   cq:wrap(function() -- the lock, then the listener kill
     cqueues.sleep(o.seconds * 0.3)
     if o.lock ~= 0 then
-      local sql = ("BEGIN; SELECT 1 FROM %s.chats WHERE id = %d FOR UPDATE; SELECT pg_sleep(1.5); COMMIT;")
-        :format(SCHEMA, locked)
-      local h = io.popen(("env -u LD_PRELOAD psql -X -q %s -c %s >/dev/null 2>&1 & echo $!"):format(shq(DSN),
-        shq(sql)))
-      h:read("a")
-      h:close()
+      psql_background(("BEGIN; SELECT 1 FROM %s.chats WHERE id = %d FOR UPDATE; SELECT pg_sleep(1.5); COMMIT;")
+        :format(SCHEMA, locked))
     end
     cqueues.sleep(o.seconds * 0.4)
     if o.kill ~= 0 then
-      psql(("SELECT pg_terminate_backend(%d)"):format(store:listener_pid()))
+      -- in the background, as the lock: psql run here and waited for would
+      -- stop the loop for its own ~40 ms, which is not the store's doing
+      psql_background(("SELECT pg_terminate_backend(%d)"):format(store:listener_pid()))
     end
   end)
   cq:wrap(function() -- the ticker
