@@ -96,6 +96,31 @@ local function truth(inst, chat)
   return ids
 end
 
+-- Readers of every kind (READERS) on each store of `where` ({name, store}
+-- pairs; a name of "" for one store), named "<store name> <reader kind>".
+local function readers_on(chat, where)
+  local list = {}
+  for _, w in ipairs(where) do
+    for _, opts in ipairs(READERS) do
+      local r = reader(assert(w[2]:subscribe(chat, opts)))
+      r.name = (w[1] ~= "" and w[1] .. " " or "") .. reader_name(opts)
+      r.ordered = opts.strategy == "watermark" and opts.ordered ~= false
+      list[#list + 1] = r
+    end
+  end
+  return list
+end
+
+-- Every notification in (quiet on each store), then every reader's events.
+local function settle(stores, readers)
+  for _, st in ipairs(stores) do
+    quiet(st)
+  end
+  for _, r in ipairs(readers) do
+    r.take()
+  end
+end
+
 local function sorted(t)
   local c = { table.unpack(t) }
   table.sort(c)
@@ -271,14 +296,7 @@ describe("store:edit", function()
       local store = inst:open()
       local replica = inst:open()
       local chat, ids = two_turns(store)
-      local readers = {}
-      for _, where in ipairs({ { "same store", store }, { "replica", replica } }) do
-        for _, opts in ipairs(READERS) do
-          local r = reader(assert(where[2]:subscribe(chat, opts)))
-          r.name, r.store = where[1] .. " " .. reader_name(opts), where[2]
-          readers[#readers + 1] = r
-        end
-      end
+      local readers = readers_on(chat, { { "same store", store }, { "replica", replica } })
       quiet(store)
       quiet(replica)
       for _, r in ipairs(readers) do
@@ -352,16 +370,8 @@ describe("store:edit", function()
       local store = inst:open()
       local chat, ids = two_turns(store)
       local replica = inst:open({ poll_interval = 0.1 })
-      local readers = {}
-      for _, opts in ipairs(READERS) do
-        local r = reader(assert(replica:subscribe(chat, opts)))
-        r.name = reader_name(opts)
-        readers[#readers + 1] = r
-      end
-      quiet(replica)
-      for _, r in ipairs(readers) do
-        r.take()
-      end
+      local readers = readers_on(chat, { { "", replica } })
+      settle({ replica }, readers)
       -- The edit commits; its publish never runs (its process died).
       local p = assert(store:edit(chat, ids.u2, { content = "edited", prepare = true }))
       local nid = p:commit()[1]
@@ -387,12 +397,7 @@ describe("store:edit", function()
         local P = require("support.procs")
         local store = inst:open()
         local chat, ids = two_turns(store)
-        local readers = {}
-        for _, opts in ipairs(READERS) do
-          local r = reader(assert(store:subscribe(chat, opts)))
-          r.name = reader_name(opts)
-          readers[#readers + 1] = r
-        end
+        local readers = readers_on(chat, { { "", store } })
         -- the other process: ten appends, the edit, ten more
         local script = os.tmpname()
         local f = assert(io.open(script, "w"))
@@ -436,13 +441,8 @@ io.write("done")
         local store = inst:open()
         local chat, ids = two_turns(store)
         local replica = inst:open()
-        local readers = {}
-        for _, opts in ipairs(READERS) do
-          local r = reader(assert(replica:subscribe(chat, opts)))
-          r.name = reader_name(opts)
-          readers[#readers + 1] = r
-          r.take()
-        end
+        local readers = readers_on(chat, { { "", replica } })
+        settle({ replica }, readers)
         inst.memdb:drop_notifies(1) -- the truncate hint; the new message's comes
         local nid = assert(store:edit(chat, ids.u2, { content = "edited" }))
         for _, r in ipairs(readers) do
@@ -471,12 +471,10 @@ io.write("done")
         local nid = assert(editor:edit(chat, ids.u2, { content = "edited" }))
         inst.memdb:drop_notifies(0)
         local want = { ids.u1, ids.a1, nid }
-        local readers = {}
-        for _, opts in ipairs(READERS) do
-          local r = reader(assert(store:subscribe(chat, opts))).take()
-          r.name = reader_name(opts)
+        local readers = readers_on(chat, { { "", store } })
+        settle({ store }, readers)
+        for _, r in ipairs(readers) do
           assert.are.same(want, r.view, r.name)
-          readers[#readers + 1] = r
         end
         p1:notify()
         p2:cache()
@@ -516,28 +514,13 @@ describe("the races of an edit", function()
       local store = inst:open()
       local replica = inst:open()
       local chat, ids = two_turns(store)
-      local readers = {}
-      for _, where in ipairs({ { "same store", store }, { "replica", replica } }) do
-        for _, opts in ipairs(READERS) do
-          local r = reader(assert(where[2]:subscribe(chat, opts)))
-          r.name = where[1] .. " " .. reader_name(opts)
-          readers[#readers + 1] = r
-        end
-      end
-      quiet(store)
-      quiet(replica)
-      for _, r in ipairs(readers) do
-        r.take()
-      end
+      local readers = readers_on(chat, { { "same store", store }, { "replica", replica } })
+      settle({ store, replica }, readers)
       local late = assert(store:prepare(chat, { role = "assistant", content = "more of the answer" }, { worker = "w" }))
       local lid = late:commit()[1]
       local nid = assert(store:edit(chat, ids.u2, { content = "edited" }))
       assert.is_true(lid < nid, "the append committed before the edit")
-      quiet(store)
-      quiet(replica)
-      for _, r in ipairs(readers) do
-        r.take() -- the truncate and the new message
-      end
+      settle({ store, replica }, readers) -- the truncate and the new message
       late:cache()
       late:notify()
       quiet(store)
@@ -569,35 +552,15 @@ describe("the races of an edit", function()
       local store = inst:open()
       local replica = inst:open()
       local chat, ids = two_turns(store)
-      local readers = {}
-      for _, where in ipairs({ { "same store", store }, { "replica", replica } }) do
-        for _, opts in ipairs(READERS) do
-          local r = reader(assert(where[2]:subscribe(chat, opts)))
-          r.name = where[1] .. " " .. reader_name(opts)
-          r.ordered = opts.strategy == "watermark" and opts.ordered ~= false
-          readers[#readers + 1] = r
-        end
-      end
-      quiet(store)
-      quiet(replica)
-      for _, r in ipairs(readers) do
-        r.take()
-      end
+      local readers = readers_on(chat, { { "same store", store }, { "replica", replica } })
+      settle({ store, replica }, readers)
       local edit = assert(store:edit(chat, ids.u2, { content = "edited", prepare = true }))
       local nid = edit:commit()[1]
       assert.are.same({ chat }, store:acquire({ worker = "w2" }))
       local reply = store:append(chat, { role = "assistant", content = "the reply" }, { worker = "w2" })[1]
-      quiet(store)
-      quiet(replica)
-      for _, r in ipairs(readers) do
-        r.take()
-      end
+      settle({ store, replica }, readers)
       edit:notify()
-      quiet(store)
-      quiet(replica)
-      for _, r in ipairs(readers) do
-        r.take() -- the edit's notifications, before its cache step
-      end
+      settle({ store, replica }, readers) -- the edit's notifications, before its cache step
       edit:cache()
       local want = { ids.u1, ids.a1, nid, reply }
       assert.are.same(want, truth(inst, chat))
