@@ -37,33 +37,17 @@ local function quiet(store, idle)
   end
 end
 
--- What a reader shows, built from its events as a page would: a message
--- goes at the end, a truncate removes every message above its after.
--- Returns the view (ids), the events, and the ids handed twice in one
--- history (a message shown while it was already shown).
+-- A reader: its events (r.evs) and what it shows (H.view: r.view the ids,
+-- r.shown, r.twice the ids handed twice in one history).
 local function reader(sub)
-  local r = { view = {}, evs = {}, twice = {}, shown = {} }
+  local r = { evs = {}, v = H.view() }
+  r.shown, r.twice = r.v.shown, r.v.twice
   function r.take(timeout)
     for ev in sub:events(timeout or 0) do
       r.evs[#r.evs + 1] = ev
-      if ev.kind == "message" then
-        if r.shown[ev.id] then
-          r.twice[#r.twice + 1] = ev.id
-        end
-        r.shown[ev.id] = true
-        r.view[#r.view + 1] = ev.id
-      elseif ev.kind == "truncate" then
-        local keep = {}
-        for _, id in ipairs(r.view) do
-          if id <= ev.after then
-            keep[#keep + 1] = id
-          else
-            r.shown[id] = nil
-          end
-        end
-        r.view = keep
-      end
+      H.view_take(r.v, ev)
     end
+    r.view = r.v.ids
     return r
   end
   function r.kinds()

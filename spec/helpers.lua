@@ -31,6 +31,37 @@ function H.drain(sub, into, timeout)
   return into
 end
 
+--- What a reader shows, built from its events as a page builds it: a
+-- message goes at the end (one it shows already is counted in v.twice, not
+-- shown again), a truncate (an edit) drops what is above its after. v =
+-- H.view(), then H.view_take(v, ev) for each event: v.ids (in arrival
+-- order), v.shown[id], v.twice, v.truncates.
+function H.view()
+  return { ids = {}, shown = {}, twice = {}, truncates = 0 }
+end
+
+function H.view_take(v, ev)
+  if ev.kind == "message" then
+    if v.shown[ev.id] then
+      v.twice[#v.twice + 1] = ev.id
+      return
+    end
+    v.shown[ev.id] = true
+    v.ids[#v.ids + 1] = ev.id
+  elseif ev.kind == "truncate" then
+    local keep = {}
+    for _, id in ipairs(v.ids) do
+      if id <= ev.after then
+        keep[#keep + 1] = id
+      else
+        v.shown[id] = nil
+      end
+    end
+    v.ids = keep
+    v.truncates = v.truncates + 1
+  end
+end
+
 --- The status event a subscription's snapshot begins with: the chat's status
 -- and version (a new chat is "waiting", version 0).
 function H.status_event(chat_id, status, version)

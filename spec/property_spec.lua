@@ -79,8 +79,7 @@ local function run_seed(inst, seed)
         listen_at[rep][chat] = sent[chat]
       end
       if sub then
-        readers[#readers + 1] = { sub = sub, chat = chat, after = after, variant = v.name, got = {}, shown = {},
-          dups = 0 }
+        readers[#readers + 1] = { sub = sub, chat = chat, after = after, variant = v.name, v = H.view() }
       else
         assert(err:match("^EBACKEND"), err) -- an injected failure: skip it
       end
@@ -175,29 +174,11 @@ local function run_seed(inst, seed)
     end
   end
 
-  -- What the reader shows: a message goes at the end (one it shows already
-  -- is a duplicate), a truncate drops what is above its cut.
+  -- What the reader shows (H.view): a message goes at the end, a truncate
+  -- drops what is above its cut.
   local function drain(r)
     for ev in r.sub:events(0) do
-      if ev.kind == "message" then
-        if r.shown[ev.id] then
-          r.dups = r.dups + 1
-        else
-          r.shown[ev.id] = true
-          r.got[#r.got + 1] = ev.id
-        end
-      elseif ev.kind == "truncate" then
-        local keep = {}
-        for _, id in ipairs(r.got) do
-          if id <= ev.after then
-            keep[#keep + 1] = id
-          else
-            r.shown[id] = nil
-          end
-        end
-        r.got = keep
-        r.truncates = (r.truncates or 0) + 1
-      end
+      H.view_take(r.v, ev)
     end
   end
 
@@ -275,23 +256,24 @@ local function run_seed(inst, seed)
         want[#want + 1] = id
       end
     end
-    local lost, dups = H.check(r.got, want)
+    local got = r.v.ids
+    local lost, dups = H.check(got, want)
     local ascending = true
-    for i = 2, #r.got do
-      ascending = ascending and r.got[i] > r.got[i - 1]
+    for i = 2, #got do
+      ascending = ascending and got[i] > got[i - 1]
     end
     -- shown but not in the history: removed by an edit, or never written
     local in_history, extra = {}, 0
     for _, id in ipairs(want) do
       in_history[id] = true
     end
-    for _, id in ipairs(r.got) do
+    for _, id in ipairs(got) do
       if not in_history[id] then
         extra = extra + 1
       end
     end
-    results[#results + 1] = { variant = r.variant, lost = #lost, dups = #dups + r.dups, ascending = ascending,
-      extra = extra, truncates = r.truncates or 0 }
+    results[#results + 1] = { variant = r.variant, lost = #lost, dups = #dups + #r.v.twice, ascending = ascending,
+      extra = extra, truncates = r.v.truncates }
     r.sub:close()
   end
   for _, w in ipairs(writers) do
