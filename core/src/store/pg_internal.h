@@ -4,6 +4,7 @@
  *   pg.c          the ops table, open (and its probe), close, stats
  *   pg_conn.c     the engine: connecting, statements, retries, errors
  *   pg_sql.c      the prepared statements; the chat, message, queue ops
+ *   pg_pipe.c     appends in pipeline mode, their notifications per chunk
  *   pg_listen.c   the listener thread; LISTEN, UNLISTEN, poll, fd
  *   pg_migrate.c  the schema's migrations
  * A helper is static in its file unless another file calls it; then it is
@@ -160,6 +161,8 @@ int pg_append1(void *st, int64_t chat_id, const cs_msg_in *msg, int mode,
                const char *worker, cs_msglist *out, int64_t *committed);
 int pg_tx_update(void *st, const cs_chat_row *row, bool heartbeat);
 int pg_tx_tail(void *st, int64_t chat_id, cs_msglist *out);
+/* "no chat N" in s->err; CS_ENOTFOUND. */
+int pg_no_chat(pg_store *s, int64_t chat_id);
 int pg_tx_edit(void *st, cs_chat_row *row, int64_t message_id,
                const cs_msg_in *msg, cs_msglist *out, int64_t *after);
 int pg_cuts(void *st, int64_t chat_id, int64_t since, int64_t *after,
