@@ -437,6 +437,36 @@ io.write("done")
         assert.is_true(replica:stats().cut_reads >= 1)
       end)
 
+      it("an unordered reader whose chain continues right at the cut still gets the truncate", function()
+        -- The reader holds 2 and 3 out of order (1 not yet published, the
+        -- DB passes failing: W is 0); an edit of 1 cuts at 0 and its
+        -- truncate hint is lost. The new message follows W in the edited
+        -- history: the chain looks whole, but what was handed over above W
+        -- is gone. (The fuzzer found it.)
+        local store = inst:open()
+        local chat = store:create_chat({ owner = "alice" })
+        local r = reader(assert(store:subscribe(chat, { strategy = "watermark", ordered = false })))
+        local pubs = {}
+        for i = 1, 3 do
+          pubs[i] = store:prepare(chat, { role = "user", content = "m" .. i })
+          pubs[i]:commit()
+        end
+        pubs[2]:publish()
+        pubs[3]:publish()
+        inst.memdb:fail_queries(100)
+        r.take()
+        assert.are.same({ 2, 3 }, r.view)
+        inst.memdb:drop_notifies(1) -- the truncate hint
+        local nid = assert(store:edit(chat, 1, { content = "edited" }))
+        inst.memdb:drop_notifies(0)
+        inst.memdb:fail_queries(0)
+        pubs[1]:publish() -- late: removed by the edit
+        r.take()
+        assert.are.same({ nid }, r.view)
+        assert.are.equal(1, #r.truncates())
+        assert.are.same({ nid }, truth(inst, chat))
+      end)
+
       it("a subscriber that joins after an edit its hub never heard of is not shown what the edit removed",
         function()
         -- The writer's hub has a removed message in its cache (its publish

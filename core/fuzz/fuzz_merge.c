@@ -2,8 +2,10 @@
  * store, every reader checked against the database. The input bytes drive the
  * steps: which writer steps (commit, then cache and notify of each message),
  * which reader drains, lost notifications, failing queries, cache and queue
- * sizes, replicas. watermark must be exact always; rescan must be exact when
- * no notification was lost; last_id is not checked (it is the lossy one). */
+ * sizes, replicas, and edits (a cut of a chat's history: readers drop what
+ * a truncate removes, as a page does). watermark must be exact always;
+ * rescan must be exact when no notification was lost; last_id is not
+ * checked (it is the lossy one). */
 #include "chatstream.h"
 
 #include <stdint.h>
@@ -50,6 +52,15 @@ static void drain(reader *r)
 {
     cs_event ev;
     while (cs_sub_next(r->sub, &ev) == CS_EVENT) {
+        if (ev.kind == CS_EV_TRUNCATE) {
+            /* an edit: what is above its cut is gone from the view */
+            size_t k = 0;
+            for (size_t i = 0; i < r->ngot; i++)
+                if (r->got[i] <= ev.prev_id)
+                    r->got[k++] = r->got[i];
+            r->ngot = k;
+            continue;
+        }
         if (ev.kind != CS_EV_MESSAGE)
             continue; /* the snapshot's status */
         if (r->ngot < MAX_IDS)
@@ -86,9 +97,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     cs_msg_in msgs[3] = {{CS_ROLE_USER, "a", 1, NULL},
                          {CS_ROLE_ASSISTANT, "b", 1, NULL},
                          {CS_ROLE_TOOL, "c", 1, NULL}};
+    int64_t users[2][MAX_IDS]; /* user messages committed, per chat */
+    size_t nusers[2] = {0, 0};
 
     while (in.n > 0) {
-        unsigned op = next_byte(&in) % 8, arg = next_byte(&in);
+        unsigned op = next_byte(&in) % 9, arg = next_byte(&in);
         if (op <= 2 && nw < MAX_WRITERS) { /* a new writer */
             writer *x = &w[nw];
             x->chat = arg % 2;
@@ -104,8 +117,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (x->step >= total)
                 continue;
             if (x->step == 0) {
-                if (cs_pub_commit(x->pub, NULL, NULL) < 0)
+                const int64_t *ids;
+                if (cs_pub_commit(x->pub, &ids, NULL) < 0)
                     abort();
+                if (nusers[x->chat] < MAX_IDS) /* its first is a user's */
+                    users[x->chat][nusers[x->chat]++] = ids[0];
             } else if (x->step % 2 == 1) {
                 cs_pub_cache(x->pub, (x->step - 1) / 2);
             } else {
@@ -132,6 +148,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             } else {
                 cs_memdb_fail_queries(db, 1 + arg % 3);
             }
+        } else if (op == 8 && nusers[arg % 2] > 0) {
+            /* an edit of a user message (one an earlier edit removed is
+             * refused: EINVAL, nothing written) */
+            int c = arg % 2;
+            int64_t id;
+            int rc = cs_hub_edit(hubs[(arg / 2) % nhubs], chats[c],
+                                 users[c][(arg / 8) % nusers[c]], NULL, "e", 1,
+                                 &id);
+            if (rc == CS_OK && nusers[c] < MAX_IDS)
+                users[c][nusers[c]++] = id;
+            else if (rc < 0 && rc != CS_EINVAL && rc != CS_EBACKEND)
+                abort();
         }
     }
     /* Clear the faults, finish every writer, publish a last message per chat

@@ -126,6 +126,11 @@ int cs_chat_cache_put(cs_hub *hub, hub_chat *c, cs_msg *m)
 
 void cs_chat_cut(hub_chat *c, int64_t after, int64_t upto, int64_t history)
 {
+    /* An edit this hub did not cut for before (the history skips one): what
+     * it removed is not known here, so everything below this edit's new
+     * message leaves the cache. */
+    if (history > c->history + 1)
+        after = -1;
     cs_cache_drop(&c->cache, after, upto);
     if (upto > c->dead_upto)
         c->dead_upto = upto;

@@ -279,8 +279,9 @@ hub_chat *cs_hub_chat_find(const cs_hub *hub, int64_t chat_id);
  * counted in cut_refused): 1 inserted, 0 not. */
 int cs_chat_cache_put(cs_hub *hub, hub_chat *c, cs_msg *m);
 /* An edit cut the chat at history `history`: messages in (after, upto)
- * leave the cache, which takes none below upto from now on, and the memo
- * is dropped. */
+ * leave the cache (every one below upto when the hub missed an earlier
+ * edit: history skips one), which takes none below upto from now on, and
+ * the memo is dropped. */
 void cs_chat_cut(hub_chat *c, int64_t after, int64_t upto, int64_t history);
 
 /* ---- poll.c ------------------------------------------------------------ */

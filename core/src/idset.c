@@ -33,6 +33,14 @@ static size_t lower_bound(const cs_idset *s, int64_t id)
     return lo;
 }
 
+bool cs_idset_any_in(const cs_idset *s, int64_t lo, int64_t hi)
+{
+    if (s->n == 0 || hi - 1 <= lo)
+        return false;
+    size_t i = lower_bound(s, lo + 1);
+    return i < s->n && s->ids[i] < hi;
+}
+
 bool cs_idset_has(const cs_idset *s, int64_t id)
 {
     if (id <= s->watermark)

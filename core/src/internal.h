@@ -56,6 +56,8 @@ void cs_idset_free(cs_idset *s);
 /* 1 added, 0 already present, CS_ENOMEM (set unchanged). */
 int cs_idset_add(cs_idset *s, int64_t id);
 bool cs_idset_has(const cs_idset *s, int64_t id);
+/* Whether an id with lo < id < hi is held above the watermark. */
+bool cs_idset_any_in(const cs_idset *s, int64_t lo, int64_t hi);
 /* Removes id if held above the watermark; 1 removed, 0 not there. */
 int cs_idset_remove(cs_idset *s, int64_t id);
 /* Forgets everything above w: the watermark goes down to w if above it,

@@ -175,10 +175,19 @@ static int notify_watermark(cs_merge *m, const cs_merge_source *src, int64_t id,
     if (id <= w && !force_db)
         return CS_OK;
     size_t first, count;
+    bool moved = false; /* the chain skips what was delivered: an edit */
     if (cache_pass(m, src, w, &first, &count)) {
         for (size_t i = 0; i < count; i++) {
             cs_msg *c = cs_cache_at(src->cache, first + i);
             bool chain = c->prev_id == w;
+            if (chain && cs_idset_any_in(&m->delivered, w, c->id)) {
+                /* c follows W, yet a message delivered out of order lies
+                 * between them: it is no longer in the chat's history (an
+                 * edit cut it, and its truncate has not come). The DB pass
+                 * finds the history moved (the caller then cuts). */
+                moved = true;
+                break;
+            }
             if (!chain && m->ordered)
                 break; /* held until W reaches it */
             if (chain && m->delivered.n == 0) {
@@ -208,7 +217,7 @@ static int notify_watermark(cs_merge *m, const cs_merge_source *src, int64_t id,
         }
         cs_idset_advance(&m->delivered, w);
     }
-    if (w >= id && !force_db)
+    if (w >= id && !force_db && !moved)
         return CS_OK;
     int rc = db_pass(m, src, w);
     if (rc < 0)

@@ -355,6 +355,14 @@ static void test_cut(void)
     CHECK_EQ_I64(cs_idset_add(&s, 9), 1); /* and it goes on from there */
     cs_idset_advance(&s, 9);
     CHECK_EQ_I64(s.watermark, 9);
+    CHECK(!cs_idset_any_in(&s, 0, 100)); /* empty */
+    CHECK_EQ_I64(cs_idset_add(&s, 12), 1);
+    CHECK_EQ_I64(cs_idset_add(&s, 20), 1);
+    CHECK(cs_idset_any_in(&s, 9, 13));
+    CHECK(!cs_idset_any_in(&s, 12, 20)); /* both ends excluded */
+    CHECK(cs_idset_any_in(&s, 12, 21));
+    CHECK(!cs_idset_any_in(&s, 20, 100));
+    CHECK(!cs_idset_any_in(&s, 5, 6));
     cs_idset_free(&s);
 }
 
