@@ -437,6 +437,32 @@ io.write("done")
         assert.is_true(replica:stats().cut_reads >= 1)
       end)
 
+      it("a hub that missed an edit and then makes one keeps nothing the first removed", function()
+        -- The writer's hub caches what it appends (no subscription: it
+        -- hears no notification); an edit elsewhere removes those; then an
+        -- edit here, whose cut is not the first one's. A paged reader here
+        -- reads past its first page through the cache. (The fuzzer found
+        -- it.)
+        local store = inst:open({ page_size = 1 })
+        local other = inst:open()
+        local chat = store:create_chat({ owner = "alice" })
+        local u1 = store:send(chat, { content = "one" })
+        local a1 = store:append(chat, { role = "assistant", content = "two" })[1]
+        local u2 = store:append(chat, { role = "user", content = "three" })[1]
+        local a2 = store:append(chat, { role = "assistant", content = "four" })[1]
+        local n1 = assert(other:edit(chat, u2, { content = "three, edited" }))
+        local u3 = store:append(chat, { role = "user", content = "five" })[1]
+        local n2 = assert(store:edit(chat, u3, { content = "five, edited" }))
+        local want = { u1, a1, n1, n2 }
+        assert.are.same(want, truth(inst, chat))
+        for _, opts in ipairs(READERS) do
+          local r = reader(assert(store:subscribe(chat, opts))).take()
+          assert.are.same(want, sorted(r.view), reader_name(opts))
+          assert.is_nil(r.shown[u2], reader_name(opts))
+          assert.is_nil(r.shown[a2], reader_name(opts))
+        end
+      end)
+
       it("an unordered reader whose chain continues right at the cut still gets the truncate", function()
         -- The reader holds 2 and 3 out of order (1 not yet published, the
         -- DB passes failing: W is 0); an edit of 1 cuts at 0 and its
