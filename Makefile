@@ -164,7 +164,7 @@ dist:
 
 format:
 	@clang-format -i core/include/*.h core/src/*.c core/src/*.h core/src/store/*.h core/src/store/*.c \
-	    core/tests/*.c core/tests/*.h lua/core/*.c lua/core/*.h
+	    core/tests/*.c core/tests/*.h core/fuzz/*.c lua/core/*.c lua/core/*.h
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build.luarocks $(DIST)

@@ -153,9 +153,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
              * refused: EINVAL, nothing written) */
             int c = arg % 2;
             int64_t id;
-            int rc = cs_hub_edit(hubs[(arg / 2) % nhubs], chats[c],
-                                 users[c][(arg / 8) % nusers[c]], NULL, "e", 1,
-                                 &id);
+            int rc =
+                cs_hub_edit(hubs[(arg / 2) % nhubs], chats[c],
+                            users[c][(arg / 8) % nusers[c]], NULL, "e", 1, &id);
             if (rc == CS_OK && nusers[c] < MAX_IDS)
                 users[c][nusers[c]++] = id;
             else if (rc < 0 && rc != CS_EINVAL && rc != CS_EBACKEND)

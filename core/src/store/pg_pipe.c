@@ -174,41 +174,55 @@ static bool pipe_chunk(pg_store *s, PGconn *c, const cs_append_req *reqs,
  * carries its message when mode says so and it fits. A failure is counted
  * nowhere but costs no message: readers find them through the next DB pass
  * or the backstop poll. */
+/* A message's hint carries it when mode says so and it fits a
+ * notification; *room receives the bytes the hint needs (with its NUL). */
+static bool hint_body(const cs_msg *m, int mode, size_t *room)
+{
+    size_t need = CS_BODY_HEAD + strlen(m->tool) + m->content_len;
+    bool body = mode == CS_APPEND_BODY && need <= CS_PAYLOAD_MAX;
+    *room = body ? need + 1 : 64;
+    return body;
+}
+
 static void pipe_notify(pg_store *s, PGconn *c, const cs_msglist *out,
                         size_t base, size_t n, int mode)
 {
-    size_t k = 0;
+    size_t k = 0, room = 0, cap;
     for (size_t i = 0; i < n; i++)
-        k += out->items[base + i] != NULL;
+        if (out->items[base + i]) {
+            k++;
+            hint_body(out->items[base + i], mode, &cap);
+            room += cap;
+        }
     if (k == 0)
         return;
     char *sql = malloc(32 + k * 40);
     const char **vals = malloc(2 * k * sizeof *vals);
     char *chan = malloc(k * 128);
-    char *pay = malloc(k * (CS_PAYLOAD_MAX + 1));
+    char *pay = malloc(room); /* each hint what it needs, not 8 KB each */
     if (!sql || !vals || !chan || !pay)
         goto done;
-    size_t o = (size_t)snprintf(sql, 32, "SELECT ");
+    size_t o = (size_t)snprintf(sql, 32, "SELECT "), at = 0;
     for (size_t i = 0, j = 0; i < n; i++) {
         const cs_msg *m = out->items[base + i];
         if (!m)
             continue;
-        char *ch = chan + j * 128, *pl = pay + j * (CS_PAYLOAD_MAX + 1);
+        char *ch = chan + j * 128, *pl = pay + at;
+        bool body = hint_body(m, mode, &cap);
+        at += cap;
         pg_channel_of(s, m->chat_id, ch, 128);
         cs_hint h = {.kind = CS_HINT_MESSAGE, .after = m->prev_id, .id = m->id};
-        size_t tl = strlen(m->tool);
-        if (mode == CS_APPEND_BODY &&
-            CS_BODY_HEAD + tl + m->content_len <= CS_PAYLOAD_MAX) {
+        if (body) {
             h.body = true;
             h.role = m->role;
             h.tool = m->tool;
-            h.tool_len = tl;
+            h.tool_len = strlen(m->tool);
             h.text = m->content;
             h.text_len = m->content_len;
         }
-        if (cs_payload_encode(&h, pl, CS_PAYLOAD_MAX + 1) < 0) {
+        if (cs_payload_encode(&h, pl, cap) < 0) {
             h.body = false; /* the plain hint always fits */
-            cs_payload_encode(&h, pl, CS_PAYLOAD_MAX + 1);
+            cs_payload_encode(&h, pl, cap);
         }
         vals[2 * j] = ch;
         vals[2 * j + 1] = pl;
